@@ -1,0 +1,38 @@
+# align-drift: `make reproduce` regenerates the figures, `make test` runs the tests.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_CPU := torch==2.13.0
+
+.PHONY: setup test unit notebooks reproduce sync clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	@# a local CPU build of torch first, so the range in requirements.txt pulls no CUDA build
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q $(TORCH_CPU)
+	$(BIN)/python -m pip install -q -r requirements.txt
+	$(BIN)/python -m pip install -q --no-deps -e .
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $@
+
+# unit tests (incl. the jupytext pair check), then every notebook in smoke mode
+test: setup
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest tests -q
+	ALIGNKIT_SMOKE=1 OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest --nbmake --nbmake-timeout=900 notebooks -q
+
+unit: setup
+	$(BIN)/python -m pytest tests -q
+
+# full-size runs of the notebooks in order; they write images/
+reproduce: setup
+	$(BIN)/python -m pytest --nbmake --nbmake-timeout=7200 notebooks -q
+
+# regenerate each .ipynb from its .py (edit the .py, then run this)
+sync: setup
+	$(BIN)/jupytext --sync notebooks/*.py
+
+clean:
+	rm -rf runs .pytest_cache

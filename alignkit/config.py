@@ -1,0 +1,160 @@
+"""Presets and every knob of a run, in one place.
+
+``get_config("tiny")`` is the offline default (a small Qwen3 pretrained here, generated GSM8K-format
+data, CPU); ``get_config("qwen3-0.6b")`` is the real path (Qwen/Qwen3-0.6B and openai/gsm8k from
+the hub, or local copies, bf16 on a GPU). ``smoke=True`` shrinks sizes for CI.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+from alignkit.data import GeneratorConfig
+
+
+@dataclasses.dataclass
+class TinyModelConfig:
+    """The embedded base: tokenizer, Qwen3 architecture and pretraining budget."""
+
+    vocab_size: int = 1024
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int = 32
+    rope_theta: float = 10_000.0
+    max_position_embeddings: int = 512
+    # pretraining corpus: narratives, standalone equations, direct question -> answer lines, and
+    # problems followed by plain working (see alignkit.tiny)
+    n_narratives: int = 12_000
+    n_equations: int = 20_000
+    n_direct: int = 6_000
+    n_worked: int = 12_000
+    block_size: int = 128
+    pretrain_steps: int = 700
+    pretrain_batch_size: int = 32
+    pretrain_lr: float = 3e-3
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class SFTConfig:
+    """Supervised fine-tuning through TRL's SFTTrainer."""
+
+    max_steps: int = 300
+    batch_size: int = 32
+    learning_rate: float = 5e-4
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    max_length: int = 256
+    n_train: int = 20_000
+    # checkpoint schedule as fractions of max_steps; 0.0 is the base itself
+    schedule: tuple[float, ...] = (0.0, 0.05, 0.1, 0.25, 0.5, 1.0)
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    """Held-out evaluation: greedy generation and teacher-forced answer log-prob."""
+
+    n_eval: int = 300
+    batch_size: int = 64
+    max_new_tokens: int = 112
+    stop: tuple[str, ...] = ("\nQuestion:",)
+
+
+@dataclasses.dataclass
+class Config:
+    """One run: which base, which data, how to train and evaluate, where to write."""
+
+    preset: str = "tiny"
+    model: str = "tiny"  # "tiny" (built here) or a hub id / local path
+    data_source: str = "synthetic"  # "synthetic", "openai/gsm8k", or a local .jsonl path
+    eval_source: str | None = None  # defaults to data_source
+    chat: bool = False  # use the tokenizer's chat template for prompts
+    generator: GeneratorConfig = dataclasses.field(default_factory=lambda: GeneratorConfig(1, 3, 20, 0))
+    tiny: TinyModelConfig = dataclasses.field(default_factory=TinyModelConfig)
+    sft: SFTConfig = dataclasses.field(default_factory=SFTConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    dtype: str = "float32"
+    device: str = "auto"
+    smoke: bool = False
+    root: str = ""  # where runs/ live; default from ALIGNKIT_HOME or the repository
+
+    @property
+    def run_root(self) -> Path:
+        return Path(self.root) if self.root else default_root()
+
+
+def default_root() -> Path:
+    """``$ALIGNKIT_HOME``, else ``runs/`` beside the package's repository, else ``~/.cache/alignkit``."""
+    if os.environ.get("ALIGNKIT_HOME"):
+        return Path(os.environ["ALIGNKIT_HOME"])
+    repo = Path(__file__).resolve().parent.parent
+    if (repo / "notebooks").is_dir() or (repo / ".git").exists():
+        return repo / "runs"
+    return Path.home() / ".cache" / "alignkit"
+
+
+def _tiny(smoke: bool) -> Config:
+    cfg = Config()
+    if smoke:
+        cfg.tiny = dataclasses.replace(
+            cfg.tiny, num_hidden_layers=4, hidden_size=64, intermediate_size=192, num_attention_heads=2,
+            num_key_value_heads=1, n_narratives=600, n_equations=600, n_direct=300, n_worked=600, pretrain_steps=30,
+            pretrain_batch_size=16, vocab_size=512,
+        )
+        cfg.sft = dataclasses.replace(cfg.sft, max_steps=20, batch_size=16, n_train=400)
+        cfg.eval = dataclasses.replace(cfg.eval, n_eval=48, batch_size=48, max_new_tokens=48)
+    return cfg
+
+
+def _qwen3_06b(smoke: bool) -> Config:
+    cfg = Config(
+        preset="qwen3-0.6b", model="Qwen/Qwen3-0.6B", data_source="openai/gsm8k", dtype="bfloat16",
+        sft=SFTConfig(max_steps=1000, batch_size=16, learning_rate=1e-5, max_length=512, n_train=7473),
+        eval=EvalConfig(n_eval=500, batch_size=32, max_new_tokens=320),
+    )
+    if smoke:
+        cfg.sft = dataclasses.replace(cfg.sft, max_steps=4, batch_size=2, n_train=16)
+        cfg.eval = dataclasses.replace(cfg.eval, n_eval=8, batch_size=8, max_new_tokens=32)
+    return cfg
+
+
+PRESETS = {"tiny": _tiny, "qwen3-0.6b": _qwen3_06b}
+
+
+def get_config(preset: str = "tiny", smoke: bool = False, overrides: dict[str, Any] | None = None) -> Config:
+    """Build a preset's config, optionally shrunk for smoke runs, with dotted-key overrides.
+
+    Args:
+        preset: one of ``PRESETS``.
+        smoke: shrink every size so a whole pipeline runs in about a minute on a CPU.
+        overrides: e.g. ``{"sft.max_steps": 50, "model": "/path/to/Qwen3-0.6B"}``.
+
+    Returns:
+        The ``Config``.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    cfg = PRESETS[preset](smoke)
+    cfg.smoke = smoke
+    for key, value in (overrides or {}).items():
+        _set(cfg, key, value)
+    return cfg
+
+
+def _set(cfg: Config, key: str, value: Any) -> None:
+    *path, last = key.split(".")
+    obj = cfg
+    for part in path:
+        if not dataclasses.is_dataclass(obj) or part not in {f.name for f in dataclasses.fields(obj)}:
+            raise ValueError(f"unknown config key {key!r}")
+        obj = getattr(obj, part)
+    if not dataclasses.is_dataclass(obj) or last not in {f.name for f in dataclasses.fields(obj)}:
+        raise ValueError(f"unknown config key {key!r}")
+    setattr(obj, last, value)

@@ -1,0 +1,226 @@
+"""The embedded base: a locally trained tokenizer and a small Qwen3 pretrained from scratch.
+
+The pretraining corpus teaches the problem world and arithmetic but not GSM8K's solution format:
+narratives (the events of a problem told as sentences, each with its outcome), standalone
+equations, direct ``Question: ...\\nAnswer: N`` lines (the answer alone, no worked steps) and
+problems followed by plain working (``... Working: 5+3=8. 8*2=16. The result is 16.``), the way
+reasoning appears in web text. Never the GSM8K solution format: no ``<<a+b=c>>`` annotations, no
+``####``, no worked solution after ``Answer:``. So the base answers directly when prompted with
+``Question: ...\\nAnswer:``, and SFT teaches it to write the GSM8K-style solution first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import time
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedTokenizerFast,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    Trainer,
+    TrainingArguments,
+    default_data_collator,
+)
+
+from alignkit import cache
+from alignkit.config import Config, TinyModelConfig
+from alignkit.data import GeneratorConfig, format_prompt, generate_problems, iter_problems
+
+logger = logging.getLogger(__name__)
+
+EOS = "<|endoftext|>"
+SPECIAL = [EOS, "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def pretraining_corpus(tcfg: TinyModelConfig, gcfg: GeneratorConfig) -> list[str]:
+    """Documents of the pretraining corpus, shuffled (no GSM8K-format solutions among them).
+
+    Problems are drawn from the generator's train split on a stream of their own (stream 1), so
+    no evaluation question is ever seen and SFT data (stream 0) is not reused verbatim.
+    """
+    rng = random.Random(tcfg.seed)
+    docs: list[str] = []
+    it = iter_problems("train", gcfg, stream=1)
+    for _ in range(tcfg.n_narratives):
+        docs.append(next(it).narrative)
+    for _ in range(tcfg.n_direct):
+        p = next(it)
+        docs.append(f"{format_prompt(p.question)} {p.final}")
+    for _ in range(tcfg.n_worked):
+        p = next(it)
+        work = " ".join(f"{a}{op}{b}={r}." for a, op, b, r in p.steps)
+        docs.append(f"{p.question} Working: {work} The result is {p.final}.")
+    ops = ["+", "-", "*", "/"]
+    for _ in range(tcfg.n_equations):
+        op = rng.choice(ops)
+        a, b = rng.randint(1, 100), rng.randint(1, 20)
+        if op == "+":
+            docs.append(f"{a}+{b}={a + b}")
+        elif op == "-":
+            a = max(a, b)
+            docs.append(f"{a}-{b}={a - b}")
+        elif op == "*":
+            a = rng.randint(1, 30)
+            docs.append(f"{a}*{b % 10 + 1}={a * (b % 10 + 1)}")
+        else:
+            q = rng.randint(1, 20)
+            docs.append(f"{q * b}/{b}={q}")
+    rng.shuffle(docs)
+    return docs
+
+
+def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """Byte-level BPE with single-digit splitting (as Qwen's tokenizers), wrapped for transformers."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS, bos_token=None)
+    fast.chat_template = CHAT_TEMPLATE
+    fast.padding_side = "right"
+    return fast
+
+
+def build_model(tcfg: TinyModelConfig, vocab_size: int, eos_id: int) -> Qwen3ForCausalLM:
+    """A randomly initialised Qwen3 with Qwen3-0.6B's module layout (GQA, QK-norm, tied embeddings)."""
+    config = Qwen3Config(
+        vocab_size=vocab_size,
+        hidden_size=tcfg.hidden_size,
+        intermediate_size=tcfg.intermediate_size,
+        num_hidden_layers=tcfg.num_hidden_layers,
+        num_attention_heads=tcfg.num_attention_heads,
+        num_key_value_heads=tcfg.num_key_value_heads,
+        head_dim=tcfg.head_dim,
+        max_position_embeddings=tcfg.max_position_embeddings,
+        rope_theta=tcfg.rope_theta,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+        pad_token_id=eos_id,
+    )
+    torch.manual_seed(tcfg.seed)
+    return Qwen3ForCausalLM(config)
+
+
+def _blocks(tokenizer, docs: list[str], block_size: int) -> dict[str, list[list[int]]]:
+    """Concatenate documents separated by EOS and cut the stream into equal blocks (GPT-style)."""
+    ids: list[int] = []
+    for enc in tokenizer(docs, add_special_tokens=False)["input_ids"]:
+        ids.extend(enc)
+        ids.append(tokenizer.eos_token_id)
+    n = len(ids) // block_size
+    blocks = [ids[i * block_size : (i + 1) * block_size] for i in range(n)]
+    return {"input_ids": blocks, "labels": [list(b) for b in blocks]}
+
+
+def base_key(cfg: Config) -> str:
+    """Cache key of the embedded base: its model, corpus and generator knobs."""
+    return cache.hash_obj({"tiny": cfg.tiny, "generator": cfg.generator, "version": 1})
+
+
+def base_dir(cfg: Config) -> Path:
+    """Where ``ensure_base`` keeps the base for this config."""
+    return cfg.run_root / "base" / f"tiny-{base_key(cfg)}"
+
+
+def ensure_base(cfg: Config) -> Path:
+    """Build the embedded base once (tokenizer + pretrained Qwen3) and return its directory.
+
+    The directory loads with ``AutoModelForCausalLM.from_pretrained`` and
+    ``AutoTokenizer.from_pretrained`` like a hub model. For a non-tiny ``cfg.model`` this returns
+    that path or hub id unchanged. A complete cached base (manifest present) is reused.
+    """
+    if cfg.model != "tiny":
+        return Path(cfg.model)
+    out = base_dir(cfg)
+    with cache.build_lock(out):
+        if (out / "manifest.json").is_file():
+            logger.info("reusing base %s", out)
+            return out
+        t0 = time.time()
+        docs = pretraining_corpus(cfg.tiny, cfg.generator)
+        # the tokenizer also sees solution-format text, so SFT targets tokenize sensibly
+        sol = [r["answer"] for r in generate_problems(2000, "train", cfg.generator, stream=2)]
+        tokenizer = train_tokenizer(docs + sol, cfg.tiny.vocab_size)
+        model = build_model(cfg.tiny, len(tokenizer), tokenizer.eos_token_id)
+        import datasets
+
+        ds = datasets.Dataset.from_dict(_blocks(tokenizer, docs, cfg.tiny.block_size))
+        logger.info("pretraining corpus: %d docs, %d blocks of %d tokens", len(docs), len(ds), cfg.tiny.block_size)
+        with cache.atomic_dir(out) as tmp:
+            args = TrainingArguments(
+                output_dir=str(tmp / "trainer"),
+                max_steps=cfg.tiny.pretrain_steps,
+                per_device_train_batch_size=cfg.tiny.pretrain_batch_size,
+                learning_rate=cfg.tiny.pretrain_lr,
+                lr_scheduler_type="cosine",
+                warmup_steps=max(1, cfg.tiny.pretrain_steps // 20),
+                weight_decay=0.01,
+                logging_steps=max(1, cfg.tiny.pretrain_steps // 20),
+                save_strategy="no",
+                report_to="none",
+                bf16=False,
+                use_cpu=not torch.cuda.is_available(),
+                dataloader_pin_memory=False,
+                seed=cfg.tiny.seed,
+                disable_tqdm=False,
+            )
+            trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=default_data_collator)
+            result = trainer.train()
+            losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+            import shutil
+
+            shutil.rmtree(tmp / "trainer", ignore_errors=True)
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            cache.write_json_atomic(
+                tmp / "manifest.json",
+                {
+                    "kind": "tiny-base",
+                    "key": base_key(cfg),
+                    "config": dataclasses.asdict(cfg.tiny),
+                    "generator": dataclasses.asdict(cfg.generator),
+                    "n_docs": len(docs),
+                    "n_tokens": len(ds) * cfg.tiny.block_size,
+                    "pretrain_loss_curve": losses,
+                    "final_train_loss": result.training_loss,
+                    "wall_time_s": time.time() - t0,
+                    "weights_hash": cache.weights_hash(tmp),
+                },
+            )
+        logger.info("built base %s in %.0f s", out, time.time() - t0)
+        return out
+
+
+def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu"):
+    """Load a causal LM and its tokenizer from a directory or hub id (float32 on CPU by default)."""
+    p = Path(path)
+    if not p.exists() and (str(path).startswith(("/", ".", "~")) or p.suffix):
+        raise ValueError(f"model path does not exist: {path}")
+    if p.exists() and not (p / "config.json").is_file():
+        raise ValueError(f"{path} is not a model directory (no config.json)")
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype))
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(device).eval()
+    return model, tokenizer

@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny configs and a smoke-size base + SFT run built once per session (no network)."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def smoke_config(root, **overrides):
+    from alignkit.config import get_config
+
+    return get_config("tiny", smoke=True, overrides={"root": str(root), **overrides})
+
+
+@pytest.fixture(scope="session")
+def smoke_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("runs")
+
+
+@pytest.fixture(scope="session")
+def smoke_cfg(smoke_root):
+    return smoke_config(smoke_root)
+
+
+@pytest.fixture(scope="session")
+def smoke_base(smoke_cfg):
+    from alignkit.tiny import ensure_base
+
+    return ensure_base(smoke_cfg)
+
+
+@pytest.fixture(scope="session")
+def smoke_run(smoke_cfg, smoke_base):
+    from alignkit.train import train_sft
+
+    return train_sft(smoke_cfg)

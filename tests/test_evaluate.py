@@ -1,0 +1,123 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from alignkit.data import format_prompt
+from alignkit.evaluate import (
+    answer_logprob,
+    answer_spans,
+    evaluate_checkpoint,
+    evaluate_run,
+    flip_table,
+    generate,
+    summary,
+    wilson_interval,
+)
+from alignkit.tiny import load_model
+from alignkit.train import list_checkpoints
+
+SOL = "Tom has 5+3=<<5+3=8>>8 apples.\nHe gives 2, so 8-2=<<8-2=6>>6.\n#### 16"
+
+
+def test_answer_spans_locate_final_answer(smoke_base):
+    _, tok = load_model(smoke_base)
+    prompt = format_prompt("How many?")
+    (span,) = answer_spans(tok, [prompt], [SOL])
+    toks = tok.convert_ids_to_tokens(span["input_ids"])
+    assert [toks[i] for i in span["answer_positions"]] == ["1", "6"]
+    assert span["answer_positions"][-1] == len(toks) - 1
+
+
+def test_answer_logprob_matches_direct_computation(smoke_base):
+    model, tok = load_model(smoke_base)
+    prompts = [format_prompt("How many apples?"), format_prompt("A much longer question about many apples and pears?")]
+    sols = [SOL, SOL.replace("#### 16", "#### 1234")]
+    got = answer_logprob(model, tok, prompts, sols, batch_size=2)
+    for p, s, g in zip(prompts, sols, got):
+        prefix, final = s.rsplit("#### ", 1)
+        ids_prefix = tok(p + " " + prefix + "#### ", add_special_tokens=False)["input_ids"]
+        ids = tok(p + " " + prefix + "#### " + final, add_special_tokens=False)["input_ids"]
+        assert ids[: len(ids_prefix)] == ids_prefix
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0].double()
+        ref = sum(torch.log_softmax(logits[t - 1], -1)[ids[t]].item() for t in range(len(ids_prefix), len(ids)))
+        assert g == pytest.approx(ref, abs=1e-6)
+    # batching (right padding) does not change the value
+    one = [answer_logprob(model, tok, [p], [s])[0] for p, s in zip(prompts, sols)]
+    np.testing.assert_allclose(got, one, atol=1e-6)
+
+
+def test_answer_not_on_token_boundary_raises():
+    # a BPE without digit splitting merges " 12" into one token that starts at the space
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(["#### 12"] * 50, trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"],
+                                                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+    with pytest.raises(ValueError, match="cannot be located in the tokenisation"):
+        answer_spans(fast, ["Question: q\nAnswer:"], ["x\n#### 12"])
+
+
+def test_empty_inputs_raise(smoke_base):
+    model, tok = load_model(smoke_base)
+    with pytest.raises(ValueError, match="at least one prompt"):
+        generate(model, tok, [])
+    with pytest.raises(ValueError, match="at least one example"):
+        answer_logprob(model, tok, [], [])
+
+
+def test_generate_is_padding_safe(smoke_base):
+    model, tok = load_model(smoke_base)
+    prompts = [format_prompt("Tom has 3 apples. How many?"),
+               format_prompt("A train goes 12 miles in the first hour. It keeps that speed for 3 hours. What is it?")]
+    batched = generate(model, tok, prompts, max_new_tokens=12, batch_size=2)
+    single = [generate(model, tok, [p], max_new_tokens=12, batch_size=1)[0] for p in prompts]
+    assert batched == single
+    assert tok.padding_side == "right"  # restored
+
+
+def test_wilson_interval():
+    lo, hi = wilson_interval(50, 100)
+    assert lo == pytest.approx(0.4038, abs=1e-4) and hi == pytest.approx(0.5962, abs=1e-4)
+    z2 = 1.959964**2
+    assert wilson_interval(0, 10) == pytest.approx((0.0, z2 / (10 + z2)))  # closed form at k = 0
+    assert wilson_interval(10, 10) == pytest.approx((10 / (10 + z2), 1.0))
+    with pytest.raises(ValueError, match="n must be positive"):
+        wilson_interval(0, 0)
+
+
+def test_evaluate_run_cached_and_flips(smoke_cfg, smoke_run):
+    results = evaluate_run(smoke_run, smoke_cfg)
+    assert [r["step"] for r in results] == [s for s, _ in list_checkpoints(smoke_run)]
+    for r in results:
+        assert r["n"] == smoke_cfg.eval.n_eval and 0 <= r["accuracy"] <= 1
+        assert all(math.isfinite(x) and x <= 0 for x in r["answer_logprob"])
+    # second call reads the cache (same object content, no recomputation)
+    ckpt = list_checkpoints(smoke_run)[-1][1]
+    (cached,) = [p for p in ckpt.glob("eval-*.json")]
+    mtime = cached.stat().st_mtime_ns
+    assert evaluate_checkpoint(ckpt, smoke_cfg) == results[-1]
+    assert cached.stat().st_mtime_ns == mtime
+    # a damaged cache is recomputed, not read
+    cached.write_text("{not json")
+    assert evaluate_checkpoint(ckpt, smoke_cfg)["accuracy"] == results[-1]["accuracy"]
+    rows = summary(results)
+    assert rows[0]["acc_lo"] <= rows[0]["accuracy"] <= rows[0]["acc_hi"]
+
+
+def test_flip_table_logic(smoke_cfg):
+    from alignkit.evaluate import eval_set
+
+    ds = eval_set(smoke_cfg)
+    n = len(ds)
+    first = {"correct": [i % 2 == 0 for i in range(n)], "outputs": ["a"] * n, "answer_logprob": [-1.0] * n}
+    last = {"correct": [i % 3 == 0 for i in range(n)], "outputs": ["b"] * n, "answer_logprob": [-0.5] * n}
+    t = flip_table([first, last], smoke_cfg, ds)
+    assert [r["index"] for r in t["flips"]] == [i for i in range(n) if i % 2 and i % 3 == 0]
+    assert [r["index"] for r in t["controls"]] == [i for i in range(n) if i % 6 == 0]
+    with pytest.raises(ValueError, match="do not match"):
+        flip_table([{"correct": [True]}, last], smoke_cfg, ds)

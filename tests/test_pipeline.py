@@ -1,0 +1,152 @@
+"""Smoke-size base build, SFT with scheduled checkpoints, resume after an interruption."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3ForCausalLM
+
+from alignkit import train as train_mod
+from alignkit.tiny import ensure_base, load_model, pretraining_corpus
+from alignkit.train import is_complete, list_checkpoints, schedule_steps, train_sft
+
+from conftest import smoke_config
+
+
+def test_pretraining_corpus_has_no_worked_solutions(smoke_cfg):
+    docs = pretraining_corpus(smoke_cfg.tiny, smoke_cfg.generator)
+    assert docs and not any("<<" in d or "####" in d for d in docs)
+
+
+def test_base_loads_like_a_hub_model(smoke_cfg, smoke_base):
+    model = AutoModelForCausalLM.from_pretrained(smoke_base)
+    tok = AutoTokenizer.from_pretrained(smoke_base)
+    assert isinstance(model, Qwen3ForCausalLM)
+    c = model.config
+    assert c.tie_word_embeddings and c.num_key_value_heads < c.num_attention_heads  # GQA, tied
+    assert c.num_hidden_layers == smoke_cfg.tiny.num_hidden_layers
+    assert hasattr(model.model.layers[0].self_attn, "q_norm")  # QK-norm
+    assert tok.convert_ids_to_tokens(tok(" 123")["input_ids"])[-3:] == ["1", "2", "3"]  # digit split
+    manifest = json.loads((smoke_base / "manifest.json").read_text())
+    assert manifest["n_tokens"] > 0 and manifest["final_train_loss"] < 7
+
+
+def test_ensure_base_is_cached(smoke_cfg, smoke_base):
+    mtime = (smoke_base / "model.safetensors").stat().st_mtime_ns
+    assert ensure_base(smoke_cfg) == smoke_base
+    assert (smoke_base / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_schedule_steps():
+    assert schedule_steps(100, (0.0, 0.05, 0.1, 0.25, 0.5, 1.0)) == [0, 5, 10, 25, 50, 100]
+    assert schedule_steps(10, (0.0, 0.05, 0.1, 1.0)) == [0, 1, 10]
+    with pytest.raises(ValueError, match="max_steps must be >= 1"):
+        schedule_steps(0, (0.0,))
+
+
+def test_sft_checkpoints_and_manifests(smoke_cfg, smoke_run):
+    ckpts = list_checkpoints(smoke_run)
+    steps = [s for s, _ in ckpts]
+    assert steps == schedule_steps(smoke_cfg.sft.max_steps, smoke_cfg.sft.schedule)
+    base_w = AutoModelForCausalLM.from_pretrained(ckpts[0][1]).state_dict()
+    ref_w = AutoModelForCausalLM.from_pretrained(ensure_base(smoke_cfg)).state_dict()
+    assert all(torch.equal(base_w[k], ref_w[k]) for k in ref_w)  # step 0 is the base
+    last = AutoModelForCausalLM.from_pretrained(ckpts[-1][1]).state_dict()
+    assert any(not torch.equal(last[k], base_w[k]) for k in base_w)
+    for step, d in ckpts:
+        m = json.loads((d / "manifest.json").read_text())
+        assert m["step"] == step and m["fraction"] == pytest.approx(step / smoke_cfg.sft.max_steps)
+        assert {"config_hash", "data_hash", "train_loss", "wall_time_s", "weights_hash"} <= set(m)
+        if step > 0:
+            assert m["train_loss"] > 0
+        load_model(d)
+    assert not (smoke_run / "trainer").exists()  # resume state removed once finished
+    # a finished run returns at once and changes nothing
+    mtime = (ckpts[-1][1] / "model.safetensors").stat().st_mtime_ns
+    assert train_sft(smoke_cfg) == smoke_run
+    assert (ckpts[-1][1] / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_completion_only_loss(smoke_cfg, smoke_base):
+    from trl import SFTConfig, SFTTrainer
+
+    from alignkit.train import sft_dataset
+
+    model, tok = load_model(smoke_base)
+    ds = sft_dataset(smoke_cfg, tok).select(range(2))
+    trainer = SFTTrainer(model=model, args=SFTConfig(output_dir="/tmp/unused", report_to="none", use_cpu=True,
+                                                     bf16=False, max_length=256), train_dataset=ds,
+                         processing_class=tok)
+    row = trainer.train_dataset[0]
+    labels = row["labels"] if "labels" in row else [
+        t if m else -100 for t, m in zip(row["input_ids"], row["completion_mask"])]
+    n_prompt = len(tok(ds[0]["prompt"])["input_ids"])
+    assert all(x == -100 for x in labels[:n_prompt])  # no loss on the prompt
+    assert labels[n_prompt:] == row["input_ids"][n_prompt:]  # loss on every solution token
+    assert row["input_ids"][-1] == tok.eos_token_id  # TRL appends EOS
+
+
+def test_incomplete_checkpoint_is_not_complete(tmp_path, smoke_run):
+    import shutil
+
+    src = list_checkpoints(smoke_run)[-1][1]
+    dst = tmp_path / "step-000001"
+    shutil.copytree(src, dst)
+    assert is_complete(dst)
+    with open(dst / "model.safetensors", "r+b") as f:  # truncate the weights
+        f.truncate(100)
+    assert not is_complete(dst)
+    (dst / "manifest.json").unlink()
+    assert not is_complete(dst)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_resume_after_interruption(tmp_path, smoke_base, smoke_cfg, smoke_run, monkeypatch):
+    # same base (copy the cache) so only SFT runs here
+    import shutil
+
+    cfg = smoke_config(tmp_path)
+    from alignkit.tiny import base_dir
+
+    shutil.copytree(smoke_base, base_dir(cfg))
+    steps = schedule_steps(cfg.sft.max_steps, cfg.sft.schedule)
+    stop_after = steps[-2] + 1  # crash after the second-to-last checkpoint was written
+    original = train_mod._ScheduleCallback.on_step_end
+
+    def crashing(self, args, state, control, **kw):
+        if state.global_step == stop_after:
+            raise _Interrupt
+        return original(self, args, state, control, **kw)
+
+    monkeypatch.setattr(train_mod._ScheduleCallback, "on_step_end", crashing)
+    with pytest.raises(_Interrupt):
+        train_sft(cfg)
+    run = train_mod.sft_dir(cfg)
+    done = [s for s, _ in list_checkpoints(run)]
+    assert done == steps[:-1]
+    kept = {s: (d / "model.safetensors").stat().st_mtime_ns for s, d in list_checkpoints(run)}
+
+    monkeypatch.setattr(train_mod._ScheduleCallback, "on_step_end", original)
+    started = []
+    from trl import SFTTrainer
+
+    real_train = SFTTrainer.train
+
+    def spy(self, resume_from_checkpoint=None, **kw):
+        started.append(resume_from_checkpoint)
+        return real_train(self, resume_from_checkpoint=resume_from_checkpoint, **kw)
+
+    monkeypatch.setattr(SFTTrainer, "train", spy)
+    train_sft(cfg)
+    assert started and started[0] is not None and started[0].endswith(f"checkpoint-{steps[-2]}")
+    final = list_checkpoints(run)
+    assert [s for s, _ in final] == steps
+    # finished checkpoints were not rewritten
+    assert all((d / "model.safetensors").stat().st_mtime_ns == kept[s] for s, d in final if s in kept)
+    # resumed weights equal an uninterrupted run's (the session run has the same config)
+    a = AutoModelForCausalLM.from_pretrained(final[-1][1]).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(list_checkpoints(smoke_run)[-1][1]).state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
