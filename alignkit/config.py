@@ -20,22 +20,22 @@ class TinyModelConfig:
     """The embedded base: tokenizer, Qwen3 architecture and pretraining budget."""
 
     vocab_size: int = 1024
-    hidden_size: int = 128
-    intermediate_size: int = 384
+    hidden_size: int = 64
+    intermediate_size: int = 192
     num_hidden_layers: int = 12
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
-    head_dim: int = 32
+    head_dim: int = 16
     rope_theta: float = 10_000.0
     max_position_embeddings: int = 512
     # pretraining corpus: narratives, standalone equations, direct question -> answer lines, and
     # problems followed by plain working (see alignkit.tiny)
-    n_narratives: int = 12_000
-    n_equations: int = 20_000
-    n_direct: int = 6_000
+    n_narratives: int = 8_000
+    n_equations: int = 30_000
+    n_direct: int = 8_000
     n_worked: int = 12_000
     block_size: int = 128
-    pretrain_steps: int = 700
+    pretrain_steps: int = 800
     pretrain_batch_size: int = 32
     pretrain_lr: float = 3e-3
     seed: int = 0
@@ -45,13 +45,13 @@ class TinyModelConfig:
 class SFTConfig:
     """Supervised fine-tuning through TRL's SFTTrainer."""
 
-    max_steps: int = 300
-    batch_size: int = 32
-    learning_rate: float = 5e-4
+    max_steps: int = 400
+    batch_size: int = 16
+    learning_rate: float = 1e-3
     warmup_ratio: float = 0.05
     weight_decay: float = 0.0
     max_length: int = 256
-    n_train: int = 20_000
+    n_train: int = 8_000
     # checkpoint schedule as fractions of max_steps; 0.0 is the base itself
     schedule: tuple[float, ...] = (0.0, 0.05, 0.1, 0.25, 0.5, 1.0)
     seed: int = 0
@@ -76,7 +76,7 @@ class Config:
     data_source: str = "synthetic"  # "synthetic", "openai/gsm8k", or a local .jsonl path
     eval_source: str | None = None  # defaults to data_source
     chat: bool = False  # use the tokenizer's chat template for prompts
-    generator: GeneratorConfig = dataclasses.field(default_factory=lambda: GeneratorConfig(1, 3, 20, 0))
+    generator: GeneratorConfig = dataclasses.field(default_factory=lambda: GeneratorConfig(1, 3, 10, 0))
     tiny: TinyModelConfig = dataclasses.field(default_factory=TinyModelConfig)
     sft: SFTConfig = dataclasses.field(default_factory=SFTConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
@@ -104,9 +104,8 @@ def _tiny(smoke: bool) -> Config:
     cfg = Config()
     if smoke:
         cfg.tiny = dataclasses.replace(
-            cfg.tiny, num_hidden_layers=4, hidden_size=64, intermediate_size=192, num_attention_heads=2,
-            num_key_value_heads=1, n_narratives=600, n_equations=600, n_direct=300, n_worked=600, pretrain_steps=30,
-            pretrain_batch_size=16, vocab_size=512,
+            cfg.tiny, num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1, n_narratives=600,
+            n_equations=600, n_direct=300, n_worked=600, pretrain_steps=30, pretrain_batch_size=16, vocab_size=512,
         )
         cfg.sft = dataclasses.replace(cfg.sft, max_steps=20, batch_size=16, n_train=400)
         cfg.eval = dataclasses.replace(cfg.eval, n_eval=48, batch_size=48, max_new_tokens=48)

@@ -275,25 +275,27 @@ class Problem:
     narrative: str  # the same events told as sentences, outcome included (for pretraining)
 
 
-def _pick_step(rng: random.Random, a: int, max_number: int) -> tuple[str, int, int] | None:
+def _pick_step(rng: random.Random, a: int, max_number: int) -> tuple[str, int, int]:
+    """One operation on the running quantity ``a``; intermediate results stay in 1..10 * max_number."""
+    cap = 10 * max_number
     ops = ["+", "-", "*", "/"]
     rng.shuffle(ops)
     for op in ops:
-        if op == "+":
-            b = rng.randint(2, max_number)
+        if op == "+" and a + 2 <= cap:
+            b = rng.randint(2, min(max_number, cap - a))
             return op, b, a + b
         if op == "-" and a > 2:
             b = rng.randint(1, min(a - 1, max_number))
             return op, b, a - b
-        if op == "*" and a <= 5 * max_number:
-            b = rng.randint(2, min(5, max_number))
+        if op == "*" and a * 2 <= cap:
+            b = rng.randint(2, max(2, min(5, cap // a)))
             return op, b, a * b
         if op == "/":
             divisors = [d for d in range(2, min(max_number, 10) + 1) if a % d == 0 and a // d >= 2]
             if divisors:
                 b = rng.choice(divisors)
                 return op, b, a // b
-    return None
+    return "-", 1, a - 1  # a == 2 and nothing else fits
 
 
 def make_problem(rng: random.Random, cfg: GeneratorConfig) -> Problem:
@@ -306,10 +308,7 @@ def make_problem(rng: random.Random, cfg: GeneratorConfig) -> Problem:
     a0 = rng.randint(2, cfg.max_number)
     steps, a = [], a0
     while len(steps) < n_steps:
-        picked = _pick_step(rng, a, cfg.max_number)
-        if picked is None:  # pragma: no cover - '+' always works
-            break
-        op, b, r = picked
+        op, b, r = _pick_step(rng, a, cfg.max_number)
         steps.append((a, op, b, r))
         a = r
     fill = dict(n=name, u=unit)

@@ -224,5 +224,22 @@ def summary(results: list[dict]) -> list[dict]:
 
 __all__ = [
     "generate", "answer_spans", "answer_logprob", "evaluate_checkpoint", "evaluate_run", "flip_table",
-    "save_flip_table", "summary", "wilson_interval", "eval_set",
+    "save_flip_table", "summary", "wilson_interval", "eval_set", "ensure_sft_results",
 ]
+
+
+def ensure_sft_results(cfg: Config) -> tuple[Path, list[dict], dict[str, list[dict]]]:
+    """Base, SFT checkpoints, their evaluations and the flip table, each built only if missing.
+
+    This is what notebook 01 produces; later notebooks call it so that any of them runs first.
+
+    Returns:
+        ``(run_dir, results, table)`` with results ordered by step and ``table`` as ``flip_table``.
+    """
+    from alignkit.train import train_sft
+
+    run_dir = train_sft(cfg)
+    results = evaluate_run(run_dir, cfg)
+    table = flip_table(results, cfg)
+    save_flip_table(run_dir, table)
+    return run_dir, results, table

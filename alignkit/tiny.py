@@ -62,21 +62,12 @@ def pretraining_corpus(tcfg: TinyModelConfig, gcfg: GeneratorConfig) -> list[str
         p = next(it)
         work = " ".join(f"{a}{op}{b}={r}." for a, op, b, r in p.steps)
         docs.append(f"{p.question} Working: {work} The result is {p.final}.")
-    ops = ["+", "-", "*", "/"]
-    for _ in range(tcfg.n_equations):
-        op = rng.choice(ops)
-        a, b = rng.randint(1, 100), rng.randint(1, 20)
-        if op == "+":
-            docs.append(f"{a}+{b}={a + b}")
-        elif op == "-":
-            a = max(a, b)
-            docs.append(f"{a}-{b}={a - b}")
-        elif op == "*":
-            a = rng.randint(1, 30)
-            docs.append(f"{a}*{b % 10 + 1}={a * (b % 10 + 1)}")
-        else:
-            q = rng.randint(1, 20)
-            docs.append(f"{q * b}/{b}={q}")
+    # standalone equations: the same arithmetic facts the problems use, drawn from their steps
+    total = len(docs) + tcfg.n_equations
+    eq_it = iter_problems("train", gcfg, stream=3)
+    while len(docs) < total:
+        docs.extend(f"{a}{op}{b}={r}" for a, op, b, r in next(eq_it).steps)
+    docs = docs[:total]
     rng.shuffle(docs)
     return docs
 
