@@ -96,3 +96,73 @@ def plot_sft_training(rows: Sequence[dict], loss: Sequence[tuple[int, float]], a
     fig = axes[0].figure
     fig.tight_layout()
     return fig
+
+
+def _layer_labels(n: int, has_embed: bool = True) -> list[str]:
+    return (["emb"] if has_embed else []) + [str(i) for i in range(n - (1 if has_embed else 0))]
+
+
+def plot_layer_curves(curves: dict, ax=None, ylabel: str = "", title: str = "", band: dict | None = None,
+                      band_label: str = "noise floor", has_embed: bool = True, cmap: str = "viridis"):
+    """One line per entry of ``curves`` ({label: {"point", "lo", "hi"}} over layers) with its interval.
+
+    Args:
+        curves: ordered mapping label -> dict with arrays ``point`` and optionally ``lo``, ``hi`` [L].
+        band: optional control band {"lo", "hi"} [L] drawn in grey (e.g. CKA's noise floor).
+        has_embed: whether index 0 is the embedding output (labelled "emb").
+    """
+    fig, ax = _ax(ax, figsize=(7, 4))
+    colors = sns.color_palette(cmap, n_colors=max(1, len(curves)))
+    for (label, c), color in zip(curves.items(), colors):
+        x = np.arange(len(c["point"]))
+        if "lo" in c and "hi" in c:
+            ax.fill_between(x, c["lo"], c["hi"], color=color, alpha=0.2, lw=0)
+        ax.plot(x, c["point"], "o-", ms=3, color=color, label=label)
+    if band is not None:
+        x = np.arange(len(band["lo"]))
+        ax.fill_between(x, band["lo"], band["hi"], color="0.5", alpha=0.25, hatch="//", lw=0, label=band_label)
+    n = len(next(iter(curves.values()))["point"])
+    ax.set_xticks(range(n))
+    ax.set_xticklabels(_layer_labels(n, has_embed), fontsize=8)
+    ax.set_xlabel("layer (residual stream after it)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="best")
+    return fig
+
+
+def plot_heatmap(mat: np.ndarray, ax=None, path=None, xlabel: str = "", ylabel: str = "", title: str = "",
+                 cbar_label: str = "", vmin=None, vmax=None, has_embed: bool = True, cmap: str = "magma",
+                 xticklabels=None, yticklabels=None):
+    """A matrix as a heatmap, optionally with a path [(i, j), ...] overlaid (rows i, columns j)."""
+    fig, ax = _ax(ax, figsize=(6, 5))
+    im = ax.imshow(mat, origin="lower", cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
+    cb = fig.colorbar(im, ax=ax)
+    cb.set_label(cbar_label)
+    if path is not None:
+        ii, jj = zip(*path)
+        ax.plot(jj, ii, color="cyan", lw=1.5, label="alignment path (DTW)")
+        ax.legend(loc="upper left", fontsize=8)
+    ax.set_yticks(range(mat.shape[0]))
+    ax.set_yticklabels(yticklabels or _layer_labels(mat.shape[0], has_embed), fontsize=7)
+    ax.set_xticks(range(mat.shape[1]))
+    ax.set_xticklabels(xticklabels or _layer_labels(mat.shape[1], has_embed), fontsize=7)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    return fig
+
+
+def plot_scatter(x: np.ndarray, y: np.ndarray, ax=None, labels=None, xlabel: str = "", ylabel: str = "",
+                 title: str = "", xerr=None, yerr=None):
+    """Per-layer scatter (e.g. ΔCKA vs Δ effective rank) with optional error bars and point labels."""
+    fig, ax = _ax(ax)
+    ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="o", ms=4, color="C0", ecolor="0.6", elinewidth=0.8)
+    for xi, yi, lab in zip(x, y, labels or []):
+        ax.annotate(lab, (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.axhline(0, color="0.4", lw=0.8)
+    ax.axvline(0, color="0.4", lw=0.8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    return fig

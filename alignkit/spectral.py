@@ -652,7 +652,31 @@ def bootstrap_layer_metrics(
         lo = np.minimum(p + scale * np.quantile(dev, q, axis=0), p)
         hi = np.maximum(p + scale * np.quantile(dev, 1.0 - q, axis=0), p)
         out[key] = {"point": p, "lo": lo, "hi": hi, "mean": mean, "samples": smp,
-                    "scheme": scheme, "m": m, "ci": ci}
+                    "scheme": scheme, "m": m, "n": n, "ci": ci, "scale": scale}
+    return out
+
+
+def paired_delta(boot_tuned: Mapping[str, Mapping], boot_base: Mapping[str, Mapping]) -> dict[str, dict[str, np.ndarray]]:
+    """Per-layer change tuned − base of each bootstrapped metric, with a paired interval.
+
+    Both inputs come from ``bootstrap_layer_metrics`` with the same ``n``, ``n_boot``, ``seed`` and
+    scheme, so resample ``b`` uses the same probe rows in both: the interval is that of the paired
+    difference (point difference plus the centred percentiles of the resampled differences, times
+    the same finite-population scale).
+
+    Returns:
+        ``{metric: {"point": [L], "lo": [L], "hi": [L]}}``.
+    """
+    out = {}
+    for key, t in boot_tuned.items():
+        b = boot_base[key]
+        if (t["n"], t["m"], t["samples"].shape) != (b["n"], b["m"], b["samples"].shape):
+            raise ValueError(f"{key}: bootstraps differ in n, m or n_boot; run both with the same settings")
+        q = (1.0 - t["ci"]) / 2.0
+        point = t["point"] - b["point"]
+        dev = (t["samples"] - b["samples"]) - (t["samples"] - b["samples"]).mean(0)
+        out[key] = {"point": point, "lo": point + t["scale"] * np.quantile(dev, q, axis=0),
+                    "hi": point + t["scale"] * np.quantile(dev, 1.0 - q, axis=0)}
     return out
 
 

@@ -397,3 +397,22 @@ def test_stack_errors_name_the_layer():
         layer_metrics(acts[0])
     with pytest.raises(ValueError, match="alpha must be >= 0"):
         layer_metrics(acts, alphas=(1, -2))
+
+
+def test_paired_delta_interval():
+    import numpy as np
+
+    from alignkit.spectral import bootstrap_layer_metrics, paired_delta
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((2, 120, 16))
+    b = a.copy()
+    b[1, :, :8] *= 3.0  # layer 1: variance concentrated -> lower effective rank
+    ba = bootstrap_layer_metrics(a, alphas=(1,), n_boot=40, seed=0)
+    bb = bootstrap_layer_metrics(b, alphas=(1,), n_boot=40, seed=0)
+    d = paired_delta(bb, ba)["rankme"]
+    assert d["point"][0] == 0 and d["lo"][0] == 0 and d["hi"][0] == 0  # identical layer: zero width
+    assert d["hi"][1] < 0 and d["lo"][1] <= d["point"][1] <= d["hi"][1]
+    other = bootstrap_layer_metrics(a, alphas=(1,), n_boot=20, seed=0)
+    with pytest.raises(ValueError, match="bootstraps differ"):
+        paired_delta(other, ba)
