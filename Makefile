@@ -21,14 +21,14 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 # unit tests (incl. the jupytext pair check), then every notebook in smoke mode
 test: setup
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest tests -q
-	ALIGNKIT_SMOKE=1 OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest --nbmake --nbmake-timeout=900 notebooks -q
+	ALIGNKIT_SMOKE=1 ALIGNKIT_STATIC=1 OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest --nbmake --nbmake-timeout=900 notebooks -q
 
 unit: setup
 	$(BIN)/python -m pytest tests -q
 
 # full-size runs of the notebooks in order; they write images/
 reproduce: setup
-	$(BIN)/python -m pytest --nbmake --nbmake-timeout=7200 notebooks -q
+	ALIGNKIT_STATIC=1 $(BIN)/python -m pytest --nbmake --nbmake-timeout=7200 notebooks -q
 
 # regenerate each .ipynb from its .py (edit the .py, then run this)
 sync: setup

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
+import re
 import time
 from pathlib import Path
 
@@ -204,11 +205,13 @@ def ensure_base(cfg: Config) -> Path:
 
 def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu"):
     """Load a causal LM and its tokenizer from a directory or hub id (float32 on CPU by default)."""
-    p = Path(path)
-    if not p.exists() and (str(path).startswith(("/", ".", "~")) or p.suffix):
+    p = Path(path).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise ValueError(f"{path} is not a model directory (no config.json)")
+        path = p
+    elif not re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)):  # neither a directory nor a hub id
         raise ValueError(f"model path does not exist: {path}")
-    if p.exists() and not (p / "config.json").is_file():
-        raise ValueError(f"{path} is not a model directory (no config.json)")
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype))
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     if tokenizer.pad_token is None:

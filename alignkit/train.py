@@ -110,16 +110,17 @@ class _ScheduleCallback(TrainerCallback):
         manifest = dict(
             self.base_manifest, step=step, fraction=step / state.max_steps,
             train_loss=float(sum(recent) / len(recent)) if recent else None,
-            wall_time_s=time.time() - self.t0 + self.base_manifest.get("wall_time_offset_s", 0.0),
+            wall_time_s=time.time() - self.t0,  # since this (possibly resumed) training process started
         )
         _export(model, self.tokenizer, checkpoint_dir(self.run_dir, step), manifest)
         cache.write_json_atomic(self.run_dir / "train_log.json", {"loss": losses})
         return control
 
 
-def sft_dataset(cfg: Config, tokenizer=None):
-    """Prompt/completion rows for SFT (TRL trains on the completion only)."""
-    ds = load_gsm8k(cfg.data_source, split="train", n=cfg.sft.n_train, generator=cfg.generator)
+def sft_dataset(cfg: Config, tokenizer=None, ds=None):
+    """Prompt/completion rows for SFT (TRL trains on the completion only) from GSM8K rows ``ds``."""
+    if ds is None:
+        ds = load_gsm8k(cfg.data_source, split="train", n=cfg.sft.n_train, generator=cfg.generator)
 
     def to_pc(row):
         return {"prompt": format_prompt(row["question"], tokenizer, chat=cfg.chat),
@@ -148,11 +149,11 @@ def train_sft(cfg: Config) -> Path:
         device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else (
             "cpu" if cfg.device == "auto" else cfg.device)
         model, tokenizer = load_model(base_path, dtype=cfg.dtype, device=device)
-        train_ds = sft_dataset(cfg, tokenizer)
+        rows = load_gsm8k(cfg.data_source, split="train", n=cfg.sft.n_train, generator=cfg.generator)
+        train_ds = sft_dataset(cfg, tokenizer, rows)
         base_manifest = {
             "kind": "sft", "run_key": sft_key(cfg), "base": str(base_path),
-            "config_hash": cache.hash_obj(cfg.sft), "data_hash": dataset_hash(
-                load_gsm8k(cfg.data_source, split="train", n=cfg.sft.n_train, generator=cfg.generator)),
+            "config_hash": cache.hash_obj(cfg.sft), "data_hash": dataset_hash(rows),
             "sft": dataclasses.asdict(cfg.sft), "max_steps": cfg.sft.max_steps, "schedule": steps,
         }
         t0 = time.time()

@@ -23,6 +23,9 @@ import os
 
 PRESET = "tiny"
 SMOKE = os.environ.get("ALIGNKIT_SMOKE") == "1"
+# headless runs (make test / make reproduce) set ALIGNKIT_STATIC=1: no frontend, so no live widgets
+# (nbclient can hang on widget output, jupyter/nbclient#312)
+INTERACTIVE = os.environ.get("ALIGNKIT_STATIC") != "1"
 OVERRIDES: dict = {}
 POOLINGS = ("mean", "last")  # the first is used for the saved figures
 N_BOOT = 20 if SMOKE else 200
@@ -180,12 +183,12 @@ def show(step=final_step, pooling=POOLINGS[0]):
     plt.show()
 
 
-try:
+if INTERACTIVE:
     import ipywidgets as widgets
 
     widgets.interact(show, step=widgets.Dropdown(options=steps[1:], value=final_step),
                      pooling=widgets.Dropdown(options=list(POOLINGS), value=POOLINGS[0]))
-except ImportError:
+else:
     show()
 
 # %% [markdown]

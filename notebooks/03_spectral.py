@@ -20,6 +20,9 @@ import os
 
 PRESET = "tiny"
 SMOKE = os.environ.get("ALIGNKIT_SMOKE") == "1"
+# headless runs (make test / make reproduce) set ALIGNKIT_STATIC=1: no frontend, so no live widgets
+# (nbclient can hang on widget output, jupyter/nbclient#312)
+INTERACTIVE = os.environ.get("ALIGNKIT_STATIC") != "1"
 OVERRIDES: dict = {}
 POOLING = "mean"  # "mean" over prompt tokens, "last" prompt token, or "tokens"
 ALPHAS = (0.5, 1.0, 2.0, float("inf"))
@@ -152,12 +155,12 @@ def show(step=steps[-1], alpha_index=1):
     plt.show()
 
 
-try:
+if INTERACTIVE:
     import ipywidgets as widgets
 
     widgets.interact(show, step=widgets.SelectionSlider(options=steps[1:], value=steps[-1]),
                      alpha_index=widgets.IntSlider(min=0, max=len(ALPHAS) - 1, value=1))
-except ImportError:
+else:
     show()
 
 # %% [markdown]

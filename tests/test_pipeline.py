@@ -150,3 +150,33 @@ def test_resume_after_interruption(tmp_path, smoke_base, smoke_cfg, smoke_run, m
     a = AutoModelForCausalLM.from_pretrained(final[-1][1]).state_dict()
     b = AutoModelForCausalLM.from_pretrained(list_checkpoints(smoke_run)[-1][1]).state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_load_model_errors(tmp_path):
+    with pytest.raises(ValueError, match="model path does not exist"):
+        load_model(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="is not a model directory"):
+        load_model(tmp_path / "empty")
+
+
+def test_real_path_with_local_files(tmp_path, smoke_base):
+    """The qwen3-0.6b preset's code path (local model dir + GSM8K jsonl), shrunk to smoke size on CPU."""
+    from alignkit.data import generate_problems
+    from alignkit.evaluate import evaluate_run
+
+    for split, n in (("train", 40), ("test", 8)):
+        with open(tmp_path / f"{split}.jsonl", "w") as f:
+            for row in generate_problems(n, split):
+                f.write(json.dumps(row) + "\n")
+    from alignkit.config import get_config
+
+    cfg = get_config("qwen3-0.6b", smoke=True, overrides={
+        "model": str(smoke_base), "data_source": str(tmp_path / "train.jsonl"),
+        "eval_source": str(tmp_path / "test.jsonl"), "dtype": "float32", "root": str(tmp_path / "runs"),
+        "sft.n_train": 40})
+    assert ensure_base(cfg) == smoke_base
+    run = train_sft(cfg)
+    results = evaluate_run(run, cfg)
+    assert [r["step"] for r in results] == schedule_steps(cfg.sft.max_steps, cfg.sft.schedule)
+    assert all(r["n"] == 8 for r in results)
