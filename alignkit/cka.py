@@ -44,14 +44,15 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Literal, Sequence, Union
+from typing import Literal, Sequence
 
 import numpy as np
 import torch
 
+from alignkit.arrays import ArrayLike, as_float_tensor
+
 logger = logging.getLogger(__name__)
 
-ArrayLike = Union[torch.Tensor, np.ndarray]
 
 __all__ = [
     "linear_cka",
@@ -83,23 +84,6 @@ _DEFAULT_GRAM_BUDGET = 2 * 1024**3
 # --------------------------------------------------------------------------------------------
 # Input handling
 # --------------------------------------------------------------------------------------------
-
-
-def _as_tensor(x: ArrayLike, name: str) -> torch.Tensor:
-    """Converts ``x`` to a floating torch tensor without copying when possible."""
-    if isinstance(x, torch.Tensor):
-        t = x.detach()
-    elif isinstance(x, np.ndarray):
-        if x.dtype.kind not in "fiub":
-            raise TypeError(f"{name} must hold real numbers, got numpy dtype {x.dtype}")
-        t = torch.from_numpy(np.ascontiguousarray(x))
-    else:
-        raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
-    if t.is_complex():
-        raise TypeError(f"{name} must hold real numbers, got dtype {t.dtype}")
-    if not t.is_floating_point():
-        t = t.to(torch.float64)
-    return t
 
 
 def _check_ndim(t: torch.Tensor, ndim: int, name: str) -> None:
@@ -144,7 +128,7 @@ def _prepare_pair(
     check_finite: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Converts and checks a pair; ``check_finite=False`` when the Gram path checks per layer."""
-    x, y = _as_tensor(X, name_x), _as_tensor(Y, name_y)
+    x, y = as_float_tensor(X, name_x), as_float_tensor(Y, name_y)
     _check_ndim(x, ndim, name_x)
     _check_ndim(y, ndim, name_y)
     _check_n(x.shape[-2], y.shape[-2], debiased, name_x, name_y)
@@ -647,7 +631,7 @@ class StreamingCKA:
             ``self``, so calls can be chained.
         """
         na, nb = self._names
-        a, b = _as_tensor(acts_a, na), _as_tensor(acts_b, nb)
+        a, b = as_float_tensor(acts_a, na), as_float_tensor(acts_b, nb)
         squeeze = a.ndim == 2
         if self._squeeze is not None and squeeze != self._squeeze:
             raise ValueError("StreamingCKA: mix of 2-D and 3-D batches; keep one layout")

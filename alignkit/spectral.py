@@ -53,9 +53,10 @@ from typing import Literal, Mapping, Sequence, Union
 import numpy as np
 import torch
 
+from alignkit.arrays import ArrayLike, as_float_tensor
+
 logger = logging.getLogger(__name__)
 
-ArrayLike = Union[torch.Tensor, np.ndarray]
 Alpha = Union[float, int]
 
 __all__ = [
@@ -84,25 +85,6 @@ _BOOT_BUDGET = 16 * 1024**2
 # --------------------------------------------------------------------------------------------
 # Input handling
 # --------------------------------------------------------------------------------------------
-
-
-def _as_tensor(x: ArrayLike, name: str) -> torch.Tensor:
-    """``x`` as a floating torch tensor (no copy when possible), on CUDA if it was there."""
-    if isinstance(x, torch.Tensor):
-        t = x.detach()
-    elif isinstance(x, np.ndarray):
-        if x.dtype.kind not in "fiub":
-            raise TypeError(f"{name} must hold real numbers, got numpy dtype {x.dtype}")
-        t = torch.from_numpy(np.ascontiguousarray(x))
-    else:
-        raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
-    if t.is_complex():
-        raise TypeError(f"{name} must hold real numbers, got dtype {t.dtype}")
-    if t.device.type not in ("cpu", "cuda"):
-        t = t.cpu()  # e.g. MPS has no float64
-    if not t.is_floating_point():
-        t = t.to(torch.float64)
-    return t
 
 
 def _check_matrix(t: torch.Tensor, name: str) -> None:
@@ -243,7 +225,7 @@ def spectrum(X: ArrayLike, center: bool = True) -> np.ndarray:
     Raises:
         ValueError: for a non-2-D input, ``n < 2``, NaN/Inf, or zero variance.
     """
-    x = _as_tensor(X, "X")
+    x = as_float_tensor(X, "X")
     _check_matrix(x, "X")
     xc, scale = _prepare(x, center, "X")
     return _eig_spectrum(xc) * scale
@@ -262,7 +244,7 @@ def layer_spectra(acts: ArrayLike, center: bool = True) -> np.ndarray:
     Raises:
         ValueError: naming the layer, for NaN/Inf or zero variance.
     """
-    a = _as_tensor(acts, "acts")
+    a = as_float_tensor(acts, "acts")
     _check_stack(a, "acts")
     out = []
     for i in range(a.shape[0]):
@@ -628,7 +610,7 @@ def bootstrap_layer_metrics(
     if scheme == "subsample" and not 0.0 < frac < 1.0:
         raise ValueError(f"frac must be in (0, 1), got {frac}")
     alphas_l, _ = _check_alphas(list(alphas))
-    a = _as_tensor(acts, "acts")
+    a = as_float_tensor(acts, "acts")
     _check_stack(a, "acts")
     n_layers, n, d = a.shape
     rows = _draw_rows(n, n_boot, scheme, frac, np.random.default_rng(seed))
@@ -746,7 +728,7 @@ def rank_vs_n(
         "rankme_std": [len(ns), L] (std over repeats, 0 for one repeat),
         "cap": [len(ns)] the largest possible rank, min(n - 1, d) centred or min(n, d)}``.
     """
-    a = _as_tensor(acts, "acts")
+    a = as_float_tensor(acts, "acts")
     _check_stack(a, "acts")
     n_layers, n_all, d = a.shape
     ns_arr = np.asarray(list(ns), dtype=np.int64)
