@@ -15,9 +15,11 @@ import dataclasses
 import logging
 import random
 import re
+import shutil
 import time
 from pathlib import Path
 
+import datasets
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
@@ -124,9 +126,13 @@ def _blocks(tokenizer, docs: list[str], block_size: int) -> dict[str, list[list[
     return {"input_ids": blocks, "labels": [list(b) for b in blocks]}
 
 
+# Bump when the corpus or tokenizer recipe in this module changes, so old cached bases are not reused.
+RECIPE_VERSION = 1
+
+
 def base_key(cfg: Config) -> str:
-    """Cache key of the embedded base: its model, corpus and generator knobs."""
-    return cache.hash_obj({"tiny": cfg.tiny, "generator": cfg.generator, "version": 1})
+    """Cache key of the embedded base: its model, corpus and generator knobs, and the recipe version."""
+    return cache.hash_obj({"tiny": cfg.tiny, "generator": cfg.generator, "version": RECIPE_VERSION})
 
 
 def base_dir(cfg: Config) -> Path:
@@ -154,8 +160,6 @@ def ensure_base(cfg: Config) -> Path:
         sol = [r["answer"] for r in generate_problems(2000, "train", cfg.generator, stream=2)]
         tokenizer = train_tokenizer(docs + sol, cfg.tiny.vocab_size)
         model = build_model(cfg.tiny, len(tokenizer), tokenizer.eos_token_id)
-        import datasets
-
         ds = datasets.Dataset.from_dict(_blocks(tokenizer, docs, cfg.tiny.block_size))
         logger.info("pretraining corpus: %d docs, %d blocks of %d tokens", len(docs), len(ds), cfg.tiny.block_size)
         with cache.atomic_dir(out) as tmp:
@@ -179,8 +183,6 @@ def ensure_base(cfg: Config) -> Path:
             trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=default_data_collator)
             result = trainer.train()
             losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-            import shutil
-
             shutil.rmtree(tmp / "trainer", ignore_errors=True)
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)

@@ -15,6 +15,7 @@ checkpoint and never redoes finished work.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import shutil
 import time
@@ -62,8 +63,6 @@ def is_complete(ckpt: Path) -> bool:
     manifest = Path(ckpt) / "manifest.json"
     if not manifest.is_file():
         return False
-    import json
-
     try:
         recorded = json.loads(manifest.read_text())["weights_hash"]
         return cache.weights_hash(ckpt) == recorded
