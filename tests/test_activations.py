@@ -1,0 +1,416 @@
+"""The one capture path: pooling, padding invariance, errors, the on-disk cache, comparability.
+
+Tiny random models (``initializer_range=0.2``, so activations are O(1) and 1e-5 is a real
+tolerance) and a tokenizer trained in the fixture; no network.
+"""
+
+import json
+import logging
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+import alignkit.activations as act
+from alignkit.activations import (
+    Activations,
+    capture,
+    capture_cached,
+    check_comparable,
+    check_same_tokenizer,
+    texts_hash,
+)
+from alignkit.hooks import overwrite, record
+
+CORPUS = ["Tom has 5 apples and buys 3 more .", "Mia reads 12 pages each day for a week .",
+          "How many apples does Tom have now ?", "Answer : 8", "A train goes 60 miles in 2 hours ."]
+# lengths from 1 to ~20 tokens, so batches mix very different lengths
+TEXTS = ["Tom has 5 apples and buys 3 more . How many apples does Tom have now ?", "8", "Mia reads 12 pages .",
+         "A train goes 60 miles in 2 hours . Answer : 30", "How many ?", "Tom buys 3 apples each day for a week .",
+         "Answer : 8", "Mia has 12 apples and Tom has 5 .", "A week", "How many pages does Mia read each day ?",
+         "Tom goes 2 miles ."]
+ARCHS = {"qwen3": (Qwen3Config, Qwen3ForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+         "llama": (LlamaConfig, LlamaForCausalLM)}
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def make_tokenizer(corpus=CORPUS, padding_side="right", pad="<pad>") -> PreTrainedTokenizerFast:
+    t = Tokenizer(models.BPE(unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    t.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=100, special_tokens=["<pad>", "<eos>", "<unk>"],
+                                                      show_progress=False))
+    tok = PreTrainedTokenizerFast(tokenizer_object=t, pad_token=pad, eos_token="<eos>", unk_token="<unk>")
+    tok.padding_side = padding_side
+    return tok
+
+
+def make_model(arch: str = "qwen3", seed: int = 0, **over):
+    cfg_cls, cls = ARCHS[arch]
+    kw = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=8, tie_word_embeddings=True, initializer_range=0.2, pad_token_id=0)
+    torch.manual_seed(seed)
+    return cls(cfg_cls(**{**kw, **over})).eval()
+
+
+@pytest.fixture(scope="session")
+def tok():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tok_left():
+    return make_tokenizer(padding_side="left")
+
+
+@pytest.fixture(scope="session")
+def qwen3():
+    return make_model("qwen3")
+
+
+@pytest.fixture(scope="session", params=list(ARCHS))
+def any_model(request):
+    return make_model(request.param)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory, qwen3, tok):
+    d = tmp_path_factory.mktemp("ckpt") / "qwen3"
+    qwen3.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+POINTS = ["embed", "layers.0.resid", "layers.1.attn", "layers.1.mlp", "layers.2.resid"]
+
+
+def reference(model, tok, text, name):
+    """Independent reference: the text alone, through the whole causal LM, full output recorded."""
+    ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+    with record(model, [name]) as s:
+        model(ids)
+    return s[name][0].double()  # [seq, d]
+
+
+# ---------------------------------------------------------------- pooling and padding invariance
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean", "tokens"])
+def test_padding_and_batching_do_not_change_the_result(any_model, tok, tok_left, pooling):
+    kw = dict(hook_points=POINTS, pooling=pooling, max_rows=40 if pooling == "tokens" else None)
+    base = capture(any_model, tok, TEXTS, batch_size=1, **kw)
+    for t in (tok, tok_left):
+        for bs in (3, 8, 32):
+            other = capture(any_model, t, TEXTS, batch_size=bs, **kw)
+            assert other.acts.shape == base.acts.shape and other.meta["row_text"] == base.meta["row_text"]
+            torch.testing.assert_close(other.acts, base.acts, **TOL)
+    # against the texts run one at a time through the full model
+    for p, name in enumerate(POINTS):
+        for r in range(base.acts.shape[1]):
+            i = base.meta["row_text"][r]
+            h = reference(any_model, tok, TEXTS[i], name)
+            ref = {"last": lambda: h[-1], "mean": lambda: h.mean(0),
+                   "tokens": lambda: h[base.meta["row_pos"][r]]}[pooling]()
+            torch.testing.assert_close(base.acts[p, r].double(), ref, **TOL)
+    # not vacuous: rows are O(1) and differ from each other by far more than the tolerance (texts
+    # differ; tokens may repeat, e.g. the same first word of two texts sees the same context)
+    resid = base.acts[POINTS.index("layers.2.resid")].double()
+    dist = torch.cdist(resid, resid).fill_diagonal_(1e9)
+    assert resid.abs().mean() > 0.3 and (dist.min() > 1e-2 if pooling != "tokens" else dist.median() > 1)
+
+
+def test_shapes_and_meta(qwen3, tok):
+    a = capture(qwen3, tok, TEXTS, POINTS, pooling="last")
+    lengths = [len(tok(t, add_special_tokens=False)["input_ids"]) for t in TEXTS]
+    assert isinstance(a, Activations) and a.acts.shape == (5, len(TEXTS), 32) and a.acts.dtype == torch.float32
+    assert a.hook_points == POINTS and a.pooling == "last"
+    m = a.meta
+    assert m["n_texts"] == m["n_rows"] == len(TEXTS) and m["n_tokens"] == sum(lengths)
+    assert m["row_text"] == list(range(len(TEXTS))) and m["row_pos"] == [n - 1 for n in lengths]
+    assert m["probe_hash"] == texts_hash(TEXTS) and m["model_class"] == "Qwen3ForCausalLM"
+    assert m["n_layers"] == 3 and m["d_model"] == 32 and m["vocab_size"] == len(tok)
+    assert json.loads(json.dumps(m)) == m  # plain JSON: the cache stores it as is
+    default = capture(qwen3, tok, TEXTS[:3])
+    assert default.hook_points == ["embed", "layers.0.resid", "layers.1.resid", "layers.2.resid"]
+    assert default.pooling == "last"
+    mlps = capture(qwen3, tok, TEXTS[:3], lambda n: n.endswith(".mlp"))
+    assert mlps.hook_points == ["layers.0.mlp", "layers.1.mlp", "layers.2.mlp"]
+
+
+def test_tokens_rows_and_cap(qwen3, tok):
+    lengths = [len(tok(t, add_special_tokens=False)["input_ids"]) for t in TEXTS]
+    full = capture(qwen3, tok, TEXTS, POINTS, pooling="tokens", batch_size=4)
+    assert full.acts.shape[1] == sum(lengths)
+    assert list(zip(full.meta["row_text"], full.meta["row_pos"])) == [
+        (i, p) for i, n in enumerate(lengths) for p in range(n)]
+    capped = capture(qwen3, tok, TEXTS, POINTS, pooling="tokens", max_rows=25, seed=3, batch_size=5)
+    rows = list(zip(capped.meta["row_text"], capped.meta["row_pos"]))
+    assert len(rows) == 25 == capped.acts.shape[1] and rows == sorted(rows) and len(set(rows)) == 25
+    # the capped rows are exactly those rows of the uncapped capture
+    index = [list(zip(full.meta["row_text"], full.meta["row_pos"])).index(r) for r in rows]
+    torch.testing.assert_close(capped.acts, full.acts[:, index], **TOL)
+    # deterministic in the seed, whatever the batch size; another seed draws other rows
+    again = capture(qwen3, tok, TEXTS, POINTS, pooling="tokens", max_rows=25, seed=3, batch_size=1)
+    assert again.meta["row_text"] == capped.meta["row_text"] and again.meta["row_pos"] == capped.meta["row_pos"]
+    other = capture(qwen3, tok, TEXTS, POINTS, pooling="tokens", max_rows=25, seed=4, batch_size=5)
+    assert list(zip(other.meta["row_text"], other.meta["row_pos"])) != rows
+    # a cap above the number of tokens keeps them all
+    assert capture(qwen3, tok, TEXTS, POINTS, pooling="tokens", max_rows=10_000).acts.shape == full.acts.shape
+
+
+def test_constant_points_recorded(qwen3, tok):
+    same_end = ["Tom has 5 apples .", "A train goes 60 miles .", "Mia reads 12 pages each day ."]
+    last = capture(qwen3, tok, same_end, pooling="last")
+    assert last.meta["constant_points"] == ["embed"]  # every prompt ends with "."
+    assert torch.equal(last.acts[0], last.acts[0, :1].expand_as(last.acts[0]))
+    assert capture(qwen3, tok, same_end, pooling="mean").meta["constant_points"] == []
+    assert capture(qwen3, tok, TEXTS, pooling="last").meta["constant_points"] == []
+
+
+def test_storage_dtype_and_float64_pooling(qwen3, tok):
+    f64 = capture(qwen3, tok, TEXTS, POINTS, pooling="mean", dtype=torch.float64)
+    f32 = capture(qwen3, tok, TEXTS, POINTS, pooling="mean")
+    bf16 = capture(qwen3, tok, TEXTS, POINTS, pooling="mean", dtype=torch.bfloat16)
+    assert (f64.acts.dtype, f32.acts.dtype, bf16.acts.dtype) == (torch.float64, torch.float32, torch.bfloat16)
+    torch.testing.assert_close(f32.acts, f64.acts.float(), rtol=0, atol=0)  # float64 mean, then rounded
+    torch.testing.assert_close(bf16.acts, f64.acts.bfloat16(), rtol=0, atol=0)
+
+
+def test_eval_mode_and_mode_restored(tok):
+    model = make_model("qwen3", attention_dropout=0.5).train()
+    a = capture(model, tok, TEXTS, pooling="mean")
+    b = capture(model, tok, TEXTS, pooling="mean")
+    assert model.training  # restored
+    torch.testing.assert_close(a.acts, b.acts, rtol=0, atol=0)  # no dropout: eval mode inside
+    model.eval()
+    torch.testing.assert_close(capture(model, tok, TEXTS, pooling="mean").acts, a.acts, rtol=0, atol=0)
+
+
+def test_capture_errors(qwen3, tok):
+    with pytest.raises(ValueError, match="at least one text, got an empty list"):
+        capture(qwen3, tok, [])
+    with pytest.raises(ValueError, match=r"text 1 tokenizes to zero tokens: ''"):
+        capture(qwen3, tok, ["Tom", "", "Mia"])
+    with pytest.raises(ValueError, match=r"text 0 tokenizes to zero tokens: '   '"):
+        capture(qwen3, tok, ["   "])
+    with pytest.raises(TypeError, match="single str"):
+        capture(qwen3, tok, "Tom has 5 apples .")
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        capture(qwen3, tok, TEXTS, pooling="max")
+    with pytest.raises(ValueError, match="max_rows applies to pooling='tokens' only"):
+        capture(qwen3, tok, TEXTS, pooling="last", max_rows=5)
+    with pytest.raises(ValueError, match="batch_size must be a positive int, got 0"):
+        capture(qwen3, tok, TEXTS, batch_size=0)
+    with pytest.raises(ValueError, match="dtype must be a floating"):
+        capture(qwen3, tok, TEXTS, dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"the model is on cpu but device='meta'"):
+        capture(qwen3, tok, TEXTS, device="meta")
+    with pytest.raises(ValueError, match=r"layers\.3\.resid: model has 3 layers"):
+        capture(qwen3, tok, TEXTS, ["layers.3.resid"])
+    with overwrite(qwen3, {"layers.1.mlp": lambda x: x * float("nan")}):
+        with pytest.raises(ValueError, match=r"^NaN in layers\.1\.resid activations \(text 0: 'Tom has"):
+            capture(qwen3, tok, TEXTS)
+    with overwrite(qwen3, {"layers.2.resid": lambda x: x * 1e6}):
+        with pytest.raises(ValueError, match=r"layers\.2\.resid activations overflow torch\.float16 \(max \|x\| = "):
+            capture(qwen3, tok, TEXTS, dtype=torch.float16)
+    # only text 4 goes bad; its row is the one named, with any batch size
+    def poison(x):
+        return x if x.shape[1] != 3 else torch.full_like(x, float("inf"))  # "How many ?" is 3 tokens
+    with overwrite(qwen3, {"layers.2.resid": poison}):
+        with pytest.raises(ValueError, match=r"^Inf in layers\.2\.resid activations \(text 4: 'How many \?'\)"):
+            capture(qwen3, tok, TEXTS, batch_size=1)
+
+
+# ---------------------------------------------------------------- cache
+
+
+class Spy:
+    """Counts captures and model loads through the module's own names."""
+
+    def __init__(self, monkeypatch):
+        self.captures, self.loads = 0, 0
+        real_capture, real_load = act.capture, AutoModelForCausalLM.from_pretrained
+
+        def capture_spy(*a, **k):
+            self.captures += 1
+            return real_capture(*a, **k)
+
+        def load_spy(*a, **k):
+            self.loads += 1
+            return real_load(*a, **k)
+
+        monkeypatch.setattr(act, "capture", capture_spy)
+        monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", load_spy)
+
+
+def test_cache_hit_and_misses(model_dir, qwen3, tok, tmp_path, monkeypatch):
+    spy = Spy(monkeypatch)
+    cdir = tmp_path / "cache"
+    a = capture_cached(model_dir, tok, TEXTS, POINTS, "mean", cdir)
+    assert (spy.captures, spy.loads) == (1, 1)
+    torch.testing.assert_close(a.acts, capture(qwen3, tok, TEXTS, POINTS, pooling="mean").acts, rtol=0, atol=0)
+    b = capture_cached(model_dir, tok, TEXTS, POINTS, "mean", cdir, batch_size=2)  # batch size is not in the key
+    assert (spy.captures, spy.loads) == (1, 1)
+    assert torch.equal(a.acts, b.acts) and a.hook_points == b.hook_points and a.meta == b.meta
+    # an already loaded model plus its directory hits the same entry without running the model
+    forwards = []
+    h = qwen3.model.embed_tokens.register_forward_pre_hook(lambda *_: forwards.append(1))
+    try:
+        c = capture_cached(qwen3, tok, TEXTS, POINTS, "mean", cdir, model_dir=model_dir)
+    finally:
+        h.remove()
+    assert forwards == [] and (spy.captures, spy.loads) == (1, 1) and torch.equal(c.acts, a.acts)
+    # the tokenizer can come from the directory
+    assert torch.equal(capture_cached(model_dir, None, TEXTS, POINTS, "mean", cdir).acts, a.acts)
+    assert spy.captures == 1
+    # anything in the key changes -> a miss
+    misses = [dict(texts=TEXTS[:-1]), dict(pooling="last"), dict(hook_points=POINTS[:2]),
+              dict(dtype=torch.float64), dict(pooling="tokens", max_rows=20),
+              dict(pooling="tokens", max_rows=20, seed=1)]
+    for i, change in enumerate(misses, start=2):
+        kw = {"texts": TEXTS, "hook_points": POINTS, "pooling": "mean", **change}
+        capture_cached(model_dir, tok, kw.pop("texts"), kw.pop("hook_points"), kw.pop("pooling"), cdir, **kw)
+        assert spy.captures == i, change
+    assert len(list(cdir.glob("acts-*.safetensors"))) == len(misses) + 1
+    assert not list(cdir.glob(".*.tmp"))
+
+
+def test_cache_keyed_by_weights_content(tok, tmp_path, monkeypatch):
+    spy = Spy(monkeypatch)
+    d, cdir = tmp_path / "m", tmp_path / "cache"
+    make_model("qwen3", seed=0).save_pretrained(d)
+    a = capture_cached(d, tok, TEXTS, None, "last", cdir)
+    make_model("qwen3", seed=1).save_pretrained(d)  # same path, new weights
+    b = capture_cached(d, tok, TEXTS, None, "last", cdir)
+    assert spy.captures == 2 and not torch.allclose(a.acts[1:], b.acts[1:])
+    make_model("qwen3", seed=0).save_pretrained(d)  # the first weights again: a hit
+    assert torch.equal(capture_cached(d, tok, TEXTS, None, "last", cdir).acts, a.acts) and spy.captures == 2
+    # a bfloat16 copy of the loaded model does not read the float32 entry
+    bf16 = make_model("qwen3", seed=0).to(torch.bfloat16)
+    capture_cached(bf16, tok, TEXTS, None, "last", cdir, model_dir=d)
+    assert spy.captures == 3
+
+
+def _damage_truncate(path, _rec):
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size // 2)
+
+
+def _damage_flip(path, _rec):  # same size, one byte changed in the tensor data
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _damage_record_missing(_path, rec):
+    rec.unlink()
+
+
+def _damage_record_stale(_path, rec):
+    info = json.loads(rec.read_text())
+    info["key"]["pooling"] = "last"
+    rec.write_text(json.dumps(info))
+
+
+def _damage_record_garbage(_path, rec):
+    rec.write_text("{not json")
+
+
+@pytest.mark.parametrize("damage", [_damage_truncate, _damage_flip, _damage_record_missing, _damage_record_stale,
+                                    _damage_record_garbage])
+def test_damaged_cache_is_rebuilt(model_dir, tok, tmp_path, monkeypatch, caplog, damage):
+    spy = Spy(monkeypatch)
+    cdir = tmp_path / "cache"
+    a = capture_cached(model_dir, tok, TEXTS, POINTS, "tokens", cdir, max_rows=30)
+    (path,) = cdir.glob("acts-*.safetensors")
+    damage(path, path.with_suffix(".json"))
+    with caplog.at_level(logging.WARNING, logger="alignkit.activations"):
+        b = capture_cached(model_dir, tok, TEXTS, POINTS, "tokens", cdir, max_rows=30)
+    assert spy.captures == 2 and "damaged or stale" in caplog.text and "rebuilding" in caplog.text
+    assert torch.equal(a.acts, b.acts) and a.meta == b.meta
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="alignkit.activations"):
+        capture_cached(model_dir, tok, TEXTS, POINTS, "tokens", cdir, max_rows=30)
+    assert spy.captures == 2 and not caplog.text  # the rebuilt entry is a clean hit
+
+
+def test_cache_argument_errors(model_dir, qwen3, tok, tmp_path):
+    with pytest.raises(ValueError, match="without model_dir"):
+        capture_cached(qwen3, tok, TEXTS, None, "last", tmp_path)
+    with pytest.raises(ValueError, match="not a model directory"):
+        capture_cached(tmp_path, tok, TEXTS, None, "last", tmp_path)
+    with pytest.raises(TypeError, match="list of names"):
+        capture_cached(model_dir, tok, TEXTS, lambda n: True, "last", tmp_path)
+    with pytest.raises(ValueError, match="at least one text"):
+        capture_cached(model_dir, tok, [], None, "last", tmp_path)
+    assert not list(tmp_path.glob("acts-*"))
+
+
+def test_capture_run_over_checkpoints(tok, tmp_path, monkeypatch):
+    from alignkit import cache
+
+    run = tmp_path / "run"
+    for step in (0, 10):
+        d = run / "checkpoints" / f"step-{step}"
+        make_model("qwen3", seed=step).save_pretrained(d)
+        tok.save_pretrained(d)
+        (d / "manifest.json").write_text(json.dumps({"weights_hash": cache.weights_hash(d)}))
+    out = act.capture_run(run, TEXTS, pooling="mean")
+    assert sorted(out) == [0, 10] and all(a.acts.shape == (4, len(TEXTS), 32) for a in out.values())
+    spy = Spy(monkeypatch)
+    again = act.capture_run(run, TEXTS, pooling="mean")  # all hits
+    assert spy.captures == 0 and all(torch.equal(again[s].acts, out[s].acts) for s in out)
+    with pytest.raises(ValueError, match="no complete checkpoints"):
+        act.capture_run(tmp_path / "empty", TEXTS)
+
+
+# ---------------------------------------------------------------- comparability
+
+
+def test_check_comparable(qwen3, tok):
+    a = capture(qwen3, tok, TEXTS, pooling="mean")
+    check_comparable(a, capture(make_model("qwen3", seed=1), tok, TEXTS, pooling="mean"))  # a fine-tuned twin
+    deeper = capture(make_model("qwen3", num_hidden_layers=4), tok, TEXTS, pooling="mean")
+    with pytest.raises(ValueError, match=r"^cannot compare: a has 3 layers, b has 4$"):
+        check_comparable(a, deeper)
+    with pytest.raises(ValueError, match="cannot compare: hook points differ"):
+        check_comparable(a, capture(qwen3, tok, TEXTS, ["embed", "layers.0.mlp", "layers.1.resid", "layers.2.resid"],
+                                    pooling="mean"))
+    with pytest.raises(ValueError, match="cannot compare: a uses 'mean' pooling, b 'last'"):
+        check_comparable(a, capture(qwen3, tok, TEXTS, pooling="last"))
+    with pytest.raises(ValueError, match=r"cannot compare: different probe sets \(a: 11 texts.*b: 10 texts"):
+        check_comparable(a, capture(qwen3, tok, TEXTS[:-1], pooling="mean"))
+    wide = capture(make_model("llama", hidden_size=48, head_dim=12), tok, TEXTS, pooling="mean")
+    with pytest.raises(ValueError, match="cannot compare: a has width 32, b has 48"):
+        check_comparable(a, wide)
+    check_comparable(a, wide, same_width=False)
+    other_tok = make_tokenizer(corpus=CORPUS[::-1] + ["Answer apples pages"])
+    retok = capture(qwen3, other_tok, TEXTS, pooling="mean")
+    with pytest.raises(ValueError, match="tokenized differently"):
+        check_comparable(a, retok)
+    check_comparable(a, retok, same_tokenization=False)
+    t20 = capture(qwen3, tok, TEXTS, pooling="tokens", max_rows=20)
+    with pytest.raises(ValueError, match=r"cannot compare: a has 20 rows, b has 30"):
+        check_comparable(t20, capture(qwen3, tok, TEXTS, pooling="tokens", max_rows=30))
+    with pytest.raises(ValueError, match="rows are different tokens"):
+        check_comparable(t20, capture(qwen3, tok, TEXTS, pooling="tokens", max_rows=20, seed=1))
+
+
+def test_check_same_tokenizer(tok, tmp_path):
+    check_same_tokenizer(tok, tok)
+    tok.save_pretrained(tmp_path / "tok")
+    check_same_tokenizer(tok, AutoTokenizer.from_pretrained(tmp_path / "tok"))
+    with pytest.raises(ValueError, match=r"tokenizers differ: vocabularies of \d+ and \d+ tokens, \d+ entries differ"):
+        check_same_tokenizer(tok, make_tokenizer(corpus=["Completely different words here", "zebra quartz"]))
+    with pytest.raises(ValueError, match="tokenizers differ in special tokens: pad_token '<pad>' vs '<eos>'"):
+        check_same_tokenizer(tok, make_tokenizer(pad="<eos>"))
