@@ -7,9 +7,6 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
-
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
 def smoke_config(root, **overrides):
