@@ -9,20 +9,13 @@ import logging
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedTokenizerFast,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    Qwen3Config,
-    Qwen3ForCausalLM,
 )
 
 import alignkit.activations as act
+from tiny_models import ARCHS, CORPUS, make_model, make_tokenizer
 from alignkit.activations import (
     Activations,
     capture,
@@ -33,34 +26,12 @@ from alignkit.activations import (
 )
 from alignkit.hooks import overwrite, record
 
-CORPUS = ["Tom has 5 apples and buys 3 more .", "Mia reads 12 pages each day for a week .",
-          "How many apples does Tom have now ?", "Answer : 8", "A train goes 60 miles in 2 hours ."]
 # lengths from 1 to ~20 tokens, so batches mix very different lengths
 TEXTS = ["Tom has 5 apples and buys 3 more . How many apples does Tom have now ?", "8", "Mia reads 12 pages .",
          "A train goes 60 miles in 2 hours . Answer : 30", "How many ?", "Tom buys 3 apples each day for a week .",
          "Answer : 8", "Mia has 12 apples and Tom has 5 .", "A week", "How many pages does Mia read each day ?",
          "Tom goes 2 miles ."]
-ARCHS = {"qwen3": (Qwen3Config, Qwen3ForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-         "llama": (LlamaConfig, LlamaForCausalLM)}
 TOL = dict(rtol=1e-5, atol=1e-5)
-
-
-def make_tokenizer(corpus=CORPUS, padding_side="right", pad="<pad>") -> PreTrainedTokenizerFast:
-    t = Tokenizer(models.BPE(unk_token="<unk>"))
-    t.pre_tokenizer = pre_tokenizers.Whitespace()
-    t.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=100, special_tokens=["<pad>", "<eos>", "<unk>"],
-                                                      show_progress=False))
-    tok = PreTrainedTokenizerFast(tokenizer_object=t, pad_token=pad, eos_token="<eos>", unk_token="<unk>")
-    tok.padding_side = padding_side
-    return tok
-
-
-def make_model(arch: str = "qwen3", seed: int = 0, **over):
-    cfg_cls, cls = ARCHS[arch]
-    kw = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-              num_key_value_heads=2, head_dim=8, tie_word_embeddings=True, initializer_range=0.2, pad_token_id=0)
-    torch.manual_seed(seed)
-    return cls(cfg_cls(**{**kw, **over})).eval()
 
 
 @pytest.fixture(scope="session")

@@ -6,19 +6,12 @@ relative test, not a comparison of near-zero numbers.
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedTokenizerFast,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    Qwen3Config,
-    Qwen3ForCausalLM,
 )
 
+from tiny_models import ARCHS, CORPUS, make_model, make_tokenizer
 from alignkit.hooks import (
     ARCHITECTURES,
     decoder,
@@ -33,26 +26,6 @@ from alignkit.hooks import (
     unembed,
 )
 
-CORPUS = ["Tom has 5 apples and buys 3 more .", "Mia reads 12 pages each day for a week .",
-          "How many apples does Tom have now ?", "Answer : 8", "A train goes 60 miles in 2 hours ."]
-ARCHS = {"qwen3": (Qwen3Config, Qwen3ForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-         "llama": (LlamaConfig, LlamaForCausalLM)}
-
-
-def make_tokenizer() -> PreTrainedTokenizerFast:
-    t = Tokenizer(models.BPE(unk_token="<unk>"))
-    t.pre_tokenizer = pre_tokenizers.Whitespace()
-    t.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=100, special_tokens=["<pad>", "<eos>", "<unk>"],
-                                                      show_progress=False))
-    return PreTrainedTokenizerFast(tokenizer_object=t, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
-
-
-def make_model(arch: str = "qwen3", seed: int = 0, **over):
-    cfg_cls, cls = ARCHS[arch]
-    kw = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-              num_key_value_heads=2, head_dim=8, tie_word_embeddings=True, initializer_range=0.2, pad_token_id=0)
-    torch.manual_seed(seed)
-    return cls(cfg_cls(**{**kw, **over})).eval()
 
 
 @pytest.fixture(scope="session")
