@@ -37,3 +37,25 @@ def smoke_run(smoke_cfg, smoke_base):
     from alignkit.train import train_sft
 
     return train_sft(smoke_cfg)
+
+
+# tiny random models for the hook, capture and patching tests (a module may override ``tok``)
+@pytest.fixture(scope="session")
+def tok():
+    from tiny_models import make_tokenizer
+
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def qwen3():
+    from tiny_models import make_model
+
+    return make_model("qwen3")
+
+
+@pytest.fixture(scope="session", params=["qwen3", "qwen2", "llama"])
+def any_model(request):
+    from tiny_models import make_model
+
+    return make_model(request.param)

@@ -15,7 +15,7 @@ from transformers import (
 )
 
 import alignkit.activations as act
-from tiny_models import ARCHS, CORPUS, make_model, make_tokenizer
+from tiny_models import CORPUS, make_model, make_tokenizer
 from alignkit.activations import (
     Activations,
     capture,
@@ -35,23 +35,8 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 
 
 @pytest.fixture(scope="session")
-def tok():
-    return make_tokenizer()
-
-
-@pytest.fixture(scope="session")
 def tok_left():
     return make_tokenizer(padding_side="left")
-
-
-@pytest.fixture(scope="session")
-def qwen3():
-    return make_model("qwen3")
-
-
-@pytest.fixture(scope="session", params=list(ARCHS))
-def any_model(request):
-    return make_model(request.param)
 
 
 @pytest.fixture(scope="session")

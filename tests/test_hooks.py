@@ -11,7 +11,7 @@ from transformers import (
     GPT2LMHeadModel,
 )
 
-from tiny_models import ARCHS, CORPUS, make_model, make_tokenizer
+from tiny_models import CORPUS, make_model
 from alignkit.hooks import (
     ARCHITECTURES,
     decoder,
@@ -26,21 +26,6 @@ from alignkit.hooks import (
     unembed,
 )
 
-
-
-@pytest.fixture(scope="session")
-def tok():
-    return make_tokenizer()
-
-
-@pytest.fixture(scope="session")
-def qwen3():
-    return make_model("qwen3")
-
-
-@pytest.fixture(scope="session", params=list(ARCHS))
-def any_model(request):
-    return make_model(request.param)
 
 
 def ids_of(tok, text):
