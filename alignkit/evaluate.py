@@ -168,14 +168,14 @@ def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def evaluate_run(run_dir: str | Path, cfg: Config) -> list[dict]:
-    """Evaluate every complete checkpoint of a run (cached), ordered by step."""
+def evaluate_run(run_dir: str | Path, cfg: Config, ds=None) -> list[dict]:
+    """Evaluate every complete checkpoint of a run (cached), ordered by step, on ``eval_set(cfg)``."""
     from alignkit.train import list_checkpoints
 
     ckpts = list_checkpoints(run_dir)
     if not ckpts:
         raise ValueError(f"no complete checkpoints in {run_dir}")
-    ds = eval_set(cfg)
+    ds = ds if ds is not None else eval_set(cfg)
     return [evaluate_checkpoint(d, cfg, ds) for _, d in tqdm(ckpts, desc="checkpoints")]
 
 
@@ -222,11 +222,6 @@ def summary(results: list[dict]) -> list[dict]:
     return rows
 
 
-__all__ = [
-    "generate", "answer_spans", "answer_logprob", "evaluate_checkpoint", "evaluate_run", "flip_table",
-    "save_flip_table", "summary", "wilson_interval", "eval_set", "ensure_sft_results",
-]
-
 
 def ensure_sft_results(cfg: Config) -> tuple[Path, list[dict], dict[str, list[dict]]]:
     """Base, SFT checkpoints, their evaluations and the flip table, each built only if missing.
@@ -239,7 +234,14 @@ def ensure_sft_results(cfg: Config) -> tuple[Path, list[dict], dict[str, list[di
     from alignkit.train import train_sft
 
     run_dir = train_sft(cfg)
-    results = evaluate_run(run_dir, cfg)
-    table = flip_table(results, cfg)
+    ds = eval_set(cfg)
+    results = evaluate_run(run_dir, cfg, ds)
+    table = flip_table(results, cfg, ds)
     save_flip_table(run_dir, table)
     return run_dir, results, table
+
+
+__all__ = [
+    "generate", "answer_spans", "answer_logprob", "evaluate_checkpoint", "evaluate_run", "flip_table",
+    "save_flip_table", "summary", "wilson_interval", "eval_set", "ensure_sft_results",
+]

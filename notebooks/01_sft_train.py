@@ -74,7 +74,8 @@ print("checkpoints at steps:", [s for s, _ in ckpts])
 # Results are cached next to each checkpoint, keyed by the evaluation settings and the weights.
 
 # %%
-results = evaluate_run(run_dir, cfg)
+ds = eval_set(cfg)  # held-out problems, never seen in pretraining or SFT
+results = evaluate_run(run_dir, cfg, ds)
 rows = summary(results)
 pd.DataFrame(rows).round(4)
 
@@ -98,7 +99,6 @@ if not SMOKE:
 # Controls are right in both.
 
 # %%
-ds = eval_set(cfg)
 table = flip_table(results, cfg, ds)
 save_flip_table(run_dir, table)
 print(f"{len(table['flips'])} flips and {len(table['controls'])} controls out of {len(ds)} held-out problems")
