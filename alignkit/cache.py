@@ -31,13 +31,26 @@ def hash_obj(obj: Any, length: int = 16) -> str:
     return hashlib.sha256(stable_json(obj).encode()).hexdigest()[:length]
 
 
+_SHA_MEMO: dict[tuple[str, int, int], str] = {}
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Full sha256 hex digest of a file's bytes."""
+    """Full sha256 hex digest of a file's bytes.
+
+    Memoised in-process by (absolute path, size, mtime_ns): checkpoints are verified by several
+    stages (list, evaluate, capture), and a 0.6B checkpoint takes seconds to hash. Any rewrite or
+    truncation changes size or mtime and is hashed afresh.
+    """
+    st = os.stat(path)
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    if key in _SHA_MEMO:
+        return _SHA_MEMO[key]
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
-    return h.hexdigest()
+    _SHA_MEMO[key] = h.hexdigest()
+    return _SHA_MEMO[key]
 
 
 def weights_hash(model_dir: str | os.PathLike, length: int = 16) -> str:
