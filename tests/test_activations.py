@@ -370,3 +370,61 @@ def test_check_same_tokenizer(tok, tmp_path):
         check_same_tokenizer(tok, make_tokenizer(corpus=["Completely different words here", "zebra quartz"]))
     with pytest.raises(ValueError, match="tokenizers differ in special tokens: pad_token '<pad>' vs '<eos>'"):
         check_same_tokenizer(tok, make_tokenizer(pad="<eos>"))
+
+
+# ---------------------------------------------------------------- memory-mapped cache entries
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_mmap_cache_entries(model_dir, qwen3, tok, tmp_path, monkeypatch, dtype):
+    spy = Spy(monkeypatch)
+    cdir = tmp_path / "cache"
+    # a miss with mmap=True returns the file's tensor, equal to the in-memory capture
+    built = capture_cached(model_dir, tok, TEXTS, POINTS, "mean", cdir, dtype=dtype, mmap=True)
+    ref = capture(qwen3, tok, TEXTS, POINTS, pooling="mean", dtype=dtype)
+    assert built.acts.dtype == dtype and torch.equal(built.acts, ref.acts)
+    (path,) = cdir.glob("acts-*.safetensors")
+    # a hit with mmap=True: same values and meta, no model run
+    hit = capture_cached(model_dir, tok, TEXTS, POINTS, "mean", cdir, dtype=dtype, mmap=True)
+    assert spy.captures == 1 and torch.equal(hit.acts, ref.acts) and hit.meta == built.meta
+    # load_activations by path, memory-mapped or read
+    for mm in (True, False):
+        got = act.load_activations(path, mmap=mm)
+        assert torch.equal(got.acts, ref.acts) and got.hook_points == POINTS and got.meta == built.meta
+    # copy-on-write: writing to the mapped tensor never changes the file
+    hit.acts[0, 0, 0] = 1234.0
+    assert torch.equal(act.load_activations(path).acts, ref.acts)
+
+
+def test_mmap_reads_pages_from_the_file(tmp_path):
+    from safetensors.torch import save_file
+
+    x = torch.arange(24, dtype=torch.float16).reshape(2, 3, 4)
+    path = tmp_path / "t.safetensors"
+    save_file({"acts": x, "other": torch.ones(5)}, str(path))
+    t = act.mmap_tensor(path, "acts")
+    assert torch.equal(t, x) and t.dtype == torch.float16
+    # the tensor is a view of the file: an in-place change of the file's bytes shows through
+    data = bytearray(path.read_bytes())
+    n_header = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n_header])
+    start = 8 + n_header + header["acts"]["data_offsets"][0]
+    with open(path, "r+b") as f:
+        f.seek(start)
+        f.write(torch.tensor([-7.0], dtype=torch.float16).numpy().tobytes())
+    assert float(t[0, 0, 0]) == -7.0
+    with pytest.raises(ValueError, match=r"holds no tensor 'nope' \(tensors: \['acts', 'other'\]\)"):
+        act.mmap_tensor(path, "nope")
+
+
+def test_load_activations_errors(model_dir, tok, tmp_path, caplog):
+    with pytest.raises(ValueError, match="is not an activation cache entry"):
+        act.load_activations(tmp_path / "acts-missing.safetensors")
+    cdir = tmp_path / "cache"
+    capture_cached(model_dir, tok, TEXTS, POINTS, "mean", cdir, dtype=torch.float16)
+    (path,) = cdir.glob("acts-*.safetensors")
+    _damage_flip(path, None)
+    with caplog.at_level(logging.WARNING, logger="alignkit.activations"), \
+            pytest.raises(ValueError, match="failed verification"):
+        act.load_activations(path)
+    assert "sha256 does not match" in caplog.text
