@@ -116,3 +116,43 @@ def build_lock(path: str | os.PathLike, timeout: float = -1) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path.with_name(f".{path.name}.lock")), timeout=timeout):
         yield
+
+
+def manifest_matches(model_dir: str | os.PathLike) -> bool:
+    """True when ``model_dir/manifest.json`` exists and records the hash of the weights there now.
+
+    A missing, truncated or damaged weight file, or a manifest that cannot be read, gives False:
+    the directory is then rebuilt, never read as valid.
+    """
+    manifest = Path(model_dir) / "manifest.json"
+    if not manifest.is_file():
+        return False
+    try:
+        return weights_hash(model_dir) == json.loads(manifest.read_text())["weights_hash"]
+    except (ValueError, KeyError, TypeError, FileNotFoundError):
+        return False
+
+
+def ensure_writable(path: str | os.PathLike, need_bytes: int = 0) -> Path:
+    """Fail early, before any long work, if ``path`` cannot hold the results.
+
+    Creates ``path`` (with parents), writes and removes a probe file, and checks that at least
+    ``need_bytes`` are free on its file system.
+
+    Raises:
+        OSError: naming the directory and the remedy, when it cannot be created or written, or
+            when less than ``need_bytes`` is free.
+    """
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-probe-"):
+            pass
+    except OSError as e:
+        raise OSError(f"cannot write to {path} ({e.strerror or e}): choose a writable directory with "
+                      "ALIGNKIT_HOME or the config's root") from e
+    free = shutil.disk_usage(path).free
+    if free < need_bytes:
+        raise OSError(f"only {free / 2**30:.2f} GiB free at {path}, about {need_bytes / 2**30:.2f} GiB needed: "
+                      "free some space or point ALIGNKIT_HOME (or the config's root) to a larger disk")
+    return path

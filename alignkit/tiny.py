@@ -140,20 +140,32 @@ def base_dir(cfg: Config) -> Path:
     return cfg.run_root / "base" / f"tiny-{base_key(cfg)}"
 
 
+def _base_bytes(tcfg: TinyModelConfig) -> int:
+    """Disk the base build needs: the weights, twice over (temporary + final), plus 10 MB."""
+    d, L, f, v = tcfg.hidden_size, tcfg.num_hidden_layers, tcfg.intermediate_size, tcfg.vocab_size
+    n_params = v * d + L * (4 * d * tcfg.num_attention_heads * tcfg.head_dim + 3 * d * f)
+    return 2 * 4 * n_params + 10 * 2**20
+
+
 def ensure_base(cfg: Config) -> Path:
     """Build the embedded base once (tokenizer + pretrained Qwen3) and return its directory.
 
     The directory loads with ``AutoModelForCausalLM.from_pretrained`` and
     ``AutoTokenizer.from_pretrained`` like a hub model. For a non-tiny ``cfg.model`` this returns
-    that path or hub id unchanged. A complete cached base (manifest present) is reused.
+    that path or hub id unchanged. A cached base is reused only when its weights match the hash in
+    its manifest; a damaged or half-written one is rebuilt. An unwritable or full output directory
+    fails here, before the build starts.
     """
     if cfg.model != "tiny":
         return Path(cfg.model)
     out = base_dir(cfg)
+    cache.ensure_writable(out.parent, need_bytes=_base_bytes(cfg.tiny))
     with cache.build_lock(out):
-        if (out / "manifest.json").is_file():
+        if cache.manifest_matches(out):
             logger.info("reusing base %s", out)
             return out
+        if out.exists():
+            logger.warning("base %s is incomplete or damaged (weights differ from its manifest): rebuilding", out)
         t0 = time.time()
         docs = pretraining_corpus(cfg.tiny, cfg.generator)
         # the tokenizer also sees solution-format text, so SFT targets tokenize sensibly
