@@ -1,0 +1,369 @@
+"""The headless CLI (``python -m alignkit``) and the cached pipeline stages it shares with the notebooks.
+
+Stages run in-process on the tiny preset in smoke size (the session's smoke run); their artifacts
+must load through the notebooks' helpers (``alignkit.pipeline``, ``capture_run``) with every
+expensive function patched to raise, i.e. without recomputation.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from alignkit import cli, pipeline
+
+from conftest import smoke_config
+
+ROOT = Path(__file__).resolve().parent.parent
+PROG = "python -m alignkit: error: "
+
+
+# ----------------------------------------------------------------------------- help
+
+
+def _run_help(*args):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "alignkit", *args, "--help"], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=60)
+
+
+def test_top_level_help_subprocess():
+    r = _run_help()
+    assert r.returncode == 0 and r.stderr == ""
+    out = r.stdout
+    assert out.startswith("usage: python -m alignkit")
+    for cmd in ("train", "evaluate", "capture", "cka", "spectral", "patching", "figures", "all"):
+        assert f"\n    {cmd} " in out, cmd
+    for opt in ("--preset", "--smoke", "--set KEY=VALUE", "--model PATH", "--data PATH", "--eval-data PATH",
+                "--root DIR", "-v, --verbose"):
+        assert opt in out, opt
+    assert "examples:" in out and "accelerate launch -m alignkit" in out
+
+
+@pytest.mark.parametrize("cmd", ["train", "evaluate", "capture", "cka", "spectral", "patching", "figures", "all"])
+def test_subcommand_help_subprocess(cmd):
+    r = _run_help(cmd)
+    assert r.returncode == 0 and r.stderr == ""
+    out = r.stdout
+    assert out.startswith(f"usage: python -m alignkit {cmd}")
+    assert "examples:\n  python -m alignkit" in out
+    assert "--preset NAME" in out and "--set KEY=VALUE" in out and "--root DIR" in out  # global options here too
+    if cmd == "train":
+        assert "{sft,dpo,grpo}" in out
+    elif cmd not in ("figures",):
+        assert "--method {sft,dpo,grpo}" in out
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _error(capsys, argv):
+    rc = cli.main(argv)
+    err = capsys.readouterr().err
+    return rc, err
+
+
+def test_unknown_preset(capsys, tmp_path):
+    rc, err = _error(capsys, ["--preset", "huge", "--root", str(tmp_path / "r"), "cka"])
+    assert rc == 2
+    assert err == PROG + "unknown preset 'huge'; choose one of ['qwen3-0.6b', 'tiny']\n"
+    assert not (tmp_path / "r").exists()  # checked before anything runs
+
+
+def test_bad_override_key_and_value(capsys, tmp_path):
+    rc, err = _error(capsys, ["--root", str(tmp_path), "--set", "sft.max_stepz=3", "train", "sft"])
+    assert (rc, err) == (2, PROG + "unknown config key 'sft.max_stepz'\n")
+    rc, err = _error(capsys, ["train", "sft", "--set", "sft.max_steps=many"])  # options after the command too
+    assert (rc, err) == (2, PROG + "config key 'sft.max_steps' expects int (preset value 400), got 'many'\n")
+    rc, err = _error(capsys, ["--set", "sft", "cka"])
+    assert (rc, err) == (2, PROG + "--set expects KEY=VALUE, got 'sft'\n")
+    rc, err = _error(capsys, ["--set", "sft={}", "cka"])
+    assert (rc, err) == (2, PROG + "config key 'sft' is a section; set one of its fields, e.g. sft.max_steps=...\n")
+    assert "Traceback" not in err
+
+
+def test_model_path_that_is_not_a_model(capsys, tmp_path):
+    rc, err = _error(capsys, ["--model", str(tmp_path / "nope"), "train", "sft"])
+    assert (rc, err) == (2, PROG + f"--model {tmp_path / 'nope'}: no such directory\n")
+    d = tmp_path / "m"
+    d.mkdir()
+    rc, err = _error(capsys, ["--model", str(d), "train", "sft"])
+    assert (rc, err) == (2, PROG + f"--model {d} is not a model directory: no config.json\n")
+    (d / "config.json").write_text("{}")
+    rc, err = _error(capsys, ["--model", str(d), "train", "sft"])
+    assert (rc, err) == (2, PROG + f"--model {d} is not a model directory: no weights (*.safetensors or *.bin)\n")
+    (d / "model.safetensors").write_bytes(b"")
+    rc, err = _error(capsys, ["--model", str(d), "train", "sft"])
+    assert (rc, err) == (2, PROG + f"--model {d} has no tokenizer (tokenizer.json or tokenizer_config.json)\n")
+    rc, err = _error(capsys, ["--model", str(d / "config.json"), "train", "sft"])
+    assert (rc, err) == (2, PROG + f"--model {d / 'config.json'} is not a model directory (it is a file)\n")
+
+
+def test_missing_data_file(capsys, tmp_path):
+    rc, err = _error(capsys, ["--data", str(tmp_path / "train.jsonl"), "evaluate"])
+    assert (rc, err) == (2, PROG + f"--data {tmp_path / 'train.jsonl'}: no such file\n")
+    rc, err = _error(capsys, ["--eval-data", str(tmp_path / "test.jsonl"), "evaluate"])
+    assert (rc, err) == (2, PROG + f"--eval-data {tmp_path / 'test.jsonl'}: no such file\n")
+    rc, err = _error(capsys, ["--set", f"data_source={tmp_path / 'x.jsonl'}", "evaluate"])
+    assert (rc, err) == (2, PROG + f"data_source {tmp_path / 'x.jsonl'}: no such file\n")
+
+
+def test_parse_overrides_types():
+    got = cli.parse_overrides(["sft.max_steps=50", "sft.schedule=[0, 0.5, 1]", "sft.learning_rate=1",
+                               "eval_source=null", "model=/data/Qwen3-0.6B", "chat=true", "eval.stop=[\"\\n\\n\"]",
+                               "tiny.rope_theta=1e6", "preset=tiny"])
+    assert got == {"sft.max_steps": 50, "sft.schedule": (0, 0.5, 1), "sft.learning_rate": 1.0, "eval_source": None,
+                   "model": "/data/Qwen3-0.6B", "chat": True, "eval.stop": ("\n\n",), "tiny.rope_theta": 1e6,
+                   "preset": "tiny"}
+    assert isinstance(got["sft.learning_rate"], float) and isinstance(got["sft.schedule"], tuple)
+    with pytest.raises(cli.UsageError, match=r"config key 'chat' expects bool \(preset value False\), got 1"):
+        cli.parse_overrides(["chat=1"])
+
+
+# ----------------------------------------------------------------------------- stages (smoke)
+
+
+def _no_compute(monkeypatch):
+    """Make every expensive function raise: what still works was read from the caches."""
+    import trl
+
+    from alignkit import activations, cka, evaluate, patching, spectral, tiny
+
+    def boom(*a, **k):
+        raise AssertionError("recomputed although the result was cached")
+
+    from alignkit import train
+
+    monkeypatch.setattr(trl, "SFTTrainer", boom)
+    for name in ("SFTTrainer", "DPOTrainer", "GRPOTrainer"):
+        if hasattr(train, name):  # in case the trainers are imported at module level
+            monkeypatch.setattr(train, name, boom)
+    monkeypatch.setattr(tiny, "Trainer", boom)
+    monkeypatch.setattr(evaluate, "generate", boom)
+    monkeypatch.setattr(activations, "capture", boom)
+    for mod, names in ((cka, ["bootstrap_layerwise_cka", "noise_floor", "permutation_baseline",
+                              "transition_layer_bootstrap"]),
+                       (spectral, ["bootstrap_layer_metrics", "rank_vs_n"]),
+                       (patching, ["layer_sweep", "cross_layer_sweep", "weight_sweep"])):
+        for n in names:
+            monkeypatch.setattr(mod, n, boom)
+
+
+@pytest.fixture(scope="module")
+def staged(smoke_root, smoke_run):
+    """Every stage through ``cli.main`` on the session's smoke run; returns the argv prefix."""
+    argv = ["--smoke", "--root", str(smoke_root)]
+    for stage in (["train", "sft"], ["evaluate"], ["capture"], ["cka"], ["spectral"], ["patching"]):
+        assert cli.main(argv + stage) == 0, stage
+    return argv
+
+
+def test_train_stage_reuses_the_run(staged, smoke_cfg, smoke_run, monkeypatch):
+    from alignkit.train import list_checkpoints
+
+    mtimes = {s: (d / "model.safetensors").stat().st_mtime_ns for s, d in list_checkpoints(smoke_run)}
+    _no_compute(monkeypatch)
+    assert cli.main(staged + ["train", "sft"]) == 0
+    assert pipeline.train_run(smoke_cfg) == smoke_run
+    assert {s: (d / "model.safetensors").stat().st_mtime_ns for s, d in list_checkpoints(smoke_run)} == mtimes
+
+
+def test_evaluate_stage_artifacts_load_in_notebook_helpers(staged, smoke_cfg, smoke_run, monkeypatch):
+    from alignkit.evaluate import ensure_sft_results
+    from alignkit.train import list_checkpoints
+
+    assert (smoke_run / "flips.json").is_file()
+    assert all(len(list(d.glob("eval-*.json"))) == 1 for _, d in list_checkpoints(smoke_run))
+    _no_compute(monkeypatch)
+    run_dir, results, table = ensure_sft_results(smoke_cfg)  # what notebooks 01-04 call first
+    assert run_dir == smoke_run and [r["step"] for r in results] == [s for s, _ in list_checkpoints(smoke_run)]
+    assert all(r["n"] == smoke_cfg.eval.n_eval for r in results)
+    assert json.loads((smoke_run / "flips.json").read_text()) == table
+
+
+def test_capture_stage_fills_the_notebooks_cache(staged, smoke_cfg, smoke_run, monkeypatch):
+    from alignkit.activations import capture_cached, capture_run, probe_texts
+    from alignkit.train import list_checkpoints
+
+    texts = probe_texts(smoke_cfg)
+    _no_compute(monkeypatch)
+    steps = [s for s, _ in list_checkpoints(smoke_run)]
+    for pooling in ("mean", "last"):  # notebook 02 (both), 03 (mean)
+        caps = capture_run(smoke_run, texts, pooling=pooling)
+        assert sorted(caps) == steps
+        a = caps[steps[-1]]
+        assert a.acts.shape == (smoke_cfg.tiny.num_hidden_layers + 1, len(texts), smoke_cfg.tiny.hidden_size)
+    # notebook 04's call for base and tuned hits the same entries
+    ckpts = dict(list_checkpoints(smoke_run))
+    capture_cached(ckpts[steps[0]], None, texts, None, "mean", cache_dir=smoke_run / "activations")
+
+
+def test_cka_stage_matches_a_direct_computation(staged, smoke_cfg, smoke_run, monkeypatch):
+    from alignkit import cka
+    from alignkit.activations import capture_run, probe_texts
+
+    caps = capture_run(smoke_run, probe_texts(smoke_cfg), pooling="mean")
+    steps = sorted(caps)
+    keep = [i for i, n in enumerate(caps[steps[0]].hook_points)
+            if not any(n in a.meta["constant_points"] for a in caps.values())]
+    base, final = caps[steps[0]].acts[keep], caps[steps[-1]].acts[keep]
+    direct = {"matrix": cka.cka_matrix(base, final), "lw": cka.layerwise_cka(base, final),
+              "boot": cka.bootstrap_layerwise_cka(base, caps[steps[1]].acts[keep], n_boot=20, seed=0, debiased=True),
+              "noise": cka.noise_floor(base, final, n_splits=20, seed=0)}
+    _no_compute(monkeypatch)
+    res = pipeline.ensure_cka(smoke_cfg)  # notebook 02's call: read, not computed
+    assert list(pipeline.analysis_dir(smoke_run).glob("cka-*"))
+    assert res["steps"] == steps and res["labels"][0] == "embed" and len(res["labels"]) == len(keep)
+    np.testing.assert_array_equal(res["matrix"], np.asarray(direct["matrix"], dtype=np.float64))
+    np.testing.assert_allclose(res["curves"][False][steps[-1]]["point"], direct["lw"], rtol=0, atol=1e-12)
+    for k in ("point", "lo", "hi"):
+        np.testing.assert_array_equal(res["curves"][True][steps[1]][k], direct["boot"][k])
+    np.testing.assert_array_equal(res["noise"][False]["half_width"], direct["noise"]["half_width"])
+    assert res["path"][0] == (0, 0) and res["path"][-1] == (len(keep) - 1, len(keep) - 1)
+    assert set(res["transition"]) >= {"point", "lo", "hi"} and res["departure"].shape == (len(keep),)
+    assert cli.main(staged + ["cka"]) == 0  # the stage itself is idempotent
+
+
+def test_stale_or_damaged_results_are_recomputed(staged, smoke_cfg, smoke_run, caplog):
+    res = pipeline.ensure_cka(smoke_cfg)
+    other = pipeline.ensure_cka(smoke_cfg, n_boot=21)  # other parameters: another key, another file
+    assert len(list(pipeline.analysis_dir(smoke_run).glob("cka-*"))) == 2
+    np.testing.assert_array_equal(other["matrix"], res["matrix"])
+    assert not np.array_equal(other["curves"][False][res["steps"][-1]]["lo"],
+                              res["curves"][False][res["steps"][-1]]["lo"])
+    path = next(p for p in pipeline.analysis_dir(smoke_run).glob("cka-*") if p.stat().st_mtime_ns ==
+                max(q.stat().st_mtime_ns for q in pipeline.analysis_dir(smoke_run).glob("cka-*")))
+    info = json.loads((path / "result.json").read_text())
+    info["key"]["params"]["n_boot"] = 999  # a result stored under another key is never read
+    (path / "result.json").write_text(json.dumps(info))
+    again = pipeline.ensure_cka(smoke_cfg, n_boot=21)
+    assert "damaged or stale" in caplog.text
+    np.testing.assert_array_equal(again["curves"][False][res["steps"][-1]]["lo"],
+                                  other["curves"][False][res["steps"][-1]]["lo"])
+
+
+def test_spectral_stage_matches_a_direct_computation(staged, smoke_cfg, smoke_run, monkeypatch):
+    from alignkit import spectral
+    from alignkit.activations import capture_run, probe_texts
+
+    caps = capture_run(smoke_run, probe_texts(smoke_cfg), pooling="mean")
+    steps = sorted(caps)
+    direct = spectral.bootstrap_layer_metrics(caps[steps[-1]].acts, alphas=(0.5, 1.0, 2.0, float("inf")), n_boot=20,
+                                              seed=0)
+    _no_compute(monkeypatch)
+    res = pipeline.ensure_spectral(smoke_cfg)  # notebook 03's call
+    assert res["steps"] == steps and res["dropped"] == [] and res["ns"] == [16, 32]
+    for metric, d in direct.items():
+        for k in ("point", "lo", "hi", "samples"):
+            np.testing.assert_array_equal(res["boot"][steps[-1]][metric][k], d[k])
+    np.testing.assert_allclose(res["boot"][steps[0]]["rankme"]["point"][-1],
+                               spectral.rankme(caps[steps[0]].acts[-1]), rtol=1e-10)
+    delta = spectral.paired_delta(res["boot"][steps[-1]], res["boot"][steps[0]])  # notebook 03's use
+    assert delta["rankme"]["point"].shape == (len(res["labels"]),)
+    assert set(res["rank_vs_n"]) == {steps[0], steps[-1]}
+
+
+def test_patching_stage_round_trips_exactly(staged, smoke_cfg, smoke_run, monkeypatch):
+    from alignkit import patching
+    from alignkit.evaluate import ensure_sft_results
+    from alignkit.tiny import load_model
+
+    _, results, table = ensure_sft_results(smoke_cfg)
+    sets, labels = pipeline.patching_sets(smoke_cfg, results, table, 8, 2)
+    base, tok = load_model(results[0]["checkpoint"])
+    tuned, _ = load_model(results[-1]["checkpoint"])
+    exs = patching.examples_from_table(sets["controls"], tok)
+    direct = patching.layer_sweep(base, tuned, tok, exs, component="mlp", direction="noise", batch_size=8,
+                                  progress=False)
+    _no_compute(monkeypatch)
+    res = pipeline.ensure_patching(smoke_cfg)  # notebook 04's call
+    assert res["sets"] == sets and res["labels"] == labels
+    L = smoke_cfg.tiny.num_hidden_layers
+    assert set(res["sweeps"]) == {(s, c, d) for s in ("flips", "controls") for c in ("resid", "attn", "mlp")
+                                  for d in ("denoise", "noise")}
+    got = res["sweeps"]["controls", "mlp", "noise"]
+    assert isinstance(got, patching.PatchResult) and got.delta.shape == (len(exs), L)
+    for f in ("lp_patched", "delta", "npe", "kl", "lp_receiver", "lp_donor", "npe_valid"):
+        np.testing.assert_array_equal(getattr(got, f), getattr(direct, f))
+    assert got.meta == direct.meta
+    assert list(res["by_pos"]) == ["all", "prompt", "answer"] and res["by_pos"]["all"] is not None
+    assert res["cross"]["flips"].delta.shape == (4, L, L)
+    assert set(res["weights"]["flips"]) == {"revert", "graft", "mean_diff"}
+    assert cli.main(staged + ["all", "--skip", "figures"]) == 0  # every stage cached: nothing recomputed
+
+
+def test_notebook_parameters_match_pipeline_defaults(monkeypatch):
+    """A notebook run after the CLI must ask for exactly the CLI's results (same cache keys)."""
+    import jupytext
+
+    def params(name, smoke):
+        monkeypatch.setenv("ALIGNKIT_SMOKE", "1" if smoke else "0")
+        nb = jupytext.read(ROOT / "notebooks" / name, fmt="py:percent")
+        ns: dict = {}
+        exec(next(c.source for c in nb.cells if c.cell_type == "code"), ns)  # the parameters cell
+        return ns
+
+    for smoke in (False, True):
+        p = params("02_cka.py", smoke)
+        d = pipeline.cka_defaults(smoke)
+        assert (p["POOLINGS"][0], p["N_BOOT"], p["N_PERM"]) == (d["pooling"], d["n_boot"], d["n_perm"])
+        p = params("03_spectral.py", smoke)
+        d = pipeline.spectral_defaults(smoke)
+        assert (p["POOLING"], tuple(p["ALPHAS"]), p["N_BOOT"]) == (d["pooling"], d["alphas"], d["n_boot"])
+        p = params("04_patching.py", smoke)
+        d = pipeline.patching_defaults(smoke)
+        assert {k: p[k.upper()] for k in d} == d
+
+
+def test_figures_runs_a_notebook_on_the_cached_results(staged, smoke_root, smoke_run):
+    analysis = {p: p.stat().st_mtime_ns for p in pipeline.analysis_dir(smoke_run).iterdir()}
+    acts = {p: p.stat().st_mtime_ns for p in (smoke_run / "activations").iterdir()}
+    assert cli.main(staged + ["figures", "--notebooks", "03"]) == 0
+    out = smoke_root / "reports" / "tiny-smoke" / "03_spectral.ipynb"
+    nb = json.loads(out.read_text())
+    injected = [c for c in nb["cells"] if "injected-parameters" in c["metadata"].get("tags", [])]
+    assert len(injected) == 1 and f"'root': '{smoke_root.resolve()}'" in "".join(injected[0]["source"])
+    pngs = [o for c in nb["cells"] for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(pngs) >= 4  # ranks, Rényi deltas, rank vs n, scatter, static explorer
+    errors = [o for c in nb["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors
+    # the notebook read the CLI's captures and spectral result instead of computing new ones
+    assert {p: p.stat().st_mtime_ns for p in pipeline.analysis_dir(smoke_run).iterdir()} == analysis
+    assert {p: p.stat().st_mtime_ns for p in (smoke_run / "activations").iterdir()} == acts
+
+
+# ----------------------------------------------------------------------------- local model and data
+
+
+def test_local_model_and_jsonl_fully_offline(tmp_path, smoke_base, monkeypatch):
+    from alignkit.data import generate_problems
+    from alignkit.evaluate import eval_set
+    from alignkit.train import list_checkpoints
+
+    assert os.environ["HF_HUB_OFFLINE"] == "1" and os.environ["HF_DATASETS_OFFLINE"] == "1"
+    train, test = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
+    for path, rows in ((train, generate_problems(32, "train")), (test, generate_problems(16, "test"))):
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    root = tmp_path / "runs"
+    monkeypatch.chdir(smoke_base.parent)  # a relative --model path is resolved
+    argv = ["--smoke", "--root", str(root), "--model", smoke_base.name, "--data", str(train), "--eval-data", str(test),
+            "--set", "sft.max_steps=2", "--set", "sft.n_train=32", "--set", "sft.batch_size=8",
+            "--set", "eval.n_eval=16", "--set", "eval.max_new_tokens=16"]
+    assert cli.main(argv + ["evaluate"]) == 0
+    assert cli.main(argv + ["cka"]) == 0
+    cfg = smoke_config(root, model=str(smoke_base.resolve()), data_source=str(train.resolve()),
+                       eval_source=str(test.resolve()),
+                       **{"sft.max_steps": 2, "sft.n_train": 32, "sft.batch_size": 8, "eval.n_eval": 16,
+                          "eval.max_new_tokens": 16})
+    run_dir = pipeline.train_run(cfg)
+    assert run_dir.parent == root / "sft" and not (root / "base").exists()  # no embedded base was built
+    ckpts = list_checkpoints(run_dir)
+    manifest = json.loads((ckpts[0][1] / "manifest.json").read_text())
+    assert manifest["base"] == str(smoke_base.resolve()) and [s for s, _ in ckpts] == [0, 1, 2]
+    assert eval_set(cfg)["question"] == [json.loads(l)["question"] for l in test.read_text().splitlines()]
+    res = pipeline.ensure_cka(cfg)
+    assert res["steps"] == [0, 1, 2] and res["matrix"].shape == (len(res["labels"]),) * 2
