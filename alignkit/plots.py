@@ -166,3 +166,71 @@ def plot_scatter(x: np.ndarray, y: np.ndarray, ax=None, labels=None, xlabel: str
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     return fig
+
+
+# weight-space drift (alignkit.weights): metric -> (axis label, control column or constant, control label, log y)
+_DRIFT_METRICS = {
+    "rel_change": ("‖ΔW‖ / ‖W‖ (relative change)", 2.0 ** -24, "float32 round-off (2⁻²⁴)", True),
+    "frac_changed": ("share of entries with |ΔW| > tol", "frac_changed_dense", "dense Gaussian update, same RMS", False),
+    "frac_mass": ("share of entries holding 90 % of ‖ΔW‖²", "frac_mass_dense", "dense Gaussian update", False),
+    "eff_rank": ("effective rank of ΔW (RankMe)", "eff_rank_dense", "Gaussian matrix, same shape", False),
+    "overlap_left": ("top-k overlap with W, output space (mean cos²)", "chance_left", "chance k / d_out", False),
+    "overlap_right": ("top-k overlap with W, input space (mean cos²)", "chance_right", "chance k / d_in", False),
+}
+
+
+def plot_weight_drift(df, metric: str = "rel_change", ax=None, modules: Sequence[str] | None = None,
+                      title: str = ""):
+    """One line per module type of a ``weights.weight_drift`` table against layer, with its control.
+
+    Embedding (layer −1) and parameters after the stack (final norm, untied head; layer L) are
+    drawn as single markers at the ends. Controls (dashed, same colour, or grey when one value):
+    float32 round-off for ``rel_change`` (log axis), a dense Gaussian update for ``frac_changed``,
+    ``frac_mass`` and ``eff_rank``, and the chance level k/d for the overlaps.
+
+    Args:
+        df: a ``weight_drift`` table (columns ``layer``, ``module`` and the metric's).
+        metric: one of ``rel_change, frac_changed, frac_mass, eff_rank, overlap_left, overlap_right``.
+        modules: module types to draw (default: all with a finite value, projections first).
+    """
+    if metric not in _DRIFT_METRICS:
+        raise ValueError(f"metric must be one of {sorted(_DRIFT_METRICS)}, got {metric!r}")
+    ylabel, control, control_label, log = _DRIFT_METRICS[metric]
+    fig, ax = _ax(ax, figsize=(7, 4))
+    n_layers = int(df.attrs.get("n_layers", df["layer"].max()))
+    order = ["q", "k", "v", "o", "gate", "up", "down", "input_norm", "post_attn_norm", "q_norm", "k_norm",
+             "embed", "final_norm", "lm_head"]
+    present = [m for m in df.loc[df[metric].notna(), "module"].unique()]
+    if modules is None:
+        modules = sorted(present, key=lambda m: order.index(m) if m in order else len(order))
+    colors = sns.color_palette("tab20", n_colors=max(1, len(modules)))
+    per_module = isinstance(control, str) and df.loc[df[metric].notna(), control].nunique() > 1
+    for module, color in zip(modules, colors):
+        sub = df[(df["module"] == module) & df[metric].notna()].sort_values("layer")
+        if sub.empty:
+            continue
+        style = "o-" if len(sub) > 1 else "D"
+        ax.plot(sub["layer"], sub[metric], style, ms=4 if len(sub) > 1 else 6, lw=1.2, color=color, label=module)
+        if per_module:
+            x, c = sub["layer"].to_numpy(), sub[control].to_numpy()
+            if len(sub) == 1:
+                x, c = np.array([x[0] - 0.3, x[0] + 0.3]), np.repeat(c, 2)
+            ax.plot(x, c, "--", lw=0.9, color=color, alpha=0.9)
+    if isinstance(control, str):
+        values = df.loc[df[metric].notna(), control]
+        if not per_module:
+            ax.axhline(float(values.iloc[0]), color="0.4", ls="--", lw=1, label=control_label)
+        else:
+            ax.plot([], [], "--", color="0.4", lw=0.8, label=f"{control_label} (dashed, per module)")
+    else:
+        ax.axhline(control, color="0.4", ls=":", lw=1, label=control_label)
+    if log:
+        ax.set_yscale("log")
+    ticks = list(range(-1, n_layers + 1))
+    ax.set_xticks(ticks)
+    ax.set_xticklabels(["emb"] + [str(i) for i in range(n_layers)] + ["out"], fontsize=8)
+    ax.set_xlabel("layer (emb: token embedding, out: final norm / untied head)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title or metric)
+    ax.legend(fontsize=7, ncol=2, loc="best")
+    return fig
