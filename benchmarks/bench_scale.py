@@ -1,0 +1,566 @@
+"""Real-size benchmark: the analysis pipeline on two models of Qwen3-0.6B's exact shape, on this CPU.
+
+Qwen/Qwen3-0.6B cannot be downloaded here, so two models are built from its configuration
+(``QWEN3_06B``: 28 layers, hidden 1024, 16 query / 8 key-value heads, head_dim 128, intermediate
+3072, vocabulary 151,936, tied embeddings, rope_theta 1e6, RMSNorm eps 1e-6) with random weights,
+saved with ``save_pretrained`` (float32 safetensors, 2.4 GB each) and loaded back **by path** with
+``alignkit.tiny.load_model``, exactly as a downloaded checkpoint would be:
+
+* ``base``: transformers' own initialisation (normal, std 0.02) under ``torch.manual_seed(seed)``;
+* ``tuned``: base plus Gaussian noise on every weight matrix of decoder layer ``l`` with standard
+  deviation ``noise * (l + 1) / L`` times that matrix's own standard deviation (noise growing with
+  depth, as fine-tuning drift does in notebook 02's curves); embeddings and norms untouched.
+
+Tokenizer: the project's tokenizer recipe (``alignkit.tiny.train_tokenizer``: byte-level BPE with
+single-digit splitting, as Qwen's) trained on generated GSM8K-format problems, then its ids are
+scattered over the whole 151,936-entry vocabulary (a seeded random permutation; the unused ids
+hold never-produced filler tokens), so embedding rows, LM-head targets and ``len(tokenizer)``
+are those of the real vocabulary. It is saved in both model directories.
+
+Probe texts: ``n_texts`` prompts (``format_prompt``) of test-split problems from
+``alignkit.data``'s generator with 2-6 steps and operands up to 99: prompts of 35-105 tokens,
+46.7 words on average (GSM8K's questions average roughly 46 words); token counts are in the report. Patching examples are the
+first ``n_patch`` of them with their gold solutions.
+
+Stages, each in its own subprocess so that its peak resident memory is its own (read with
+``os.wait4`` on the child: ``ru_maxrss`` of that process alone, which counts file pages it mapped
+and touched, e.g. safetensors weights during loading):
+
+1. ``capture:<model>``: ``load_model`` by path, then ``activations.capture_cached`` of the mean-pooled
+   residual stream at all 29 hook points (``embed`` + 28 ``layers.l.resid``), stored as float16
+   safetensors and returned memory-mapped (``mmap=True``). The decoder runs without the LM head.
+2. ``cka``: both captures memory-mapped (``activations.load_activations``), the 29 x 29
+   ``cka.cka_matrix`` (biased and debiased; layers are converted to fp32 one at a time).
+3. ``spectral``: ``spectral.layer_metrics`` (RankMe, Rényi ranks) of both models, their
+   ``bootstrap_layer_metrics`` (80 % subsampling, ``n_boot``) and ``paired_delta``.
+4. ``patching``: both models loaded by path, ``patching.layer_sweep`` (resid, all positions,
+   denoise) over all 28 layers on ``n_patch`` examples.
+
+``build`` (tokenizer and both models, cached in ``<workdir>/models`` by the spec's hash) is setup,
+reported but not counted in the analysis total.
+
+Usage (from the repository root; the full run holds both cores for ~20 minutes)::
+
+    flock /tmp/cpu.lock env OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/bench_scale.py
+    .venv/bin/python benchmarks/bench_scale.py --quick   # 2 layers, 32 texts: < 1 minute
+
+The full run writes benchmarks/RESULTS_scale.md (``--no-write`` to skip); ``--quick`` never does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).with_name("RESULTS_scale.md")
+ROOT = Path(__file__).resolve().parent.parent
+GIB = 1024**3
+
+# Qwen/Qwen3-0.6B's config.json, field for field (the ids of special tokens come from our tokenizer).
+QWEN3_06B = dict(
+    vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+    num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+    rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, hidden_act="silu",
+    attention_bias=False, initializer_range=0.02, max_window_layers=28, use_sliding_window=False,
+)
+
+logger = logging.getLogger("bench_scale")
+
+
+@dataclasses.dataclass
+class Spec:
+    """Everything a run depends on; written to ``<workdir>/spec.json`` and read by every stage."""
+
+    model: dict = dataclasses.field(default_factory=lambda: dict(QWEN3_06B))
+    n_texts: int = 512  # probe prompts (capture, CKA, spectral)
+    n_patch: int = 32  # examples of the resid patching sweep
+    capture_batch: int = 16
+    patch_batch: int = 8
+    n_boot: int = 200  # spectral bootstrap resamples (notebook 03's full setting)
+    noise: float = 0.5  # relative weight noise of the last layer (layer l: noise * (l + 1) / L)
+    tokenizer_vocab: int = 4096  # BPE training budget (the generator's world saturates below it)
+    tokenizer_corpus: int = 3000  # generated train-split problems the tokenizer is trained on
+    min_steps: int = 2
+    max_steps: int = 6
+    max_number: int = 99
+    seed: int = 0
+    threads: int = 2
+    mode: str = "full"
+
+    def models_key(self) -> str:
+        from alignkit import cache
+
+        keep = ("model", "noise", "tokenizer_vocab", "tokenizer_corpus", "min_steps", "max_steps", "max_number", "seed")
+        return cache.hash_obj({k: getattr(self, k) for k in keep}, length=12)
+
+
+def quick_spec(**over) -> Spec:
+    """2 decoder layers of the real width and vocabulary, 32 texts, 4 patching examples (< 1 min)."""
+    model = dict(QWEN3_06B, num_hidden_layers=2, max_window_layers=2)
+    return Spec(**{**dict(model=model, n_texts=32, n_patch=4, n_boot=20, mode="quick"), **over})
+
+
+# ----------------------------------------------------------------------------- data, tokenizer, models
+
+
+def problems(spec: Spec, n: int, split: str = "test") -> list[dict]:
+    from alignkit.data import GeneratorConfig, generate_problems
+
+    gen = GeneratorConfig(min_steps=spec.min_steps, max_steps=spec.max_steps, max_number=spec.max_number,
+                          seed=spec.seed)
+    return generate_problems(n, split, gen)
+
+
+def probe_texts(spec: Spec) -> list[str]:
+    from alignkit.data import format_prompt
+
+    return [format_prompt(p["question"]) for p in problems(spec, spec.n_texts)]
+
+
+def patch_examples(spec: Spec) -> list[dict]:
+    from alignkit.data import format_completion, format_prompt
+
+    return [{"prompt": format_prompt(p["question"]), "answer": format_completion(p["answer"])}
+            for p in problems(spec, spec.n_patch)]
+
+
+def scatter_vocab(tokenizer, vocab_size: int, seed: int = 0):
+    """The same tokenizer with its ids spread over ``0..vocab_size-1`` (unused ids: filler tokens).
+
+    Works on the serialised ``tokenizers`` JSON: every vocabulary entry and added (special) token
+    gets a new id from a seeded random permutation; the merges refer to strings and are unchanged,
+    so texts split into exactly the same tokens as before, only their ids differ.
+
+    Args:
+        tokenizer: a ``PreTrainedTokenizerFast`` with a BPE model.
+        vocab_size: the size of the id space (e.g. 151936); at least the tokenizer's size.
+
+    Returns:
+        A ``PreTrainedTokenizerFast`` with ``len(tokenizer) == vocab_size``.
+    """
+    import numpy as np
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    vocab = state["model"]["vocab"]
+    if len(vocab) > vocab_size:
+        raise ValueError(f"the tokenizer has {len(vocab)} tokens, more than vocab_size={vocab_size}")
+    new_ids = np.random.default_rng(seed).permutation(vocab_size)
+    remap = {old: int(new_ids[i]) for i, old in enumerate(sorted(vocab.values()))}
+    used = set(remap.values())
+    scattered = {tok: remap[i] for tok, i in vocab.items()}
+    fillers = (i for i in range(vocab_size) if i not in used)
+    scattered.update({f"<|filler_{i}|>": i for i in fillers})
+    state["model"]["vocab"] = scattered
+    for added in state.get("added_tokens", []):
+        added["id"] = remap[added["id"]]
+    fast = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(state)),
+                                   eos_token=tokenizer.eos_token, pad_token=tokenizer.pad_token, bos_token=None)
+    fast.chat_template = tokenizer.chat_template
+    fast.padding_side = tokenizer.padding_side
+    return fast
+
+
+def build_tokenizer(spec: Spec):
+    """The project's BPE recipe trained on generated problems, ids scattered over the full vocabulary."""
+    from alignkit.data import format_completion, format_prompt
+    from alignkit.tiny import train_tokenizer
+
+    corpus = [format_prompt(p["question"]) + format_completion(p["answer"])
+              for p in problems(spec, spec.tokenizer_corpus, split="train")]
+    small = train_tokenizer(corpus, spec.tokenizer_vocab)
+    return scatter_vocab(small, spec.model["vocab_size"], spec.seed)
+
+
+def perturb_(model, noise: float, seed: int) -> None:
+    """Adds depth-growing Gaussian noise to every weight matrix of every decoder layer, in place.
+
+    Layer ``l`` of ``L``: ``W += N(0, (noise * (l + 1) / L * std(W))^2)``; 1-D weights (norms) and
+    the embeddings are left alone.
+    """
+    import torch
+
+    from alignkit.hooks import decoder_layers
+
+    g = torch.Generator().manual_seed(seed + 1)
+    layers = decoder_layers(model)
+    with torch.no_grad():
+        for l, layer in enumerate(layers):
+            rel = noise * (l + 1) / len(layers)
+            for p in layer.parameters():
+                if p.ndim == 2:
+                    p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * (rel * float(p.std())))
+
+
+def model_dirs(spec: Spec, workdir: Path) -> tuple[Path, Path]:
+    root = workdir / "models" / spec.models_key()
+    return root / "base", root / "tuned"
+
+
+def build_models(spec: Spec, workdir: Path) -> dict:
+    """Tokenizer, base and tuned model, saved (float32 safetensors) unless already there."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from alignkit import cache
+
+    base_dir, tuned_dir = model_dirs(spec, workdir)
+    done = base_dir.parent / "done.json"
+    if done.is_file():
+        logger.info("models already built in %s", base_dir.parent)
+        return dict(json.loads(done.read_text()), cached=True)
+    t0 = time.perf_counter()
+    tok = build_tokenizer(spec)
+    t_tok = time.perf_counter() - t0
+    eos = tok.eos_token_id
+    config = Qwen3Config(**spec.model, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
+    torch.manual_seed(spec.seed)
+    model = Qwen3ForCausalLM(config)
+    t_init = time.perf_counter() - t0 - t_tok
+    n_params = sum(p.numel() for p in model.parameters())
+    for d, name in ((base_dir, "base"), (tuned_dir, "tuned")):
+        if name == "tuned":
+            perturb_(model, spec.noise, spec.seed)
+        with cache.atomic_dir(d) as tmp:
+            model.save_pretrained(tmp)  # float32 safetensors
+            tok.save_pretrained(tmp)
+    info = {"n_params": n_params, "tokenizer_s": t_tok, "init_s": t_init,
+            "total_s": time.perf_counter() - t0, "vocab_in_use": len(tok.get_vocab()) - sum(
+                t.startswith("<|filler_") for t in tok.get_vocab()),
+            "disk_bytes": sum(f.stat().st_size for f in base_dir.glob("*.safetensors"))}
+    cache.write_json_atomic(done, info)
+    return dict(info, cached=False)
+
+
+# ----------------------------------------------------------------------------- stages (run in children)
+
+
+class Phases:
+    """Wall time and resident memory after each phase of a stage (where the time and memory go)."""
+
+    def __init__(self):
+        self.rows: list[dict] = []
+        self._t = time.perf_counter()
+
+    def mark(self, name: str) -> None:
+        now = time.perf_counter()
+        self.rows.append({"phase": name, "s": round(now - self._t, 3), "rss_gib": round(rss_gib("VmRSS"), 3)})
+        self._t = now
+
+
+def rss_gib(field: str = "VmHWM") -> float:
+    """``VmHWM`` (peak) or ``VmRSS`` (current) of this process from /proc/self/status, in GiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024 / GIB
+    return float("nan")
+
+
+def _acts_entry(workdir: Path, name: str) -> Path:
+    (path,) = (workdir / "acts" / name).glob("acts-*.safetensors")
+    return path
+
+
+def stage_build(spec: Spec, workdir: Path) -> dict:
+    return build_models(spec, workdir)
+
+
+def stage_capture(spec: Spec, workdir: Path, name: str) -> dict:
+    ph = Phases()
+    import torch
+
+    from alignkit import cache
+    from alignkit.activations import capture_cached
+    from alignkit.tiny import load_model
+
+    ph.mark("imports")
+    texts = probe_texts(spec)
+    ph.mark("probe texts")
+    model_dir = model_dirs(spec, workdir)[name == "tuned"]
+    model, tok = load_model(model_dir)  # by path, float32, CPU
+    ph.mark("load_model")
+    cache_dir = workdir / "acts" / name
+    shutil.rmtree(cache_dir, ignore_errors=True)  # a fresh miss every run: this stage measures the capture
+    cache.weights_hash(model_dir)  # memoised: capture_cached's own call below reuses it
+    ph.mark("weights_hash (sha256 of the checkpoint)")
+    acts = capture_cached(model, tok, texts, None, "mean", cache_dir, model_dir=model_dir,
+                          batch_size=spec.capture_batch, dtype=torch.float16, mmap=True)
+    ph.mark("capture_cached (forward, pool, write fp16, mmap)")
+    lengths = [len(t) for t in tok(texts, add_special_tokens=False)["input_ids"]]
+    return {"phases": ph.rows, "shape": list(acts.acts.shape), "dtype": str(acts.acts.dtype),
+            "n_tokens": sum(lengths), "len_min": min(lengths), "len_mean": sum(lengths) / len(lengths),
+            "len_max": max(lengths), "constant_points": acts.meta["constant_points"],
+            "entry_bytes": _acts_entry(workdir, name).stat().st_size, "vocab": len(tok)}
+
+
+def _keep(a, b) -> list[int]:
+    skip = set(a.meta["constant_points"]) | set(b.meta["constant_points"])
+    return [i for i, n in enumerate(a.hook_points) if n not in skip]
+
+
+def stage_cka(spec: Spec, workdir: Path) -> dict:
+    ph = Phases()
+    from alignkit import cka
+    from alignkit.activations import check_comparable, load_activations
+
+    ph.mark("imports")
+    a, b = (load_activations(_acts_entry(workdir, n), mmap=True) for n in ("base", "tuned"))
+    check_comparable(a, b)
+    keep = _keep(a, b)
+    ph.mark("load_activations (mmap)")
+    mat = cka.cka_matrix(a.acts[keep], b.acts[keep])
+    ph.mark("cka_matrix biased")
+    mat_d = cka.cka_matrix(a.acts[keep], b.acts[keep], debiased=True)
+    ph.mark("cka_matrix debiased")
+    diag = mat.diagonal()
+    return {"phases": ph.rows, "shape": list(mat.shape), "diag_first": float(diag[0]), "diag_last": float(diag[-1]),
+            "diag_min": float(diag.min()), "debiased_diag_last": float(mat_d.diagonal()[-1])}
+
+
+def stage_spectral(spec: Spec, workdir: Path) -> dict:
+    ph = Phases()
+    from alignkit import spectral
+    from alignkit.activations import check_comparable, load_activations
+
+    ph.mark("imports")
+    a, b = (load_activations(_acts_entry(workdir, n), mmap=True) for n in ("base", "tuned"))
+    check_comparable(a, b)
+    keep = _keep(a, b)
+    ph.mark("load_activations (mmap)")
+    m_a, m_b = spectral.layer_metrics(a.acts[keep]), spectral.layer_metrics(b.acts[keep])
+    ph.mark("layer_metrics x 2")
+    boots = [spectral.bootstrap_layer_metrics(x.acts[keep], n_boot=spec.n_boot, seed=0) for x in (a, b)]
+    ph.mark(f"bootstrap_layer_metrics x 2 (n_boot={spec.n_boot})")
+    delta = spectral.paired_delta(boots[1], boots[0])
+    ph.mark("paired_delta")
+    return {"phases": ph.rows, "rankme_base_last": float(m_a["rankme"][-1]), "rankme_tuned_last": float(m_b["rankme"][-1]),
+            "delta_rankme_last": float(delta["rankme"]["point"][-1])}
+
+
+def stage_patching(spec: Spec, workdir: Path) -> dict:
+    ph = Phases()
+    import numpy as np
+
+    from alignkit import patching
+    from alignkit.tiny import load_model
+
+    ph.mark("imports")
+    base_dir, tuned_dir = model_dirs(spec, workdir)
+    base, tok = load_model(base_dir)
+    ph.mark("load_model base")
+    tuned, tok_t = load_model(tuned_dir)
+    ph.mark("load_model tuned")
+    examples = patch_examples(spec)
+    spans = patching.tokenize_examples(tok, examples)
+    ph.mark("examples")
+    res = patching.layer_sweep(base, tuned, tok, examples, component="resid", positions="all", direction="denoise",
+                               batch_size=spec.patch_batch, tuned_tokenizer=tok_t)
+    ph.mark(f"layer_sweep resid x {base.config.num_hidden_layers} layers")
+    lengths = [len(s["input_ids"]) for s in spans]
+    return {"phases": ph.rows, "n_examples": len(examples), "n_layers": int(res.delta.shape[1]),
+            "len_min": min(lengths), "len_mean": float(np.mean(lengths)), "len_max": max(lengths),
+            "n_tokens": sum(lengths), "mean_abs_delta": float(np.abs(res.delta).mean()),
+            "lp_receiver_mean": float(res.lp_receiver.mean()), "lp_donor_mean": float(res.lp_donor.mean()),
+            "n_npe_masked": res.meta["n_npe_masked"]}
+
+
+STAGES = {"build": stage_build, "capture:base": lambda s, w: stage_capture(s, w, "base"),
+          "capture:tuned": lambda s, w: stage_capture(s, w, "tuned"), "cka": stage_cka,
+          "spectral": stage_spectral, "patching": stage_patching}
+ANALYSIS = ["capture:base", "capture:tuned", "cka", "spectral", "patching"]
+
+
+def child_main(stage: str, workdir: Path) -> None:
+    """Entry point of a stage's subprocess: run it, write ``<workdir>/stages/<stage>.json``."""
+    import torch
+
+    spec = Spec(**json.loads((workdir / "spec.json").read_text()))
+    torch.set_num_threads(spec.threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    t0 = time.perf_counter()
+    out = STAGES[stage](spec, workdir)
+    out.update(stage=stage, work_s=time.perf_counter() - t0, peak_rss_gib=rss_gib("VmHWM"),
+               torch_threads=torch.get_num_threads(), torch=torch.__version__)
+    path = workdir / "stages" / f"{stage.replace(':', '_')}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2))
+
+
+# ----------------------------------------------------------------------------- parent: run and measure
+
+
+def run_stage(stage: str, workdir: Path) -> dict:
+    """Run one stage in a fresh Python process and measure it.
+
+    Peak memory is the child's own ``VmHWM`` (/proc/self/status, read by the child as it finishes):
+    the high-water mark of the resident set of the address space it got at ``exec``, counting
+    anonymous memory and the file pages it mapped and touched (safetensors weights, memory-mapped
+    activations). ``ru_maxrss`` from ``os.wait4`` on the child is kept as a cross-check, but Linux
+    carries the *parent's* high-water mark into a child across fork/vfork + exec, so it reads
+    ``max(parent's peak at spawn, child's peak)``; this launcher never imports torch, so its own
+    peak stays far below any stage's.
+
+    Returns:
+        The stage's JSON output (``work_s``: the stage function after interpreter start-up;
+        ``peak_rss_gib``: the child's VmHWM) plus ``wall_s`` (the whole process: interpreter,
+        imports, work), ``ru_maxrss_gib`` and ``cpu_s`` (user + system CPU seconds of the child).
+    """
+    log = workdir / "logs" / f"{stage.replace(':', '_')}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--stage", stage,
+                                 "--workdir", str(workdir)], stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"stage {stage} failed (exit {proc.returncode}); log: {log}\n"
+                           + "\n".join(log.read_text().splitlines()[-20:]))
+    out = json.loads((workdir / "stages" / f"{stage.replace(':', '_')}.json").read_text())
+    out.update(wall_s=wall, ru_maxrss_gib=usage.ru_maxrss * 1024 / GIB, cpu_s=usage.ru_utime + usage.ru_stime)
+    logger.info("%-14s wall %7.1f s  work %7.1f s  peak RSS %.2f GiB", stage, wall, out["work_s"], out["peak_rss_gib"])
+    return out
+
+
+def run(spec: Spec, workdir: Path, stages: list[str] | None = None) -> dict:
+    """Build (or reuse) the models, then run every analysis stage in its own process.
+
+    Returns:
+        ``{"spec": ..., "stages": {name: output}, "analysis_wall_s": float, "max_peak_rss_gib": float,
+        "machine": {...}}``.
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "spec.json").write_text(json.dumps(dataclasses.asdict(spec), indent=2))
+    load0 = os.getloadavg()[0]
+    out = {"build": run_stage("build", workdir)}
+    for stage in stages or ANALYSIS:
+        out[stage] = run_stage(stage, workdir)
+    analysis = [out[s] for s in ANALYSIS if s in out]
+    return {
+        "spec": dataclasses.asdict(spec), "stages": out,
+        "analysis_wall_s": sum(s["wall_s"] for s in analysis),
+        "max_peak_rss_gib": max(s["peak_rss_gib"] for s in analysis),
+        "machine": {"platform": platform.machine(), "cpus": os.cpu_count(), "torch": out["build"]["torch"],
+                    "python": platform.python_version(), "load_start": load0, "load_end": os.getloadavg()[0],
+                    "mem_total_gib": _meminfo_gib("MemTotal")},
+    }
+
+
+def _meminfo_gib(field: str) -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024 / GIB
+    return float("nan")
+
+
+# ----------------------------------------------------------------------------- report
+
+_WHAT = {
+    "build": "setup: tokenizer, init, perturb, save both (not in the total)",
+    "capture:base": "load by path + capture 29 points, mean-pooled, fp16 cache, mmap",
+    "capture:tuned": "same for the tuned model",
+    "cka": "29 x 29 cka_matrix, biased + debiased, from the mmapped fp16 caches",
+    "spectral": "layer_metrics + bootstrap_layer_metrics x 2 models + paired_delta",
+    "patching": "load both by path + layer_sweep resid over all layers",
+}
+
+
+def report_markdown(rep: dict) -> str:
+    spec, st, m = rep["spec"], rep["stages"], rep["machine"]
+    cap, pat = st.get("capture:base", {}), st.get("patching", {})
+    L = spec["model"]["num_hidden_layers"]
+    lines = [
+        "| stage | what | wall s | stage work s | peak RSS GiB |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for name, s in st.items():
+        lines.append(f"| {name} | {_WHAT.get(name, '')} | {s['wall_s']:.1f} | {s['work_s']:.1f} | {s['peak_rss_gib']:.2f} |")
+    lines.append(f"| **analysis total** (capture x 2, cka, spectral, patching) | | **{rep['analysis_wall_s']:.1f}** "
+                 f"| | **max {rep['max_peak_rss_gib']:.2f}** |")
+    lines.append("| GPU (bf16) | | not run (no GPU lent to this task) | | |")
+    phases = []
+    for name, s in st.items():
+        for p in s.get("phases", []):
+            phases.append(f"| {name} | {p['phase']} | {p['s']:.1f} | {p['rss_gib']:.2f} |")
+    facts = [
+        f"- Models: Qwen3 {L} layers x {spec['model']['hidden_size']}, vocabulary {spec['model']['vocab_size']:,}, "
+        f"{st['build']['n_params'] / 1e6:.0f} M parameters, float32 safetensors of "
+        f"{st['build']['disk_bytes'] / 1e9:.2f} GB each; build {'reused from an earlier run' if st['build'].get('cached') else 'run now'} "
+        f"(first build: {st['build']['total_s']:.0f} s).",
+    ]
+    if cap:
+        facts.append(f"- Probe set: {spec['n_texts']} prompts, {cap['len_min']}-{cap['len_max']} tokens "
+                     f"(mean {cap['len_mean']:.1f}, {cap['n_tokens']:,} in all); activations "
+                     f"{cap['shape']} {cap['dtype']}, {cap['entry_bytes'] / 1e6:.1f} MB on disk per model.")
+    if pat:
+        facts.append(f"- Patching: {pat['n_examples']} examples (prompt + gold solution, {pat['len_min']}-{pat['len_max']} "
+                     f"tokens, mean {pat['len_mean']:.1f}) x {pat['n_layers']} layers, batch {spec['patch_batch']}; "
+                     f"mean |delta answer log-prob| {pat['mean_abs_delta']:.3f} nats (receiver {pat['lp_receiver_mean']:.2f}, "
+                     f"donor {pat['lp_donor_mean']:.2f}), NPE masked for {pat['n_npe_masked']}.")
+    if "cka" in st:
+        c = st["cka"]
+        facts.append(f"- CKA diagonal (base vs tuned, biased): {c['diag_first']:.3f} at the embeddings, "
+                     f"min {c['diag_min']:.3f}, {c['diag_last']:.3f} at the last layer.")
+    if "spectral" in st:
+        s = st["spectral"]
+        facts.append(f"- RankMe at the last layer: base {s['rankme_base_last']:.1f}, tuned {s['rankme_tuned_last']:.1f}.")
+    facts.append(f"- Machine: {m['platform']}, {m['cpus']} CPUs, {m['mem_total_gib']:.0f} GiB RAM, torch {m['torch']}, "
+                 f"Python {m['python']}, {spec['threads']} torch threads; load average {m['load_start']:.1f} at start, "
+                 f"{m['load_end']:.1f} at end.")
+    return "\n".join(lines) + "\n\n" + "\n".join(facts) + "\n\nWhere the time and memory go (phases inside each stage; RSS = resident memory after the phase):\n\n" \
+        + "| stage | phase | s | RSS GiB |\n|---|---|---:|---:|\n" + "\n".join(phases) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="2 layers of the real width, 32 texts, 4 patching examples")
+    p.add_argument("--workdir", type=Path, default=ROOT / "runs" / "scale")
+    p.add_argument("--layers", type=int, help="override the number of decoder layers")
+    p.add_argument("--n-texts", type=int)
+    p.add_argument("--n-patch", type=int)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--stages", nargs="+", choices=ANALYSIS, help="run only these analysis stages (in order)")
+    p.add_argument("--no-write", action="store_true", help="do not write benchmarks/RESULTS_scale.md")
+    p.add_argument("--stage", choices=list(STAGES), help=argparse.SUPPRESS)  # internal: run one stage
+    args = p.parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+    if args.stage:
+        child_main(args.stage, args.workdir)
+        return None
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    spec = quick_spec() if args.quick else Spec()
+    if args.layers:
+        spec.model = dict(spec.model, num_hidden_layers=args.layers, max_window_layers=args.layers)
+        spec.mode = "custom"
+    for k in ("n_texts", "n_patch", "threads"):
+        if getattr(args, k) is not None and getattr(args, k) != getattr(spec, k):
+            setattr(spec, k, getattr(args, k))
+            spec.mode = spec.mode if k == "threads" else "custom"
+    workdir = args.workdir / spec.mode if spec.mode != "full" else args.workdir
+    rep = run(spec, workdir, args.stages)
+    md = report_markdown(rep)
+    (workdir / "report.json").write_text(json.dumps(rep, indent=2, default=str))
+    (workdir / "report.md").write_text(md)
+    sys.stdout.write(md)
+    if spec.mode == "full" and not args.no_write and not args.stages:
+        logger.info("writing %s", RESULTS)
+        RESULTS.write_text(md)  # the method text around the table is kept by hand; see RESULTS_scale.md
+    return rep
+
+
+if __name__ == "__main__":
+    main()
