@@ -1,0 +1,117 @@
+"""The README's "When something goes wrong" table, row by row: each situation is triggered here and
+the message the code raises must contain the table's excerpt ("…" stands for any text)."""
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import smoke_config
+from tiny_models import make_model, make_tokenizer
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+from alignkit import cache, cka, patching
+from alignkit.activations import capture, check_comparable, check_same_tokenizer
+from alignkit.config import get_config
+from alignkit.data import format_prompt, generate_problems, load_gsm8k
+from alignkit.evaluate import answer_spans
+from alignkit.hooks import overwrite
+from alignkit.tiny import ensure_base, load_model
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def readme_rows() -> dict[str, str]:
+    """{situation: message excerpt} from the README table."""
+    text = README.read_text()
+    section = text.split("## When something goes wrong", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[1].startswith("`"):
+            rows[cells[0]] = cells[1].strip("`")
+    return rows
+
+
+def _examples(n=2):
+    return [{"prompt": format_prompt(p["question"]), "answer": p["answer"]} for p in generate_problems(n, "test")]
+
+
+def _digit_merging_tokenizer():
+    t = Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.train_from_iterator(["#### 12"] * 50, trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"],
+                                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<eos>", pad_token="<eos>")
+
+
+def _activations(tok, texts):
+    return capture(make_model("qwen3"), tok, texts, hook_points=["layers.0.resid"], pooling="mean")
+
+
+def _write(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+def _full_disk(tmp, monkeypatch):
+    usage = shutil.disk_usage(tmp)
+    monkeypatch.setattr(cache.shutil, "disk_usage", lambda _p: usage._replace(free=1000))
+    ensure_base(smoke_config(tmp))
+
+
+def _unwritable(tmp):
+    (tmp / "file").write_text("")
+    ensure_base(smoke_config(tmp / "file" / "runs"))
+
+
+TRIGGERS = {
+    "unknown preset": lambda tmp, mp: get_config("tiny2"),
+    "misspelt config override": lambda tmp, mp: get_config("tiny", overrides={"sft.max_step": 10}),
+    "model path that does not exist": lambda tmp, mp: load_model("/no/such/model"),
+    "directory that is not a model": lambda tmp, mp: load_model(tmp),
+    "GSM8K file missing": lambda tmp, mp: load_gsm8k("/no/such/train.jsonl"),
+    "malformed jsonl line": lambda tmp, mp: load_gsm8k(_write(
+        tmp / "bad.jsonl", '{"question": "q", "answer": "a\\n#### 1"}\n{"question": \n')),
+    "jsonl row without a final answer": lambda tmp, mp: load_gsm8k(_write(
+        tmp / "nomark.jsonl", '{"question": "q", "answer": "the answer is 3"}\n')),
+    "models of different shapes": lambda tmp, mp: patching.layer_sweep(
+        make_model("qwen3"), make_model("qwen3", hidden_size=48), make_tokenizer(), _examples(), progress=False),
+    "unsupported architecture": lambda tmp, mp: patching.layer_sweep(
+        *[GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100))] * 2, make_tokenizer(),
+        _examples(), progress=False),
+    "different tokenizers": lambda tmp, mp: check_same_tokenizer(make_tokenizer(), make_tokenizer(
+        corpus=["entirely different words here", "and more of them"])),
+    "activations of different probe sets": lambda tmp, mp: check_comparable(
+        _activations(make_tokenizer(), ["Tom has 5 apples .", "Mia reads 12 pages ."]),
+        _activations(make_tokenizer(), ["Tom has 5 apples .", "A train goes 60 miles ."])),
+    "too few probe examples": lambda tmp, mp: cka.linear_cka(torch.randn(1, 4), torch.randn(1, 4)),
+    "NaN or inf activations": lambda tmp, mp: _nan_capture(),
+    "gold answer not on token boundaries": lambda tmp, mp: answer_spans(
+        _digit_merging_tokenizer(), ["Question: q\nAnswer:"], ["x\n#### 12"]),
+    "no examples to patch": lambda tmp, mp: patching.layer_sweep(
+        make_model("qwen3"), make_model("qwen3", seed=1), make_tokenizer(), [], progress=False),
+    "unwritable output directory": lambda tmp, mp: _unwritable(tmp),
+    "full disk": lambda tmp, mp: _full_disk(tmp, mp),
+}
+
+
+def _nan_capture():
+    model = make_model("qwen3")
+    with overwrite(model, {"layers.1.mlp": lambda x: x * float("nan")}):
+        capture(model, make_tokenizer(), ["Tom has 5 apples ."], hook_points=["layers.1.resid"])
+
+
+def test_every_readme_row_has_a_trigger_and_every_trigger_a_row():
+    assert sorted(readme_rows()) == sorted(TRIGGERS)
+
+
+@pytest.mark.parametrize("situation", sorted(TRIGGERS))
+def test_readme_error_message(situation, tmp_path, monkeypatch):
+    excerpt = readme_rows()[situation]
+    pattern = ".*".join(re.escape(part) for part in excerpt.split("…"))
+    with pytest.raises((ValueError, TypeError, OSError, NotImplementedError)) as info:
+        TRIGGERS[situation](tmp_path, monkeypatch)
+    assert re.search(pattern, str(info.value), flags=re.S), f"{situation}: {info.value}"
