@@ -57,6 +57,12 @@ def extract_answer(text: str) -> str | None:
     return normalize_number(numbers[-1]) if numbers else None
 
 
+def has_final_line(text: str) -> bool:
+    """Whether a solution's last non-empty line is GSM8K's ``#### N`` (the format the reward checks)."""
+    lines = [line for line in (text or "").strip().split("\n") if line.strip()]
+    return bool(lines) and _FINAL.fullmatch(lines[-1].strip()) is not None
+
+
 # ----------------------------------------------------------------------------- prompts
 
 def format_prompt(question: str, tokenizer=None, chat: bool = False) -> str:
@@ -132,7 +138,8 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return rows
 
 
-def load_gsm8k(source: str, split: str = "test", n: int | None = None, generator: "GeneratorConfig | None" = None) -> datasets.Dataset:
+def load_gsm8k(source: str, split: str = "test", n: int | None = None, generator: "GeneratorConfig | None" = None,
+               stream: int = 0) -> datasets.Dataset:
     """GSM8K rows with columns ``question``, ``answer`` and ``final_answer``.
 
     Args:
@@ -141,6 +148,9 @@ def load_gsm8k(source: str, split: str = "test", n: int | None = None, generator
         split: ``"train"`` or ``"test"``; ignored for a local file.
         n: keep the first ``n`` rows (all when None). For ``"synthetic"``, how many to generate.
         generator: generator knobs for ``"synthetic"``.
+        stream: for ``"synthetic"``, which independent stream of the split to draw (0: SFT data,
+            1: the pretraining corpus, 2: the tokenizer's solution text, 3: DPO pairs and GRPO
+            prompts); ignored otherwise.
 
     Returns:
         A ``datasets.Dataset``.
@@ -149,7 +159,7 @@ def load_gsm8k(source: str, split: str = "test", n: int | None = None, generator
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if source == "synthetic":
         gen = generator or GeneratorConfig()
-        rows = generate_problems(n if n is not None else 1000, split=split, cfg=gen)
+        rows = generate_problems(n if n is not None else 1000, split=split, cfg=gen, stream=stream)
         ds = _rows_to_dataset(rows, "synthetic generator")
     elif source == "openai/gsm8k":
         ds = datasets.load_dataset("openai/gsm8k", "main", split=split)
@@ -386,3 +396,172 @@ def check_solution(answer: str, evaluate: Callable[[str], float] | None = None) 
     if annotated and normalize_number(annotated[-1][1]) != extract_answer(answer):
         errors.append("final answer differs from the last computed value")
     return errors
+
+
+# ----------------------------------------------------------------------------- preference pairs
+
+_EXPR_SAFE = re.compile(r"[\d+\-*/. ()]+")
+_PLAIN_NUMBER = re.compile(r"\d+(?:\.\d+)?")
+_SLIPS = (1, -1, 2, -2, 3, -3, 10, -10)
+
+
+def _eval_expr(expr: str) -> float | None:
+    """Value of a calculator annotation's expression (digits, operators, parentheses), or None."""
+    if not _EXPR_SAFE.fullmatch(expr):
+        return None
+    try:
+        return float(eval(expr))  # noqa: S307 - digits, operators and parentheses only
+    except (SyntaxError, ZeroDivisionError, TypeError):
+        return None
+
+
+def _format_like(value: float, like: str) -> str:
+    """Write ``value`` as GSM8K writes numbers: integers plain (with commas if ``like`` had them)."""
+    if abs(value - round(value)) < 1e-9:
+        v = int(round(value))
+        return f"{v:,}" if "," in like else str(v)
+    return f"{value:.2f}".rstrip("0").rstrip(".")
+
+
+def _slip_values(value: float, rng: random.Random) -> list[float]:
+    """Plausible wrong values for one step's result, in random order: off by 1, 2, 3 or 10."""
+    deltas = list(_SLIPS)
+    rng.shuffle(deltas)
+    return [value + d for d in deltas if value + d >= 0 or value < 0]
+
+
+def _propagate_slip(answer: str, k: int, new_value: float) -> str | None:
+    """Rewrite annotation ``k`` to ``new_value`` and recompute every later step that uses a changed value.
+
+    In each later expression the first number equal to a changed value is replaced (the carried
+    quantity; GSM8K has no variable names, so this is a heuristic) and re-evaluated; its visible
+    ``expr =`` text, annotation and written result rewritten, and the ``#### N`` line follows the
+    last computed value. Returns None when the slip makes a later integer step non-integer or
+    negative (implausible for GSM8K) or an expression cannot be evaluated.
+    """
+    anns = list(ANNOTATION.finditer(answer))
+    changed: dict[str, float] = {}
+    edits: list[tuple[int, int, str]] = []  # (start, end, replacement) on the original text
+    for i, m in enumerate(anns):
+        if i < k:
+            continue
+        expr, val = m.group(1), m.group(2)
+        old = _eval_expr(expr)
+        if i == k:
+            new_expr, new_val = expr, new_value
+        else:
+            hits = [t for t in _PLAIN_NUMBER.finditer(expr) if normalize_number(t.group()) in changed]
+            if not hits:
+                continue
+            t = hits[0]  # the carried value; a later equal operand ("4*4") is a different quantity
+            new_expr = expr[: t.start()] + _format_like(changed[normalize_number(t.group())], "") + expr[t.end() :]
+            new_val = _eval_expr(new_expr)
+            if new_val is None:
+                return None
+            integral = old is not None and abs(old - round(old)) < 1e-9
+            if (integral and abs(new_val - round(new_val)) > 1e-9) or (new_val < 0 <= (old or 0)):
+                return None
+        key = normalize_number(val)
+        if key is None:
+            return None
+        changed[key] = new_val
+        start = m.start()
+        before = re.search(re.escape(expr) + r"(\s*=\s*)$", answer[: m.start()])
+        if before and new_expr != expr:  # the visible "a+b = " in front of the annotation
+            start = before.start()
+            prefix = new_expr + before.group(1)
+        else:
+            prefix = answer[start : m.start()]
+        text = f"{prefix}<<{new_expr}={_format_like(new_val, '')}>>"
+        end = m.end()
+        written = re.compile(_NUMBER).match(answer, m.end())  # the result written after the annotation
+        if written and normalize_number(written.group()) == key:
+            dollar = "$" if written.group().startswith("$") else ""
+            text += dollar + _format_like(new_val, written.group())
+            end = written.end()
+        edits.append((start, end, text))
+    out = answer
+    for start, end, text in reversed(edits):
+        out = out[:start] + text + out[end:]
+    lines = out.rstrip().split("\n")
+    final = _FINAL.fullmatch(lines[-1].strip())
+    if final and normalize_number(final.group(1)) in changed:
+        lines[-1] = "#### " + _format_like(changed[normalize_number(final.group(1))], final.group(1))
+    return "\n".join(lines)
+
+
+def _wrong_final_line(answer: str, rng: random.Random) -> str:
+    """The solution with its ``#### N`` line changed to a nearby wrong number (every step left right)."""
+    lines = answer.rstrip().split("\n")
+    gold = extract_answer(answer)
+    value = float(gold)
+    for new in _slip_values(value, rng):
+        if normalize_number(_format_like(new, "")) != gold:
+            lines[-1] = "#### " + _format_like(new, lines[-1])
+            return "\n".join(lines)
+    raise AssertionError("unreachable: a nonzero slip always changes the value")
+
+
+def corrupt_solution(answer: str, rng: random.Random, p_final: float = 0.25) -> str:
+    """A plausible wrong solution in the same format whose extracted answer differs from the gold one.
+
+    With probability ``1 - p_final`` (when the solution has calculator annotations): an arithmetic
+    slip in one step (its result off by 1, 2, 3 or 10) carried consistently through every later
+    step that uses it, down to the ``#### N`` line. Otherwise, or when no slip changes the final
+    answer plausibly: every step right but a wrong ``#### N`` line.
+
+    Args:
+        answer: a GSM8K-format solution (one step per line, ``<<expr=value>>``, last line ``#### N``).
+        rng: the random source (seeded by the caller for determinism).
+        p_final: share of wrong-final-line corruptions.
+
+    Returns:
+        The corrupted solution; ``extract_answer`` of it never equals that of ``answer``.
+    """
+    gold = extract_answer(answer)
+    if gold is None or not answer.rstrip().split("\n")[-1].startswith("####"):
+        raise ValueError(f"solution has no '#### N' last line: {answer[-60:]!r}")
+    anns = ANNOTATION.findall(answer)
+    if anns and rng.random() >= p_final:
+        order = list(range(len(anns)))
+        rng.shuffle(order)
+        for k in order:
+            value = _eval_expr(anns[k][0])
+            if value is None:
+                continue
+            for new_value in _slip_values(value, rng):
+                out = _propagate_slip(answer, k, new_value)
+                if out is not None and extract_answer(out) != gold:
+                    return out
+    return _wrong_final_line(answer, rng)
+
+
+def preference_pairs(rows, seed: int = 0, tokenizer=None, chat: bool = False, p_final: float = 0.25) -> list[dict]:
+    """DPO preference pairs from GSM8K-format rows: the gold solution against a plausible wrong one.
+
+    Args:
+        rows: rows with ``question`` and ``answer`` (a ``datasets.Dataset`` or a list of dicts).
+        seed: the corruption of each row is drawn from ``random.Random(f"{seed}-{question}")``, so a
+            pair depends only on its row and the seed.
+        tokenizer, chat: as in ``format_prompt``.
+        p_final: share of wrong-final-line corruptions (the rest are propagated arithmetic slips).
+
+    Returns:
+        ``[{"prompt", "chosen", "rejected"}]`` formatted for TRL: the prompt by ``format_prompt``,
+        both solutions by ``format_completion``; ``extract_answer(rejected)`` differs from the gold
+        answer in every pair.
+    """
+    rows = list(rows)
+    if not rows:
+        raise ValueError("preference_pairs needs at least one row, got none")
+    pairs = []
+    for i, row in enumerate(rows):
+        if "####" not in row["answer"]:
+            raise ValueError(f"row {i} has no '#### ' final-answer marker")
+        rng = random.Random(f"{seed}-{row['question']}")
+        pairs.append({
+            "prompt": format_prompt(row["question"], tokenizer, chat=chat),
+            "chosen": format_completion(row["answer"]),
+            "rejected": format_completion(corrupt_solution(row["answer"], rng, p_final)),
+        })
+    return pairs

@@ -1,4 +1,5 @@
 import json
+import random
 import re
 
 import pytest
@@ -152,3 +153,90 @@ def test_prompt_and_completion_format():
         format_prompt("q", tokenizer=None, chat=True)
     with pytest.raises(ValueError, match="split must be"):
         load_gsm8k("synthetic", split="validation")
+
+
+# ----------------------------------------------------------------------------- preference pairs
+
+from alignkit.data import corrupt_solution, preference_pairs  # noqa: E402
+
+
+def _pairs_rows(n=400):
+    return generate_problems(n, "train", GeneratorConfig(1, 3, 10, 0), stream=3)
+
+
+def test_preference_pairs_chosen_right_rejected_wrong():
+    rows = _pairs_rows()
+    pairs = preference_pairs(rows, seed=0)
+    assert len(pairs) == len(rows)
+    kinds = {"slip": 0, "final": 0}
+    for row, p in zip(rows, pairs):
+        assert set(p) == {"prompt", "chosen", "rejected"}
+        assert p["prompt"] == format_prompt(row["question"])  # same prompt for both
+        assert p["chosen"] == format_completion(row["answer"])
+        gold = extract_answer(row["answer"])
+        assert extract_answer(p["chosen"]) == gold
+        assert extract_answer(p["rejected"]) != gold  # guaranteed
+        rej = p["rejected"].strip()
+        # same format: as many lines, one annotation per step line, last line "#### N", starts with a space
+        assert p["rejected"].startswith(" ") and len(rej.split("\n")) == len(row["answer"].split("\n"))
+        assert len(ANNOTATION.findall(rej)) == len(ANNOTATION.findall(row["answer"]))
+        assert re.fullmatch(r"#### -?\d+", rej.split("\n")[-1])
+        # exactly one thing is wrong: one slipped step (later steps recomputed from it) or the final line
+        errors = check_solution(rej)
+        assert len(errors) == 1, (row["answer"], rej, errors)
+        if errors[0] == "final answer differs from the last computed value":
+            kinds["final"] += 1
+            assert rej.split("\n")[:-1] == row["answer"].split("\n")[:-1]  # every step untouched
+        else:
+            kinds["slip"] += 1
+            annots = ANNOTATION.findall(rej)
+            for (e1, v1), (e2, _) in zip(annots, annots[1:]):  # the slip is carried into the next step
+                assert re.match(rf"{v1}\D", e2)
+    # both kinds occur, about a quarter wrong final lines (wrong_final_share 0.25)
+    assert 0.15 < kinds["final"] / len(rows) < 0.35 and kinds["slip"] > 0
+
+
+def test_preference_pairs_slip_propagates_by_hand():
+    # a two-step solution slipped in step 1 must carry the wrong value into step 2 and the final line
+    answer = "Tom buys 4 more, so Tom has 5+4=<<5+4=9>>9 apples.\n2 times as many is 9*2=<<9*2=18>>18 apples.\n#### 18"
+    seen = set()
+    for s in range(60):
+        wrong = corrupt_solution(answer, random.Random(s), p_final=0.0)
+        lines = wrong.split("\n")
+        v1 = int(ANNOTATION.findall(lines[0])[0][1])
+        if v1 != 9:  # slip in step 1: step 2 recomputed from it, visible text and final line follow
+            assert lines[1] == f"2 times as many is {v1}*2=<<{v1}*2={2 * v1}>>{2 * v1} apples."
+            assert lines[2] == f"#### {2 * v1}"
+            assert lines[0] == f"Tom buys 4 more, so Tom has 5+4=<<5+4={v1}>>{v1} apples."
+        else:  # slip in step 2 only
+            v2 = int(ANNOTATION.findall(lines[1])[0][1])
+            assert v2 != 18 and lines[2] == f"#### {v2}"
+        seen.add(v1 != 9)
+    assert seen == {True, False}  # both steps get slipped across seeds
+
+
+def test_preference_pairs_real_gsm8k_rows():
+    for seed in range(10):
+        for row, p in zip(GSM8K_ROWS, preference_pairs(GSM8K_ROWS, seed=seed)):
+            assert extract_answer(p["rejected"]) != extract_answer(row["answer"])
+            rej = p["rejected"].strip()
+            assert re.fullmatch(r"#### [\d,]+", rej.split("\n")[-1]) and len(check_solution(rej)) == 1
+            if "2,400" in row["answer"]:  # thousands separators kept where the gold solution had them
+                assert re.search(r">>\d,\d{3} dollars", rej) and re.fullmatch(r"#### \d,\d{3}", rej.split("\n")[-1])
+
+
+def test_preference_pairs_deterministic_per_seed():
+    rows = _pairs_rows(100)
+    a, b = preference_pairs(rows, seed=0), preference_pairs(rows, seed=0)
+    assert a == b
+    c = preference_pairs(rows, seed=1)
+    assert sum(x["rejected"] != y["rejected"] for x, y in zip(a, c)) > 50
+    # a pair depends on its row and the seed only, not on the other rows
+    assert preference_pairs(rows[10:20], seed=0) == a[10:20]
+
+
+def test_preference_pairs_bad_input():
+    with pytest.raises(ValueError, match="preference_pairs needs at least one row, got none"):
+        preference_pairs([], seed=0)
+    with pytest.raises(ValueError, match="row 1 has no '#### ' final-answer marker"):
+        preference_pairs([GSM8K_ROWS[0], {"question": "q", "answer": "it is 4"}], seed=0)
