@@ -446,8 +446,10 @@ def _score(logp: torch.Tensor, donor_logp: torch.Tensor, batch: _Batch) -> tuple
     return lp.cpu().numpy(), kl.cpu().numpy()
 
 
-# most token rows one stacked layer call may hold (runs x batch x length); bounds the extra memory
-_STACK_TOKENS = 1 << 15
+# most residual-stream elements (runs x batch x length x width) one stacked layer call may hold:
+# 2^23 float32 = 32 MiB per residual tensor (the MLP's intermediates are ~3x that); every patch of a
+# batch is stacked at once for the tiny model, about 5 runs of 16 x 100 tokens at Qwen3-0.6B's width
+_STACK_ELEMENTS = 1 << 23
 
 
 def _repeat_args(value, b: int, m: int):
@@ -470,15 +472,15 @@ def _finish_many(cache: _Cache, starts: Sequence[tuple[int, torch.Tensor]], batc
     every layer is called once on all the runs that have reached it (bigger matrix products, one
     call instead of one per run; this is what pays at small batches). Each example's rows see
     the same operations as in the capturing forward, so results match running each run alone
-    (bit for bit on the CPUs tested; ``tests/test_patching.py``). At most ``_STACK_TOKENS`` token
-    rows are stacked at once, which bounds the extra memory.
+    (bit for bit on the CPUs tested; ``tests/test_patching.py``). At most ``_STACK_ELEMENTS``
+    residual-stream elements are stacked at once, which bounds the extra memory.
 
     Returns:
         ``[k, vocab]`` float64 answer log-probs per run, in the order of ``starts``.
     """
     b, width = batch.ids.shape
     L = len(cache.layers)
-    per_stack = max(1, _STACK_TOKENS // (b * width))
+    per_stack = max(1, _STACK_ELEMENTS // (b * width * cache.embed.shape[-1]))
     order = sorted(range(len(starts)), key=lambda r: starts[r][0])
     out: list[torch.Tensor | None] = [None] * len(starts)
     args: dict[tuple[int, int], dict] = {}

@@ -216,12 +216,13 @@ def test_stacking_patches_does_not_change_results(tok, pairs, examples, componen
     """All patches of a batch stacked into one call per layer == one run per patch (exact)."""
     base, tuned = pairs["qwen3"]
     stacked = patching.layer_sweep(base, tuned, tok, examples, component=component, batch_size=3, progress=False)
-    monkeypatch.setattr(patching, "_STACK_TOKENS", 1)  # one run per stack
+    monkeypatch.setattr(patching, "_STACK_ELEMENTS", 1)  # one run per stack
     alone = patching.layer_sweep(base, tuned, tok, examples, component=component, batch_size=3, progress=False)
     np.testing.assert_array_equal(stacked.lp_patched, alone.lp_patched)
     np.testing.assert_array_equal(stacked.kl, alone.kl)
     width = max(len(s["input_ids"]) for s in patching.tokenize_examples(tok, examples))
-    monkeypatch.setattr(patching, "_STACK_TOKENS", 3 * width * 2)  # two runs per stack: 3 patches -> 2 stacks
+    d = base.config.hidden_size
+    monkeypatch.setattr(patching, "_STACK_ELEMENTS", 3 * width * d * 2)  # two runs per stack: 3 patches -> 2 stacks
     grouped = patching.layer_sweep(base, tuned, tok, examples, component=component, batch_size=3, progress=False)
     np.testing.assert_array_equal(grouped.lp_patched, alone.lp_patched)
 
