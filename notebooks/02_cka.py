@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 from IPython.display import Markdown, display
 
-from alignkit import cka
+from alignkit import cka, pipeline
 from alignkit.activations import capture_run, probe_texts
 from alignkit.config import get_config
 from alignkit.evaluate import ensure_sft_results
@@ -87,16 +87,10 @@ print(f"{len(texts)} probe prompts × {len(labels)} hook points × width {acts[b
 # split-half resampling, drawn below 1): drift inside it cannot be told apart from the probe set.
 
 # %%
-def layerwise_curves(acts, debiased):
-    out = {}
-    for s in steps[1:]:
-        b = cka.bootstrap_layerwise_cka(acts[base_step], acts[s], n_boot=N_BOOT, seed=0, debiased=debiased)
-        out[s] = {"point": b["point"], "lo": b["lo"], "hi": b["hi"]}
-    return out
-
-
-curves = {d: layerwise_curves(acts, d) for d in (False, True)}
-noise = {d: cka.noise_floor(acts[base_step], acts[final_step], n_splits=20, seed=0, debiased=d) for d in (False, True)}
+# every CKA result of this notebook, computed once and cached in run_dir/analysis (`python -m alignkit cka`
+# writes the same file)
+res = pipeline.ensure_cka(cfg, "sft", pooling=POOLINGS[0], n_boot=N_BOOT, n_perm=N_PERM)
+curves, noise = res["curves"], res["noise"]  # bootstrap per step and debiased flag; split-half noise floors
 fig, axes = plt.subplots(1, 2, figsize=(14, 4.5), sharey=False)
 for ax, d in zip(axes, (False, True)):
     plot_layer_curves({f"step {s}": c for s, c in curves[d].items()}, ax=ax,
@@ -115,9 +109,7 @@ if not SMOKE:
 # permutation baseline (rows of the tuned model shuffled; the chance level of each cell).
 
 # %%
-mat = cka.cka_matrix(acts[base_step], acts[final_step])
-chance = cka.permutation_baseline(acts[base_step], acts[final_step], n_perm=N_PERM, seed=0)
-path = cka.alignment_path(mat)
+mat, chance, path = res["matrix"], res["chance"], res["path"]
 fig, axes = plt.subplots(1, 2, figsize=(13, 5))
 plot_heatmap(mat, ax=axes[0], path=path, xlabel=f"SFT layer (step {final_step})", ylabel="base layer",
              title="Cross-layer CKA", cbar_label="linear CKA", vmin=0, vmax=1, has_embed=has_embed)
@@ -135,9 +127,7 @@ if not SMOKE:
 # the layer after the steepest drop in layerwise CKA, with a bootstrap interval.
 
 # %%
-best = cka.best_match(mat)
-remap = cka.remapping_index(mat)
-trans = cka.transition_layer_bootstrap(acts[base_step], acts[final_step], n_boot=N_BOOT, seed=0)
+best, remap, trans = res["best"], res["remap"], res["transition"]
 lw_final = curves[False][final_step]["point"]
 lw_final_deb = curves[True][final_step]["point"]
 corr = pd.DataFrame({"base layer": labels, "best tuned layer": [labels[j] for j in best],
@@ -152,7 +142,7 @@ corr
 
 # %%
 by_step = np.stack([np.ones(len(labels))] + [curves[False][s]["point"] for s in steps[1:]])
-departure = cka.first_departure(np.array(steps), by_step, 1 - noise[False]["half_width"])
+departure = res["departure"]  # cka.first_departure of these curves against the noise band
 fig, ax = plt.subplots(figsize=(8, 4.5))
 plot_heatmap(by_step.T, ax=ax, xlabel="SFT step", ylabel="layer", title="Layerwise CKA over training",
              cbar_label="linear CKA (base, checkpoint)", vmin=float(by_step.min()), vmax=1, cmap="magma",

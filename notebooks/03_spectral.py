@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 from IPython.display import Markdown, display
 
-from alignkit import spectral
+from alignkit import pipeline, spectral
 from alignkit.activations import capture_run, probe_texts
 from alignkit.config import get_config
 from alignkit.evaluate import ensure_sft_results
@@ -63,7 +63,9 @@ print(f"{len(texts)} probe prompts, {len(steps)} checkpoints, hook points kept: 
       + (f"; skipped (constant across prompts, rank undefined): {sorted(skip)}" if skip else ""))
 
 # %%
-boot = {s: spectral.bootstrap_layer_metrics(acts[s].acts[keep], alphas=ALPHAS, n_boot=N_BOOT, seed=0) for s in steps}
+# bootstrap metrics and rank-vs-n, computed once and cached in run_dir/analysis (`python -m alignkit spectral`)
+spec = pipeline.ensure_spectral(cfg, "sft", pooling=POOLING, alphas=ALPHAS, n_boot=N_BOOT)
+boot = spec["boot"]  # {step: spectral.bootstrap_layer_metrics(acts[step].acts[keep], ...)}
 table = pd.DataFrame({f"step {s}": boot[s]["rankme"]["point"] for s in steps}, index=labels)
 table.round(2)
 
@@ -110,8 +112,7 @@ if not SMOKE:
 # artefact of the probe size.
 
 # %%
-ns = [n for n in (16, 32, 64, 128, 256, 512) if n <= len(texts)]
-rv = {s: spectral.rank_vs_n(acts[s].acts[keep], ns, seed=0) for s in (steps[0], steps[-1])}
+ns, rv = spec["ns"], spec["rank_vs_n"]  # nested subsets of 16 ... 512 prompts; base and final step
 fig, ax = plt.subplots(figsize=(6, 4))
 for s, style in zip((steps[0], steps[-1]), ("--", "-")):
     mean_over_layers = rv[s]["rankme"].mean(axis=1)

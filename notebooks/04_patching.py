@@ -56,7 +56,7 @@ import pandas as pd
 import torch
 from IPython.display import Markdown, display
 
-from alignkit import cka, patching
+from alignkit import cka, patching, pipeline
 from alignkit.activations import capture_cached, probe_texts
 from alignkit.config import get_config
 from alignkit.evaluate import ensure_sft_results, eval_set
@@ -77,27 +77,13 @@ run_dir, results, table = ensure_sft_results(cfg)  # builds notebook 01's artifa
 # %%
 device = "cuda" if torch.cuda.is_available() and cfg.device in ("auto", "cuda") else "cpu"
 base_dir, tuned_dir = results[0]["checkpoint"], results[-1]["checkpoint"]
-base, tokenizer = load_model(base_dir, dtype=cfg.dtype, device=device)
-tuned, _ = load_model(tuned_dir, dtype=cfg.dtype, device=device)
+base, tokenizer = load_model(base_dir, dtype=cfg.dtype, device=device)  # tokenizer and depth; the sweeps below
+# (pipeline.ensure_patching) load base and tuned themselves, only when their cached result is missing
 L = base.config.num_hidden_layers
 base_step, final_step = results[0]["step"], results[-1]["step"]
 
 ds = eval_set(cfg)
-gain = np.array(results[-1]["answer_logprob"]) - np.array(results[0]["answer_logprob"])
-rows_of = lambda idx: [{"index": int(i), "question": ds[int(i)]["question"], "answer": ds[int(i)]["answer"]}  # noqa: E731
-                       for i in idx]
-sets, labels = {}, {}
-for name, rows in (("flips", table["flips"]), ("controls", table["controls"])):
-    if len(rows) >= MIN_SET:
-        sets[name], labels[name] = rows[:N_EXAMPLES], name
-    else:
-        order = np.argsort(-gain) if name == "flips" else np.argsort(np.abs(gain))
-        taken = {r["index"] for r in sets.get("flips", [])}
-        idx = [i for i in order if i not in taken][:N_EXAMPLES]
-        sets[name] = rows_of(idx)
-        labels[name] = f"{name} (substitute)"
-        print(f"only {len(rows)} {name} in this run: using the {len(idx)} held-out problems with the "
-              + ("largest" if name == "flips" else "smallest") + " change in answer log-prob as a substitute")
+sets, labels = pipeline.patching_sets(cfg, results, table, N_EXAMPLES, MIN_SET, ds)  # logs any substitute
 examples = {k: patching.examples_from_table(v, tokenizer, chat=cfg.chat) for k, v in sets.items()}
 pd.DataFrame([{"set": labels[k], "n patched": len(examples[k]), "n in flip table": len(table[k]),
                "mean LP base": np.mean([results[0]["answer_logprob"][r["index"]] for r in sets[k]]),
@@ -120,13 +106,11 @@ pd.DataFrame([{"set": labels[k], "n patched": len(examples[k]), "n in flip table
 # whose curve stands out names which sublayer wrote it.
 
 # %%
-sweeps = {}
-for s, exs in examples.items():
-    for comp in COMPONENTS:
-        for direction in ("denoise", "noise"):
-            sweeps[s, comp, direction] = patching.layer_sweep(
-                base, tuned, tokenizer, exs, component=comp, positions=POSITIONS, direction=direction,
-                batch_size=BATCH_SIZE, min_gap=MIN_GAP)
+# every sweep of this notebook (sections 2-5), computed once and cached in run_dir/analysis
+# (`python -m alignkit patching` writes the same file)
+pat = pipeline.ensure_patching(cfg, "sft", n_examples=N_EXAMPLES, n_cross=N_CROSS, components=COMPONENTS,
+                               positions=POSITIONS, batch_size=BATCH_SIZE, min_gap=MIN_GAP, min_set=MIN_SET)
+sweeps = pat["sweeps"]  # {(set, component, direction): patching.layer_sweep(base, tuned, ...)}
 
 
 def curve(values):
@@ -170,9 +154,7 @@ npe.round(3)
 # position across depth.
 
 # %%
-by_pos = {p: sweeps["flips", "resid", "denoise"] if p == POSITIONS else patching.layer_sweep(
-    base, tuned, tokenizer, examples["flips"], component="resid", positions=p, direction="denoise",
-    batch_size=BATCH_SIZE, min_gap=MIN_GAP) for p in ("all", "prompt", "answer")}
+by_pos = pat["by_pos"]  # {positions: layer_sweep(..., examples["flips"], component="resid", positions=...)}
 fig, ax = plt.subplots(figsize=(7.5, 4.2))
 plot_layer_curves({f"{p} positions": curve(r.delta) for p, r in by_pos.items()}, ax=ax, has_embed=False,
                   ylabel="Δ answer log-prob (nats)", title=f"Resid denoise by patched positions ({labels['flips']})",
@@ -191,8 +173,7 @@ fig.tight_layout()
 # cyan line: the causal and the representational correspondence agree.
 
 # %%
-cross = {s: patching.cross_layer_sweep(base, tuned, tokenizer, examples[s][:N_CROSS], batch_size=BATCH_SIZE,
-                                       min_gap=MIN_GAP) for s in examples}
+cross = pat["cross"]  # {set: patching.cross_layer_sweep(base, tuned, tokenizer, examples[set][:N_CROSS])}
 texts = probe_texts(cfg)
 caps = [capture_cached(d, None, texts, None, "mean", cache_dir=run_dir / "activations") for d in (base_dir, tuned_dir)]
 keep = [i for i, n in enumerate(caps[0].hook_points) if n != "embed"]  # decoder layers only, like the patches
@@ -235,8 +216,7 @@ pd.DataFrame({"best tuned donor (patching, flips)": best_donor["flips"], "best t
 # Intervals: bootstrap 95 % over examples; flips and controls.
 
 # %%
-weights = {s: patching.weight_sweep(base, tuned, tokenizer, exs, batch_size=BATCH_SIZE, min_gap=MIN_GAP)
-           for s, exs in examples.items()}
+weights = pat["weights"]  # {set: patching.weight_sweep(base, tuned, tokenizer, examples[set])}
 fig, axes = plt.subplots(1, 3, figsize=(18, 4.6))
 for ax, kind, title in ((axes[0], "revert", "Revert one layer to base, in tuned (necessity)"),
                         (axes[1], "graft", "Graft one tuned layer into base (sufficiency)")):

@@ -138,8 +138,8 @@ def _no_compute(monkeypatch):
 
     from alignkit import train
 
-    monkeypatch.setattr(trl, "SFTTrainer", boom)
     for name in ("SFTTrainer", "DPOTrainer", "GRPOTrainer"):
+        monkeypatch.setattr(trl, name, boom)
         if hasattr(train, name):  # in case the trainers are imported at module level
             monkeypatch.setattr(train, name, boom)
     monkeypatch.setattr(tiny, "Trainer", boom)
@@ -367,3 +367,29 @@ def test_local_model_and_jsonl_fully_offline(tmp_path, smoke_base, monkeypatch):
     assert eval_set(cfg)["question"] == [json.loads(l)["question"] for l in test.read_text().splitlines()]
     res = pipeline.ensure_cka(cfg)
     assert res["steps"] == [0, 1, 2] and res["matrix"].shape == (len(res["labels"]),) * 2
+
+
+# ----------------------------------------------------------------------------- DPO and GRPO
+
+
+def test_dpo_and_grpo_stages(staged, smoke_cfg, smoke_run, monkeypatch):
+    from alignkit.train import list_checkpoints, run_dir
+
+    for method in ("dpo", "grpo"):
+        assert cli.main(staged + ["train", method]) == 0
+    assert cli.main(staged + ["evaluate", "--method", "dpo"]) == 0
+    assert cli.main(staged + ["cka", "--method", "dpo"]) == 0
+    assert cli.main(staged + ["spectral", "--method", "grpo"]) == 0
+    sft_final = json.loads((list_checkpoints(smoke_run)[-1][1] / "manifest.json").read_text())["weights_hash"]
+    for method in ("dpo", "grpo"):
+        rdir = run_dir(smoke_cfg, method)
+        assert rdir.parent.name == method and pipeline.train_run(smoke_cfg, method) == rdir
+        step0 = json.loads((list_checkpoints(rdir)[0][1] / "manifest.json").read_text())
+        assert step0["weights_hash"] == sft_final  # both start from the final SFT checkpoint
+    _no_compute(monkeypatch)
+    res = pipeline.ensure_cka(smoke_cfg, "dpo")
+    assert res["steps"] == [s for s, _ in list_checkpoints(run_dir(smoke_cfg, "dpo"))]
+    assert pipeline.analysis_dir(run_dir(smoke_cfg, "dpo")).is_dir()
+    assert pipeline.ensure_spectral(smoke_cfg, "grpo")["steps"][0] == 0
+    _, results, _ = pipeline.run_results(smoke_cfg, "dpo")
+    assert len(results) == len(res["steps"])
