@@ -234,3 +234,79 @@ def plot_weight_drift(df, metric: str = "rel_change", ax=None, modules: Sequence
     ax.set_title(title or metric)
     ax.legend(fontsize=7, ncol=2, loc="best")
     return fig
+
+
+def plot_drift_layers(tables: dict, metric: str = "rel_change", ax=None, styles: dict | None = None, title: str = "",
+                      colors: dict | None = None):
+    """Per-layer pooled weight drift of several comparisons (one line each) with the metric's control.
+
+    Args:
+        tables: ``{label: weights.summarize_drift(df, "layer")}`` (index: layer, −1 = embedding,
+            L = after the stack).
+        metric: a column of those tables (see ``plot_weight_drift`` for the controls drawn).
+        styles: optional ``{label: matplotlib format string}`` (e.g. ``"o--"``).
+        colors: optional ``{label: colour}``; default: the colour cycle in order.
+    """
+    if metric not in _DRIFT_METRICS:
+        raise ValueError(f"metric must be one of {sorted(_DRIFT_METRICS)}, got {metric!r}")
+    ylabel, control, control_label, log = _DRIFT_METRICS[metric]
+    fig, ax = _ax(ax, figsize=(7, 4))
+    n_layers = 0
+    for i, (label, t) in enumerate(tables.items()):
+        t = t[t[metric].notna()]
+        layers = np.asarray(t.index, dtype=float)
+        n_layers = max(n_layers, int(layers.max()))
+        color = (colors or {}).get(label, f"C{i}")
+        ax.plot(layers, t[metric], (styles or {}).get(label, "o-"), ms=3, lw=1.2, color=color, label=label)
+        if isinstance(control, str):
+            ax.plot(layers, t[control], ":", lw=0.9, color=color, alpha=0.8)
+    if isinstance(control, str):
+        ax.plot([], [], ":", color="0.4", label=f"{control_label} (dotted)")
+    else:
+        ax.axhline(control, color="0.4", ls=":", lw=1, label=control_label)
+    if log:
+        ax.set_yscale("log")
+    ax.set_xticks(range(-1, n_layers + 1))
+    ax.set_xticklabels(["emb"] + [str(i) for i in range(n_layers)] + ["out"], fontsize=8)
+    ax.set_xlabel("layer (emb: embedding, out: final norm)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title or metric)
+    ax.legend(fontsize=7, loc="best")
+    return fig
+
+
+def plot_grouped_bars(values: dict, ax=None, ylabel: str = "", title: str = "", controls: dict | None = None,
+                      control_label: str = "control", ylim=None):
+    """Bars grouped on the x axis, one colour per series, with interval whiskers and a control per group.
+
+    Args:
+        values: ``{group: {series: {"point", "lo", "hi"}}}`` (``lo``/``hi`` optional).
+        controls: optional ``{group: value}`` drawn as a black bar across the group (chance level,
+            a dense-noise value, the base model's score ...).
+    """
+    fig, ax = _ax(ax, figsize=(6, 4))
+    groups = list(values)
+    series = list(dict.fromkeys(s for g in groups for s in values[g]))
+    width = 0.8 / max(1, len(series))
+    for j, s in enumerate(series):
+        x = np.arange(len(groups)) - 0.4 + width * (j + 0.5)
+        pts = [values[g].get(s, {}) for g in groups]
+        y = np.array([p.get("point", np.nan) for p in pts], dtype=float)
+        lo = np.array([p.get("lo", p.get("point", np.nan)) for p in pts], dtype=float)
+        hi = np.array([p.get("hi", p.get("point", np.nan)) for p in pts], dtype=float)
+        ax.bar(x, y, width=width * 0.92, color=f"C{j}", alpha=0.85, label=s)
+        ax.errorbar(x, y, yerr=[y - lo, hi - y], fmt="none", ecolor="0.2", elinewidth=1, capsize=2)
+    labelled = False
+    for i, g in enumerate(groups):
+        if controls and controls.get(g) is not None:
+            ax.hlines(controls[g], i - 0.45, i + 0.45, color="k", lw=1.6, ls="--",
+                      label=None if labelled else control_label)
+            labelled = True
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels(groups, fontsize=8)
+    ax.set_ylabel(ylabel)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    ax.set_title(title)
+    ax.legend(fontsize=7, loc="best")
+    return fig
