@@ -58,6 +58,44 @@ class SFTConfig:
 
 
 @dataclasses.dataclass
+class DPOConfig:
+    """Direct preference optimisation through TRL's DPOTrainer on generated preference pairs."""
+
+    init: str = "sft"  # "sft": the final checkpoint of sft_dir(cfg); "base": the base model
+    max_steps: int = 150
+    batch_size: int = 16  # preference pairs per step
+    learning_rate: float = 1e-4
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    beta: float = 0.1  # strength of the implicit KL constraint to the reference (the init)
+    n_pairs: int = 2_400  # one pass over the pairs at the tiny preset's sizes
+    max_length: int = 256
+    wrong_final_share: float = 0.25  # rejected = wrong "#### N" line; the rest: a propagated slip
+    schedule: tuple[float, ...] = (0.0, 0.05, 0.1, 0.25, 0.5, 1.0)
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class GRPOConfig:
+    """Group relative policy optimisation through TRL's GRPOTrainer with a verifiable reward."""
+
+    init: str = "sft"  # "sft": the final checkpoint of sft_dir(cfg); "base": the base model
+    max_steps: int = 80
+    batch_size: int = 32  # completions per step (= prompts per step x num_generations)
+    learning_rate: float = 1e-4
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    num_generations: int = 8  # group size: completions sampled per prompt
+    beta: float = 0.04  # KL coefficient to the reference (the init); 0 drops the reference
+    max_completion_length: int = 112  # as evaluation's max_new_tokens
+    format_reward: float = 0.1  # weight of the "ends with a '#### N' line" reward (exact match weighs 1)
+    n_prompts: int = 320  # one pass over the prompts at the tiny preset's sizes
+    temperature: float = 1.0
+    schedule: tuple[float, ...] = (0.0, 0.05, 0.1, 0.25, 0.5, 1.0)
+    seed: int = 0
+
+
+@dataclasses.dataclass
 class EvalConfig:
     """Held-out evaluation: greedy generation and teacher-forced answer log-prob."""
 
@@ -79,6 +117,8 @@ class Config:
     generator: GeneratorConfig = dataclasses.field(default_factory=lambda: GeneratorConfig(1, 3, 10, 0))
     tiny: TinyModelConfig = dataclasses.field(default_factory=TinyModelConfig)
     sft: SFTConfig = dataclasses.field(default_factory=SFTConfig)
+    dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)
+    grpo: GRPOConfig = dataclasses.field(default_factory=GRPOConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     dtype: str = "float32"
     device: str = "auto"
@@ -108,6 +148,9 @@ def _tiny(smoke: bool) -> Config:
             n_equations=600, n_direct=300, n_worked=600, pretrain_steps=30, pretrain_batch_size=16, vocab_size=512,
         )
         cfg.sft = dataclasses.replace(cfg.sft, max_steps=20, batch_size=16, n_train=400)
+        cfg.dpo = dataclasses.replace(cfg.dpo, max_steps=16, batch_size=8, learning_rate=1e-3, n_pairs=64, max_length=128)
+        cfg.grpo = dataclasses.replace(cfg.grpo, max_steps=4, batch_size=8, num_generations=4,
+                                       max_completion_length=24, n_prompts=8)
         cfg.eval = dataclasses.replace(cfg.eval, n_eval=48, batch_size=48, max_new_tokens=48)
     return cfg
 
@@ -117,9 +160,15 @@ def _qwen3_06b(smoke: bool) -> Config:
         preset="qwen3-0.6b", model="Qwen/Qwen3-0.6B", data_source="openai/gsm8k", dtype="bfloat16",
         sft=SFTConfig(max_steps=1000, batch_size=16, learning_rate=1e-5, max_length=512, n_train=7473),
         eval=EvalConfig(n_eval=500, batch_size=32, max_new_tokens=320),
+        dpo=DPOConfig(max_steps=300, batch_size=16, learning_rate=5e-7, beta=0.1, n_pairs=4800, max_length=640),
+        grpo=GRPOConfig(max_steps=200, batch_size=64, learning_rate=1e-6, num_generations=8, beta=0.04,
+                        max_completion_length=320, n_prompts=1600, temperature=1.0),
     )
     if smoke:
         cfg.sft = dataclasses.replace(cfg.sft, max_steps=4, batch_size=2, n_train=16)
+        cfg.dpo = dataclasses.replace(cfg.dpo, max_steps=2, batch_size=2, n_pairs=4, max_length=256)
+        cfg.grpo = dataclasses.replace(cfg.grpo, max_steps=2, batch_size=4, num_generations=2,
+                                       max_completion_length=32, n_prompts=4)
         cfg.eval = dataclasses.replace(cfg.eval, n_eval=8, batch_size=8, max_new_tokens=32)
     return cfg
 

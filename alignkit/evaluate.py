@@ -25,6 +25,13 @@ from alignkit.tiny import load_model
 logger = logging.getLogger(__name__)
 
 
+def cut_at_stop(text: str, stop: Sequence[str] = ("\nQuestion:",)) -> str:
+    """``text`` up to the first occurrence of any stop string: how evaluation (and GRPO's reward) cuts completions."""
+    for s in stop:
+        text = text.split(s)[0]
+    return text
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 128, batch_size: int = 32,
              stop: Sequence[str] = ("\nQuestion:",), desc: str = "generate") -> list[str]:
@@ -44,10 +51,7 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 128
                 eos_token_id=tokenizer.eos_token_id,
             )
             texts = tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-            for t in texts:
-                for s in stop:
-                    t = t.split(s)[0]
-                outs.append(t)
+            outs.extend(cut_at_stop(t, stop) for t in texts)
     finally:
         tokenizer.padding_side = side
     return outs
@@ -223,17 +227,24 @@ def summary(results: list[dict]) -> list[dict]:
 
 
 
-def ensure_sft_results(cfg: Config) -> tuple[Path, list[dict], dict[str, list[dict]]]:
-    """Base, SFT checkpoints, their evaluations and the flip table, each built only if missing.
+def ensure_results(cfg: Config, method: str = "sft") -> tuple[Path, list[dict], dict[str, list[dict]]]:
+    """A method's run, the evaluation of every checkpoint and the flip table, each built only if missing.
 
-    This is what notebook 01 produces; later notebooks call it so that any of them runs first.
+    Trains (cached) the run of ``method`` and whatever it starts from (DPO and GRPO start from the
+    final SFT checkpoint by default), evaluates every checkpoint on ``eval_set(cfg)`` with the
+    per-checkpoint cache, and compares the last checkpoint with the run's step 0 (the base for
+    SFT, the init for DPO/GRPO). Later notebooks call it so that any of them runs first.
+
+    Args:
+        cfg: the config.
+        method: ``"sft"``, ``"dpo"`` or ``"grpo"``.
 
     Returns:
         ``(run_dir, results, table)`` with results ordered by step and ``table`` as ``flip_table``.
     """
-    from alignkit.train import train_sft
+    from alignkit.train import train
 
-    run_dir = train_sft(cfg)
+    run_dir = train(cfg, method)
     ds = eval_set(cfg)
     results = evaluate_run(run_dir, cfg, ds)
     table = flip_table(results, cfg, ds)
@@ -241,7 +252,12 @@ def ensure_sft_results(cfg: Config) -> tuple[Path, list[dict], dict[str, list[di
     return run_dir, results, table
 
 
+def ensure_sft_results(cfg: Config) -> tuple[Path, list[dict], dict[str, list[dict]]]:
+    """``ensure_results(cfg, "sft")``: base, SFT checkpoints, their evaluations and the flip table (notebook 01)."""
+    return ensure_results(cfg, "sft")
+
+
 __all__ = [
     "generate", "answer_spans", "answer_logprob", "evaluate_checkpoint", "evaluate_run", "flip_table",
-    "save_flip_table", "summary", "wilson_interval", "eval_set", "ensure_sft_results",
+    "save_flip_table", "summary", "wilson_interval", "eval_set", "ensure_results", "ensure_sft_results", "cut_at_stop",
 ]
