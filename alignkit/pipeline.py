@@ -37,6 +37,7 @@ from alignkit.config import Config
 
 logger = logging.getLogger(__name__)
 
+METHODS = ("sft", "dpo", "grpo")
 # Bump when a stage's computation changes, so results of the old code are not reused.
 ANALYSIS_VERSION = 1
 
@@ -67,18 +68,33 @@ CAPTURE_POOLINGS = ("mean", "last")  # what notebooks 02 (both), 03 and 04 (mean
 # ----------------------------------------------------------------------------- runs
 
 
+def _check_method(method: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {list(METHODS)}")
+
+
 def train_run(cfg: Config, method: str = "sft") -> Path:
     """Train (cached) the run of ``method`` and what it starts from; return its run directory."""
-    from alignkit.train import train
+    _check_method(method)
+    from alignkit import train
 
-    return train(cfg, method)
+    if hasattr(train, "train"):
+        return train.train(cfg, method)
+    if method != "sft":  # the DPO/GRPO trainers are not in this checkout
+        raise ValueError(f"method {method!r} needs alignkit.train.train, which this version lacks")
+    return train.train_sft(cfg)
 
 
 def run_results(cfg: Config, method: str = "sft") -> tuple[Path, list[dict], dict]:
     """``(run_dir, results, table)``: the run, every checkpoint's evaluation and the flip table (cached)."""
-    from alignkit.evaluate import ensure_results
+    _check_method(method)
+    from alignkit import evaluate
 
-    return ensure_results(cfg, method)
+    if hasattr(evaluate, "ensure_results"):
+        return evaluate.ensure_results(cfg, method)
+    if method != "sft":
+        raise ValueError(f"method {method!r} needs alignkit.evaluate.ensure_results, which this version lacks")
+    return evaluate.ensure_sft_results(cfg)
 
 
 def analysis_dir(run_dir: str | Path) -> Path:
@@ -423,7 +439,7 @@ def ensure_patching(cfg: Config, method: str = "sft", n_examples: int | None = N
 
 
 __all__ = [
-    "ANALYSIS_VERSION", "CAPTURE_POOLINGS", "cka_defaults", "spectral_defaults", "patching_defaults",
+    "METHODS", "ANALYSIS_VERSION", "CAPTURE_POOLINGS", "cka_defaults", "spectral_defaults", "patching_defaults",
     "train_run", "run_results", "analysis_dir", "ensure_captures", "save_result", "load_result", "ensure_cka",
     "ensure_spectral", "patching_sets", "ensure_patching",
 ]
