@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 logger = logging.getLogger("alignkit.cli")
 
-METHODS = ("sft", "dpo", "grpo")
+METHODS = ("sft", "dpo", "grpo")  # alignkit.train.METHODS, spelled out so --help imports no torch
 STAGES = ("train", "evaluate", "capture", "cka", "spectral", "patching", "figures")
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 
@@ -443,8 +443,12 @@ def _setup_logging(verbose: bool) -> None:
 
 def run(args: argparse.Namespace) -> None:
     """Dispatch a parsed command line (raises UsageError for bad input)."""
-    cfg, overrides = config_from_args(args)
     cmd = args.command
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1 and cmd != "train":
+        raise UsageError(f"only `train` runs under a distributed launch (WORLD_SIZE={world}); run `{cmd}` "
+                         "in one process: python -m alignkit ...")
+    cfg, overrides = config_from_args(args)
     method = getattr(args, "method", "sft")
     if cmd == "train":
         stage_train(cfg, method)

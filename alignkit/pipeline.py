@@ -37,7 +37,6 @@ from alignkit.config import Config
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("sft", "dpo", "grpo")
 # Bump when a stage's computation changes, so results of the old code are not reused.
 ANALYSIS_VERSION = 1
 
@@ -68,33 +67,18 @@ CAPTURE_POOLINGS = ("mean", "last")  # what notebooks 02 (both), 03 and 04 (mean
 # ----------------------------------------------------------------------------- runs
 
 
-def _check_method(method: str) -> None:
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {list(METHODS)}")
-
-
 def train_run(cfg: Config, method: str = "sft") -> Path:
     """Train (cached) the run of ``method`` and what it starts from; return its run directory."""
-    _check_method(method)
-    from alignkit import train
+    from alignkit.train import train
 
-    if hasattr(train, "train"):
-        return train.train(cfg, method)
-    if method != "sft":  # the DPO/GRPO trainers are not in this checkout
-        raise ValueError(f"method {method!r} needs alignkit.train.train, which this version lacks")
-    return train.train_sft(cfg)
+    return train(cfg, method)
 
 
 def run_results(cfg: Config, method: str = "sft") -> tuple[Path, list[dict], dict]:
     """``(run_dir, results, table)``: the run, every checkpoint's evaluation and the flip table (cached)."""
-    _check_method(method)
-    from alignkit import evaluate
+    from alignkit.evaluate import ensure_results
 
-    if hasattr(evaluate, "ensure_results"):
-        return evaluate.ensure_results(cfg, method)
-    if method != "sft":
-        raise ValueError(f"method {method!r} needs alignkit.evaluate.ensure_results, which this version lacks")
-    return evaluate.ensure_sft_results(cfg)
+    return ensure_results(cfg, method)
 
 
 def analysis_dir(run_dir: str | Path) -> Path:
@@ -439,7 +423,7 @@ def ensure_patching(cfg: Config, method: str = "sft", n_examples: int | None = N
 
 
 __all__ = [
-    "METHODS", "ANALYSIS_VERSION", "CAPTURE_POOLINGS", "cka_defaults", "spectral_defaults", "patching_defaults",
+    "ANALYSIS_VERSION", "CAPTURE_POOLINGS", "cka_defaults", "spectral_defaults", "patching_defaults",
     "train_run", "run_results", "analysis_dir", "ensure_captures", "save_result", "load_result", "ensure_cka",
     "ensure_spectral", "patching_sets", "ensure_patching",
 ]

@@ -112,6 +112,19 @@ def test_missing_data_file(capsys, tmp_path):
     assert (rc, err) == (2, PROG + f"data_source {tmp_path / 'x.jsonl'}: no such file\n")
 
 
+def test_only_train_under_a_distributed_launch(capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    rc, err = _error(capsys, ["evaluate"])
+    assert (rc, err) == (2, PROG + "only `train` runs under a distributed launch (WORLD_SIZE=4); run `evaluate` in "
+                                   "one process: python -m alignkit ...\n")
+
+
+def test_method_choices_match_the_trainers():
+    from alignkit.train import METHODS
+
+    assert cli.METHODS == METHODS
+
+
 def test_parse_overrides_types():
     got = cli.parse_overrides(["sft.max_steps=50", "sft.schedule=[0, 0.5, 1]", "sft.learning_rate=1",
                                "eval_source=null", "model=/data/Qwen3-0.6B", "chat=true", "eval.stop=[\"\\n\\n\"]",
