@@ -47,10 +47,8 @@ patch changes (the rest of layer ``l`` for ``attn``, nothing for ``mlp``) and ru
 ``l+1 .. L-1``, then the final norm and the LM head *at the answer-predicting rows only*. A full
 resid sweep costs ``L (L - 1) / 2`` layer calls per batch besides the two capturing forwards,
 instead of ``L^2`` plus ``L`` full-vocabulary heads (see ``benchmarks/RESULTS_patching.md``).
-The partial runs of one batch are stacked along the batch dimension, so each layer is called
-once for all the patches that have reached it. Every path runs the same modules on the same rows
-as the capturing forward, so patching a model's own activations back in reproduces its
-log-probs bit for bit (tested).
+Every path runs the same modules on the same shapes as the capturing forward, so patching a
+model's own activations back in reproduces its log-probs bit for bit.
 
 Examples are batched by length with right padding and no padding mask: every real token comes
 before every pad, so the causal mask alone gives it exactly the keys it sees unpadded (the pads'
@@ -446,60 +444,14 @@ def _score(logp: torch.Tensor, donor_logp: torch.Tensor, batch: _Batch) -> tuple
     return lp.cpu().numpy(), kl.cpu().numpy()
 
 
-# most residual-stream elements (runs x batch x length x width) one stacked layer call may hold:
-# 2^23 float32 = 32 MiB per residual tensor (the MLP's intermediates are ~3x that); every patch of a
-# batch is stacked at once for the tiny model, about 5 runs of 16 x 100 tokens at Qwen3-0.6B's width
-_STACK_ELEMENTS = 1 << 23
+def _finish(cache: _Cache, start: int, h: torch.Tensor, batch: _Batch) -> torch.Tensor:
+    """Answer log-probs ``[k, vocab]`` after running the cached model's layers ``start .. L-1`` on ``h``.
 
-
-def _repeat_args(value, b: int, m: int):
-    """Layer call arguments for ``m`` stacked copies of a batch of ``b``: per-example tensors
-    (leading dimension ``b``, at least 2-D: rotary tables, position ids, masks) tiled ``m`` times."""
-    if isinstance(value, torch.Tensor):
-        return value.repeat(m, *([1] * (value.dim() - 1))) if value.dim() >= 2 and value.shape[0] == b else value
-    if isinstance(value, (tuple, list)):
-        return type(value)(_repeat_args(v, b, m) for v in value)
-    if isinstance(value, dict):
-        return {k: _repeat_args(v, b, m) for k, v in value.items()}
-    return value
-
-
-def _finish_many(cache: _Cache, starts: Sequence[tuple[int, torch.Tensor]], batch: _Batch) -> list[torch.Tensor]:
-    """Answer log-probs of many partial runs of one cached model; run ``r`` = layers ``start_r .. L-1``
-    on ``h_r`` (``[b, T, d]``), then the final norm and the head at the answer-predicting rows only.
-
-    Runs are stacked along the batch dimension: a run joins the stack at its start layer, and
-    every layer is called once on all the runs that have reached it (bigger matrix products, one
-    call instead of one per run; this is what pays at small batches). Each example's rows see
-    the same operations as in the capturing forward, so results match running each run alone
-    (bit for bit on the CPUs tested; ``tests/test_patching.py``). At most ``_STACK_ELEMENTS``
-    residual-stream elements are stacked at once, which bounds the extra memory.
-
-    Returns:
-        ``[k, vocab]`` float64 answer log-probs per run, in the order of ``starts``.
+    The final norm and the head run at the answer-predicting rows only.
     """
-    b, width = batch.ids.shape
-    L = len(cache.layers)
-    per_stack = max(1, _STACK_ELEMENTS // (b * width * cache.embed.shape[-1]))
-    order = sorted(range(len(starts)), key=lambda r: starts[r][0])
-    out: list[torch.Tensor | None] = [None] * len(starts)
-    args: dict[tuple[int, int], dict] = {}
-    for g in range(0, len(order), per_stack):
-        group = order[g : g + per_stack]
-        h, members = None, []
-        for k in range(starts[group[0]][0], L + 1):
-            new = [r for r in group if starts[r][0] == k]
-            if new:
-                h = torch.cat(([h] if h is not None else []) + [starts[r][1] for r in new])
-                members += new
-            if k < L:
-                m = len(members)
-                if (k, m) not in args:
-                    args[(k, m)] = _repeat_args(cache.kwargs[k], b, m) if m > 1 else cache.kwargs[k]
-                h = cache.layers[k](h, **args[(k, m)])
-        for j, r in enumerate(members):
-            out[r] = _answer_logp(cache.model, h[j * b : (j + 1) * b], batch)
-    return out
+    for l in range(start, len(cache.layers)):
+        h = cache.layers[l](h, **cache.kwargs[l])
+    return _answer_logp(cache.model, h, batch)
 
 
 def _mix(patch: torch.Tensor, donor: torch.Tensor, receiver: torch.Tensor) -> torch.Tensor:
@@ -601,10 +553,10 @@ def layer_sweep(
             donor = _forward(donor_model, batch, (component,))
             lp_r[batch.index], kl_r[batch.index] = _score(recv.logp, donor.logp, batch)
             lp_d[batch.index] = _score(donor.logp, donor.logp, batch)[0]
-            starts = [(layer + 1, _patched_output(recv, donor, layer, component, batch.patch)) for layer in layers]
-            for c, logp in enumerate(_finish_many(recv, starts, batch)):
+            for c, layer in enumerate(layers):
+                logp = _finish(recv, layer + 1, _patched_output(recv, donor, layer, component, batch.patch), batch)
                 lp[batch.index, c], kl[batch.index, c] = _score(logp, donor.logp, batch)
-            bar.update(len(layers))
+                bar.update()
     meta = {"sweep": "layer", "component": component, "positions": _jsonable(sess.positions), "direction": direction,
             "receiver": rname, "donor": dname, "layers": layers}
     return _result(lp, kl, lp_r, lp_d, kl_r, min_gap, meta)
@@ -651,11 +603,11 @@ def cross_layer_sweep(
             recv, donor = _forward(receiver, batch), _forward(donor_model, batch)
             lp_r[batch.index], kl_r[batch.index] = _score(recv.logp, donor.logp, batch)
             lp_d[batch.index] = _score(donor.logp, donor.logp, batch)[0]
-            for a, i in enumerate(rows):  # one receiver layer at a time: L patched tensors in memory, not L^2
-                starts = [(i + 1, _mix(batch.patch, donor.resid[j], recv.resid[i])) for j in cols]
-                for c, logp in enumerate(_finish_many(recv, starts, batch)):
+            for a, i in enumerate(rows):
+                for c, j in enumerate(cols):
+                    logp = _finish(recv, i + 1, _mix(batch.patch, donor.resid[j], recv.resid[i]), batch)
                     lp[batch.index, a, c], kl[batch.index, a, c] = _score(logp, donor.logp, batch)
-                bar.update(len(cols))
+                    bar.update()
     meta = {"sweep": "cross_layer", "component": "resid", "positions": _jsonable(sess.positions),
             "direction": direction, "receiver": rname, "donor": dname, "layers": rows, "donor_layers": cols}
     return _result(lp, kl, lp_r, lp_d, kl_r, min_gap, meta)
@@ -728,21 +680,18 @@ def weight_sweep(
             idx = batch.index
             lp_b[idx], kl_tb[idx] = _score(cb.logp, ct.logp, batch)  # base, KL(tuned || base)
             lp_t[idx], kl_bt[idx] = _score(ct.logp, cb.logp, batch)  # tuned, KL(base || tuned)
-            in_tuned, in_base = [], []
-            for l in layers:
+            for c, l in enumerate(layers):
                 # revert: base's layer l inside tuned (same call arguments: same config)
-                in_tuned.append((l + 1, cb.layers[l](ct.resid_in(l), **ct.kwargs[l])))
+                logp = _finish(ct, l + 1, cb.layers[l](ct.resid_in(l), **ct.kwargs[l]), batch)
+                out["revert"][idx, c], kls["revert"][idx, c] = _score(logp, cb.logp, batch)
+                # graft: tuned's layer l inside base
+                logp = _finish(cb, l + 1, ct.layers[l](cb.resid_in(l), **cb.kwargs[l]), batch)
+                out["graft"][idx, c], kls["graft"][idx, c] = _score(logp, ct.logp, batch)
                 # mean-ablate the difference: base residual + mean difference, inside tuned
                 shifted = (cb.resid[l].double() + mean_d[l]).to(ct.resid[l].dtype)
-                in_tuned.append((l + 1, _mix(batch.patch, shifted, ct.resid[l])))
-                # graft: tuned's layer l inside base
-                in_base.append((l + 1, ct.layers[l](cb.resid_in(l), **cb.kwargs[l])))
-            tuned_runs, base_runs = _finish_many(ct, in_tuned, batch), _finish_many(cb, in_base, batch)
-            for c in range(len(layers)):
-                out["revert"][idx, c], kls["revert"][idx, c] = _score(tuned_runs[2 * c], cb.logp, batch)
-                out["mean_diff"][idx, c], kls["mean_diff"][idx, c] = _score(tuned_runs[2 * c + 1], cb.logp, batch)
-                out["graft"][idx, c], kls["graft"][idx, c] = _score(base_runs[c], ct.logp, batch)
-            bar.update(len(layers))
+                logp = _finish(ct, l + 1, _mix(batch.patch, shifted, ct.resid[l]), batch)
+                out["mean_diff"][idx, c], kls["mean_diff"][idx, c] = _score(logp, cb.logp, batch)
+                bar.update()
     pos = _jsonable(sess.positions)
     common = {"component": "weights", "layers": layers}
     return {

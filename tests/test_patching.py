@@ -211,22 +211,6 @@ def test_batch_size_and_order_do_not_change_results(tok, pairs, examples):
     np.testing.assert_allclose(a.kl, b.kl[::-1], rtol=0, atol=TOL)
 
 
-@pytest.mark.parametrize("component", ["resid", "attn"])
-def test_stacking_patches_does_not_change_results(tok, pairs, examples, component, monkeypatch):
-    """All patches of a batch stacked into one call per layer == one run per patch (exact)."""
-    base, tuned = pairs["qwen3"]
-    stacked = patching.layer_sweep(base, tuned, tok, examples, component=component, batch_size=3, progress=False)
-    monkeypatch.setattr(patching, "_STACK_ELEMENTS", 1)  # one run per stack
-    alone = patching.layer_sweep(base, tuned, tok, examples, component=component, batch_size=3, progress=False)
-    np.testing.assert_array_equal(stacked.lp_patched, alone.lp_patched)
-    np.testing.assert_array_equal(stacked.kl, alone.kl)
-    width = max(len(s["input_ids"]) for s in patching.tokenize_examples(tok, examples))
-    d = base.config.hidden_size
-    monkeypatch.setattr(patching, "_STACK_ELEMENTS", 3 * width * d * 2)  # two runs per stack: 3 patches -> 2 stacks
-    grouped = patching.layer_sweep(base, tuned, tok, examples, component=component, batch_size=3, progress=False)
-    np.testing.assert_array_equal(grouped.lp_patched, alone.lp_patched)
-
-
 def test_cross_layer_matches_reference_and_diagonal(tok, pairs, examples):
     base, tuned = pairs["qwen3"]
     r = patching.cross_layer_sweep(base, tuned, tok, examples[:3], batch_size=2, progress=False)
