@@ -46,9 +46,11 @@ each metric has a ``*_from_spectrum`` form; the ``X``-taking functions call thos
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from typing import Literal, Mapping, Sequence, Union
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterator, Literal, Mapping, Sequence, Union
 
 import numpy as np
 import torch
@@ -507,33 +509,48 @@ def _draw_rows(
     return np.stack([rng.permutation(n)[:m] for _ in range(n_boot)])
 
 
-def _resampled_spectra(xc: torch.Tensor, idx: torch.Tensor, center: bool) -> np.ndarray:
+@contextlib.contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    """Run the block with ``torch.set_num_threads(n)``, restoring the previous count afterwards."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _resampled_spectra(xc: torch.Tensor, idx: torch.Tensor, center: bool,
+                       pool: ThreadPoolExecutor | None = None) -> np.ndarray:
     """Singular values ``[B, min(m, d)]`` of the row resamples ``xc[idx[b]]``, re-centred.
 
     ``m <= d``: index the full Gram matrix, ``G[idx][:, idx]``, and double-centre it (double
     centring of the Gram matrix = centring the rows of the data); ``m > d``: covariance of the
-    resampled rows. Both are exact, duplicated rows included.
+    resampled rows. Both are exact, duplicated rows included. With a ``pool`` the chunks of
+    resamples are processed by its threads (see ``bootstrap_layer_metrics``); every resample gets
+    the same operations either way.
     """
     d = xc.shape[1]
     b, m = idx.shape
-    out = []
-    if m <= d:
-        g = xc @ xc.T
-        chunk = max(1, _BOOT_BUDGET // (8 * m * m))
-        for i in range(0, b, chunk):
+    gram = m <= d
+    g = xc @ xc.T if gram else None
+    chunk = max(1, _BOOT_BUDGET // (8 * m * (m if gram else d)))
+
+    def spectra(i: int) -> torch.Tensor:  # eigenvalues of resamples i .. i + chunk - 1
+        if gram:
             j = idx[i:i + chunk]
             gs = g[j[:, :, None], j[:, None, :]]
             if center:
                 r = gs.mean(-1, keepdim=True)
                 gs.sub_(r).sub_(r.transpose(-1, -2)).add_(r.mean(-2, keepdim=True))
-            out.append(torch.linalg.eigvalsh(gs))
-    else:
-        chunk = max(1, _BOOT_BUDGET // (8 * m * d))
-        for i in range(0, b, chunk):
-            xs = xc[idx[i:i + chunk]]
-            if center:
-                xs.sub_(xs.mean(1, keepdim=True))
-            out.append(torch.linalg.eigvalsh(xs.transpose(1, 2) @ xs))
+            return torch.linalg.eigvalsh(gs)
+        xs = xc[idx[i:i + chunk]]
+        if center:
+            xs.sub_(xs.mean(1, keepdim=True))
+        return torch.linalg.eigvalsh(xs.transpose(1, 2) @ xs)
+
+    starts = range(0, b, chunk)
+    out = list(pool.map(spectra, starts)) if pool is not None else [spectra(i) for i in starts]
     return _sqrt_eigenvalues(torch.cat(out), (m, d))
 
 
@@ -548,6 +565,7 @@ def bootstrap_layer_metrics(
     scheme: Literal["subsample", "resample"] = "subsample",
     frac: float = 0.8,
     eps: float = 1e-7,
+    eig_workers: int = 1,
 ) -> dict[str, dict]:
     """Per-layer effective ranks with intervals over the choice of examples (rows).
 
@@ -596,6 +614,14 @@ def bootstrap_layer_metrics(
         scheme: ``"subsample"`` or ``"resample"``, see above.
         frac: subsample fraction for ``"subsample"``.
         eps: RankMe's smoothing constant.
+        eig_workers: CPU threads that run the resamples' eigendecompositions side by side, each
+            with torch single-threaded (the previous thread count is restored afterwards). The
+            eigendecomposition of a few-hundred-square matrix is a long chain of small
+            matrix-vector products that threaded LAPACK parallelises badly: on the project's
+            2-core CPU with ``OMP_WAIT_POLICY=PASSIVE``, at ``n = 512, d = 1024``, one resample
+            took 35 ms with 2 torch threads and 13 ms with 1, and ``eig_workers=2`` (one resample
+            per core) brings it to ~7 ms (benchmarks/RESULTS_scale.md). Results do not depend on
+            it. The default 1 keeps torch's current threading.
 
     Returns:
         ``{metric: {"point": [L], "lo": [L], "hi": [L], "mean": [L], "samples": [n_boot, L],
@@ -609,6 +635,8 @@ def bootstrap_layer_metrics(
         raise ValueError(f"scheme must be 'subsample' or 'resample', got {scheme!r}")
     if scheme == "subsample" and not 0.0 < frac < 1.0:
         raise ValueError(f"frac must be in (0, 1), got {frac}")
+    if isinstance(eig_workers, bool) or not isinstance(eig_workers, int) or eig_workers < 1:
+        raise ValueError(f"eig_workers must be a positive int, got {eig_workers!r}")
     alphas_l, _ = _check_alphas(list(alphas))
     a = as_float_tensor(acts, "acts")
     _check_stack(a, "acts")
@@ -618,10 +646,16 @@ def bootstrap_layer_metrics(
     logger.info("bootstrap_layer_metrics: %d layers, %d %ss of %d/%d rows, %s path",
                 n_layers, n_boot, scheme, m, n, "Gram" if m <= d else "covariance")
     point_s, boot_s = [], []
-    for i in range(n_layers):
-        xc, _ = _prepare(a[i], center, f"acts layer {i}")
-        point_s.append(_eig_spectrum(xc))
-        boot_s.append(_resampled_spectra(xc, torch.from_numpy(rows).to(xc.device), center))
+    parallel = eig_workers > 1 and _compute_device(a).type == "cpu"
+    with contextlib.ExitStack() as stack:
+        pool = None
+        if parallel:  # one torch thread per worker, the previous count restored on exit
+            stack.enter_context(_torch_threads(1))
+            pool = stack.enter_context(ThreadPoolExecutor(eig_workers))
+        for i in range(n_layers):
+            xc, _ = _prepare(a[i], center, f"acts layer {i}")
+            point_s.append(_eig_spectrum(xc))
+            boot_s.append(_resampled_spectra(xc, torch.from_numpy(rows).to(xc.device), center, pool))
     point = _metrics_from_spectra(np.stack(point_s), alphas_l, (n, d), eps)
     samples = _metrics_from_spectra(np.stack(boot_s, 1), alphas_l, (m, d), eps)
     scale = 1.0 if scheme == "resample" else math.sqrt(m / (n - m))

@@ -82,7 +82,7 @@ class Spec:
 
     model: dict = dataclasses.field(default_factory=lambda: dict(QWEN3_06B))
     n_texts: int = 512  # probe prompts (capture, CKA, spectral)
-    n_patch: int = 32  # examples of the resid patching sweep
+    n_patch: int = 28  # examples of the resid patching sweep (the largest subset that fits: see RESULTS_scale.md)
     capture_batch: int = 16
     patch_batch: int = 8
     n_boot: int = 200  # spectral bootstrap resamples (notebook 03's full setting)
@@ -339,8 +339,9 @@ def stage_spectral(spec: Spec, workdir: Path) -> dict:
     ph.mark("load_activations (mmap)")
     m_a, m_b = spectral.layer_metrics(a.acts[keep]), spectral.layer_metrics(b.acts[keep])
     ph.mark("layer_metrics x 2")
-    boots = [spectral.bootstrap_layer_metrics(x.acts[keep], n_boot=spec.n_boot, seed=0) for x in (a, b)]
-    ph.mark(f"bootstrap_layer_metrics x 2 (n_boot={spec.n_boot})")
+    boots = [spectral.bootstrap_layer_metrics(x.acts[keep], n_boot=spec.n_boot, seed=0, eig_workers=spec.threads)
+             for x in (a, b)]
+    ph.mark(f"bootstrap_layer_metrics x 2 (n_boot={spec.n_boot}, eig_workers={spec.threads})")
     delta = spectral.paired_delta(boots[1], boots[0])
     ph.mark("paired_delta")
     return {"phases": ph.rows, "rankme_base_last": float(m_a["rankme"][-1]), "rankme_tuned_last": float(m_b["rankme"][-1]),
@@ -469,60 +470,158 @@ def _meminfo_gib(field: str) -> float:
 
 # ----------------------------------------------------------------------------- report
 
+BUDGET_S = 20 * 60  # the whole analysis on the 2-core CPU
+BUDGET_GIB = 8.0  # peak resident memory of every stage
+
 _WHAT = {
     "build": "setup: tokenizer, init, perturb, save both (not in the total)",
-    "capture:base": "load by path + capture 29 points, mean-pooled, fp16 cache, mmap",
-    "capture:tuned": "same for the tuned model",
-    "cka": "29 x 29 cka_matrix, biased + debiased, from the mmapped fp16 caches",
-    "spectral": "layer_metrics + bootstrap_layer_metrics x 2 models + paired_delta",
-    "patching": "load both by path + layer_sweep resid over all layers",
+    "capture:base": "load by path, hash, capture 29 points (mean-pooled) to an fp16 cache, mmap",
+    "capture:tuned": "the same for the tuned model",
+    "cka": "29 x 29 `cka_matrix`, biased and debiased, from the mmapped fp16 caches",
+    "spectral": "`layer_metrics` + `bootstrap_layer_metrics` of both + `paired_delta`",
+    "patching": "load both by path + `layer_sweep` (resid) over all layers",
 }
+
+METHOD = """\
+**Models.** Two models of Qwen3-0.6B's exact configuration (28 layers, hidden 1024, 16 query / 8
+key-value heads, head_dim 128, intermediate 3072, vocabulary 151,936, tied embeddings, rope_theta 1e6,
+RMSNorm eps 1e-6, QK-norm) with random weights: *base* is transformers' own initialisation (normal,
+std 0.02) under `torch.manual_seed(0)`; *tuned* is base plus Gaussian noise on every weight matrix of
+decoder layer `l` with standard deviation `0.5 * (l + 1) / 28` times that matrix's own standard
+deviation (drift growing with depth; embeddings and norms untouched). Each is saved with
+`save_pretrained` as **float32** safetensors (2.4 GB) together with the tokenizer and loaded back **by
+path** with `alignkit.tiny.load_model`, as a downloaded checkpoint would be (float32, CPU).
+
+**Tokenizer.** The project's recipe (`alignkit.tiny.train_tokenizer`: byte-level BPE, digits split
+one by one as in Qwen's tokenizers) trained on 3,000 generated train-split problems, then its ids
+scattered over the whole 151,936-id space by a seeded permutation (`scatter_vocab`; unused ids hold
+filler tokens that never occur): the same token split, but `len(tokenizer) = 151,936` and ids that
+reach every part of the embedding and LM-head matrices.
+
+**Probe texts.** 512 prompts (`format_prompt`, `Question: ...\\nAnswer:`) of test-split problems from
+`alignkit.data`'s generator with 2-6 steps and operands up to 99: 46.7 words on average, roughly
+GSM8K's question length. Patching examples are the first `n_patch` of them with their gold solutions.
+
+**Stages.** Each runs in its own Python process, started by a launcher that never imports torch:
+
+1. `capture`: `load_model` by path, then `activations.capture_cached` of the residual stream at all
+   29 hook points (`embed` and `layers.0..27.resid`), mean-pooled over each prompt's tokens (in
+   float64 inside the hooks), stored as **float16** safetensors and returned **memory-mapped**
+   (`mmap=True`). The decoder runs without the LM head. The activation cache is emptied first, so
+   every run measures a miss.
+2. `cka`: both captures memory-mapped by path (`activations.load_activations`), the 29 x 29
+   `cka.cka_matrix`, biased and debiased (layers converted to fp32 one at a time, HSIC in float64).
+3. `spectral`: `spectral.layer_metrics` of both models (RankMe, Renyi ranks 0.5/1/2/inf) and
+   `bootstrap_layer_metrics` with notebook 03's full setting (80 % subsampling, `n_boot` = 200) plus
+   the paired difference (`paired_delta`).
+4. `patching`: both models loaded by path, `patching.layer_sweep(component="resid",
+   positions="all", direction="denoise")` over all 28 layers on a subset of examples (below).
+
+**Measurements.** The full run held the shared CPU lock (`flock /tmp/cpu.lock`), so no other
+locked job shared the two cores (the load average above shows what else ran). Wall time: `time.perf_counter` around the whole child process (interpreter start,
+imports, work); "stage work" excludes interpreter start-up. Peak resident memory: the child's own
+`VmHWM` from `/proc/self/status`, read as it finishes: the high-water mark of the resident set of
+the address space it got at `exec`, counting anonymous memory *and* the file pages it mapped and
+touched (transformers 5 maps the safetensors weights, and the float16 activations are mapped), so
+nothing is hidden in the page cache. `ru_maxrss` from `os.wait4` is recorded as a cross-check
+(column "wait4"); on Linux it is `max(parent's peak at spawn, child's peak)` because the parent's
+high-water mark survives fork + exec, which is why the launcher stays small. The phases table
+reads `VmRSS` after each phase.
+"""
+
+
+def _fits(rep: dict) -> dict | None:
+    """Patching cost per example and the largest subset that fits the time budget with the rest."""
+    st = rep["stages"]
+    pat = st.get("patching")
+    if not pat:
+        return None
+    sweep = next(p["s"] for p in pat["phases"] if p["phase"].startswith("layer_sweep"))
+    per_example = sweep / pat["n_examples"]
+    fixed = rep["analysis_wall_s"] - sweep
+    return {"sweep_s": sweep, "per_example_s": per_example, "fixed_s": fixed,
+            "max_examples": int((BUDGET_S - fixed) // per_example)}
 
 
 def report_markdown(rep: dict) -> str:
+    """The results document (method, table, facts, phases) for a run's report."""
     spec, st, m = rep["spec"], rep["stages"], rep["machine"]
-    cap, pat = st.get("capture:base", {}), st.get("patching", {})
+    cap, pat, build = st.get("capture:base", {}), st.get("patching", {}), st["build"]
     L = spec["model"]["num_hidden_layers"]
-    lines = [
-        "| stage | what | wall s | stage work s | peak RSS GiB |",
-        "|---|---|---:|---:|---:|",
-    ]
+    out = [f"# Real-size benchmark: Qwen3-0.6B-shaped models on the {m['cpus']}-core CPU", "",
+           f"Produced by `benchmarks/bench_scale.py` ({spec['mode']} mode) on {m['platform']}, {m['cpus']} CPUs, "
+           f"{m['mem_total_gib']:.0f} GiB RAM, torch {m['torch']}, Python {m['python']}, {spec['threads']} torch "
+           f"threads; load average {m['load_start']:.1f} at start, {m['load_end']:.1f} at end.",
+           "", "## Results", "",
+           "| stage | what | wall s | stage work s | CPU s | peak RSS GiB | wait4 GiB |",
+           "|---|---|---:|---:|---:|---:|---:|"]
     for name, s in st.items():
-        lines.append(f"| {name} | {_WHAT.get(name, '')} | {s['wall_s']:.1f} | {s['work_s']:.1f} | {s['peak_rss_gib']:.2f} |")
-    lines.append(f"| **analysis total** (capture x 2, cka, spectral, patching) | | **{rep['analysis_wall_s']:.1f}** "
-                 f"| | **max {rep['max_peak_rss_gib']:.2f}** |")
-    lines.append("| GPU (bf16) | | not run (no GPU lent to this task) | | |")
-    phases = []
-    for name, s in st.items():
-        for p in s.get("phases", []):
-            phases.append(f"| {name} | {p['phase']} | {p['s']:.1f} | {p['rss_gib']:.2f} |")
-    facts = [
-        f"- Models: Qwen3 {L} layers x {spec['model']['hidden_size']}, vocabulary {spec['model']['vocab_size']:,}, "
-        f"{st['build']['n_params'] / 1e6:.0f} M parameters, float32 safetensors of "
-        f"{st['build']['disk_bytes'] / 1e9:.2f} GB each; build {'reused from an earlier run' if st['build'].get('cached') else 'run now'} "
-        f"(first build: {st['build']['total_s']:.0f} s).",
-    ]
+        out.append(f"| {name} | {_WHAT.get(name, '')} | {s['wall_s']:.1f} | {s['work_s']:.1f} | {s['cpu_s']:.0f} "
+                   f"| {s['peak_rss_gib']:.2f} | {s['ru_maxrss_gib']:.2f} |")
+    out.append(f"| **analysis total** | capture x 2 + cka + spectral + patching | **{rep['analysis_wall_s']:.1f}** | | "
+               f"| **max {rep['max_peak_rss_gib']:.2f}** | |")
+    out.append("| GPU (bf16) | the same benchmark on a GPU | not run (no GPU lent to this task) | | | | |")
+    out.append("")
+    if spec["mode"] == "full":
+        ok_t, ok_m = rep["analysis_wall_s"] <= BUDGET_S, rep["max_peak_rss_gib"] <= BUDGET_GIB
+        out += [f"- Time target (whole analysis <= {BUDGET_S // 60} min): {rep['analysis_wall_s'] / 60:.1f} min, "
+                f"{'met' if ok_t else 'NOT met'}.",
+                f"- Memory target (every stage <= {BUDGET_GIB:.0f} GiB): max {rep['max_peak_rss_gib']:.2f} GiB, "
+                f"{'met' if ok_m else 'NOT met'}."]
+    out.append(f"- Models: Qwen3 {L} layers x {spec['model']['hidden_size']}, vocabulary {spec['model']['vocab_size']:,}, "
+               f"{build['n_params'] / 1e6:.0f} M parameters, float32 safetensors of {build['disk_bytes'] / 1e9:.2f} GB "
+               f"each; built {'in an earlier run' if build.get('cached') else 'in this run'} "
+               f"(tokenizer {build['tokenizer_s']:.0f} s, init {build['init_s']:.0f} s, all {build['total_s']:.0f} s).")
     if cap:
-        facts.append(f"- Probe set: {spec['n_texts']} prompts, {cap['len_min']}-{cap['len_max']} tokens "
-                     f"(mean {cap['len_mean']:.1f}, {cap['n_tokens']:,} in all); activations "
-                     f"{cap['shape']} {cap['dtype']}, {cap['entry_bytes'] / 1e6:.1f} MB on disk per model.")
+        out.append(f"- Probe set: {spec['n_texts']} prompts of {cap['len_min']}-{cap['len_max']} tokens (mean "
+                   f"{cap['len_mean']:.1f}, {cap['n_tokens']:,} in all); activations {cap['shape']} {cap['dtype']}, "
+                   f"{cap['entry_bytes'] / 1e6:.1f} MB on disk per model"
+                   + (f"; constant hook points skipped: {cap['constant_points']}" if cap["constant_points"] else "") + ".")
+        fwd = next(p["s"] for p in cap["phases"] if p["phase"].startswith("capture_cached"))
+        out.append(f"- Capture throughput: {cap['n_tokens'] / fwd:.0f} tokens/s per model "
+                   f"({cap['n_tokens'] * 2 * _decoder_params(spec) / fwd / 1e9:.0f} GFLOP/s in the decoder's matmuls).")
     if pat:
-        facts.append(f"- Patching: {pat['n_examples']} examples (prompt + gold solution, {pat['len_min']}-{pat['len_max']} "
-                     f"tokens, mean {pat['len_mean']:.1f}) x {pat['n_layers']} layers, batch {spec['patch_batch']}; "
-                     f"mean |delta answer log-prob| {pat['mean_abs_delta']:.3f} nats (receiver {pat['lp_receiver_mean']:.2f}, "
-                     f"donor {pat['lp_donor_mean']:.2f}), NPE masked for {pat['n_npe_masked']}.")
+        f = _fits(rep)
+        out.append(f"- Patching: {pat['n_examples']} examples (prompt + gold solution, {pat['len_min']}-{pat['len_max']} "
+                   f"tokens, mean {pat['len_mean']:.1f}) x {pat['n_layers']} layers, batch {spec['patch_batch']}: "
+                   f"{f['per_example_s']:.1f} s per example; with the other stages ({f['fixed_s']:.0f} s) at most "
+                   f"**{f['max_examples']} examples** fit in {BUDGET_S // 60} min. Mean |delta answer log-prob| "
+                   f"{pat['mean_abs_delta']:.3f} nats (receiver {pat['lp_receiver_mean']:.2f}, donor "
+                   f"{pat['lp_donor_mean']:.2f}); NPE masked for {pat['n_npe_masked']} of {pat['n_examples']}.")
     if "cka" in st:
         c = st["cka"]
-        facts.append(f"- CKA diagonal (base vs tuned, biased): {c['diag_first']:.3f} at the embeddings, "
-                     f"min {c['diag_min']:.3f}, {c['diag_last']:.3f} at the last layer.")
+        out.append(f"- CKA base vs tuned (biased, diagonal): {c['diag_first']:.3f} at the embeddings, {c['diag_last']:.3f} "
+                   f"at the last layer (minimum {c['diag_min']:.3f}); debiased at the last layer {c['debiased_diag_last']:.3f}.")
     if "spectral" in st:
         s = st["spectral"]
-        facts.append(f"- RankMe at the last layer: base {s['rankme_base_last']:.1f}, tuned {s['rankme_tuned_last']:.1f}.")
-    facts.append(f"- Machine: {m['platform']}, {m['cpus']} CPUs, {m['mem_total_gib']:.0f} GiB RAM, torch {m['torch']}, "
-                 f"Python {m['python']}, {spec['threads']} torch threads; load average {m['load_start']:.1f} at start, "
-                 f"{m['load_end']:.1f} at end.")
-    return "\n".join(lines) + "\n\n" + "\n".join(facts) + "\n\nWhere the time and memory go (phases inside each stage; RSS = resident memory after the phase):\n\n" \
-        + "| stage | phase | s | RSS GiB |\n|---|---|---:|---:|\n" + "\n".join(phases) + "\n"
+        out.append(f"- RankMe at the last layer: base {s['rankme_base_last']:.1f}, tuned {s['rankme_tuned_last']:.1f} "
+                   f"(paired delta {s['delta_rankme_last']:+.1f}).")
+    out += ["", "### Where the time and memory go", "",
+            "Phases inside each stage (RSS = `VmRSS` after the phase):", "",
+            "| stage | phase | s | RSS GiB |", "|---|---|---:|---:|"]
+    for name, s in st.items():
+        for p in s.get("phases", []):
+            out.append(f"| {name} | {p['phase']} | {p['s']:.1f} | {p['rss_gib']:.2f} |")
+    out += ["", "## Method", "", METHOD]
+    return "\n".join(out) + "\n"
+
+
+NOTES_MARKER = "<!-- notes below are written by hand and kept when bench_scale.py rewrites this file -->"
+
+
+def write_results(md: str, path: Path = RESULTS) -> None:
+    """Write the generated document, keeping the hand-written notes after ``NOTES_MARKER``."""
+    old = path.read_text() if path.is_file() else ""
+    notes = old[old.index(NOTES_MARKER):] if NOTES_MARKER in old else NOTES_MARKER + "\n"
+    path.write_text(md + "\n" + notes)
+
+
+def _decoder_params(spec: dict) -> int:
+    """Weights of the decoder layers' matmuls (what a token's forward multiplies through)."""
+    m = spec["model"]
+    d, h, kv, hd, f = m["hidden_size"], m["num_attention_heads"], m["num_key_value_heads"], m["head_dim"], m["intermediate_size"]
+    per_layer = d * h * hd * 2 + d * kv * hd * 2 + 3 * d * f
+    return per_layer * m["num_hidden_layers"]
 
 
 def main(argv: list[str] | None = None) -> dict | None:
@@ -558,7 +657,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     sys.stdout.write(md)
     if spec.mode == "full" and not args.no_write and not args.stages:
         logger.info("writing %s", RESULTS)
-        RESULTS.write_text(md)  # the method text around the table is kept by hand; see RESULTS_scale.md
+        write_results(md, RESULTS)
     return rep
 
 

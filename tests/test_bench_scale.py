@@ -87,3 +87,25 @@ def test_quick_pipeline_on_a_tiny_config(tmp_path):
     # round-to-nearest float16: error <= half an ulp, 2^-11 relative (normal range)
     assert bool((err <= x32.abs() * 2.0**-11 + 2.0**-25).all()), float((err / x32.abs()).max())
     assert np.isfinite(acts16.acts.float().numpy()).all()
+
+
+def test_bootstrap_eig_workers_same_result_and_threads_restored(monkeypatch):
+    # the spectral stage runs bootstrap_layer_metrics(eig_workers=2): same numbers as the default path
+    from alignkit import spectral
+
+    g = torch.Generator().manual_seed(0)
+    acts = torch.randn(3, 64, 32, generator=g) @ torch.randn(32, 32, generator=g)  # n > d: covariance path
+    wide = torch.randn(2, 40, 96, generator=g)  # m < d: Gram path
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(spectral, "_BOOT_BUDGET", 8 * 51 * 51 * 4)  # several chunks of resamples per layer
+    for x in (acts, wide):
+        ref = spectral.bootstrap_layer_metrics(x, n_boot=30, seed=1)
+        par = spectral.bootstrap_layer_metrics(x, n_boot=30, seed=1, eig_workers=3)
+        assert torch.get_num_threads() == threads
+        for key in ref:
+            np.testing.assert_allclose(par[key]["samples"], ref[key]["samples"], rtol=1e-10, atol=1e-10)
+            np.testing.assert_allclose(par[key]["lo"], ref[key]["lo"], rtol=1e-10, atol=1e-10)
+            np.testing.assert_allclose(par[key]["point"], ref[key]["point"], rtol=1e-10, atol=1e-10)
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match=f"eig_workers must be a positive int, got {bad!r}"):
+            spectral.bootstrap_layer_metrics(acts, n_boot=4, eig_workers=bad)
