@@ -196,7 +196,12 @@ def _mass_share(d: torch.Tensor, mass: float) -> float:
     total = float(sq.sum())
     if total == 0.0:
         return 0.0
-    csum = torch.sort(sq, descending=True).values.cumsum(0)
+    if sq.device.type == "cpu":  # numpy sorts in place, without torch.sort's int64 index array
+        a = sq.numpy()
+        a.sort()
+        csum = torch.from_numpy(a[::-1].cumsum())
+    else:
+        csum = torch.sort(sq, descending=True).values.cumsum(0)
     count = int(torch.searchsorted(csum, torch.tensor([mass * total], dtype=csum.dtype, device=csum.device))[0]) + 1
     return min(count, sq.numel()) / sq.numel()
 
@@ -204,8 +209,9 @@ def _mass_share(d: torch.Tensor, mass: float) -> float:
 def _top_singular(x: torch.Tensor, k: int) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
     """Singular values (descending, round-off zeroed) and the top ``min(k, rank)`` singular vectors.
 
-    From the eigendecomposition of the smaller Gram matrix of ``x / max|x|`` (float64), as
-    ``alignkit.spectral`` does; the other side's vectors are ``x v / sigma`` (or ``x^T u / sigma``).
+    From the eigendecomposition of the smaller Gram matrix of ``x`` (float64, divided by
+    ``max|x|^2``), as ``alignkit.spectral`` does; the other side's vectors are ``x v / sigma`` (or
+    ``x^T u / sigma``). ``x`` is not copied.
 
     Returns:
         ``sigma: [min(m, n)]`` numpy, ``U: [m, r]``, ``V: [n, r]`` with ``r = min(k, rank)``.
@@ -214,16 +220,15 @@ def _top_singular(x: torch.Tensor, k: int) -> tuple[np.ndarray, torch.Tensor, to
     scale = float(x.abs().max())
     if scale == 0.0:
         return np.zeros(min(m, n)), x.new_zeros((m, 0)), x.new_zeros((n, 0))
-    xs = x / scale
     tall = m >= n
-    lam, vecs = torch.linalg.eigh(xs.T @ xs if tall else xs @ xs.T)
-    sigma = spectral._sqrt_eigenvalues(lam, (m, n))  # descending, round-off eigenvalues set to 0
+    lam, vecs = torch.linalg.eigh((x.T @ x if tall else x @ x.T) / (scale * scale))
+    sigma = spectral._sqrt_eigenvalues(lam, (m, n)) * scale  # descending, round-off eigenvalues set to 0
     r = min(k, int((sigma > 0).sum()))
     top = vecs.flip(-1)[:, :r]
     s = torch.as_tensor(sigma[:r].copy(), dtype=x.dtype, device=x.device)
-    other = (xs @ top if tall else xs.T @ top) / s
+    other = (x @ top if tall else x.T @ top) / s
     u, v = (other, top) if tall else (top, other)
-    return sigma * scale, u, v
+    return sigma, u, v
 
 
 def _overlap(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -233,13 +238,17 @@ def _overlap(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.T @ b).square().sum()) / a.shape[1]
 
 
-def _dense_rank(shape: tuple[int, int], eps: float, cache: dict, device) -> float:
-    """RankMe of a seeded Gaussian matrix of ``shape`` (one per shape and call)."""
-    if shape not in cache:
+_DENSE_RANK: dict[tuple, float] = {}  # (shape, eps) -> RankMe of the seeded Gaussian control, once per process
+
+
+def _dense_rank(shape: tuple[int, int], eps: float, device) -> float:
+    """RankMe of a seeded Gaussian matrix of ``shape`` (computed once per shape and ``eps``)."""
+    key = (shape, eps)
+    if key not in _DENSE_RANK:
         g = torch.Generator(device="cpu").manual_seed(0)
         z = torch.randn(shape, generator=g, dtype=torch.float64).to(device)
-        cache[shape] = spectral.rankme_from_spectrum(spectral.spectrum(z, center=False), eps)
-    return cache[shape]
+        _DENSE_RANK[key] = spectral.rankme_from_spectrum(spectral.spectrum(z, center=False), eps)
+    return _DENSE_RANK[key]
 
 
 def weight_drift(
@@ -262,6 +271,12 @@ def weight_drift(
     through float32 as changed) and at about bfloat16's resolution for weights near ``|w| = 1e-3``
     (``2^-8 |w|``): in a bfloat16 checkpoint of typical weights (``|w| ~ 0.01-0.1``) every
     representable change exceeds it. Set ``tol=0`` to count any bitwise change.
+
+    Cost: per matrix two Gram eigendecompositions (``W``, ``dW``; ``min(d_out, d_in)`` square, with
+    vectors), one for the Gaussian control (once per shape and process) and a sort of ``|dW|^2``.
+    Measured on the project's 2-core CPU with Qwen3-0.6B shapes (float32 in): 6.6 s per decoder
+    layer and 44 s for the 151936 x 1024 embedding (~4 min for the whole model), peak RSS 7.1 GB
+    (both models' float32 tensors included). ``device="cuda"`` moves each tensor's work to the GPU.
 
     Args:
         base: the reference model ``W``, a ``torch.nn.Module`` or a state dict.
@@ -298,7 +313,6 @@ def weight_drift(
     _check_pair(pb, pt, base, tuned)
     n_layers = _n_layers(pb)
     dense_mass = gaussian_mass_share(mass)
-    dense_cache: dict = {}
     rows = []
     for name, wb in tqdm(pb.items(), desc="weight drift", disable=not progress, leave=False):
         dev = torch.device(device) if device is not None else wb.device
@@ -331,7 +345,7 @@ def weight_drift(
             row.update({
                 "eff_rank": spectral.rankme_from_spectrum(s_d, eps) if rank > 0 else 0.0,
                 "rank_delta": rank,
-                "eff_rank_dense": _dense_rank((m, n), eps, dense_cache, dev),
+                "eff_rank_dense": _dense_rank((m, n), eps, dev),
                 "eff_rank_max": min(m, n),
                 "overlap_left": _overlap(u_d, u_w), "overlap_right": _overlap(v_d, v_w),
                 "chance_left": u_w.shape[1] / m, "chance_right": v_w.shape[1] / n,
