@@ -82,7 +82,7 @@ class Spec:
 
     model: dict = dataclasses.field(default_factory=lambda: dict(QWEN3_06B))
     n_texts: int = 512  # probe prompts (capture, CKA, spectral)
-    n_patch: int = 28  # examples of the resid patching sweep (the largest subset that fits: see RESULTS_scale.md)
+    n_patch: int = 28  # examples of the resid patching sweep (28-42 fit in 20 min here: RESULTS_scale.md)
     capture_batch: int = 16
     patch_batch: int = 8
     n_boot: int = 200  # spectral bootstrap resamples (notebook 03's full setting)
