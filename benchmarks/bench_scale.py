@@ -39,7 +39,7 @@ and touched, e.g. safetensors weights during loading):
 ``build`` (tokenizer and both models, cached in ``<workdir>/models`` by the spec's hash) is setup,
 reported but not counted in the analysis total.
 
-Usage (from the repository root; the full run holds both cores for ~20 minutes)::
+Usage (from the repository root; the full run holds both cores for ~17 minutes)::
 
     flock /tmp/cpu.lock env OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/bench_scale.py
     .venv/bin/python benchmarks/bench_scale.py --quick   # 2 layers, 32 texts: < 1 minute
@@ -627,12 +627,14 @@ def _decoder_params(spec: dict) -> int:
 def main(argv: list[str] | None = None) -> dict | None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="2 layers of the real width, 32 texts, 4 patching examples")
-    p.add_argument("--workdir", type=Path, default=ROOT / "runs" / "scale")
+    p.add_argument("--workdir", type=Path, default=ROOT / "runs" / "scale",
+                   help="models, activation caches, logs and report.json/md (default: runs/scale)")
     p.add_argument("--layers", type=int, help="override the number of decoder layers")
-    p.add_argument("--n-texts", type=int)
-    p.add_argument("--n-patch", type=int)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--stages", nargs="+", choices=ANALYSIS, help="run only these analysis stages (in order)")
+    p.add_argument("--n-texts", type=int, help="probe prompts (default 512)")
+    p.add_argument("--n-patch", type=int, help="examples of the patching sweep (default 28)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads per stage (and spectral eig_workers)")
+    p.add_argument("--stages", nargs="+", choices=ANALYSIS,
+                   help="run only these analysis stages, in order (cka and spectral need the captures)")
     p.add_argument("--no-write", action="store_true", help="do not write benchmarks/RESULTS_scale.md")
     p.add_argument("--stage", choices=list(STAGES), help=argparse.SUPPRESS)  # internal: run one stage
     args = p.parse_args(argv)
