@@ -64,7 +64,7 @@ class DPOConfig:
     init: str = "sft"  # "sft": the final checkpoint of sft_dir(cfg); "base": the base model
     max_steps: int = 150
     batch_size: int = 16  # preference pairs per step
-    learning_rate: float = 1e-4
+    learning_rate: float = 3e-5  # measured: 1e-4 collapses accuracy (EOS lost), 1e-5 leaves it unchanged
     warmup_ratio: float = 0.1
     weight_decay: float = 0.0
     beta: float = 0.1  # strength of the implicit KL constraint to the reference (the init)
@@ -80,7 +80,7 @@ class GRPOConfig:
     """Group relative policy optimisation through TRL's GRPOTrainer with a verifiable reward."""
 
     init: str = "sft"  # "sft": the final checkpoint of sft_dir(cfg); "base": the base model
-    max_steps: int = 80
+    max_steps: int = 160
     batch_size: int = 32  # completions per step (= prompts per step x num_generations)
     learning_rate: float = 1e-4
     warmup_ratio: float = 0.1
@@ -89,8 +89,8 @@ class GRPOConfig:
     beta: float = 0.04  # KL coefficient to the reference (the init); 0 drops the reference
     max_completion_length: int = 112  # as evaluation's max_new_tokens
     format_reward: float = 0.1  # weight of the "ends with a '#### N' line" reward (exact match weighs 1)
-    n_prompts: int = 320  # one pass over the prompts at the tiny preset's sizes
-    temperature: float = 1.0
+    n_prompts: int = 640  # one pass over the prompts at the tiny preset's sizes
+    temperature: float = 0.7  # sampling temperature of the rollouts
     schedule: tuple[float, ...] = (0.0, 0.05, 0.1, 0.25, 0.5, 1.0)
     seed: int = 0
 

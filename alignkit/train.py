@@ -437,12 +437,12 @@ def format_reward(completions: Sequence, stop: Sequence[str] = EvalConfig.stop, 
     return [1.0 if has_final_line(cut_at_stop(_completion_text(c), stop)) else 0.0 for c in completions]
 
 
-def _bind_stop(fn: Callable, stop: Sequence[str]) -> Callable:
-    """``fn`` with the run's stop strings, keeping its name (TRL logs rewards by function name)."""
+def _bind_stop(fn: Callable, stop: Sequence[str], name: str) -> Callable:
+    """``fn`` with the run's stop strings, named ``name`` (TRL logs ``rewards/<name>/mean``)."""
     def bound(completions, **kwargs):
         return fn(completions, stop=tuple(stop), **kwargs)
 
-    bound.__name__ = fn.__name__
+    bound.__name__ = name
     return bound
 
 
@@ -476,7 +476,8 @@ def train_grpo(cfg: Config) -> Path:
         train_ds = grpo_dataset(cfg, tokenizer, rows)
         manifest.update(data_hash=dataset_hash(rows), stop=list(cfg.eval.stop))
         # looked up at call time, so a test can swap a reward in
-        rewards = [_bind_stop(correctness_reward, cfg.eval.stop), _bind_stop(format_reward, cfg.eval.stop)]
+        rewards = [_bind_stop(correctness_reward, cfg.eval.stop, "correctness_reward"),
+                   _bind_stop(format_reward, cfg.eval.stop, "format_reward")]
 
         def make_trainer(common: dict, callbacks: list) -> GRPOTrainer:
             args = TRLGRPOConfig(

@@ -154,7 +154,7 @@ def dpo_run(tmp_path_factory, smoke_cfg, smoke_base, smoke_run):
     return cfg, run, seen
 
 
-def _two_shares_of_ones(completions, **kwargs):
+def _share_of_ones(completions, **kwargs):
     return [c.count("1") / max(1, len(c)) for c in completions]
 
 
@@ -169,7 +169,7 @@ def grpo_run(tmp_path_factory, smoke_cfg, smoke_base, smoke_run):
         # all 0, every group's advantage is 0 and GRPO cannot move the weights (checked below through
         # the logged reward). To check that the trainer moves them, a reward with variance within
         # each group stands in for exact match: the share of "1" characters.
-        mp.setattr(train_mod, "correctness_reward", lambda completions, **kw: _two_shares_of_ones(completions))
+        mp.setattr(train_mod, "correctness_reward", _share_of_ones)
         _spy_ref(mp, GRPOTrainer, seen)
         run = train_grpo(cfg)
     return cfg, run, seen
