@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import random
 import re
 import shutil
@@ -159,6 +160,11 @@ def ensure_base(cfg: Config) -> Path:
     if cfg.model != "tiny":
         return Path(cfg.model)
     out = base_dir(cfg)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # under accelerate launch: never build, never lock
+        if cache.manifest_matches(out):
+            return out
+        raise RuntimeError(f"the tiny base {out} must be built before a multi-process launch: run "
+                           "`python -m alignkit train sft` (or alignkit.tiny.ensure_base) once in one process")
     cache.ensure_writable(out.parent, need_bytes=_base_bytes(cfg.tiny))
     with cache.build_lock(out):
         if cache.manifest_matches(out):

@@ -22,10 +22,12 @@ weighted by ``cfg.grpo.format_reward``. Completions are cut at the evaluation's 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -162,6 +164,8 @@ class _ScheduleCallback(TrainerCallback):
         return control
 
     def on_save(self, args, state, control, model=None, **kwargs):
+        if not state.is_world_process_zero:  # several processes (accelerate launch): one writes
+            return control
         step = state.global_step
         window = max(1, args.logging_steps * 5)
         history = {key: [(h["step"], h[key]) for h in state.log_history if key in h] for key in ("loss",) + self.metrics}
@@ -222,11 +226,19 @@ def _train_scheduled(cfg: Config, method: str, prepare: Callable[[str], _Job]) -
     rdir = run_dir(cfg, method)
     knobs = getattr(cfg, method)
     steps = schedule_steps(knobs.max_steps, knobs.schedule)
-    with cache.build_lock(rdir):
+    rank, world = _distributed()
+    if rank == 0:
+        cache.ensure_writable(rdir.parent)
+    # under `accelerate launch` every process runs this; a file lock held by one would block the
+    # others' process-group rendezvous, so a distributed run relies on being launched once
+    with cache.build_lock(rdir) if world == 1 else contextlib.nullcontext():
         done = dict(list_checkpoints(rdir))
-        if steps[-1] in done:
+        if all(s in done for s in steps):
             logger.info("%s run complete: %s", method.upper(), rdir)
             return rdir
+        missing = [s for s in steps if s not in done and s <= max(done, default=0)]
+        if missing:  # damaged or deleted after a later one was written: retrain to rebuild them
+            logger.warning("%s run %s lacks complete checkpoints %s: rebuilding", method.upper(), rdir, missing)
         device = _device(cfg)
         job = prepare(device)
         base_manifest = dict(
@@ -234,10 +246,10 @@ def _train_scheduled(cfg: Config, method: str, prepare: Callable[[str], _Job]) -
             max_steps=knobs.max_steps, schedule=steps, **{method: dataclasses.asdict(knobs)},
         )
         t0 = time.time()
-        if 0 not in done:
+        if 0 not in done and rank == 0:
             _export(job.model, job.tokenizer, checkpoint_dir(rdir, 0),
                     dict(base_manifest, step=0, fraction=0.0, train_loss=None, wall_time_s=0.0))
-        resume = _resume_point(rdir, done)
+        resume = _resume_point(rdir, done if not missing else {})
         if resume is not None:
             logger.info("resuming %s from %s", method.upper(), resume)
         common = dict(
@@ -261,9 +273,15 @@ def _train_scheduled(cfg: Config, method: str, prepare: Callable[[str], _Job]) -
         callback = _ScheduleCallback(rdir, steps, job.tokenizer, base_manifest, t0, job.metrics)
         trainer = job.make_trainer(common, [callback])
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-        shutil.rmtree(rdir / "trainer", ignore_errors=True)  # resume state no longer needed
+        if rank == 0:
+            shutil.rmtree(rdir / "trainer", ignore_errors=True)  # resume state no longer needed
         logger.info("%s run finished in %.0f s: %s", method.upper(), time.time() - t0, rdir)
         return rdir
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size) of this process under ``accelerate launch`` / torchrun; (0, 1) otherwise."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 def train_sft(cfg: Config) -> Path:

@@ -102,6 +102,18 @@ def test_damaged_final_checkpoint_is_detected_and_rebuilt(killed_and_clean):
     assert cache.manifest_matches(final) and cache.weights_hash(final) == good
 
 
+def test_damaged_intermediate_checkpoint_is_detected_and_rebuilt(killed_and_clean):
+    cfg = killed_and_clean[0]["clean"]
+    run = sft_dir(cfg)
+    ckpt = checkpoint_dir(run, 6)
+    good = cache.weights_hash(ckpt)
+    (ckpt / "manifest.json").write_text("{")  # a damaged manifest
+    assert 6 not in dict(list_checkpoints(run))
+    train_sft(cfg)
+    assert [s for s, _ in list_checkpoints(run)] == [0, 3, 6, 15, 30, 60]
+    assert cache.weights_hash(ckpt) == good
+
+
 def test_damaged_base_is_detected_and_rebuilt(smoke_cfg, smoke_base, tmp_path):
     cfg = smoke_config(tmp_path)
     target = base_dir(cfg)
