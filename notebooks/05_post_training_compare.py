@@ -23,6 +23,24 @@
 # directions of the pretrained weights. Claims (2) and (3) are about a stage's *own* update, so for
 # DPO and GRPO the weights are also compared with the checkpoint they started from (their step 0).
 
+# %%
+# Colab only: fetch align-drift and install what Colab lacks; anywhere else this cell does nothing.
+import os
+import subprocess
+import sys
+
+if "google.colab" in sys.modules:
+    if not os.path.isdir("/content/align-drift"):
+        REPO = os.environ.get("ALIGNKIT_REPO", "")  # the git URL of align-drift (your fork or clone)
+        if not REPO:
+            raise RuntimeError("set os.environ['ALIGNKIT_REPO'] to align-drift's git URL, then rerun this cell")
+        subprocess.run(["git", "clone", "-q", REPO, "/content/align-drift"], check=True)
+        # requirements.txt holds ranges: Colab's own torch satisfies them and is kept
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", "/content/align-drift/requirements.txt",
+                        "-e", "/content/align-drift"], check=True)
+    sys.path.insert(0, "/content/align-drift")
+    os.chdir("/content/align-drift/notebooks")
+
 # %% tags=["parameters"]
 import os
 
@@ -393,31 +411,50 @@ for m, claimed in (("sft", +1), ("dpo", +1), ("grpo", -1)):
     claims.append(f"{m.upper()} (claimed {'rise' if claimed > 0 else 'fall'}): vs base mean "
                   f"{np.mean(d_base[m]['point']):+.2f} — {rank_verdict(d_base[m], claimed)}; own update mean "
                   f"{np.mean(d_own[m]['point']):+.2f} — {rank_verdict(d_own[m], claimed)}")
-sparse_mass = {m: struct["90 %-mass share"][m]["point"] for m in METHODS}
 sparse_tol = {m: whole[m]["frac_changed"] for m in METHODS}
-ratio = {m: (struct["overlap, output space"][m]["point"] + struct["overlap, input space"][m]["point"])
-         / (struct_controls["overlap, output space"] + struct_controls["overlap, input space"]) for m in METHODS}
 moved = whole[rl]["rel_change"] > 0  # a zero update is neither sparse nor misaligned: nothing to test
-sparser = moved and all(sparse_mass[rl] < sparse_mass[m] for m in others)
-avoids = moved and all(ratio[rl] < ratio[m] for m in others)
+
+
+def rl_lowest(group):
+    """Is GRPO's mean (over matrices) below SFT's and DPO's, with intervals that do not overlap?"""
+    g = struct[group]
+    if not moved:
+        return "cannot be tested (GRPO did not change the weights)"
+    if all(g[rl]["hi"] < g[m]["lo"] for m in others):
+        return "**agrees** (GRPO lowest, intervals separate)"
+    if all(g[rl]["point"] < g[m]["point"] for m in others):
+        return "is **inconclusive** (GRPO lowest, intervals overlap)"
+    return "**disagrees** (GRPO not lowest)"
+
+
+def with_ci(group, m, scale=1.0):
+    v = struct[group][m]
+    return f"{m.upper()} {v['point'] / scale:.3f} [{v['lo'] / scale:.3f}, {v['hi'] / scale:.3f}]"
+
+
+out_c, in_c = struct_controls["overlap, output space"], struct_controls["overlap, input space"]
 lines += [
     "",
-    "**Published claims on this model:**",
+    "**Published claims on this model** (own updates; means over weight matrices with 95 % bootstrap "
+    "intervals over matrices):",
     "",
     "1. *SFT and DPO raise effective rank, RLVR lowers it* — " + "; ".join(claims) + ".",
-    f"2. *RL updates are sparse* — 90 %-mass share of the own update (mean over matrices; dense Gaussian "
-    f"{struct_controls['90 %-mass share']:.3f}): " + ", ".join(f"{m.upper()} {sparse_mass[m]:.3f}" for m in METHODS)
+    f"2. *RL updates are sparse* — share of entries holding 90 % of ‖ΔW‖² (dense Gaussian update: "
+    f"{struct_controls['90 %-mass share']:.3f}): " + ", ".join(with_ci("90 %-mass share", m) for m in METHODS)
     + f"; share of entries changed by more than {TOL:g}: "
     + ", ".join(f"{m.upper()} {100 * sparse_tol[m]:.1f} %" for m in METHODS)
-    + (f". GRPO's update is {'sparser' if sparser else 'not sparser'} than the others' by the scale-free measure: "
-       f"the claim **{'agrees' if sparser else 'disagrees'}** here" if moved else ". GRPO did not change the weights")
-    + (" (but every entry still moves: a float32 optimizer step changes every weight that gets a gradient)."
+    + f". The claim {rl_lowest('90 %-mass share')} here"
+    + (" — and nearly every entry moves: a float32 optimizer step changes every weight that gets a gradient."
        if sparse_tol[rl] > 0.9 else "."),
     f"3. *RL updates avoid the principal directions* — overlap of the own update's top-{K} singular subspaces "
-    f"with W's, as a multiple of chance (mean of output and input space): "
-    + ", ".join(f"{m.upper()} {ratio[m]:.2f}×" for m in METHODS)
-    + (f". GRPO {'is the least' if avoids else 'is not the least'} aligned with W's principal directions: "
-       f"the claim **{'agrees' if avoids else 'disagrees'}** here." if moved else ". GRPO did not change the weights."),
+    f"with W's, as a multiple of chance (output space, chance {out_c:.3f}): "
+    + ", ".join(with_ci("overlap, output space", m, out_c) for m in METHODS)
+    + f"; input space (chance {in_c:.3f}): " + ", ".join(with_ci("overlap, input space", m, in_c) for m in METHODS)
+    + f". Output space: the claim {rl_lowest('overlap, output space')}; input space: "
+    f"{rl_lowest('overlap, input space')}"
+    + (". Every update is more aligned with W's principal directions than chance."
+       if all(struct["overlap, output space"][m]["lo"] > out_c and struct["overlap, input space"][m]["lo"] > in_c
+              for m in METHODS) else "."),
 ]
 if SMOKE:
     lines.append("\n*Smoke mode: tiny sizes and a few training steps — the numbers mean nothing.*")
