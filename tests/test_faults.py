@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -155,3 +156,17 @@ def test_full_disk_fails_before_any_work(tmp_path, monkeypatch):
     with pytest.raises(OSError, match=r"only 0.00 GiB free at .* needed: free some space or point ALIGNKIT_HOME"):
         ensure_base(smoke_config(tmp_path))
     assert not base_dir(smoke_config(tmp_path)).exists()
+
+
+def test_training_under_accelerate_launch_with_two_processes(smoke_base, tmp_path):
+    """Two CPU processes (gloo) stand in for two GPUs: the run trains once and exports once."""
+    cfg = smoke_config(tmp_path)
+    shutil.copytree(smoke_base, base_dir(cfg))  # the base is built beforehand, in one process
+    launcher = Path(sys.executable).with_name("accelerate")
+    proc = subprocess.run([str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "-m", "alignkit", "--smoke",
+                           "--root", str(tmp_path), "train", "sft"], env=ENV, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (proc.stdout + proc.stderr).count("SFT run finished") == 2  # two processes really trained
+    assert [s for s, _ in list_checkpoints(sft_dir(cfg))] == [0, 1, 2, 5, 10, 20]
+    assert not [p for p in sft_dir(cfg).rglob("*") if p.name.endswith((".tmp", ".old"))]
