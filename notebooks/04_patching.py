@@ -27,6 +27,24 @@
 # grafts one tuned layer into the base (sufficiency), and replaces the tuned − base residual
 # difference by its mean (is the change a constant shift or input-specific?).
 
+# %%
+# Colab only: fetch align-drift and install what Colab lacks; anywhere else this cell does nothing.
+import os
+import subprocess
+import sys
+
+if "google.colab" in sys.modules:
+    if not os.path.isdir("/content/align-drift"):
+        REPO = os.environ.get("ALIGNKIT_REPO", "")  # the git URL of align-drift (your fork or clone)
+        if not REPO:
+            raise RuntimeError("set os.environ['ALIGNKIT_REPO'] to align-drift's git URL, then rerun this cell")
+        subprocess.run(["git", "clone", "-q", REPO, "/content/align-drift"], check=True)
+        # requirements.txt holds ranges: Colab's own torch satisfies them and is kept
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", "/content/align-drift/requirements.txt",
+                        "-e", "/content/align-drift"], check=True)
+    sys.path.insert(0, "/content/align-drift")
+    os.chdir("/content/align-drift/notebooks")
+
 # %% tags=["parameters"]
 import os
 
