@@ -202,6 +202,19 @@ def _points(caps: dict, skip: set[str]) -> tuple[list[int], list[str]]:
     return keep, [names[i].replace("layers.", "").replace(".resid", "") for i in keep]
 
 
+def _probe_stage(cfg: Config, method: str, defaults: dict, given: dict) -> tuple[dict, Path, list[str], dict]:
+    """Parameters (defaults updated with the given non-None ones), run directory, probe texts and the
+    cache key (every checkpoint's weights hash, the probe set, the parameters) of a probe-set stage."""
+    from alignkit.activations import probe_texts
+
+    p = dict(defaults, **{k: v for k, v in given.items() if v is not None})
+    run_dir = train_run(cfg, method)
+    texts = probe_texts(cfg)
+    key = {"weights": [(s, h) for s, _, h in _checkpoint_hashes(run_dir)], "probe_hash": cache.hash_obj(texts),
+           "params": p}
+    return p, run_dir, texts, key
+
+
 def ensure_cka(cfg: Config, method: str = "sft", pooling: str | None = None, n_boot: int | None = None,
                n_perm: int | None = None, n_splits: int | None = None, seed: int | None = None) -> dict:
     """What notebook 02 computes: layerwise CKA (base vs every checkpoint) with bootstrap bands,
@@ -223,15 +236,10 @@ def ensure_cka(cfg: Config, method: str = "sft", pooling: str | None = None, n_b
         band, -1 if none).
     """
     from alignkit import cka
-    from alignkit.activations import capture_run, probe_texts
+    from alignkit.activations import capture_run
 
-    p = cka_defaults(cfg.smoke)
-    p.update({k: v for k, v in dict(pooling=pooling, n_boot=n_boot, n_perm=n_perm, n_splits=n_splits,
-                                      seed=seed).items() if v is not None})
-    run_dir = train_run(cfg, method)
-    texts = probe_texts(cfg)
-    ckpts = _checkpoint_hashes(run_dir)
-    key = {"weights": [(s, h) for s, _, h in ckpts], "probe_hash": cache.hash_obj(texts), "params": p}
+    p, run_dir, texts, key = _probe_stage(cfg, method, cka_defaults(cfg.smoke), dict(
+        pooling=pooling, n_boot=n_boot, n_perm=n_perm, n_splits=n_splits, seed=seed))
 
     def compute() -> dict:
         caps = capture_run(run_dir, texts, pooling=p["pooling"])
@@ -288,15 +296,10 @@ def ensure_spectral(cfg: Config, method: str = "sft", pooling: str | None = None
         ``{step: spectral.rank_vs_n(...)}`` for the base and the final step.
     """
     from alignkit import spectral
-    from alignkit.activations import capture_run, probe_texts
+    from alignkit.activations import capture_run
 
-    p = spectral_defaults(cfg.smoke)
-    p.update({k: v for k, v in dict(pooling=pooling, alphas=None if alphas is None else tuple(alphas),
-                                      n_boot=n_boot, seed=seed).items() if v is not None})
-    run_dir = train_run(cfg, method)
-    texts = probe_texts(cfg)
-    ckpts = _checkpoint_hashes(run_dir)
-    key = {"weights": [(s, h) for s, _, h in ckpts], "probe_hash": cache.hash_obj(texts), "params": p}
+    p, run_dir, texts, key = _probe_stage(cfg, method, spectral_defaults(cfg.smoke), dict(
+        pooling=pooling, alphas=None if alphas is None else tuple(alphas), n_boot=n_boot, seed=seed))
 
     def compute() -> dict:
         caps = capture_run(run_dir, texts, pooling=p["pooling"])

@@ -317,7 +317,7 @@ def test_notebook_parameters_match_pipeline_defaults(monkeypatch):
         monkeypatch.setenv("ALIGNKIT_SMOKE", "1" if smoke else "0")
         nb = jupytext.read(ROOT / "notebooks" / name, fmt="py:percent")
         ns: dict = {}
-        exec(next(c.source for c in nb.cells if c.cell_type == "code"), ns)  # the parameters cell
+        exec(next(c.source for c in nb.cells if "parameters" in c.metadata.get("tags", [])), ns)
         return ns
 
     for smoke in (False, True):
