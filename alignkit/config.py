@@ -71,6 +71,11 @@ class DPOConfig:
     n_pairs: int = 2_400  # one pass over the pairs at the tiny preset's sizes
     max_length: int = 256
     wrong_final_share: float = 0.25  # rejected = wrong "#### N" line; the rest: a propagated slip
+    # "corrupt": rejected = the gold solution made wrong (preference_pairs); "sampled": the init
+    # model's own wrong sample (of n_samples at sample_temperature), corrupt where none is wrong
+    rejected: str = "corrupt"
+    n_samples: int = 4
+    sample_temperature: float = 1.0
     schedule: tuple[float, ...] = (0.0, 0.05, 0.1, 0.25, 0.5, 1.0)
     seed: int = 0
 
@@ -160,7 +165,8 @@ def _qwen3_06b(smoke: bool) -> Config:
         preset="qwen3-0.6b", model="Qwen/Qwen3-0.6B", data_source="openai/gsm8k", dtype="bfloat16",
         sft=SFTConfig(max_steps=1000, batch_size=16, learning_rate=1e-5, max_length=512, n_train=7473),
         eval=EvalConfig(n_eval=500, batch_size=32, max_new_tokens=320),
-        dpo=DPOConfig(max_steps=300, batch_size=16, learning_rate=5e-7, beta=0.1, n_pairs=4800, max_length=640),
+        dpo=DPOConfig(max_steps=300, batch_size=16, learning_rate=5e-7, beta=0.1, n_pairs=4800, max_length=640,
+                      rejected="sampled"),
         grpo=GRPOConfig(max_steps=200, batch_size=64, learning_rate=1e-6, num_generations=8, beta=0.04,
                         max_completion_length=320, n_prompts=1600, temperature=1.0),
     )

@@ -34,10 +34,23 @@ def cut_at_stop(text: str, stop: Sequence[str] = ("\nQuestion:",)) -> str:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 128, batch_size: int = 32,
-             stop: Sequence[str] = ("\nQuestion:",), desc: str = "generate") -> list[str]:
-    """Greedy completions of ``prompts`` (batched, left padding), cut at the first stop string."""
+             stop: Sequence[str] = ("\nQuestion:",), desc: str = "generate", num_samples: int = 1,
+             temperature: float = 0.0, seed: int = 0) -> list[str]:
+    """Completions of ``prompts`` (batched, left padding), cut at the first stop string.
+
+    Greedy by default. With ``temperature > 0``: ``num_samples`` sampled completions per prompt,
+    prompt-major (``out[i * num_samples + j]`` is sample ``j`` of prompt ``i``), reproducible for
+    a given ``seed``, batch size and device.
+    """
     if len(prompts) == 0:
         raise ValueError("generate needs at least one prompt, got an empty list")
+    if temperature < 0 or (temperature == 0 and num_samples != 1) or num_samples < 1:
+        raise ValueError(f"greedy decoding gives one completion per prompt; got num_samples={num_samples} "
+                         f"with temperature={temperature} (use temperature > 0 to sample several)")
+    sampling = {"do_sample": False} if temperature == 0 else {
+        "do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0, "num_return_sequences": num_samples}
+    if temperature > 0:
+        torch.manual_seed(seed)
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     device = next(model.parameters()).device
@@ -47,8 +60,8 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 128
             enc = tokenizer(list(prompts[i : i + batch_size]), return_tensors="pt", padding=True,
                             add_special_tokens=False).to(device)
             gen = model.generate(
-                **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
+                **enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id, **sampling,
             )
             texts = tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
             outs.extend(cut_at_stop(t, stop) for t in texts)

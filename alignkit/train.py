@@ -324,6 +324,11 @@ def _check_post_training(cfg: Config, method: str) -> None:
             raise ValueError(f"dpo.beta must be > 0, got {knobs.beta}")
         if not 0.0 <= knobs.wrong_final_share <= 1.0:
             raise ValueError(f"dpo.wrong_final_share must lie in [0, 1], got {knobs.wrong_final_share}")
+        if knobs.rejected not in ("corrupt", "sampled"):
+            raise ValueError(f"dpo.rejected must be 'corrupt' or 'sampled', got {knobs.rejected!r}")
+        if knobs.rejected == "sampled" and (knobs.n_samples < 1 or knobs.sample_temperature <= 0):
+            raise ValueError(f"dpo.rejected='sampled' needs n_samples >= 1 and sample_temperature > 0, got "
+                             f"{knobs.n_samples} and {knobs.sample_temperature}")
     else:
         if knobs.n_prompts < 1:
             raise ValueError(f"grpo.n_prompts must be >= 1 (GRPO needs prompts), got {knobs.n_prompts}")
@@ -363,12 +368,53 @@ def _start(cfg: Config, method: str, device: str):
     return model, tokenizer, manifest
 
 
-def dpo_dataset(cfg: Config, tokenizer=None, rows=None) -> datasets.Dataset:
-    """Preference pairs (prompt, chosen, rejected) for DPO from ``_post_training_rows``."""
+def dpo_dataset(cfg: Config, tokenizer=None, rows=None, model=None) -> datasets.Dataset:
+    """Preference pairs (prompt, chosen, rejected) for DPO from ``_post_training_rows``.
+
+    With ``cfg.dpo.rejected == "sampled"`` (the real path's default) ``model`` (the init) samples
+    the rejected solutions: see ``sampled_preference_pairs``.
+    """
     rows = rows if rows is not None else _post_training_rows(cfg, cfg.dpo.n_pairs)
     pairs = preference_pairs(rows, seed=cfg.dpo.seed, tokenizer=tokenizer, chat=cfg.chat,
                              p_final=cfg.dpo.wrong_final_share)
+    if cfg.dpo.rejected == "sampled":
+        if model is None:
+            raise ValueError("dpo.rejected='sampled' needs the init model to sample rejected solutions")
+        pairs = sampled_preference_pairs(model, tokenizer, rows, pairs, cfg)
     return datasets.Dataset.from_list(pairs)
+
+
+def sampled_preference_pairs(model, tokenizer, rows, fallback: list[dict], cfg: Config) -> list[dict]:
+    """Replace each pair's rejected solution by the model's own wrong answer, where it makes one.
+
+    For every row the model samples ``cfg.dpo.n_samples`` solutions at ``cfg.dpo.sample_temperature``
+    (cut like evaluation cuts them); the first whose extracted answer is a number other than the
+    gold one becomes the rejected solution. Rows where every sample is right (or none has a
+    number) keep the ``fallback`` pair (the gold solution made wrong). How many pairs were sampled
+    is logged.
+
+    Returns:
+        ``[{"prompt", "chosen", "rejected", "rejected_source"}]`` with ``rejected_source`` in
+        ``{"sampled", "corrupt"}``.
+    """
+    from alignkit.evaluate import generate
+
+    k = cfg.dpo.n_samples
+    outs = generate(model, tokenizer, [p["prompt"] for p in fallback], cfg.eval.max_new_tokens, cfg.eval.batch_size,
+                    cfg.eval.stop, desc="sample rejected", num_samples=k, temperature=cfg.dpo.sample_temperature,
+                    seed=cfg.dpo.seed)
+    pairs = []
+    for i, (row, pair) in enumerate(zip(rows, fallback)):
+        gold = normalize_number(str(row["final_answer"]))
+        wrong = [o for o in outs[i * k : (i + 1) * k] if o.strip() and extract_answer(o) not in (None, gold)]
+        if wrong:
+            pairs.append(dict(pair, rejected=format_completion(wrong[0]), rejected_source="sampled"))
+        else:
+            pairs.append(dict(pair, rejected_source="corrupt"))
+    n = sum(p["rejected_source"] == "sampled" for p in pairs)
+    logger.info("DPO pairs: %d of %d rejected solutions sampled from the model, %d corrupted gold", n, len(pairs),
+                len(pairs) - n)
+    return pairs
 
 
 def train_dpo(cfg: Config) -> Path:
@@ -387,8 +433,11 @@ def train_dpo(cfg: Config) -> Path:
     def prepare(device: str) -> _Job:
         model, tokenizer, manifest = _start(cfg, "dpo", device)
         rows = _post_training_rows(cfg, cfg.dpo.n_pairs)
-        train_ds = dpo_dataset(cfg, tokenizer, rows)
+        train_ds = dpo_dataset(cfg, tokenizer, rows, model=model)
         manifest.update(data_hash=dataset_hash(rows), pairs_hash=cache.hash_obj(train_ds.to_list()))
+        if "rejected_source" in train_ds.column_names:
+            manifest["n_sampled_rejected"] = sum(s == "sampled" for s in train_ds["rejected_source"])
+            train_ds = train_ds.remove_columns("rejected_source")
 
         def make_trainer(common: dict, callbacks: list) -> DPOTrainer:
             args = TRLDPOConfig(**common, beta=cfg.dpo.beta, max_length=cfg.dpo.max_length)

@@ -90,6 +90,8 @@ def test_run_keys(tmp_path):
     ({"dpo.init": "scratch"}, train_dpo, r"dpo.init must be one of \('sft', 'base'\), got 'scratch'"),
     ({"grpo.max_steps": 0}, train_grpo, "max_steps must be >= 1, got 0"),
     ({"dpo.beta": 0.0}, train_dpo, "dpo.beta must be > 0, got 0.0"),
+    ({"dpo.rejected": "random"}, train_dpo, "dpo.rejected must be 'corrupt' or 'sampled', got 'random'"),
+    ({"dpo.rejected": "sampled", "dpo.n_samples": 0}, train_dpo, "needs n_samples >= 1 and sample_temperature > 0"),
 ])
 def test_bad_input_fails_before_any_work(tmp_path, overrides, fn, message):
     cfg = smoke_config(tmp_path, **overrides)
@@ -274,3 +276,46 @@ def test_ensure_results_evaluates_every_checkpoint(dpo_run):
     for r in results:
         assert r["accuracy"] == pytest.approx(sum(r["correct"]) / r["n"])
         assert r["predictions"] == [extract_answer(o) for o in r["outputs"]]
+
+
+def test_sampled_generation_is_reproducible_and_prompt_major(smoke_run):
+    from alignkit.data import format_prompt
+    from alignkit.evaluate import generate
+
+    model, tok = load_model(train_mod.list_checkpoints(smoke_run)[-1][1])
+    prompts = [format_prompt(q) for q in load_gsm8k("synthetic", "test", n=3)["question"]]
+    a = generate(model, tok, prompts, max_new_tokens=12, num_samples=4, temperature=1.0, seed=3)
+    b = generate(model, tok, prompts, max_new_tokens=12, num_samples=4, temperature=1.0, seed=3)
+    assert len(a) == 12 and a == b
+    assert len(set(a)) > 3  # samples, not four copies of the greedy answer
+    with pytest.raises(ValueError, match="greedy decoding gives one completion per prompt"):
+        generate(model, tok, prompts, num_samples=2)
+
+
+def test_sampled_rejections_are_the_models_own_wrong_answers(smoke_cfg, smoke_run, monkeypatch):
+    from alignkit import evaluate
+
+    cfg = get_config("tiny", smoke=True, overrides={"root": str(smoke_cfg.run_root), "dpo.rejected": "sampled",
+                                                     "dpo.n_pairs": 6, "dpo.n_samples": 3})
+    model, tok = load_model(train_mod.list_checkpoints(smoke_run)[-1][1])
+    rows = train_mod._post_training_rows(cfg, 6)
+    # a stand-in sampler: sample 0 right, 1 wrong, 2 without a number for even rows; all right for odd ones
+    golds = [r["final_answer"] for r in rows]
+
+    def fake_generate(model, tokenizer, prompts, *args, num_samples=1, **kwargs):
+        assert num_samples == 3 and kwargs["temperature"] == cfg.dpo.sample_temperature
+        out = []
+        for i, g in enumerate(golds):
+            wrong = str(int(float(g)) + 1)
+            out += [f" x\n#### {g}", f" y\n#### {wrong}", " no number"] if i % 2 == 0 else [f" #### {g}"] * 3
+        return out
+
+    monkeypatch.setattr(evaluate, "generate", fake_generate)
+    ds = train_mod.dpo_dataset(cfg, tok, rows, model=model)
+    for i, row in enumerate(ds):
+        if i % 2 == 0:
+            assert row["rejected_source"] == "sampled" and row["rejected"] == f" y\n#### {int(float(golds[i])) + 1}"
+        else:  # every sample right: the corrupted gold solution stays
+            assert row["rejected_source"] == "corrupt" and extract_answer(row["rejected"]) != golds[i]
+    with pytest.raises(ValueError, match="needs the init model"):
+        train_mod.dpo_dataset(cfg, tok, rows)
