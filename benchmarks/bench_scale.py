@@ -303,21 +303,25 @@ def stage_capture(spec: Spec, workdir: Path, name: str) -> dict:
             "entry_bytes": _acts_entry(workdir, name).stat().st_size, "vocab": len(tok)}
 
 
-def _keep(a, b) -> list[int]:
-    skip = set(a.meta["constant_points"]) | set(b.meta["constant_points"])
-    return [i for i, n in enumerate(a.hook_points) if n not in skip]
-
-
-def stage_cka(spec: Spec, workdir: Path) -> dict:
-    ph = Phases()
-    from alignkit import cka
+def _load_pair(workdir: Path, ph: "Phases"):
+    """Both models' cached activations, memory-mapped and checked comparable, and the hook points
+    with variance in both (constant ones dropped)."""
     from alignkit.activations import check_comparable, load_activations
 
     ph.mark("imports")
     a, b = (load_activations(_acts_entry(workdir, n), mmap=True) for n in ("base", "tuned"))
     check_comparable(a, b)
-    keep = _keep(a, b)
+    skip = set(a.meta["constant_points"]) | set(b.meta["constant_points"])
+    keep = [i for i, n in enumerate(a.hook_points) if n not in skip]
     ph.mark("load_activations (mmap)")
+    return a, b, keep
+
+
+def stage_cka(spec: Spec, workdir: Path) -> dict:
+    ph = Phases()
+    from alignkit import cka
+
+    a, b, keep = _load_pair(workdir, ph)
     mat = cka.cka_matrix(a.acts[keep], b.acts[keep])
     ph.mark("cka_matrix biased")
     mat_d = cka.cka_matrix(a.acts[keep], b.acts[keep], debiased=True)
@@ -330,13 +334,8 @@ def stage_cka(spec: Spec, workdir: Path) -> dict:
 def stage_spectral(spec: Spec, workdir: Path) -> dict:
     ph = Phases()
     from alignkit import spectral
-    from alignkit.activations import check_comparable, load_activations
 
-    ph.mark("imports")
-    a, b = (load_activations(_acts_entry(workdir, n), mmap=True) for n in ("base", "tuned"))
-    check_comparable(a, b)
-    keep = _keep(a, b)
-    ph.mark("load_activations (mmap)")
+    a, b, keep = _load_pair(workdir, ph)
     m_a, m_b = spectral.layer_metrics(a.acts[keep]), spectral.layer_metrics(b.acts[keep])
     ph.mark("layer_metrics x 2")
     boots = [spectral.bootstrap_layer_metrics(x.acts[keep], n_boot=spec.n_boot, seed=0, eig_workers=spec.threads)
