@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import json
 import logging
 import os
 import shutil
@@ -115,14 +114,7 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
 
 def is_complete(ckpt: Path) -> bool:
     """A checkpoint is complete when its manifest exists and its weights match the recorded hash."""
-    manifest = Path(ckpt) / "manifest.json"
-    if not manifest.is_file():
-        return False
-    try:
-        recorded = json.loads(manifest.read_text())["weights_hash"]
-        return cache.weights_hash(ckpt) == recorded
-    except (ValueError, KeyError, FileNotFoundError):
-        return False
+    return cache.manifest_matches(ckpt)
 
 
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
