@@ -301,10 +301,9 @@ def config_from_args(args: argparse.Namespace):
 
 def stage_train(cfg, method: str) -> Path:
     """Train (cached) and log the checkpoints."""
-    from alignkit.pipeline import train_run
-    from alignkit.train import list_checkpoints
+    from alignkit.train import list_checkpoints, train
 
-    run_dir = train_run(cfg, method)
+    run_dir = train(cfg, method)
     steps = [s for s, _ in list_checkpoints(run_dir)]
     logger.info("train %s: %d checkpoints (steps %s) in %s", method, len(steps), steps, run_dir / "checkpoints")
     return run_dir
@@ -312,10 +311,9 @@ def stage_train(cfg, method: str) -> Path:
 
 def stage_evaluate(cfg, method: str) -> Path:
     """Evaluate every checkpoint (cached), write the flip table, log accuracy per step."""
-    from alignkit.evaluate import summary
-    from alignkit.pipeline import run_results
+    from alignkit.evaluate import ensure_results, summary
 
-    run_dir, results, table = run_results(cfg, method)
+    run_dir, results, table = ensure_results(cfg, method)
     for r in summary(results):
         logger.info("evaluate %s: step %6d  accuracy %.3f [%.3f, %.3f]  answer log-prob %.3f", method, r["step"],
                     r["accuracy"], r["acc_lo"], r["acc_hi"], r["answer_logprob"])
@@ -326,10 +324,11 @@ def stage_evaluate(cfg, method: str) -> Path:
 
 def stage_capture(cfg, method: str, poolings: Sequence[str] = ("mean", "last")) -> Path:
     """Capture (cached) what notebooks 02-04 read."""
-    from alignkit.pipeline import ensure_captures, train_run
+    from alignkit.pipeline import ensure_captures
+    from alignkit.train import run_dir as method_dir
 
     caps = ensure_captures(cfg, method, tuple(poolings))
-    run_dir = train_run(cfg, method)
+    run_dir = method_dir(cfg, method)
     for p, by_step in caps.items():
         a = next(iter(by_step.values()))
         logger.info("capture %s (%s pooling): %d checkpoints x %d hook points x %d probes x width %d in %s", method,

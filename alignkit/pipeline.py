@@ -67,20 +67,6 @@ CAPTURE_POOLINGS = ("mean", "last")  # what notebooks 02 (both), 03 and 04 (mean
 # ----------------------------------------------------------------------------- runs
 
 
-def train_run(cfg: Config, method: str = "sft") -> Path:
-    """Train (cached) the run of ``method`` and what it starts from; return its run directory."""
-    from alignkit.train import train
-
-    return train(cfg, method)
-
-
-def run_results(cfg: Config, method: str = "sft") -> tuple[Path, list[dict], dict]:
-    """``(run_dir, results, table)``: the run, every checkpoint's evaluation and the flip table (cached)."""
-    from alignkit.evaluate import ensure_results
-
-    return ensure_results(cfg, method)
-
-
 def analysis_dir(run_dir: str | Path) -> Path:
     """Where the analysis results of a run live."""
     return Path(run_dir) / "analysis"
@@ -103,8 +89,9 @@ def ensure_captures(cfg: Config, method: str = "sft", poolings=CAPTURE_POOLINGS)
     ``capture_run`` (cached in ``<run_dir>/activations``).
     """
     from alignkit.activations import capture_run, probe_texts
+    from alignkit.train import train
 
-    run_dir = train_run(cfg, method)
+    run_dir = train(cfg, method)
     texts = probe_texts(cfg)
     return {p: capture_run(run_dir, texts, pooling=p) for p in poolings}
 
@@ -202,13 +189,19 @@ def _points(caps: dict, skip: set[str]) -> tuple[list[int], list[str]]:
     return keep, [names[i].replace("layers.", "").replace(".resid", "") for i in keep]
 
 
+def _params(defaults: dict, given: dict) -> dict:
+    """A stage's parameters: ``defaults`` updated with the ``given`` values that are not None."""
+    return dict(defaults, **{k: v for k, v in given.items() if v is not None})
+
+
 def _probe_stage(cfg: Config, method: str, defaults: dict, given: dict) -> tuple[dict, Path, list[str], dict]:
     """Parameters (defaults updated with the given non-None ones), run directory, probe texts and the
     cache key (every checkpoint's weights hash, the probe set, the parameters) of a probe-set stage."""
     from alignkit.activations import probe_texts
+    from alignkit.train import train
 
-    p = dict(defaults, **{k: v for k, v in given.items() if v is not None})
-    run_dir = train_run(cfg, method)
+    p = _params(defaults, given)
+    run_dir = train(cfg, method)
     texts = probe_texts(cfg)
     key = {"weights": [(s, h) for s, _, h in _checkpoint_hashes(run_dir)], "probe_hash": cache.hash_obj(texts),
            "params": p}
@@ -372,15 +365,14 @@ def ensure_patching(cfg: Config, method: str = "sft", n_examples: int | None = N
 
     from alignkit import patching
     from alignkit.data import dataset_hash
-    from alignkit.evaluate import eval_set
+    from alignkit.evaluate import ensure_results, eval_set
     from alignkit.tiny import load_model
 
-    p = patching_defaults(cfg.smoke)
-    p.update({k: v for k, v in dict(n_examples=n_examples, n_cross=n_cross, components=components,
-                                      positions=positions, batch_size=batch_size, min_gap=min_gap,
-                                      min_set=min_set).items() if v is not None})
+    p = _params(patching_defaults(cfg.smoke), dict(
+        n_examples=n_examples, n_cross=n_cross, components=components, positions=positions, batch_size=batch_size,
+        min_gap=min_gap, min_set=min_set))
     p["components"] = tuple(p["components"])
-    run_dir, res, table = run_results(cfg, method)
+    run_dir, res, table = ensure_results(cfg, method)
     ds = eval_set(cfg)
     sets, labels = patching_sets(cfg, res, table, p["n_examples"], p["min_set"], ds)
     base_dir, tuned_dir = Path(res[0]["checkpoint"]), Path(res[-1]["checkpoint"])
@@ -427,6 +419,6 @@ def ensure_patching(cfg: Config, method: str = "sft", n_examples: int | None = N
 
 __all__ = [
     "ANALYSIS_VERSION", "CAPTURE_POOLINGS", "cka_defaults", "spectral_defaults", "patching_defaults",
-    "train_run", "run_results", "analysis_dir", "ensure_captures", "save_result", "load_result", "ensure_cka",
+    "analysis_dir", "ensure_captures", "save_result", "load_result", "ensure_cka",
     "ensure_spectral", "patching_sets", "ensure_patching",
 ]

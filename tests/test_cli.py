@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 
 from alignkit import cli, pipeline
+from alignkit.evaluate import ensure_results
+from alignkit.train import train
 
 from conftest import smoke_config
 
@@ -181,7 +183,7 @@ def test_train_stage_reuses_the_run(staged, smoke_cfg, smoke_run, monkeypatch):
     mtimes = {s: (d / "model.safetensors").stat().st_mtime_ns for s, d in list_checkpoints(smoke_run)}
     _no_compute(monkeypatch)
     assert cli.main(staged + ["train", "sft"]) == 0
-    assert pipeline.train_run(smoke_cfg) == smoke_run
+    assert train(smoke_cfg, "sft") == smoke_run
     assert {s: (d / "model.safetensors").stat().st_mtime_ns for s, d in list_checkpoints(smoke_run)} == mtimes
 
 
@@ -358,26 +360,26 @@ def test_local_model_and_jsonl_fully_offline(tmp_path, smoke_base, monkeypatch):
     from alignkit.train import list_checkpoints
 
     assert os.environ["HF_HUB_OFFLINE"] == "1" and os.environ["HF_DATASETS_OFFLINE"] == "1"
-    train, test = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
-    for path, rows in ((train, generate_problems(32, "train")), (test, generate_problems(16, "test"))):
+    train_file, test_file = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
+    for path, rows in ((train_file, generate_problems(32, "train")), (test_file, generate_problems(16, "test"))):
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     root = tmp_path / "runs"
     monkeypatch.chdir(smoke_base.parent)  # a relative --model path is resolved
-    argv = ["--smoke", "--root", str(root), "--model", smoke_base.name, "--data", str(train), "--eval-data", str(test),
+    argv = ["--smoke", "--root", str(root), "--model", smoke_base.name, "--data", str(train_file), "--eval-data", str(test_file),
             "--set", "sft.max_steps=2", "--set", "sft.n_train=32", "--set", "sft.batch_size=8",
             "--set", "eval.n_eval=16", "--set", "eval.max_new_tokens=16"]
     assert cli.main(argv + ["evaluate"]) == 0
     assert cli.main(argv + ["cka"]) == 0
-    cfg = smoke_config(root, model=str(smoke_base.resolve()), data_source=str(train.resolve()),
-                       eval_source=str(test.resolve()),
+    cfg = smoke_config(root, model=str(smoke_base.resolve()), data_source=str(train_file.resolve()),
+                       eval_source=str(test_file.resolve()),
                        **{"sft.max_steps": 2, "sft.n_train": 32, "sft.batch_size": 8, "eval.n_eval": 16,
                           "eval.max_new_tokens": 16})
-    run_dir = pipeline.train_run(cfg)
+    run_dir = train(cfg, "sft")
     assert run_dir.parent == root / "sft" and not (root / "base").exists()  # no embedded base was built
     ckpts = list_checkpoints(run_dir)
     manifest = json.loads((ckpts[0][1] / "manifest.json").read_text())
     assert manifest["base"] == str(smoke_base.resolve()) and [s for s, _ in ckpts] == [0, 1, 2]
-    assert eval_set(cfg)["question"] == [json.loads(l)["question"] for l in test.read_text().splitlines()]
+    assert eval_set(cfg)["question"] == [json.loads(l)["question"] for l in test_file.read_text().splitlines()]
     res = pipeline.ensure_cka(cfg)
     assert res["steps"] == [0, 1, 2] and res["matrix"].shape == (len(res["labels"]),) * 2
 
@@ -396,7 +398,7 @@ def test_dpo_and_grpo_stages(staged, smoke_cfg, smoke_run, monkeypatch):
     sft_final = json.loads((list_checkpoints(smoke_run)[-1][1] / "manifest.json").read_text())["weights_hash"]
     for method in ("dpo", "grpo"):
         rdir = run_dir(smoke_cfg, method)
-        assert rdir.parent.name == method and pipeline.train_run(smoke_cfg, method) == rdir
+        assert rdir.parent.name == method and train(smoke_cfg, method) == rdir
         step0 = json.loads((list_checkpoints(rdir)[0][1] / "manifest.json").read_text())
         assert step0["weights_hash"] == sft_final  # both start from the final SFT checkpoint
     _no_compute(monkeypatch)
@@ -404,5 +406,5 @@ def test_dpo_and_grpo_stages(staged, smoke_cfg, smoke_run, monkeypatch):
     assert res["steps"] == [s for s, _ in list_checkpoints(run_dir(smoke_cfg, "dpo"))]
     assert pipeline.analysis_dir(run_dir(smoke_cfg, "dpo")).is_dir()
     assert pipeline.ensure_spectral(smoke_cfg, "grpo")["steps"][0] == 0
-    _, results, _ = pipeline.run_results(smoke_cfg, "dpo")
+    _, results, _ = ensure_results(smoke_cfg, "dpo")
     assert len(results) == len(res["steps"])
