@@ -221,7 +221,7 @@ def parse_overrides(items: Sequence[str], preset: str = "tiny", smoke: bool = Fa
     Raises:
         UsageError: an item without ``=``, an unknown preset or key, or a value of the wrong type.
     """
-    from alignkit.config import get_config
+    from alignkit.config import get_config, get_value
 
     try:
         ref = get_config(preset, smoke=smoke)
@@ -233,12 +233,11 @@ def parse_overrides(items: Sequence[str], preset: str = "tiny", smoke: bool = Fa
         key = key.strip()
         if not sep or not key:
             raise UsageError(f"--set expects KEY=VALUE, got {item!r}")
-        obj = ref
-        for part in key.split("."):
-            if not dataclasses.is_dataclass(obj) or part not in {f.name for f in dataclasses.fields(obj)}:
-                raise UsageError(f"unknown config key {key!r}")
-            obj = getattr(obj, part)
-        out[key] = _coerce(key, parse_value(text), obj)
+        try:
+            current = get_value(ref, key)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        out[key] = _coerce(key, parse_value(text), current)
     return out
 
 

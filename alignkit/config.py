@@ -202,13 +202,22 @@ def get_config(preset: str = "tiny", smoke: bool = False, overrides: dict[str, A
     return cfg
 
 
-def _set(cfg: Config, key: str, value: Any) -> None:
-    *path, last = key.split(".")
-    obj = cfg
-    for part in path:
-        if not dataclasses.is_dataclass(obj) or part not in {f.name for f in dataclasses.fields(obj)}:
+def _resolve(cfg: Config, key: str) -> tuple[Any, str]:
+    """``(dataclass holding the field, field name)`` of a dotted key, or ValueError naming the key."""
+    parent, obj = cfg, cfg
+    for name in key.split("."):
+        if not dataclasses.is_dataclass(obj) or name not in {f.name for f in dataclasses.fields(obj)}:
             raise ValueError(f"unknown config key {key!r}")
-        obj = getattr(obj, part)
-    if not dataclasses.is_dataclass(obj) or last not in {f.name for f in dataclasses.fields(obj)}:
-        raise ValueError(f"unknown config key {key!r}")
-    setattr(obj, last, value)
+        parent, obj = obj, getattr(obj, name)
+    return parent, name
+
+
+def get_value(cfg: Config, key: str) -> Any:
+    """The current value of a dotted config key (``"sft.max_steps"``); ValueError for an unknown key."""
+    parent, name = _resolve(cfg, key)
+    return getattr(parent, name)
+
+
+def _set(cfg: Config, key: str, value: Any) -> None:
+    parent, name = _resolve(cfg, key)
+    setattr(parent, name, value)
