@@ -566,6 +566,29 @@ def probe_texts(cfg, n: int | None = None) -> list[str]:
     return [format_prompt(q) for q in qs]
 
 
+def varying_points(captures: Sequence[Activations]) -> tuple[list[int], list[str], list[str]]:
+    """Hook points usable by the measures: those no capture recorded as constant across prompts.
+
+    A hook point whose rows are identical for every prompt (the embedding output under last-token
+    pooling: every prompt ends with the same token) has zero variance, where CKA and effective
+    rank are undefined; it is dropped and named, never turned into NaN.
+
+    Args:
+        captures: captures of the same hook points (e.g. every checkpoint of a run).
+
+    Returns:
+        ``(keep, labels, dropped)``: indices into ``hook_points`` of the kept points, their short
+        labels (``"embed"``, ``"0"``, ``"1"`` ...), and the dropped point names, sorted.
+    """
+    captures = list(captures)
+    if not captures:
+        raise ValueError("varying_points needs at least one capture, got none")
+    skip = set().union(*(set(a.meta.get("constant_points", [])) for a in captures))
+    names = captures[0].hook_points
+    keep = [i for i, n in enumerate(names) if n not in skip]
+    return keep, [names[i].replace("layers.", "").replace(".resid", "") for i in keep], sorted(skip)
+
+
 def check_comparable(a: Activations, b: Activations, same_width: bool = True,
                      same_tokenization: bool = True) -> None:
     """Raise ValueError unless two captures can be compared point by point and row by row.

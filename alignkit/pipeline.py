@@ -183,12 +183,6 @@ def _cached(run_dir: Path, stage: str, key: dict, compute: Callable[[], Any]) ->
 # ----------------------------------------------------------------------------- CKA (notebook 02)
 
 
-def _points(caps: dict, skip: set[str]) -> tuple[list[int], list[str]]:
-    names = next(iter(caps.values())).hook_points
-    keep = [i for i, n in enumerate(names) if n not in skip]
-    return keep, [names[i].replace("layers.", "").replace(".resid", "") for i in keep]
-
-
 def _params(defaults: dict, given: dict) -> dict:
     """A stage's parameters: ``defaults`` updated with the ``given`` values that are not None."""
     return dict(defaults, **{k: v for k, v in given.items() if v is not None})
@@ -229,7 +223,7 @@ def ensure_cka(cfg: Config, method: str = "sft", pooling: str | None = None, n_b
         band, -1 if none).
     """
     from alignkit import cka
-    from alignkit.activations import capture_run
+    from alignkit.activations import capture_run, varying_points
 
     p, run_dir, texts, key = _probe_stage(cfg, method, cka_defaults(cfg.smoke), dict(
         pooling=pooling, n_boot=n_boot, n_perm=n_perm, n_splits=n_splits, seed=seed))
@@ -237,8 +231,7 @@ def ensure_cka(cfg: Config, method: str = "sft", pooling: str | None = None, n_b
     def compute() -> dict:
         caps = capture_run(run_dir, texts, pooling=p["pooling"])
         steps = sorted(caps)
-        skip = set().union(*(set(a.meta["constant_points"]) for a in caps.values()))
-        keep, labels = _points(caps, skip)
+        keep, labels, dropped = varying_points(caps.values())
         acts = {s: caps[s].acts[keep] for s in steps}
         base, final = acts[steps[0]], acts[steps[-1]]
         bar = tqdm(total=2 * (len(steps) - 1) + 5, desc="cka", leave=False)
@@ -262,7 +255,7 @@ def ensure_cka(cfg: Config, method: str = "sft", pooling: str | None = None, n_b
         by_step = np.stack([np.ones(len(labels))] + [curves[False][s]["point"] for s in steps[1:]])
         departure = cka.first_departure(np.array(steps), by_step, 1 - noise[False]["half_width"])
         mat = np.asarray(mat, dtype=np.float64)
-        return {"steps": steps, "labels": labels, "dropped": sorted(skip), "pooling": p["pooling"],
+        return {"steps": steps, "labels": labels, "dropped": dropped, "pooling": p["pooling"],
                 "curves": curves, "noise": noise, "matrix": mat, "chance": np.asarray(chance),
                 "path": [tuple(int(v) for v in ij) for ij in cka.alignment_path(mat)],
                 "best": cka.best_match(mat), "remap": float(cka.remapping_index(mat)), "transition": trans,
@@ -289,7 +282,7 @@ def ensure_spectral(cfg: Config, method: str = "sft", pooling: str | None = None
         ``{step: spectral.rank_vs_n(...)}`` for the base and the final step.
     """
     from alignkit import spectral
-    from alignkit.activations import capture_run
+    from alignkit.activations import capture_run, varying_points
 
     p, run_dir, texts, key = _probe_stage(cfg, method, spectral_defaults(cfg.smoke), dict(
         pooling=pooling, alphas=None if alphas is None else tuple(alphas), n_boot=n_boot, seed=seed))
@@ -297,14 +290,13 @@ def ensure_spectral(cfg: Config, method: str = "sft", pooling: str | None = None
     def compute() -> dict:
         caps = capture_run(run_dir, texts, pooling=p["pooling"])
         steps = sorted(caps)
-        skip = set(caps[steps[0]].meta.get("constant_points", []))
-        keep, labels = _points(caps, skip)
+        keep, labels, dropped = varying_points([caps[steps[0]]])
         boot = {s: spectral.bootstrap_layer_metrics(caps[s].acts[keep], alphas=p["alphas"], n_boot=p["n_boot"],
                                                     seed=p["seed"])
                 for s in tqdm(steps, desc="spectral", leave=False)}
         ns = [n for n in (16, 32, 64, 128, 256, 512) if n <= len(texts)]
         rv = {s: spectral.rank_vs_n(caps[s].acts[keep], ns, seed=p["seed"]) for s in (steps[0], steps[-1])}
-        return {"steps": steps, "labels": labels, "dropped": sorted(skip), "pooling": p["pooling"],
+        return {"steps": steps, "labels": labels, "dropped": dropped, "pooling": p["pooling"],
                 "alphas": tuple(p["alphas"]), "boot": boot, "ns": ns, "rank_vs_n": rv}
 
     return _cached(run_dir, "spectral", key, compute)

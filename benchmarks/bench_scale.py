@@ -306,13 +306,12 @@ def stage_capture(spec: Spec, workdir: Path, name: str) -> dict:
 def _load_pair(workdir: Path, ph: "Phases"):
     """Both models' cached activations, memory-mapped and checked comparable, and the hook points
     with variance in both (constant ones dropped)."""
-    from alignkit.activations import check_comparable, load_activations
+    from alignkit.activations import check_comparable, load_activations, varying_points
 
     ph.mark("imports")
     a, b = (load_activations(_acts_entry(workdir, n), mmap=True) for n in ("base", "tuned"))
     check_comparable(a, b)
-    skip = set(a.meta["constant_points"]) | set(b.meta["constant_points"])
-    keep = [i for i, n in enumerate(a.hook_points) if n not in skip]
+    keep = varying_points([a, b])[0]
     ph.mark("load_activations (mmap)")
     return a, b, keep
 

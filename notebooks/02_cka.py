@@ -58,7 +58,7 @@ import pandas as pd
 from IPython.display import Markdown, display
 
 from alignkit import cka, pipeline
-from alignkit.activations import capture_run, probe_texts
+from alignkit.activations import capture_run, probe_texts, varying_points
 from alignkit.config import get_config
 from alignkit.evaluate import ensure_sft_results
 from alignkit.plots import plot_heatmap, plot_layer_curves, save_figure
@@ -84,12 +84,9 @@ base_step, final_step = steps[0], steps[-1]
 def stacks(pooling):
     """{step: [L, n, d] float tensor} without zero-variance hook points, and the kept labels."""
     caps = captures[pooling]
-    skip = set().union(*(set(a.meta["constant_points"]) for a in caps.values()))
-    names = caps[base_step].hook_points
-    keep = [i for i, n in enumerate(names) if n not in skip]
-    labels = [names[i].replace("layers.", "").replace(".resid", "") for i in keep]
-    if skip:
-        print(f"[{pooling}] dropped (zero variance across prompts): {sorted(skip)}")
+    keep, labels, dropped = varying_points(caps.values())
+    if dropped:
+        print(f"[{pooling}] dropped (zero variance across prompts): {dropped}")
     return {s: caps[s].acts[keep] for s in steps}, labels
 
 

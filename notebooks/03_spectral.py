@@ -54,7 +54,7 @@ import pandas as pd
 from IPython.display import Markdown, display
 
 from alignkit import pipeline, spectral
-from alignkit.activations import capture_run, probe_texts
+from alignkit.activations import capture_run, probe_texts, varying_points
 from alignkit.config import get_config
 from alignkit.evaluate import ensure_sft_results
 from alignkit.plots import plot_heatmap, plot_layer_curves, plot_scatter, save_figure
@@ -73,12 +73,9 @@ run_dir, results, flips = ensure_sft_results(cfg)  # builds notebook 01's artifa
 texts = probe_texts(cfg)
 acts = capture_run(run_dir, texts, pooling=POOLING)  # {step: Activations}
 steps = sorted(acts)
-first = acts[steps[0]]
-skip = set(first.meta.get("constant_points", []))
-keep = [i for i, name in enumerate(first.hook_points) if name not in skip]
-labels = [first.hook_points[i].replace("layers.", "").replace(".resid", "") for i in keep]
+keep, labels, skipped = varying_points([acts[steps[0]]])
 print(f"{len(texts)} probe prompts, {len(steps)} checkpoints, hook points kept: {len(keep)}"
-      + (f"; skipped (constant across prompts, rank undefined): {sorted(skip)}" if skip else ""))
+      + (f"; skipped (constant across prompts, rank undefined): {skipped}" if skipped else ""))
 
 # %%
 # bootstrap metrics and rank-vs-n, computed once and cached in run_dir/analysis (`python -m alignkit spectral`)

@@ -74,7 +74,7 @@ import torch
 from IPython.display import Markdown, display
 
 from alignkit import cache, cka, patching, pipeline, spectral, weights
-from alignkit.activations import capture_cached, probe_texts
+from alignkit.activations import capture_cached, probe_texts, varying_points
 from alignkit.config import get_config
 from alignkit.evaluate import ensure_results, summary
 from alignkit.plots import (plot_drift_layers, plot_grouped_bars, plot_heatmap, plot_layer_curves,
@@ -146,14 +146,11 @@ acc_table.round(3)
 texts = probe_texts(cfg)
 caps = {k: capture_cached(p, None, texts, pooling=POOLING, cache_dir=Path(run_of[k]) / "activations")
         for k, p in paths.items()}
-skip = set().union(*(set(a.meta.get("constant_points", [])) for a in caps.values()))
-names = caps["base"].hook_points
-keep = [i for i, n in enumerate(names) if n not in skip]
-labels = [names[i].replace("layers.", "").replace(".resid", "") for i in keep]
+keep, labels, skip = varying_points(caps.values())
 has_embed = labels[0] == "embed"
 acts = {k: a.acts[keep] for k, a in caps.items()}
 print(f"{len(texts)} probe prompts × {len(labels)} hook points × width {acts['base'].shape[-1]}"
-      + (f"; dropped (zero variance across prompts): {sorted(skip)}" if skip else ""))
+      + (f"; dropped (zero variance across prompts): {skip}" if skip else ""))
 
 cka_curves = {m: cka.bootstrap_layerwise_cka(acts["base"], acts[m], n_boot=N_BOOT, seed=SEED) for m in METHODS}
 floors = {m: cka.noise_floor(acts["base"], acts[m], n_splits=N_SPLITS, seed=SEED) for m in METHODS}

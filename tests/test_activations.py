@@ -21,6 +21,7 @@ from alignkit.activations import (
     capture,
     capture_cached,
     check_comparable,
+    varying_points,
     check_same_tokenizer,
     texts_hash,
 )
@@ -131,6 +132,16 @@ def test_constant_points_recorded(qwen3, tok):
     assert torch.equal(last.acts[0], last.acts[0, :1].expand_as(last.acts[0]))
     assert capture(qwen3, tok, same_end, pooling="mean").meta["constant_points"] == []
     assert capture(qwen3, tok, TEXTS, pooling="last").meta["constant_points"] == []
+
+
+def test_varying_points_drop_what_any_capture_holds_constant(qwen3, tok):
+    same_end = ["Tom has 5 apples .", "A train goes 60 miles .", "Mia reads 12 pages each day ."]
+    last, mean = (capture(qwen3, tok, same_end, pooling=p) for p in ("last", "mean"))
+    n = len(last.hook_points)
+    assert varying_points([mean]) == (list(range(n)), ["embed", "0", "1", "2"], [])
+    assert varying_points([mean, last]) == (list(range(1, n)), ["0", "1", "2"], ["embed"])
+    with pytest.raises(ValueError, match="at least one capture"):
+        varying_points([])
 
 
 def test_storage_dtype_and_float64_pooling(qwen3, tok):
