@@ -4,22 +4,26 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_CPU := torch==2.13.0
 
-.PHONY: setup test unit notebooks reproduce sync clean
+.PHONY: setup lint test unit notebooks reproduce sync clean
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt pyproject.toml
+$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	@# a local CPU build of torch first, so the range in requirements.txt pulls no CUDA build
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q $(TORCH_CPU)
-	$(BIN)/python -m pip install -q -r requirements.txt
+	$(BIN)/python -m pip install -q -r requirements.txt -r requirements-dev.txt
 	$(BIN)/python -m pip install -q --no-deps -e .
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $@
 
-# unit tests (incl. the jupytext pair check), then every notebook in smoke mode
-test: setup
+# the linter (line length 100, import order; pyproject.toml)
+lint: setup
+	$(BIN)/ruff check alignkit tests benchmarks notebooks
+
+# lint, unit tests (incl. the layout and jupytext pair checks), then every notebook in smoke mode
+test: setup lint
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest tests -q
 	ALIGNKIT_SMOKE=1 ALIGNKIT_STATIC=1 OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest --nbmake --nbmake-timeout=900 notebooks -q
 

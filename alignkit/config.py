@@ -1,9 +1,6 @@
-"""Presets and every knob of a run, in one place.
-
-``get_config("tiny")`` is the offline default (a small Qwen3 pretrained here, generated GSM8K-format
-data, CPU); ``get_config("qwen3-0.6b")`` is the real path (Qwen/Qwen3-0.6B and openai/gsm8k from
-the hub, or local copies, bf16 on a GPU). ``smoke=True`` shrinks sizes for CI.
-"""
+"""Presets and every knob of a run, in one place: ``"tiny"`` is the offline default (a small Qwen3
+pretrained here, generated GSM8K-format data, CPU), ``"qwen3-0.6b"`` the real path (Qwen/Qwen3-0.6B
+and openai/gsm8k from the hub, or local copies, on a GPU)."""
 
 from __future__ import annotations
 
@@ -12,7 +9,17 @@ import os
 from pathlib import Path
 from typing import Any
 
-from alignkit.data import GeneratorConfig
+SCHEDULE = (0.0, 0.05, 0.1, 0.25, 0.5, 1.0)  # checkpoints as fractions of max_steps; 0 is the start
+
+
+@dataclasses.dataclass
+class GeneratorConfig:
+    """Knobs of the GSM8K-format problem generator (``alignkit.data``)."""
+
+    min_steps: int = 1
+    max_steps: int = 4
+    max_number: int = 20  # operands are drawn from 2..max_number
+    seed: int = 0
 
 
 @dataclasses.dataclass
@@ -28,9 +35,7 @@ class TinyModelConfig:
     head_dim: int = 16
     rope_theta: float = 10_000.0
     max_position_embeddings: int = 512
-    # pretraining corpus: narratives, standalone equations, direct question -> answer lines, and
-    # problems followed by plain working (see alignkit.tiny)
-    n_narratives: int = 8_000
+    n_narratives: int = 8_000  # the pretraining corpus (alignkit.tiny): documents of each kind
     n_equations: int = 30_000
     n_direct: int = 8_000
     n_worked: int = 12_000
@@ -52,8 +57,7 @@ class SFTConfig:
     weight_decay: float = 0.0
     max_length: int = 256
     n_train: int = 8_000
-    # checkpoint schedule as fractions of max_steps; 0.0 is the base itself
-    schedule: tuple[float, ...] = (0.0, 0.05, 0.1, 0.25, 0.5, 1.0)
+    schedule: tuple[float, ...] = SCHEDULE
     seed: int = 0
 
 
@@ -61,22 +65,20 @@ class SFTConfig:
 class DPOConfig:
     """Direct preference optimisation through TRL's DPOTrainer on generated preference pairs."""
 
-    init: str = "sft"  # "sft": the final checkpoint of sft_dir(cfg); "base": the base model
+    init: str = "sft"  # "sft": the final SFT checkpoint; "base": the base model
     max_steps: int = 150
     batch_size: int = 16  # preference pairs per step
-    learning_rate: float = 3e-5  # measured: 1e-4 collapses accuracy (EOS lost), 1e-5 leaves it unchanged
+    learning_rate: float = 3e-5  # measured: 1e-4 collapses accuracy, 1e-5 changes nothing
     warmup_ratio: float = 0.1
     weight_decay: float = 0.0
     beta: float = 0.1  # strength of the implicit KL constraint to the reference (the init)
     n_pairs: int = 2_400  # one pass over the pairs at the tiny preset's sizes
     max_length: int = 256
     wrong_final_share: float = 0.25  # rejected = wrong "#### N" line; the rest: a propagated slip
-    # "corrupt": rejected = the gold solution made wrong (preference_pairs); "sampled": the init
-    # model's own wrong sample (of n_samples at sample_temperature), corrupt where none is wrong
-    rejected: str = "corrupt"
-    n_samples: int = 4
+    rejected: str = "corrupt"  # the gold solution made wrong, or "sampled": the init's wrong answer
+    n_samples: int = 4  # "sampled": samples per prompt, corrupt when none of them is wrong
     sample_temperature: float = 1.0
-    schedule: tuple[float, ...] = (0.0, 0.05, 0.1, 0.25, 0.5, 1.0)
+    schedule: tuple[float, ...] = SCHEDULE
     seed: int = 0
 
 
@@ -84,7 +86,7 @@ class DPOConfig:
 class GRPOConfig:
     """Group relative policy optimisation through TRL's GRPOTrainer with a verifiable reward."""
 
-    init: str = "sft"  # "sft": the final checkpoint of sft_dir(cfg); "base": the base model
+    init: str = "sft"  # "sft": the final SFT checkpoint; "base": the base model
     max_steps: int = 160
     batch_size: int = 32  # completions per step (= prompts per step x num_generations)
     learning_rate: float = 1e-4
@@ -93,10 +95,10 @@ class GRPOConfig:
     num_generations: int = 8  # group size: completions sampled per prompt
     beta: float = 0.04  # KL coefficient to the reference (the init); 0 drops the reference
     max_completion_length: int = 112  # as evaluation's max_new_tokens
-    format_reward: float = 0.1  # weight of the "ends with a '#### N' line" reward (exact match weighs 1)
+    format_reward: float = 0.1  # weight of the "ends with '#### N'" reward (exact match weighs 1)
     n_prompts: int = 640  # one pass over the prompts at the tiny preset's sizes
     temperature: float = 0.7  # sampling temperature of the rollouts
-    schedule: tuple[float, ...] = (0.0, 0.05, 0.1, 0.25, 0.5, 1.0)
+    schedule: tuple[float, ...] = SCHEDULE
     seed: int = 0
 
 
@@ -119,14 +121,15 @@ class Config:
     data_source: str = "synthetic"  # "synthetic", "openai/gsm8k", or a local .jsonl path
     eval_source: str | None = None  # defaults to data_source
     chat: bool = False  # use the tokenizer's chat template for prompts
-    generator: GeneratorConfig = dataclasses.field(default_factory=lambda: GeneratorConfig(1, 3, 10, 0))
+    generator: GeneratorConfig = dataclasses.field(
+        default_factory=lambda: GeneratorConfig(1, 3, 10, 0))
     tiny: TinyModelConfig = dataclasses.field(default_factory=TinyModelConfig)
     sft: SFTConfig = dataclasses.field(default_factory=SFTConfig)
     dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)
     grpo: GRPOConfig = dataclasses.field(default_factory=GRPOConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     dtype: str = "float32"
-    device: str = "auto"
+    device: str = "auto"  # "auto" (cuda:LOCAL_RANK when a GPU is present, else cpu), or explicit
     smoke: bool = False
     root: str = ""  # where runs/ live; default from ALIGNKIT_HOME or the repository
 
@@ -136,7 +139,7 @@ class Config:
 
 
 def default_root() -> Path:
-    """``$ALIGNKIT_HOME``, else ``runs/`` beside the package's repository, else ``~/.cache/alignkit``."""
+    """``$ALIGNKIT_HOME``, else ``runs/`` beside the repository, else ``~/.cache/alignkit``."""
     if os.environ.get("ALIGNKIT_HOME"):
         return Path(os.environ["ALIGNKIT_HOME"])
     repo = Path(__file__).resolve().parent.parent
@@ -149,11 +152,12 @@ def _tiny(smoke: bool) -> Config:
     cfg = Config()
     if smoke:
         cfg.tiny = dataclasses.replace(
-            cfg.tiny, num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1, n_narratives=600,
-            n_equations=600, n_direct=300, n_worked=600, pretrain_steps=30, pretrain_batch_size=16, vocab_size=512,
-        )
+            cfg.tiny, num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1,
+            n_narratives=600, n_equations=600, n_direct=300, n_worked=600, pretrain_steps=30,
+            pretrain_batch_size=16, vocab_size=512)
         cfg.sft = dataclasses.replace(cfg.sft, max_steps=20, batch_size=16, n_train=400)
-        cfg.dpo = dataclasses.replace(cfg.dpo, max_steps=16, batch_size=8, learning_rate=1e-3, n_pairs=64, max_length=128)
+        cfg.dpo = dataclasses.replace(cfg.dpo, max_steps=16, batch_size=8, learning_rate=1e-3,
+                                      n_pairs=64, max_length=128)
         cfg.grpo = dataclasses.replace(cfg.grpo, max_steps=4, batch_size=8, num_generations=4,
                                        max_completion_length=24, n_prompts=8)
         cfg.eval = dataclasses.replace(cfg.eval, n_eval=48, batch_size=48, max_new_tokens=48)
@@ -161,15 +165,15 @@ def _tiny(smoke: bool) -> Config:
 
 
 def _qwen3_06b(smoke: bool) -> Config:
-    cfg = Config(
-        preset="qwen3-0.6b", model="Qwen/Qwen3-0.6B", data_source="openai/gsm8k", dtype="bfloat16",
-        sft=SFTConfig(max_steps=1000, batch_size=16, learning_rate=1e-5, max_length=512, n_train=7473),
-        eval=EvalConfig(n_eval=500, batch_size=32, max_new_tokens=320),
-        dpo=DPOConfig(max_steps=300, batch_size=16, learning_rate=5e-7, beta=0.1, n_pairs=4800, max_length=640,
-                      rejected="sampled"),
-        grpo=GRPOConfig(max_steps=200, batch_size=64, learning_rate=1e-6, num_generations=8, beta=0.04,
-                        max_completion_length=320, n_prompts=1600, temperature=1.0),
-    )
+    cfg = Config(preset="qwen3-0.6b", model="Qwen/Qwen3-0.6B", data_source="openai/gsm8k",
+                 dtype="bfloat16", eval=EvalConfig(n_eval=500, batch_size=32, max_new_tokens=320),
+                 sft=SFTConfig(max_steps=1000, batch_size=16, learning_rate=1e-5, max_length=512,
+                               n_train=7473),
+                 dpo=DPOConfig(max_steps=300, batch_size=16, learning_rate=5e-7, beta=0.1,
+                               n_pairs=4800, max_length=640, rejected="sampled"),
+                 grpo=GRPOConfig(max_steps=200, batch_size=64, learning_rate=1e-6,
+                                 num_generations=8, beta=0.04, max_completion_length=320,
+                                 n_prompts=1600, temperature=1.0))
     if smoke:
         cfg.sft = dataclasses.replace(cfg.sft, max_steps=4, batch_size=2, n_train=16)
         cfg.dpo = dataclasses.replace(cfg.dpo, max_steps=2, batch_size=2, n_pairs=4, max_length=256)
@@ -182,42 +186,30 @@ def _qwen3_06b(smoke: bool) -> Config:
 PRESETS = {"tiny": _tiny, "qwen3-0.6b": _qwen3_06b}
 
 
-def get_config(preset: str = "tiny", smoke: bool = False, overrides: dict[str, Any] | None = None) -> Config:
-    """Build a preset's config, optionally shrunk for smoke runs, with dotted-key overrides.
-
-    Args:
-        preset: one of ``PRESETS``.
-        smoke: shrink every size so a whole pipeline runs in about a minute on a CPU.
-        overrides: e.g. ``{"sft.max_steps": 50, "model": "/path/to/Qwen3-0.6B"}``.
-
-    Returns:
-        The ``Config``.
-    """
+def get_config(preset: str = "tiny", smoke: bool = False,
+               overrides: dict[str, Any] | None = None) -> Config:
+    """The config of ``preset`` (one of ``PRESETS``), shrunk for CI when ``smoke``, with dotted-key
+    ``overrides`` such as ``{"sft.max_steps": 50, "model": "/path/to/Qwen3-0.6B"}``."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     cfg = PRESETS[preset](smoke)
     cfg.smoke = smoke
     for key, value in (overrides or {}).items():
-        _set(cfg, key, value)
+        setattr(*_resolve(cfg, key), value)
     return cfg
 
 
 def _resolve(cfg: Config, key: str) -> tuple[Any, str]:
-    """``(dataclass holding the field, field name)`` of a dotted key, or ValueError naming the key."""
+    """``(dataclass holding the field, field name)`` of a dotted key; ValueError naming the key."""
     parent, obj = cfg, cfg
     for name in key.split("."):
-        if not dataclasses.is_dataclass(obj) or name not in {f.name for f in dataclasses.fields(obj)}:
+        fields = dataclasses.fields(obj) if dataclasses.is_dataclass(obj) else ()
+        if name not in {f.name for f in fields}:
             raise ValueError(f"unknown config key {key!r}")
         parent, obj = obj, getattr(obj, name)
     return parent, name
 
 
 def get_value(cfg: Config, key: str) -> Any:
-    """The current value of a dotted config key (``"sft.max_steps"``); ValueError for an unknown key."""
-    parent, name = _resolve(cfg, key)
-    return getattr(parent, name)
-
-
-def _set(cfg: Config, key: str, value: Any) -> None:
-    parent, name = _resolve(cfg, key)
-    setattr(parent, name, value)
+    """The value of a dotted config key (``"sft.max_steps"``); ValueError for an unknown key."""
+    return getattr(*_resolve(cfg, key))

@@ -7,6 +7,7 @@ including ``"#### "``. Patching measures its change.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -17,38 +18,37 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from alignkit import cache
+from alignkit import runs
 from alignkit.config import Config
-from alignkit.data import dataset_hash, extract_answer, format_prompt, load_gsm8k, split_solution
-from alignkit.tiny import load_model
+from alignkit.data import (
+    cut_at_stop,
+    dataset_hash,
+    eval_set,
+    extract_answer,
+    format_prompt,
+    split_solution,
+)
+from alignkit.models import device_for, load_model
 
 logger = logging.getLogger(__name__)
 
 
-def cut_at_stop(text: str, stop: Sequence[str] = ("\nQuestion:",)) -> str:
-    """``text`` up to the first occurrence of any stop string: how evaluation (and GRPO's reward) cuts completions."""
-    for s in stop:
-        text = text.split(s)[0]
-    return text
-
-
 @torch.no_grad()
-def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 128, batch_size: int = 32,
-             stop: Sequence[str] = ("\nQuestion:",), desc: str = "generate", num_samples: int = 1,
-             temperature: float = 0.0, seed: int = 0) -> list[str]:
-    """Completions of ``prompts`` (batched, left padding), cut at the first stop string.
-
-    Greedy by default. With ``temperature > 0``: ``num_samples`` sampled completions per prompt,
-    prompt-major (``out[i * num_samples + j]`` is sample ``j`` of prompt ``i``), reproducible for
-    a given ``seed``, batch size and device.
-    """
+def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 128,
+             batch_size: int = 32, stop: Sequence[str] = ("\nQuestion:",), desc: str = "generate",
+             num_samples: int = 1, temperature: float = 0.0, seed: int = 0) -> list[str]:
+    """Completions of ``prompts`` (batched, left padding), cut at the first stop string. Greedy, or
+    with ``temperature > 0`` ``num_samples`` samples per prompt, prompt-major (sample ``j`` of
+    prompt ``i`` at ``i * num_samples + j``), reproducible for one seed, batch size and device."""
     if len(prompts) == 0:
         raise ValueError("generate needs at least one prompt, got an empty list")
     if temperature < 0 or (temperature == 0 and num_samples != 1) or num_samples < 1:
-        raise ValueError(f"greedy decoding gives one completion per prompt; got num_samples={num_samples} "
-                         f"with temperature={temperature} (use temperature > 0 to sample several)")
+        raise ValueError(f"greedy decoding gives one completion per prompt; got num_samples="
+                         f"{num_samples} with temperature={temperature} (use temperature > 0 to "
+                         "sample several)")
     sampling = {"do_sample": False} if temperature == 0 else {
-        "do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0, "num_return_sequences": num_samples}
+        "do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0,
+        "num_return_sequences": num_samples}
     if temperature > 0:
         torch.manual_seed(seed)
     side = tokenizer.padding_side
@@ -59,11 +59,11 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 128
         for i in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):
             enc = tokenizer(list(prompts[i : i + batch_size]), return_tensors="pt", padding=True,
                             add_special_tokens=False).to(device)
-            gen = model.generate(
-                **enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id, **sampling,
-            )
-            texts = tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens,
+                                 pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id, **sampling)
+            texts = tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :],
+                                           skip_special_tokens=True)
             outs.extend(cut_at_stop(t, stop) for t in texts)
     finally:
         tokenizer.padding_side = side
@@ -71,11 +71,8 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 128
 
 
 def answer_spans(tokenizer, prompts: Sequence[str], answers: Sequence[str]) -> list[dict]:
-    """Tokenise prompt + gold solution and locate the final answer's tokens.
-
-    Returns, per example, ``input_ids`` (list[int]) and ``answer_positions`` (token indices of the
-    final answer). Raises ValueError when the answer's characters do not fall on token boundaries.
-    """
+    """Per example, ``input_ids`` of prompt + gold solution and ``answer_positions``, the indices of
+    the final answer's tokens; ValueError when the answer does not fall on token boundaries."""
     out = []
     for k, (prompt, answer) in enumerate(zip(prompts, answers)):
         prefix, final = split_solution(answer)
@@ -83,27 +80,20 @@ def answer_spans(tokenizer, prompts: Sequence[str], answers: Sequence[str]) -> l
         text = text_prefix + final
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         start, end = len(text_prefix), len(text)
-        pos = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if a < end and b > start]
-        if not pos or enc["offset_mapping"][pos[0]][0] != start or enc["offset_mapping"][pos[-1]][1] != end:
-            raise ValueError(
-                f"example {k}: gold answer {final!r} cannot be located in the tokenisation "
-                "(it does not start and end on token boundaries)"
-            )
+        offsets = enc["offset_mapping"]
+        pos = [i for i, (a, b) in enumerate(offsets) if a < end and b > start]
+        if not pos or offsets[pos[0]][0] != start or offsets[pos[-1]][1] != end:
+            raise ValueError(f"example {k}: gold answer {final!r} cannot be located in the "
+                             "tokenisation (it does not start and end on token boundaries)")
         out.append({"input_ids": enc["input_ids"], "answer_positions": pos})
     return out
 
 
 @torch.no_grad()
-def answer_logprob(model, tokenizer, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 32) -> np.ndarray:
-    """Teacher-forced log P(gold final answer | prompt + gold solution prefix), summed over tokens.
-
-    Args:
-        prompts: formatted prompts (``format_prompt``).
-        answers: gold solutions ending with ``#### N``.
-
-    Returns:
-        ``[n_examples]`` float64 array of summed natural-log probabilities.
-    """
+def answer_logprob(model, tokenizer, prompts: Sequence[str], answers: Sequence[str],
+                   batch_size: int = 32) -> np.ndarray:
+    """Teacher-forced log P(gold final answer | prompt + gold solution up to "#### "), summed over
+    the answer's tokens: ``[n_examples]`` float64, for ``format_prompt`` prompts."""
     if len(prompts) == 0:
         raise ValueError("answer_logprob needs at least one example, got none")
     spans = answer_spans(tokenizer, prompts, answers)
@@ -121,56 +111,73 @@ def answer_logprob(model, tokenizer, prompts: Sequence[str], answers: Sequence[s
         logp = torch.log_softmax(logits.double(), dim=-1)
         for r, s in enumerate(chunk):
             pos = torch.tensor(s["answer_positions"])
-            targets = ids[r, pos].to(device)
-            result[i + r] = logp[r, pos - 1, targets].sum().item()
+            result[i + r] = logp[r, pos - 1, ids[r, pos].to(device)].sum().item()
     return result
 
 
-def eval_key(cfg: Config) -> dict:
-    return {"eval": cfg.eval, "source": cfg.eval_source or cfg.data_source, "generator": cfg.generator,
-            "chat": cfg.chat}
+@dataclasses.dataclass
+class CheckpointEval:
+    """One checkpoint's evaluation on ``n`` held-out problems (``eval-<key>.json`` beside it);
+    ``correct``, ``predictions``, ``outputs``, ``answer_logprob``: ``[n]``, evaluation-set order."""
+
+    checkpoint: str
+    step: int | None
+    weights_hash: str
+    key: str
+    accuracy: float
+    n: int
+    correct: list[bool]
+    predictions: list[str | None]
+    outputs: list[str]
+    answer_logprob: list[float]
+    mean_answer_logprob: float
+    train_loss: float | None = None
+
+    def save(self, path: str | Path) -> None:
+        runs.write_json_atomic(path, dataclasses.asdict(self))
+
+    @classmethod
+    def load(cls, path: str | Path) -> CheckpointEval:
+        return cls(**json.loads(Path(path).read_text()))
 
 
-def eval_set(cfg: Config):
-    """The held-out problems of a config (never seen in pretraining or SFT)."""
-    return load_gsm8k(cfg.eval_source or cfg.data_source, split="test", n=cfg.eval.n_eval, generator=cfg.generator)
+def eval_key(cfg: Config, ds) -> str:
+    return runs.hash_obj({"eval": cfg.eval, "source": cfg.eval_source or cfg.data_source,
+                          "generator": cfg.generator, "chat": cfg.chat, "data": dataset_hash(ds)})
 
 
-def evaluate_checkpoint(ckpt: str | Path, cfg: Config, ds=None) -> dict:
-    """Accuracy, per-example outputs and answer log-probs of one checkpoint, cached beside it.
-
-    The cache file ``eval-<key>.json`` is keyed by the evaluation settings and the eval set; it
-    records the checkpoint's weights hash and is recomputed if the weights changed.
-    """
+def evaluate_checkpoint(ckpt: str | Path, cfg: Config, ds=None) -> CheckpointEval:
+    """Accuracy, outputs and answer log-probs of one checkpoint, cached beside it in
+    ``eval-<key>.json`` (keyed by the evaluation settings and set; recomputed when the weights
+    differ from the hash it records)."""
     ckpt = Path(ckpt)
     ds = ds if ds is not None else eval_set(cfg)
-    key = cache.hash_obj(dict(eval_key(cfg), data=dataset_hash(ds)))
+    key = eval_key(cfg, ds)
     path = ckpt / f"eval-{key}.json"
-    whash = cache.weights_hash(ckpt)
+    whash = runs.weights_hash(ckpt)
     if path.is_file():
         try:
-            res = json.loads(path.read_text())
-            if res.get("weights_hash") == whash and len(res["correct"]) == len(ds):
+            res = CheckpointEval.load(path)
+            if res.weights_hash == whash and len(res.correct) == len(ds):
                 return res
-        except (ValueError, KeyError):
+        except (ValueError, KeyError, TypeError):
             pass
         logger.warning("stale or damaged evaluation cache %s: recomputing", path)
-    device = "cuda" if torch.cuda.is_available() and cfg.device in ("auto", "cuda") else "cpu"
-    model, tokenizer = load_model(ckpt, dtype=cfg.dtype, device=device)
+    model, tokenizer = load_model(ckpt, dtype=cfg.dtype, device=device_for(cfg))
     prompts = [format_prompt(q, tokenizer, chat=cfg.chat) for q in ds["question"]]
-    outputs = generate(model, tokenizer, prompts, cfg.eval.max_new_tokens, cfg.eval.batch_size, cfg.eval.stop,
-                       desc=f"generate {ckpt.name}")
+    outputs = generate(model, tokenizer, prompts, cfg.eval.max_new_tokens, cfg.eval.batch_size,
+                       cfg.eval.stop, desc=f"generate {ckpt.name}")
     preds = [extract_answer(o) for o in outputs]
     correct = [p is not None and p == g for p, g in zip(preds, ds["final_answer"])]
     lp = answer_logprob(model, tokenizer, prompts, ds["answer"], cfg.eval.batch_size)
-    manifest = json.loads((ckpt / "manifest.json").read_text()) if (ckpt / "manifest.json").is_file() else {}
-    res = {
-        "checkpoint": str(ckpt), "step": manifest.get("step"), "weights_hash": whash, "key": key,
-        "accuracy": float(np.mean(correct)), "n": len(correct), "correct": correct, "predictions": preds,
-        "outputs": outputs, "answer_logprob": lp.tolist(), "mean_answer_logprob": float(lp.mean()),
-        "train_loss": manifest.get("train_loss"),
-    }
-    cache.write_json_atomic(path, res)
+    manifest_path = ckpt / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    res = CheckpointEval(
+        checkpoint=str(ckpt), step=manifest.get("step"), weights_hash=whash, key=key,
+        accuracy=float(np.mean(correct)), n=len(correct), correct=correct, predictions=preds,
+        outputs=outputs, answer_logprob=lp.tolist(), mean_answer_logprob=float(lp.mean()),
+        train_loss=manifest.get("train_loss"))
+    res.save(path)
     return res
 
 
@@ -185,92 +192,59 @@ def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def evaluate_run(run_dir: str | Path, cfg: Config, ds=None) -> list[dict]:
-    """Evaluate every complete checkpoint of a run (cached), ordered by step, on ``eval_set(cfg)``."""
-    from alignkit.train import list_checkpoints
-
-    ckpts = list_checkpoints(run_dir)
+def evaluate_run(run_dir: str | Path, cfg: Config, ds=None) -> list[CheckpointEval]:
+    """Evaluate every complete checkpoint of a run (cached), ordered by step."""
+    ckpts = runs.list_checkpoints(run_dir)
     if not ckpts:
         raise ValueError(f"no complete checkpoints in {run_dir}")
     ds = ds if ds is not None else eval_set(cfg)
     return [evaluate_checkpoint(d, cfg, ds) for _, d in tqdm(ckpts, desc="checkpoints")]
 
 
-def flip_table(results: list[dict], cfg: Config, ds=None) -> dict[str, list[dict]]:
-    """Flip examples (wrong in the first checkpoint, right in the last) and controls (right in both).
+@dataclasses.dataclass
+class FlipTable:
+    """Flips (wrong at the first checkpoint, right at the last) and controls (right in both), rows
+    of ``index`` (into the evaluation set), ``question``, ``answer``, ``final_answer``,
+    ``base_output``, ``tuned_output``, ``base_answer_logprob`` and ``tuned_answer_logprob``."""
 
-    Returns:
-        ``{"flips": [...], "controls": [...]}``; each row has the eval index, question, gold
-        solution, final answer and both models' outputs.
-    """
+    flips: list[dict]
+    controls: list[dict]
+
+    def save(self, path: str | Path) -> None:
+        runs.write_json_atomic(path, dataclasses.asdict(self))
+
+    @classmethod
+    def load(cls, path: str | Path) -> FlipTable:
+        return cls(**json.loads(Path(path).read_text()))
+
+
+def flip_table(results: list[CheckpointEval], cfg: Config, ds=None) -> FlipTable:
+    """The flips and controls between the first and the last of ``results``."""
     ds = ds if ds is not None else eval_set(cfg)
     first, last = results[0], results[-1]
-    if len(first["correct"]) != len(ds) or len(last["correct"]) != len(ds):
+    if len(first.correct) != len(ds) or len(last.correct) != len(ds):
         raise ValueError("evaluation results do not match the evaluation set")
-    table: dict[str, list[dict]] = {"flips": [], "controls": []}
-    for i, (a, b) in enumerate(zip(first["correct"], last["correct"])):
-        kind = "flips" if (not a and b) else "controls" if (a and b) else None
-        if kind:
-            table[kind].append({
+    table = FlipTable([], [])
+    for i, (a, b) in enumerate(zip(first.correct, last.correct)):
+        rows = table.flips if (not a and b) else table.controls if (a and b) else None
+        if rows is not None:
+            rows.append({
                 "index": i, "question": ds[i]["question"], "answer": ds[i]["answer"],
-                "final_answer": ds[i]["final_answer"], "base_output": first["outputs"][i],
-                "tuned_output": last["outputs"][i],
-                "base_answer_logprob": first["answer_logprob"][i], "tuned_answer_logprob": last["answer_logprob"][i],
-            })
+                "final_answer": ds[i]["final_answer"], "base_output": first.outputs[i],
+                "tuned_output": last.outputs[i], "base_answer_logprob": first.answer_logprob[i],
+                "tuned_answer_logprob": last.answer_logprob[i]})
     return table
 
 
-def save_flip_table(run_dir: str | Path, table: dict) -> Path:
-    path = Path(run_dir) / "flips.json"
-    cache.write_json_atomic(path, table)
-    return path
-
-
-def summary(results: list[dict]) -> list[dict]:
-    """One row per checkpoint: step, accuracy with its Wilson interval, mean answer log-prob ± s.e."""
+def summary(results: list[CheckpointEval]) -> list[dict]:
+    """One row per checkpoint: step, accuracy with its Wilson interval, answer log-prob ± s.e."""
     rows = []
     for r in results:
-        k, n = int(sum(r["correct"])), r["n"]
+        k, n = int(sum(r.correct)), r.n
         lo, hi = wilson_interval(k, n)
-        lp = np.asarray(r["answer_logprob"], dtype=np.float64)
-        rows.append({"step": r["step"], "accuracy": k / n, "acc_lo": lo, "acc_hi": hi,
-                     "answer_logprob": float(lp.mean()), "answer_logprob_se": float(lp.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0,
-                     "train_loss": r.get("train_loss")})
+        lp = np.asarray(r.answer_logprob, dtype=np.float64)
+        se = float(lp.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
+        rows.append({"step": r.step, "accuracy": k / n, "acc_lo": lo, "acc_hi": hi,
+                     "answer_logprob": float(lp.mean()), "answer_logprob_se": se,
+                     "train_loss": r.train_loss})
     return rows
-
-
-
-def ensure_results(cfg: Config, method: str = "sft") -> tuple[Path, list[dict], dict[str, list[dict]]]:
-    """A method's run, the evaluation of every checkpoint and the flip table, each built only if missing.
-
-    Trains (cached) the run of ``method`` and whatever it starts from (DPO and GRPO start from the
-    final SFT checkpoint by default), evaluates every checkpoint on ``eval_set(cfg)`` with the
-    per-checkpoint cache, and compares the last checkpoint with the run's step 0 (the base for
-    SFT, the init for DPO/GRPO). Later notebooks call it so that any of them runs first.
-
-    Args:
-        cfg: the config.
-        method: ``"sft"``, ``"dpo"`` or ``"grpo"``.
-
-    Returns:
-        ``(run_dir, results, table)`` with results ordered by step and ``table`` as ``flip_table``.
-    """
-    from alignkit.train import train
-
-    run_dir = train(cfg, method)
-    ds = eval_set(cfg)
-    results = evaluate_run(run_dir, cfg, ds)
-    table = flip_table(results, cfg, ds)
-    save_flip_table(run_dir, table)
-    return run_dir, results, table
-
-
-def ensure_sft_results(cfg: Config) -> tuple[Path, list[dict], dict[str, list[dict]]]:
-    """``ensure_results(cfg, "sft")``: base, SFT checkpoints, their evaluations and the flip table (notebook 01)."""
-    return ensure_results(cfg, "sft")
-
-
-__all__ = [
-    "generate", "answer_spans", "answer_logprob", "evaluate_checkpoint", "evaluate_run", "flip_table",
-    "save_flip_table", "summary", "wilson_interval", "eval_set", "ensure_results", "ensure_sft_results", "cut_at_stop",
-]

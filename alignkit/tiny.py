@@ -1,12 +1,11 @@
 """The embedded base: a locally trained tokenizer and a small Qwen3 pretrained from scratch.
 
-The pretraining corpus teaches the problem world and arithmetic but not GSM8K's solution format:
-narratives (the events of a problem told as sentences, each with its outcome), standalone
-equations, direct ``Question: ...\\nAnswer: N`` lines (the answer alone, no worked steps) and
-problems followed by plain working (``... Working: 5+3=8. 8*2=16. The result is 16.``), the way
-reasoning appears in web text. Never the GSM8K solution format: no ``<<a+b=c>>`` annotations, no
-``####``, no worked solution after ``Answer:``. So the base answers directly when prompted with
-``Question: ...\\nAnswer:``, and SFT teaches it to write the GSM8K-style solution first.
+The pretraining corpus teaches the problem world and arithmetic: narratives (a problem's events
+as sentences, each with its outcome), standalone equations, direct ``Question: ...\\nAnswer: N``
+lines and problems followed by plain working (``... Working: 5+3=8. 8*2=16. The result is 16.``),
+as reasoning appears in web text. Never GSM8K's solution format (no ``<<a+b=c>>``, no ``####``, no
+worked solution after ``Answer:``): the base answers directly, and SFT teaches it to write the
+solution first.
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ import dataclasses
 import logging
 import os
 import random
-import re
 import shutil
 import time
 from pathlib import Path
@@ -24,8 +22,6 @@ import datasets
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
     PreTrainedTokenizerFast,
     Qwen3Config,
     Qwen3ForCausalLM,
@@ -34,9 +30,9 @@ from transformers import (
     default_data_collator,
 )
 
-from alignkit import cache
-from alignkit.config import Config, TinyModelConfig
-from alignkit.data import GeneratorConfig, format_prompt, generate_problems, iter_problems
+from alignkit import runs
+from alignkit.config import Config, GeneratorConfig, TinyModelConfig
+from alignkit.data import format_prompt, generate_problems, iter_problems
 
 logger = logging.getLogger(__name__)
 
@@ -49,11 +45,8 @@ CHAT_TEMPLATE = (
 
 
 def pretraining_corpus(tcfg: TinyModelConfig, gcfg: GeneratorConfig) -> list[str]:
-    """Documents of the pretraining corpus, shuffled (no GSM8K-format solutions among them).
-
-    Problems are drawn from the generator's train split on a stream of their own (stream 1), so
-    no evaluation question is ever seen and SFT data (stream 0) is not reused verbatim.
-    """
+    """Documents of the pretraining corpus, shuffled: train-split problems of generator stream 1, so
+    no evaluation question is ever seen and SFT data (stream 0) is not reused verbatim."""
     rng = random.Random(tcfg.seed)
     docs: list[str] = []
     it = iter_problems("train", gcfg, stream=1)
@@ -77,41 +70,31 @@ def pretraining_corpus(tcfg: TinyModelConfig, gcfg: GeneratorConfig) -> list[str
 
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """Byte-level BPE with single-digit splitting (as Qwen's tokenizers), wrapped for transformers."""
+    """Byte-level BPE splitting digits one by one (as Qwen's), wrapped for transformers."""
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
-    )
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS, bos_token=None)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS,
+                                   bos_token=None)
     fast.chat_template = CHAT_TEMPLATE
     fast.padding_side = "right"
     return fast
 
 
 def build_model(tcfg: TinyModelConfig, vocab_size: int, eos_id: int) -> Qwen3ForCausalLM:
-    """A randomly initialised Qwen3 with Qwen3-0.6B's module layout (GQA, QK-norm, tied embeddings)."""
+    """A randomly initialised Qwen3 with Qwen3-0.6B's layout (GQA, QK-norm, tied embeddings)."""
     config = Qwen3Config(
-        vocab_size=vocab_size,
-        hidden_size=tcfg.hidden_size,
-        intermediate_size=tcfg.intermediate_size,
-        num_hidden_layers=tcfg.num_hidden_layers,
-        num_attention_heads=tcfg.num_attention_heads,
-        num_key_value_heads=tcfg.num_key_value_heads,
-        head_dim=tcfg.head_dim,
-        max_position_embeddings=tcfg.max_position_embeddings,
-        rope_theta=tcfg.rope_theta,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=True,
-        bos_token_id=eos_id,
-        eos_token_id=eos_id,
-        pad_token_id=eos_id,
-    )
+        vocab_size=vocab_size, hidden_size=tcfg.hidden_size, head_dim=tcfg.head_dim,
+        intermediate_size=tcfg.intermediate_size, num_hidden_layers=tcfg.num_hidden_layers,
+        num_attention_heads=tcfg.num_attention_heads, num_key_value_heads=tcfg.num_key_value_heads,
+        max_position_embeddings=tcfg.max_position_embeddings, rope_theta=tcfg.rope_theta,
+        rms_norm_eps=1e-6, tie_word_embeddings=True,
+        bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id)
     torch.manual_seed(tcfg.seed)
     return Qwen3ForCausalLM(config)
 
@@ -127,13 +110,12 @@ def _blocks(tokenizer, docs: list[str], block_size: int) -> dict[str, list[list[
     return {"input_ids": blocks, "labels": [list(b) for b in blocks]}
 
 
-# Bump when the corpus or tokenizer recipe in this module changes, so old cached bases are not reused.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 1  # bump when this module's corpus or tokenizer recipe changes: no stale bases
 
 
 def base_key(cfg: Config) -> str:
-    """Cache key of the embedded base: its model, corpus and generator knobs, and the recipe version."""
-    return cache.hash_obj({"tiny": cfg.tiny, "generator": cfg.generator, "version": RECIPE_VERSION})
+    """Cache key of the embedded base: its model, corpus and generator knobs, and the recipe."""
+    return runs.hash_obj({"tiny": cfg.tiny, "generator": cfg.generator, "version": RECIPE_VERSION})
 
 
 def base_dir(cfg: Config) -> Path:
@@ -149,92 +131,55 @@ def _base_bytes(tcfg: TinyModelConfig) -> int:
 
 
 def ensure_base(cfg: Config) -> Path:
-    """Build the embedded base once (tokenizer + pretrained Qwen3) and return its directory.
-
-    The directory loads with ``AutoModelForCausalLM.from_pretrained`` and
-    ``AutoTokenizer.from_pretrained`` like a hub model. For a non-tiny ``cfg.model`` this returns
-    that path or hub id unchanged. A cached base is reused only when its weights match the hash in
-    its manifest; a damaged or half-written one is rebuilt. An unwritable or full output directory
-    fails here, before the build starts.
-    """
+    """Build the embedded base once (tokenizer + pretrained Qwen3; it loads like a hub model) and
+    return its directory, or a non-tiny ``cfg.model`` unchanged. A cached base is reused only when
+    its weights match its manifest's hash; an unwritable or full disk fails before the build."""
     if cfg.model != "tiny":
         return Path(cfg.model)
-    out = base_dir(cfg)
+    out, tcfg = base_dir(cfg), cfg.tiny
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # under accelerate launch: never build, never lock
-        if cache.manifest_matches(out):
+        if runs.manifest_matches(out):
             return out
         raise RuntimeError(f"the tiny base {out} must be built before a multi-process launch: run "
-                           "`python -m alignkit train sft` (or alignkit.tiny.ensure_base) once in one process")
-    cache.ensure_writable(out.parent, need_bytes=_base_bytes(cfg.tiny))
-    with cache.build_lock(out):
-        if cache.manifest_matches(out):
+                           "`python -m alignkit train sft` (or alignkit.tiny.ensure_base) once in "
+                           "one process")
+    runs.ensure_writable(out.parent, need_bytes=_base_bytes(tcfg))
+    with runs.build_lock(out):
+        if runs.manifest_matches(out):
             logger.info("reusing base %s", out)
             return out
         if out.exists():
-            logger.warning("base %s is incomplete or damaged (weights differ from its manifest): rebuilding", out)
+            logger.warning("base %s is incomplete or damaged (weights differ from its manifest): "
+                           "rebuilding", out)
         t0 = time.time()
-        docs = pretraining_corpus(cfg.tiny, cfg.generator)
+        docs = pretraining_corpus(tcfg, cfg.generator)
         # the tokenizer also sees solution-format text, so SFT targets tokenize sensibly
         sol = [r["answer"] for r in generate_problems(2000, "train", cfg.generator, stream=2)]
-        tokenizer = train_tokenizer(docs + sol, cfg.tiny.vocab_size)
-        model = build_model(cfg.tiny, len(tokenizer), tokenizer.eos_token_id)
-        ds = datasets.Dataset.from_dict(_blocks(tokenizer, docs, cfg.tiny.block_size))
-        logger.info("pretraining corpus: %d docs, %d blocks of %d tokens", len(docs), len(ds), cfg.tiny.block_size)
-        with cache.atomic_dir(out) as tmp:
+        tokenizer = train_tokenizer(docs + sol, tcfg.vocab_size)
+        model = build_model(tcfg, len(tokenizer), tokenizer.eos_token_id)
+        ds = datasets.Dataset.from_dict(_blocks(tokenizer, docs, tcfg.block_size))
+        logger.info("pretraining corpus: %d docs, %d blocks of %d tokens",
+                    len(docs), len(ds), tcfg.block_size)
+        with runs.atomic_dir(out) as tmp:
             args = TrainingArguments(
-                output_dir=str(tmp / "trainer"),
-                max_steps=cfg.tiny.pretrain_steps,
-                per_device_train_batch_size=cfg.tiny.pretrain_batch_size,
-                learning_rate=cfg.tiny.pretrain_lr,
-                lr_scheduler_type="cosine",
-                warmup_steps=max(1, cfg.tiny.pretrain_steps // 20),
-                weight_decay=0.01,
-                logging_steps=max(1, cfg.tiny.pretrain_steps // 20),
-                save_strategy="no",
-                report_to="none",
-                bf16=False,
-                use_cpu=not torch.cuda.is_available(),
-                dataloader_pin_memory=False,
-                seed=cfg.tiny.seed,
-                disable_tqdm=False,
-            )
-            trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=default_data_collator)
+                output_dir=str(tmp / "trainer"), max_steps=tcfg.pretrain_steps, seed=tcfg.seed,
+                per_device_train_batch_size=tcfg.pretrain_batch_size, weight_decay=0.01,
+                learning_rate=tcfg.pretrain_lr, warmup_steps=max(1, tcfg.pretrain_steps // 20),
+                lr_scheduler_type="cosine", logging_steps=max(1, tcfg.pretrain_steps // 20),
+                save_strategy="no", report_to="none", bf16=False, dataloader_pin_memory=False,
+                use_cpu=not torch.cuda.is_available(), disable_tqdm=False)
+            trainer = Trainer(model=model, args=args, train_dataset=ds,
+                              data_collator=default_data_collator)
             result = trainer.train()
             losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
             shutil.rmtree(tmp / "trainer", ignore_errors=True)
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-            cache.write_json_atomic(
-                tmp / "manifest.json",
-                {
-                    "kind": "tiny-base",
-                    "key": base_key(cfg),
-                    "config": dataclasses.asdict(cfg.tiny),
-                    "generator": dataclasses.asdict(cfg.generator),
-                    "n_docs": len(docs),
-                    "n_tokens": len(ds) * cfg.tiny.block_size,
-                    "pretrain_loss_curve": losses,
-                    "final_train_loss": result.training_loss,
-                    "wall_time_s": time.time() - t0,
-                    "weights_hash": cache.weights_hash(tmp),
-                },
-            )
+            runs.write_json_atomic(tmp / "manifest.json", {
+                "kind": "tiny-base", "key": base_key(cfg), "config": dataclasses.asdict(tcfg),
+                "generator": dataclasses.asdict(cfg.generator), "n_docs": len(docs),
+                "n_tokens": len(ds) * tcfg.block_size, "pretrain_loss_curve": losses,
+                "final_train_loss": result.training_loss, "wall_time_s": time.time() - t0,
+                "weights_hash": runs.weights_hash(tmp)})
         logger.info("built base %s in %.0f s", out, time.time() - t0)
         return out
-
-
-def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu"):
-    """Load a causal LM and its tokenizer from a directory or hub id (float32 on CPU by default)."""
-    p = Path(path).expanduser()
-    if p.exists():
-        if not (p / "config.json").is_file():
-            raise ValueError(f"{path} is not a model directory (no config.json)")
-        path = p
-    elif not re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)):  # neither a directory nor a hub id
-        raise ValueError(f"model path does not exist: {path}")
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype))
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model.to(device).eval()
-    return model, tokenizer

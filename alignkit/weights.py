@@ -1,46 +1,29 @@
-"""Weight-space drift: how far, how sparsely and in which directions post-training moved each matrix.
+"""Weight-space drift: how far, how sparsely and in which directions post-training moved weights.
 
-Compares two models of the same architecture and shape, the base ``W`` and the tuned ``W'``, one
-parameter tensor at a time, with ``dW = W' - W`` in float64 (each tensor is cast on its own, so
-memory stays at a few copies of the largest matrix even for real-size models). A measure never
-loads a model: pass ``torch.nn.Module`` objects (e.g. from ``alignkit.tiny.load_model``) or state
-dicts. Per parameter tensor (one row per layer and module: ``q, k, v, o, gate, up, down``, the
-norms ``input_norm, post_attn_norm, q_norm, k_norm``, ``embed``, ``final_norm``, and ``lm_head``
-only when it is not tied to the embedding — a state-dict ``lm_head.weight`` that shares storage
-with, or equals, ``embed_tokens.weight`` is a tied copy and is dropped):
+Compares base ``W`` and tuned ``W'`` (modules or state dicts of one architecture and shape) one
+parameter tensor at a time, ``dW = W' - W`` in float64, so memory stays at a few copies of the
+largest matrix. One row per tensor: ``q, k, v, o, gate, up, down``, the norms, ``embed``,
+``final_norm``, and ``lm_head`` only when untied (a state-dict copy sharing storage with, or
+equal to, ``embed_tokens.weight`` is dropped). Columns and their controls:
 
-* ``rel_change = ||dW||_F / ||W||_F`` (0 for ``dW = 0``; ``inf`` when ``W = 0`` and ``dW != 0``).
-* ``frac_changed``: share of entries with ``|dW| > tol`` (``tol`` absolute, see ``weight_drift``).
-  Control ``frac_changed_dense``: the share a dense Gaussian update with the same RMS would give,
-  ``erfc(tol / (rms * sqrt 2))``; far below it means the update is sparser than dense noise of
-  the same size.
-* ``frac_mass``: the smallest share of entries holding ``mass`` (0.9) of ``||dW||_F^2`` (largest
-  ``|dW|`` first) — scale free, no tolerance. Control ``frac_mass_dense``: the same share for a
-  dense Gaussian update (0.4446 at ``mass = 0.9``); a uniform update would give 0.9.
-* For 2-D matrices ``[d_out, d_in]`` only (1-D norms and biases get NaN here):
+* ``rel_change = ||dW||_F / ||W||_F`` (0 for ``dW = 0``; ``inf`` when ``W = 0 != dW``).
+* ``frac_changed``: share of entries with ``|dW| > tol``. Control ``frac_changed_dense``: the share
+  for a dense Gaussian update of the same RMS, ``erfc(tol / (rms sqrt 2))``; far below it means
+  the update is sparser than dense noise of the same size.
+* ``frac_mass``: smallest share of entries (largest ``|dW|`` first) holding ``mass`` of
+  ``||dW||_F^2``, scale free. Control ``frac_mass_dense``: the same for a dense Gaussian update
+  (``gaussian_mass_share``: 0.4446 at ``mass = 0.9``; a uniform update gives 0.9).
+* 2-D ``[d_out, d_in]`` only (NaN for 1-D): ``eff_rank``, RankMe (Garrido et al. 2023) of
+  ``dW``'s singular values, and ``rank_delta``, its numerical rank (``alignkit.spectral``'s
+  tolerance); controls ``eff_rank_dense`` (RankMe of a seeded Gaussian matrix of the same shape)
+  and the cap ``eff_rank_max = min(d_out, d_in)``. ``overlap_left`` / ``overlap_right``: mean
+  squared cosine of the principal angles between ``dW``'s top ``k_delta = min(k, rank_delta)``
+  left (output) / right (input) singular vectors and ``W``'s top ``k_base = min(k, rank W)``,
+  ``||U_dW^T U_W||_F^2 / k_delta``: 1 when the update lies in the base's principal subspace.
+  Controls ``chance_left = k_base / d_out``, ``chance_right = k_base / d_in``: the expectation for
+  random directions (a random unit vector puts ``k/d`` of its length^2 in a ``k``-dim subspace).
 
-  - ``eff_rank``: RankMe of ``dW``'s singular values (``alignkit.spectral.rankme_from_spectrum``:
-    ``exp(-sum p log p)``, ``p_k = sigma_k / sum sigma + eps``), ``rank_delta`` its numerical rank
-    (Gram eigenvalues above ``sigma_1^2 * max(d_out, d_in) * eps64``, spectral's convention: singular
-    values below ``~sqrt(max(d_out, d_in) * eps64) * sigma_1``, ~5e-7 sigma_1 at width 1024, count as 0).
-    Controls: ``eff_rank_dense``, RankMe of a Gaussian matrix of the same shape (seeded, what an
-    unstructured update scores) and the cap ``min(d_out, d_in)`` (``eff_rank_max``).
-  - ``overlap_left`` / ``overlap_right``: mean squared cosine of the principal angles between the
-    span of ``dW``'s top left (output-space, ``d_out``) / right (input-space, ``d_in``) singular
-    vectors and the span of ``W``'s top ``k``: ``||U_dW^T U_W||_F^2 / k_delta`` with
-    ``k_delta = min(k, rank_delta)`` update directions (directions beyond the update's rank are
-    arbitrary and are not counted) against ``k_base = min(k, rank W)`` base directions. 1: the
-    update lives inside the base's principal subspace; ``chance_left = k_base / d_out`` and
-    ``chance_right = k_base / d_in`` are its expectation for randomly oriented update directions
-    (a random unit vector puts ``k/d`` of its squared length in any fixed ``k``-dim subspace).
-
-A zero update (``dW = 0`` exactly) gets 0 everywhere, never NaN: ``rel_change``,
-``frac_changed``, ``frac_mass``, ``eff_rank``, ``rank_delta`` and both overlaps are 0 (no changed
-entry, no direction; the effective rank of the zero matrix is taken as its rank, 0).
-
-Singular values and vectors come, as in ``alignkit.spectral``, from the float64 eigendecomposition
-of the smaller Gram matrix (``min(d_out, d_in)`` square): top vectors are accurate to ~1e-12;
-singular values below ``~1e-7 * sigma_1`` are 0 or inaccurate, which RankMe's ``eps`` hides.
+A zero update gets 0 in every column, never NaN (the rank of the zero matrix is 0).
 """
 
 from __future__ import annotations
@@ -59,31 +42,27 @@ from alignkit import spectral
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["weight_drift", "summarize_drift", "module_name", "gaussian_mass_share", "MATRIX_METRICS"]
+__all__ = ["weight_drift", "summarize_drift", "module_name", "gaussian_mass_share",
+           "MATRIX_METRICS"]
 
 ModelLike = Union[torch.nn.Module, Mapping[str, torch.Tensor]]
-
-# metrics defined for 2-D matrices only (NaN for 1-D parameters)
 MATRIX_METRICS = ("eff_rank", "rank_delta", "eff_rank_dense", "eff_rank_max", "overlap_left",
                   "overlap_right", "chance_left", "chance_right", "k_delta", "k_base")
 
-_SHORT = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate", "up_proj": "up",
-          "down_proj": "down", "input_layernorm": "input_norm", "post_attention_layernorm": "post_attn_norm",
-          "q_norm": "q_norm", "k_norm": "k_norm"}
+_SHORT = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate",
+          "up_proj": "up", "down_proj": "down", "input_layernorm": "input_norm",
+          "post_attention_layernorm": "post_attn_norm", "q_norm": "q_norm", "k_norm": "k_norm"}
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.(.+)$")
-_EPS64 = float(np.finfo(np.float64).eps)
+_SAME_ARCH = "weight_drift compares two models of the same architecture"
+_DENSE_RANK: dict[tuple, float] = {}  # (shape, eps) -> eff_rank_dense, computed once per process
 
 
 def module_name(name: str, n_layers: int) -> tuple[int, str]:
-    """``(layer, module)`` of a parameter name, e.g. ``model.layers.3.self_attn.q_proj.weight -> (3, "q")``.
+    """``(layer, module)`` of a parameter name: ``(3, "q")`` for ``*.layers.3.*.q_proj.weight``.
 
-    Layer ``-1`` is the token embedding; ``n_layers`` holds everything after the decoder stack
-    (final norm, an untied ``lm_head``) and any other parameter outside ``layers.{i}``. Biases get
-    a ``.bias`` suffix (``"q.bias"``); unknown sublayer names are kept as their path.
-
-    Args:
-        name: a ``named_parameters`` / state-dict key.
-        n_layers: number of decoder layers.
+    Layer ``-1`` is the token embedding; ``n_layers`` (the number of decoder layers) holds the
+    final norm, an untied ``lm_head`` and anything else outside ``layers.{i}``. Biases get a
+    ``.bias`` suffix (``"q.bias"``); unknown sublayer names are kept as their path.
     """
     stem, _, leaf = name.rpartition(".")
     if leaf not in ("weight", "bias") or not stem:
@@ -99,94 +78,79 @@ def module_name(name: str, n_layers: int) -> tuple[int, str]:
 
 
 def _params(model: ModelLike, side: str) -> dict[str, torch.Tensor]:
-    """Floating parameters by name; tied duplicates (shared storage) appear once, first name kept."""
-    if isinstance(model, torch.nn.Module):
-        return {n: p.detach() for n, p in model.named_parameters()}  # named_parameters drops tied copies
+    """Floating parameters by name; tied duplicates (shared storage) once, first name kept."""
+    if isinstance(model, torch.nn.Module):  # named_parameters already drops tied copies
+        return {n: p.detach() for n, p in model.named_parameters()}
     if not isinstance(model, Mapping):
         raise TypeError(f"{side} must be a torch.nn.Module or a state dict (Mapping[str, Tensor]), "
-                        f"got {type(model).__name__}; load directories with alignkit.tiny.load_model")
+                        f"got {type(model).__name__}; load directories with "
+                        "alignkit.tiny.load_model")
     out, seen = {}, set()
     for n, t in model.items():
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{side} state dict entry {n!r} is a {type(t).__name__}, not a torch.Tensor")
+            raise TypeError(f"{side} state dict entry {n!r} is a {type(t).__name__}, "
+                            "not a torch.Tensor")
         if not t.is_floating_point():
             continue
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)) if t.device.type != "meta" else None
-        if key is not None and key in seen:
-            continue
-        seen.add(key)
+        if t.device.type != "meta":  # meta tensors have no storage to compare
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+            if key in seen:
+                continue
+            seen.add(key)
         out[n] = t.detach()
     return out
 
 
-def _check_pair(pb: dict[str, torch.Tensor], pt: dict[str, torch.Tensor], base, tuned) -> None:
+def _paired_params(base: ModelLike, tuned: ModelLike) -> tuple[dict, dict]:
+    """Floating parameters of both models by name, checked to pair up by name and shape."""
+    pb, pt = _params(base, "base"), _params(tuned, "tuned")
+    # a tied lm_head saved twice: dropped where it equals the embedding in every model having it
+    heads = [n for n in {**pb, **pt} if n.rsplit(".", 2)[-2:] == ["lm_head", "weight"]]
+    embeds = [n for n in {**pb, **pt} if n.rsplit(".", 2)[-2:] == ["embed_tokens", "weight"]]
+    if len(heads) == 1 and len(embeds) == 1:
+        h, e = heads[0], embeds[0]
+        sides = [p for p in (pb, pt) if h in p]
+        if all(e in p and p[h].shape == p[e].shape and torch.equal(p[h], p[e]) for p in sides):
+            logger.info("%s equals %s (tied): counted once, as embed", h, e)
+            for p in sides:
+                del p[h]
     for n, t in pb.items():
         if n not in pt:
             raise ValueError(f"parameter {n!r} is in base only (tuned has no such parameter): "
-                             "weight_drift compares two models of the same architecture")
+                             f"{_SAME_ARCH}")
         if tuple(t.shape) != tuple(pt[n].shape):
-            raise ValueError(f"parameter {n!r} has shape {tuple(t.shape)} in base and {tuple(pt[n].shape)} in tuned: "
+            raise ValueError(f"parameter {n!r} has shape {tuple(t.shape)} in base and "
+                             f"{tuple(pt[n].shape)} in tuned: "
                              "weight_drift compares two models of the same shape")
     for n in pt:
         if n not in pb:
             raise ValueError(f"parameter {n!r} is in tuned only (base has no such parameter): "
-                             "weight_drift compares two models of the same architecture")
-    if isinstance(base, torch.nn.Module) and isinstance(tuned, torch.nn.Module) and type(base) is not type(tuned):
+                             f"{_SAME_ARCH}")
+    modules = isinstance(base, torch.nn.Module) and isinstance(tuned, torch.nn.Module)
+    if modules and type(base) is not type(tuned):
         raise ValueError(f"base is a {type(base).__name__} and tuned a {type(tuned).__name__}: "
-                         "weight_drift compares two models of the same architecture")
+                         f"{_SAME_ARCH}")
     if not pb:
         raise ValueError("base has no floating-point parameters")
-
-
-def _drop_tied_head_(pb: dict[str, torch.Tensor], pt: dict[str, torch.Tensor]) -> None:
-    """Drop ``lm_head.weight`` where it is a copy of ``embed_tokens.weight`` (tied weights saved twice,
-    e.g. a scaled or reloaded state dict): in both models when it equals the embedding in both, or
-    in the one model that has it when the other (a module with tied weights) does not. A tied head
-    is counted once, as ``embed``."""
-    def find(suffix: list[str]) -> str | None:
-        names = [n for n in {**pb, **pt} if n.rsplit(".", 2)[-2:] == suffix]
-        return names[0] if len(names) == 1 else None
-
-    h, e = find(["lm_head", "weight"]), find(["embed_tokens", "weight"])
-    if h is None or e is None:
-        return
-
-    def tied(p: dict[str, torch.Tensor]) -> bool:
-        return h in p and e in p and p[h].shape == p[e].shape and torch.equal(p[h], p[e])
-
-    sides = [p for p in (pb, pt) if h in p]
-    if all(tied(p) for p in sides):
-        logger.info("%s equals %s (tied): counted once, as embed", h, e)
-        for p in sides:
-            del p[h]
-
-
-def _n_layers(names) -> int:
-    idx = [int(m.group(1)) for m in map(_LAYER.search, names) if m]
-    return max(idx) + 1 if idx else 0
+    return pb, pt
 
 
 def gaussian_mass_share(mass: float = 0.9) -> float:
-    """Share of the entries of a dense Gaussian matrix, largest ``|x|`` first, holding ``mass`` of ``sum x^2``.
+    """Share of a Gaussian matrix's entries, largest ``|x|`` first, holding ``mass`` of ``sum x^2``.
 
-    For ``x ~ N(0, 1)`` the entries with ``|x| > c`` are a share ``erfc(c / sqrt 2)`` of all and carry
-    ``2 c phi(c) + erfc(c / sqrt 2)`` of ``E[x^2]``; solved for ``c`` by bisection (0.4446 at 0.9).
-
-    Args:
-        mass: the fraction of the squared norm, in ``(0, 1]``.
+    For ``x ~ N(0, 1)`` the entries with ``|x| > c`` are a share ``erfc(c / sqrt 2)`` of all and
+    carry ``2 c phi(c) + erfc(c / sqrt 2)`` of ``E[x^2]``; ``c`` is found by bisection.
     """
     if not 0.0 < mass <= 1.0:
         raise ValueError(f"mass must be in (0, 1], got {mass}")
     if mass == 1.0:
         return 1.0
-
-    def held(c: float) -> float:
-        return 2.0 * c * math.exp(-c * c / 2.0) / math.sqrt(2.0 * math.pi) + math.erfc(c / math.sqrt(2.0))
-
-    lo, hi = 0.0, 40.0  # held() decreases from 1 to 0 on [0, inf)
+    lo, hi = 0.0, 40.0  # the share held decreases from 1 to 0 as c goes from 0 to inf
     for _ in range(200):
-        mid = (lo + hi) / 2.0
-        lo, hi = (mid, hi) if held(mid) > mass else (lo, mid)
+        c = (lo + hi) / 2.0
+        phi = math.exp(-c * c / 2.0) / math.sqrt(2.0 * math.pi)
+        held = 2.0 * c * phi + math.erfc(c / math.sqrt(2.0))
+        lo, hi = (c, hi) if held > mass else (lo, c)
     return math.erfc(lo / math.sqrt(2.0))
 
 
@@ -202,117 +166,65 @@ def _mass_share(d: torch.Tensor, mass: float) -> float:
         csum = torch.from_numpy(a[::-1].cumsum())
     else:
         csum = torch.sort(sq, descending=True).values.cumsum(0)
-    count = int(torch.searchsorted(csum, torch.tensor([mass * total], dtype=csum.dtype, device=csum.device))[0]) + 1
+    target = torch.tensor([mass * total], dtype=csum.dtype, device=csum.device)
+    count = int(torch.searchsorted(csum, target)[0]) + 1
     return min(count, sq.numel()) / sq.numel()
 
 
 def _top_singular(x: torch.Tensor, k: int) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
-    """Singular values (descending, round-off zeroed) and the top ``min(k, rank)`` singular vectors.
-
-    From the eigendecomposition of the smaller Gram matrix of ``x`` (float64, divided by
-    ``max|x|^2``), as ``alignkit.spectral`` does; the other side's vectors are ``x v / sigma`` (or
-    ``x^T u / sigma``). ``x`` is not copied.
-
-    Returns:
-        ``sigma: [min(m, n)]`` numpy, ``U: [m, r]``, ``V: [n, r]`` with ``r = min(k, rank)``.
-    """
+    """``sigma: [min(m, n)]`` (numpy, descending) of ``x: [m, n]`` and top vectors ``U: [m, r]``,
+    ``V: [n, r]``, ``r = min(k, rank)``, from the smaller Gram matrix of ``x / max|x|`` (top
+    vectors accurate to ~1e-12); the other side's are ``x v / sigma`` (or ``x^T u / sigma``)."""
     m, n = x.shape
     scale = float(x.abs().max())
     if scale == 0.0:
         return np.zeros(min(m, n)), x.new_zeros((m, 0)), x.new_zeros((n, 0))
     tall = m >= n
     lam, vecs = torch.linalg.eigh((x.T @ x if tall else x @ x.T) / (scale * scale))
-    sigma = spectral._sqrt_eigenvalues(lam, (m, n)) * scale  # descending, round-off eigenvalues set to 0
+    sigma = spectral.singular_values_from_gram(lam, (m, n)) * scale
     r = min(k, int((sigma > 0).sum()))
     top = vecs.flip(-1)[:, :r]
     s = torch.as_tensor(sigma[:r].copy(), dtype=x.dtype, device=x.device)
     other = (x @ top if tall else x.T @ top) / s
-    u, v = (other, top) if tall else (top, other)
-    return sigma, u, v
+    return (sigma, other, top) if tall else (sigma, top, other)
 
 
 def _overlap(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Mean squared cosine of the principal angles: ``||a^T b||_F^2 / a.shape[1]`` (0 when ``a`` is empty)."""
+    """Mean squared cosine of the principal angles, ``||a^T b||_F^2 / a.shape[1]`` (0 if empty)."""
     if a.shape[1] == 0 or b.shape[1] == 0:
         return 0.0
     return float((a.T @ b).square().sum()) / a.shape[1]
 
 
-_DENSE_RANK: dict[tuple, float] = {}  # (shape, eps) -> RankMe of the seeded Gaussian control, once per process
-
-
-def _dense_rank(shape: tuple[int, int], eps: float, device) -> float:
-    """RankMe of a seeded Gaussian matrix of ``shape`` (computed once per shape and ``eps``)."""
-    key = (shape, eps)
-    if key not in _DENSE_RANK:
-        g = torch.Generator(device="cpu").manual_seed(0)
-        z = torch.randn(shape, generator=g, dtype=torch.float64).to(device)
-        _DENSE_RANK[key] = spectral.rankme_from_spectrum(spectral.spectrum(z, center=False), eps)
-    return _DENSE_RANK[key]
-
-
-def weight_drift(
-    base: ModelLike,
-    tuned: ModelLike,
-    tol: float = 1e-5,
-    k: int = 8,
-    mass: float = 0.9,
-    eps: float = 1e-7,
-    device: str | torch.device | None = None,
-    progress: bool = True,
-) -> pd.DataFrame:
+def weight_drift(base: ModelLike, tuned: ModelLike, tol: float = 1e-5, k: int = 8,
+                 mass: float = 0.9, eps: float = 1e-7, device: str | torch.device | None = None,
+                 progress: bool = True) -> pd.DataFrame:
     """Per-parameter drift of ``tuned`` from ``base``: size, sparsity, rank and direction of ``dW``.
 
-    See the module docstring for the definitions and their controls.
-
-    ``tol`` is absolute, applied to ``|W' - W|`` computed in float64. The default ``1e-5`` sits far
-    above float32 round-off (a float32 weight of size ``|w| <= 1`` is stored to within
-    ``|w| * 2^-24 <= 6e-8``, so a tolerance ~170x that never counts a value that only passed
-    through float32 as changed) and at about bfloat16's resolution for weights near ``|w| = 1e-3``
-    (``2^-8 |w|``): in a bfloat16 checkpoint of typical weights (``|w| ~ 0.01-0.1``) every
-    representable change exceeds it. Set ``tol=0`` to count any bitwise change.
-
-    Cost: per matrix two Gram eigendecompositions (``W``, ``dW``; ``min(d_out, d_in)`` square, with
-    vectors), one for the Gaussian control (once per shape and process) and a sort of ``|dW|^2``.
-    Measured on the project's 2-core CPU with Qwen3-0.6B shapes (float32 in): 6.6 s per decoder
-    layer and 44 s for the 151936 x 1024 embedding (~4 min for the whole model), peak RSS 7.1 GB
-    (both models' float32 tensors included). ``device="cuda"`` moves each tensor's work to the GPU.
+    Columns and controls are defined in the module docstring. ``tol`` is absolute, on ``|dW|``:
+    ``1e-5`` is far above float32 round-off (``<= 6e-8`` for ``|w| <= 1``) and below any change
+    representable in bfloat16 for typical weights (``2^-8 |w|``, ``|w| ~ 0.01-0.1``); ``tol=0``
+    counts any bitwise change. Cost per matrix: Gram eigendecompositions of ``W`` and ``dW`` (the
+    Gaussian control's once per shape) and a sort of ``|dW|^2`` (benchmarks/RESULTS_scale.md).
 
     Args:
-        base: the reference model ``W``, a ``torch.nn.Module`` or a state dict.
-        tuned: the model ``W'`` of the same architecture and shapes.
-        tol: absolute threshold on ``|dW|`` for ``frac_changed`` (``>= 0``).
-        k: number of top singular directions of ``W`` and ``dW`` compared (``>= 1``).
-        mass: fraction of ``||dW||^2`` for ``frac_mass``, in ``(0, 1]``.
-        eps: RankMe's smoothing constant (``alignkit.spectral``'s default).
-        device: where to compute (``None``: where each parameter lives; devices without float64
-            fall back to the CPU).
-        progress: show a tqdm bar over parameters.
+        k, mass: as in the module docstring (``k >= 1``, ``mass`` in ``(0, 1]``).
+        eps: RankMe's smoothing constant.
+        device: where to compute (``None``: each parameter's device; CPU where float64 is missing).
 
     Returns:
-        One row per parameter tensor, in the base's order, with columns ``name, layer, module,
-        shape, numel, norm_base, norm_delta, rel_change, frac_changed, frac_changed_dense,
-        frac_mass, frac_mass_dense`` and, NaN for 1-D parameters, ``eff_rank, rank_delta,
-        eff_rank_dense, eff_rank_max, overlap_left, overlap_right, chance_left, chance_right,
-        k_delta, k_base``. ``df.attrs`` holds ``tol, k, mass, eps, n_layers``.
-
-    Raises:
-        ValueError: naming the first parameter that exists in one model only or whose shapes
-            differ, for models of different classes, for NaN/Inf weights, or bad ``tol``/``k``/
-            ``mass``.
-        TypeError: for inputs that are neither modules nor state dicts.
+        One row per parameter tensor, in the base's order: ``name, layer, module, shape, numel,
+        norm_base, norm_delta`` and the module docstring's columns; ``df.attrs`` holds ``tol, k,
+        mass, eps, n_layers``. ValueError names the first parameter in one model only, of unequal
+        shape or with NaN/Inf; also for models of different classes or bad arguments.
     """
     if not (isinstance(tol, (int, float)) and tol >= 0 and math.isfinite(tol)):
         raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
     if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k must be an integer >= 1, got {k!r}")
-    if not 0.0 < mass <= 1.0:
-        raise ValueError(f"mass must be in (0, 1], got {mass}")
-    pb, pt = _params(base, "base"), _params(tuned, "tuned")
-    _drop_tied_head_(pb, pt)
-    _check_pair(pb, pt, base, tuned)
-    n_layers = _n_layers(pb)
-    dense_mass = gaussian_mass_share(mass)
+    dense_mass = gaussian_mass_share(mass)  # raises for mass outside (0, 1]
+    pb, pt = _paired_params(base, tuned)
+    n_layers = max((int(m.group(1)) + 1 for m in map(_LAYER.search, pb) if m), default=0)
     rows = []
     for name, wb in tqdm(pb.items(), desc="weight drift", disable=not progress, leave=False):
         dev = torch.device(device) if device is not None else wb.device
@@ -327,55 +239,44 @@ def weight_drift(
         nb, nd = float(torch.linalg.vector_norm(w)), float(torch.linalg.vector_norm(d))
         numel = w.numel()
         rms = nd / math.sqrt(numel)
-        row = {
-            "name": name, "layer": layer, "module": module, "shape": tuple(w.shape), "numel": numel,
-            "norm_base": nb, "norm_delta": nd,
-            "rel_change": 0.0 if nd == 0.0 else (nd / nb if nb > 0 else math.inf),
-            "frac_changed": float((d.abs() > tol).sum()) / numel,
-            "frac_changed_dense": math.erfc(tol / (rms * math.sqrt(2.0))) if rms > 0 else 0.0,
-            "frac_mass": _mass_share(d, mass),
-            "frac_mass_dense": dense_mass,
-        }
+        row = {"name": name, "layer": layer, "module": module, "shape": tuple(w.shape),
+               "numel": numel, "norm_base": nb, "norm_delta": nd,
+               "rel_change": 0.0 if nd == 0.0 else (nd / nb if nb > 0 else math.inf),
+               "frac_changed": float((d.abs() > tol).sum()) / numel,
+               "frac_changed_dense": math.erfc(tol / (rms * math.sqrt(2.0))) if rms > 0 else 0.0,
+               "frac_mass": _mass_share(d, mass), "frac_mass_dense": dense_mass}
         row.update(dict.fromkeys(MATRIX_METRICS, math.nan))
         if w.ndim == 2 and min(w.shape) > 0:
             m, n = w.shape
             s_d, u_d, v_d = _top_singular(d, k)
             _, u_w, v_w = _top_singular(w, k)
             rank = int((s_d > 0).sum())
-            row.update({
-                "eff_rank": spectral.rankme_from_spectrum(s_d, eps) if rank > 0 else 0.0,
-                "rank_delta": rank,
-                "eff_rank_dense": _dense_rank((m, n), eps, dev),
-                "eff_rank_max": min(m, n),
-                "overlap_left": _overlap(u_d, u_w), "overlap_right": _overlap(v_d, v_w),
-                "chance_left": u_w.shape[1] / m, "chance_right": v_w.shape[1] / n,
-                "k_delta": u_d.shape[1], "k_base": u_w.shape[1],
-            })
+            if ((m, n), eps) not in _DENSE_RANK:  # RankMe of a seeded Gaussian matrix, once
+                z = torch.randn((m, n), generator=torch.Generator().manual_seed(0),
+                                dtype=torch.float64)
+                s_z = spectral.spectrum(z.to(dev), center=False)
+                _DENSE_RANK[(m, n), eps] = spectral.rankme_from_spectrum(s_z, eps)
+            row.update(eff_rank=spectral.rankme_from_spectrum(s_d, eps) if rank > 0 else 0.0,
+                       rank_delta=rank, eff_rank_dense=_DENSE_RANK[(m, n), eps],
+                       eff_rank_max=min(m, n), overlap_left=_overlap(u_d, u_w),
+                       overlap_right=_overlap(v_d, v_w), chance_left=u_w.shape[1] / m,
+                       chance_right=v_w.shape[1] / n, k_delta=u_d.shape[1], k_base=u_w.shape[1])
         rows.append(row)
         del w, d
     df = pd.DataFrame(rows)
     df.attrs.update({"tol": tol, "k": k, "mass": mass, "eps": eps, "n_layers": n_layers})
-    logger.info("weight_drift: %d parameters, %d layers, largest relative change %.3g (%s)", len(df), n_layers,
-                df["rel_change"].max(), df.loc[df["rel_change"].idxmax(), "name"])
+    logger.info("weight_drift: %d parameters, %d layers, largest relative change %.3g (%s)",
+                len(df), n_layers, df["rel_change"].max(),
+                df.loc[df["rel_change"].idxmax(), "name"])
     return df
 
 
 def summarize_drift(df: pd.DataFrame, by: str | list[str] = "module") -> pd.DataFrame:
-    """Pool ``weight_drift`` rows by module type (or layer): one number per group.
+    """Pool a ``weight_drift`` table by ``by`` (``"module"``, ``"layer"``, or a list of both).
 
-    ``rel_change`` pools norms, ``sqrt(sum ||dW||^2 / sum ||W||^2)`` (a whole-group relative change,
-    not a mean of ratios); ``frac_changed``/``frac_changed_dense`` are entry-weighted means (the
-    share of the group's entries that changed); ``frac_mass``, ``eff_rank``, ``eff_rank_dense``, the
-    overlaps and their chance levels are plain means over the group's tensors (NaN-skipping).
-
-    Args:
-        df: a ``weight_drift`` table.
-        by: column(s) to group by, e.g. ``"module"``, ``"layer"`` or ``["layer", "module"]``.
-
-    Returns:
-        One row per group with ``n_tensors, numel, rel_change, frac_changed, frac_changed_dense,
-        frac_mass, frac_mass_dense, eff_rank, eff_rank_dense, overlap_left, overlap_right,
-        chance_left, chance_right``.
+    One row per group: ``n_tensors, numel``; ``rel_change = sqrt(sum ||dW||^2 / sum ||W||^2)``
+    (the whole group's change, not a mean of ratios); ``frac_changed(_dense)`` weighted by entries;
+    ``frac_mass(_dense)``, ``eff_rank(_dense)``, ``overlap_*``, ``chance_*``: NaN-skipping means.
     """
     keys = [by] if isinstance(by, str) else list(by)
     missing = [c for c in keys + ["norm_base", "norm_delta", "numel"] if c not in df.columns]
@@ -389,10 +290,11 @@ def summarize_drift(df: pd.DataFrame, by: str | list[str] = "module") -> pd.Data
                "rel_change": 0.0 if nd2 == 0 else (math.sqrt(nd2 / nb2) if nb2 > 0 else math.inf),
                "frac_changed": float((w * g["frac_changed"]).sum()),
                "frac_changed_dense": float((w * g["frac_changed_dense"]).sum())}
-        for c in ("frac_mass", "frac_mass_dense", "eff_rank", "eff_rank_dense", "overlap_left", "overlap_right",
-                  "chance_left", "chance_right"):
+        for c in ("frac_mass", "frac_mass_dense", "eff_rank", "eff_rank_dense", "overlap_left",
+                  "overlap_right", "chance_left", "chance_right"):
             out[c] = float(g[c].mean()) if g[c].notna().any() else math.nan
         return pd.Series(out)
 
-    table = pd.DataFrame({key: pool(g) for key, g in df.groupby(keys if len(keys) > 1 else keys[0], sort=True)}).T.rename_axis(keys)
+    groups = df.groupby(keys if len(keys) > 1 else keys[0], sort=True)
+    table = pd.DataFrame({key: pool(g) for key, g in groups}).T.rename_axis(keys)
     return table.astype({"n_tensors": int, "numel": int}).infer_objects()

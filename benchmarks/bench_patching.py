@@ -55,7 +55,8 @@ import torch
 from alignkit import patching
 from alignkit.config import get_config
 from alignkit.data import format_prompt, generate_problems
-from alignkit.hooks import decoder, n_layers, overwrite, record, unembed
+from alignkit.hooks import overwrite, record
+from alignkit.models import decoder, n_layers, unembed
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).with_name("RESULTS_patching.md")
@@ -83,7 +84,7 @@ def load_problem(n: int):
     """(base, tuned, tokenizer, examples, description)."""
     run = find_run()
     if run is not None:
-        from alignkit.tiny import load_model
+        from alignkit.models import load_model
 
         ckpts = sorted((run / "checkpoints").glob("step-*"))
         base, tok = load_model(ckpts[0])

@@ -4,7 +4,7 @@ Qwen/Qwen3-0.6B cannot be downloaded here, so two models are built from its conf
 (``QWEN3_06B``: 28 layers, hidden 1024, 16 query / 8 key-value heads, head_dim 128, intermediate
 3072, vocabulary 151,936, tied embeddings, rope_theta 1e6, RMSNorm eps 1e-6) with random weights,
 saved with ``save_pretrained`` (float32 safetensors, 2.4 GB each) and loaded back **by path** with
-``alignkit.tiny.load_model``, exactly as a downloaded checkpoint would be:
+``alignkit.models.load_model``, exactly as a downloaded checkpoint would be:
 
 * ``base``: transformers' own initialisation (normal, std 0.02) under ``torch.manual_seed(seed)``;
 * ``tuned``: base plus Gaussian noise on every weight matrix of decoder layer ``l`` with standard
@@ -26,10 +26,10 @@ Stages, each in its own subprocess so that its peak resident memory is its own (
 ``os.wait4`` on the child: ``ru_maxrss`` of that process alone, which counts file pages it mapped
 and touched, e.g. safetensors weights during loading):
 
-1. ``capture:<model>``: ``load_model`` by path, then ``activations.capture_cached`` of the mean-pooled
+1. ``capture:<model>``: ``load_model`` by path, then ``capture.capture_cached`` of the mean-pooled
    residual stream at all 29 hook points (``embed`` + 28 ``layers.l.resid``), stored as float16
    safetensors and returned memory-mapped (``mmap=True``). The decoder runs without the LM head.
-2. ``cka``: both captures memory-mapped (``activations.load_activations``), the 29 x 29
+2. ``cka``: both captures memory-mapped (``capture.load_activations``), the 29 x 29
    ``cka.cka_matrix`` (biased and debiased; layers are converted to fp32 one at a time).
 3. ``spectral``: ``spectral.layer_metrics`` (RankMe, Rényi ranks) of both models, their
    ``bootstrap_layer_metrics`` (80 % subsampling, ``n_boot``) and ``paired_delta``.
@@ -97,7 +97,7 @@ class Spec:
     mode: str = "full"
 
     def models_key(self) -> str:
-        from alignkit import cache
+        from alignkit import runs as cache
 
         keep = ("model", "noise", "tokenizer_vocab", "tokenizer_corpus", "min_steps", "max_steps", "max_number", "seed")
         return cache.hash_obj({k: getattr(self, k) for k in keep}, length=12)
@@ -113,7 +113,8 @@ def quick_spec(**over) -> Spec:
 
 
 def problems(spec: Spec, n: int, split: str = "test") -> list[dict]:
-    from alignkit.data import GeneratorConfig, generate_problems
+    from alignkit.config import GeneratorConfig
+    from alignkit.data import generate_problems
 
     gen = GeneratorConfig(min_steps=spec.min_steps, max_steps=spec.max_steps, max_number=spec.max_number,
                           seed=spec.seed)
@@ -190,7 +191,7 @@ def perturb_(model, noise: float, seed: int) -> None:
     """
     import torch
 
-    from alignkit.hooks import decoder_layers
+    from alignkit.models import decoder_layers
 
     g = torch.Generator().manual_seed(seed + 1)
     layers = decoder_layers(model)
@@ -212,7 +213,7 @@ def build_models(spec: Spec, workdir: Path) -> dict:
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from alignkit import cache
+    from alignkit import runs as cache
 
     base_dir, tuned_dir = model_dirs(spec, workdir)
     done = base_dir.parent / "done.json"
@@ -279,9 +280,9 @@ def stage_capture(spec: Spec, workdir: Path, name: str) -> dict:
     ph = Phases()
     import torch
 
-    from alignkit import cache
-    from alignkit.activations import capture_cached
-    from alignkit.tiny import load_model
+    from alignkit import runs as cache
+    from alignkit.capture import capture_cached
+    from alignkit.models import load_model
 
     ph.mark("imports")
     texts = probe_texts(spec)
@@ -306,7 +307,7 @@ def stage_capture(spec: Spec, workdir: Path, name: str) -> dict:
 def _load_pair(workdir: Path, ph: "Phases"):
     """Both models' cached activations, memory-mapped and checked comparable, and the hook points
     with variance in both (constant ones dropped)."""
-    from alignkit.activations import check_comparable, load_activations, varying_points
+    from alignkit.capture import check_comparable, load_activations, varying_points
 
     ph.mark("imports")
     a, b = (load_activations(_acts_entry(workdir, n), mmap=True) for n in ("base", "tuned"))
@@ -351,7 +352,7 @@ def stage_patching(spec: Spec, workdir: Path) -> dict:
     import numpy as np
 
     from alignkit import patching
-    from alignkit.tiny import load_model
+    from alignkit.models import load_model
 
     ph.mark("imports")
     base_dir, tuned_dir = model_dirs(spec, workdir)
@@ -488,7 +489,7 @@ std 0.02) under `torch.manual_seed(0)`; *tuned* is base plus Gaussian noise on e
 decoder layer `l` with standard deviation `0.5 * (l + 1) / 28` times that matrix's own standard
 deviation (drift growing with depth; embeddings and norms untouched). Each is saved with
 `save_pretrained` as **float32** safetensors (2.4 GB) together with the tokenizer and loaded back **by
-path** with `alignkit.tiny.load_model`, as a downloaded checkpoint would be (float32, CPU).
+path** with `alignkit.models.load_model`, as a downloaded checkpoint would be (float32, CPU).
 
 **Tokenizer.** The project's recipe (`alignkit.tiny.train_tokenizer`: byte-level BPE, digits split
 one by one as in Qwen's tokenizers) trained on 3,000 generated train-split problems, then its ids
@@ -502,12 +503,12 @@ GSM8K's question length. Patching examples are the first `n_patch` of them with 
 
 **Stages.** Each runs in its own Python process, started by a launcher that never imports torch:
 
-1. `capture`: `load_model` by path, then `activations.capture_cached` of the residual stream at all
+1. `capture`: `load_model` by path, then `capture.capture_cached` of the residual stream at all
    29 hook points (`embed` and `layers.0..27.resid`), mean-pooled over each prompt's tokens (in
    float64 inside the hooks), stored as **float16** safetensors and returned **memory-mapped**
    (`mmap=True`). The decoder runs without the LM head. The activation cache is emptied first, so
    every run measures a miss.
-2. `cka`: both captures memory-mapped by path (`activations.load_activations`), the 29 x 29
+2. `cka`: both captures memory-mapped by path (`capture.load_activations`), the 29 x 29
    `cka.cka_matrix`, biased and debiased (layers converted to fp32 one at a time, HSIC in float64).
 3. `spectral`: `spectral.layer_metrics` of both models (RankMe, Renyi ranks 0.5/1/2/inf) and
    `bootstrap_layer_metrics` with notebook 03's full setting (80 % subsampling, `n_boot` = 200) plus

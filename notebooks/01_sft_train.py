@@ -52,10 +52,10 @@ import pandas as pd
 from IPython.display import Markdown, display
 
 from alignkit.config import get_config
-from alignkit.evaluate import eval_set, evaluate_run, flip_table, save_flip_table, summary
 from alignkit.plots import plot_sft_training, save_figure
+from alignkit.report import summarize_sft
+from alignkit.stages import ensure_results
 from alignkit.tiny import ensure_base
-from alignkit.train import list_checkpoints, train_sft
 
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 cfg = get_config(PRESET, smoke=SMOKE, overrides=OVERRIDES)
@@ -73,29 +73,20 @@ manifest_path = base_path / "manifest.json"
 if manifest_path.is_file():
     base_manifest = json.loads(manifest_path.read_text())
     print(f"base: {base_path}")
-    print(f"pretraining: {base_manifest['n_tokens']:,} tokens, final loss {base_manifest['final_train_loss']:.3f}, "
-          f"{base_manifest['wall_time_s']:.0f} s to build")
+    print(f"pretraining: {base_manifest['n_tokens']:,} tokens, final loss "
+          f"{base_manifest['final_train_loss']:.3f}, {base_manifest['wall_time_s']:.0f} s to build")
 
 # %% [markdown]
-# ## 2 · SFT with scheduled checkpoints
-# Loss is on the solution only (TRL masks the prompt). Rerunning this cell after an interruption
-# resumes from the last complete checkpoint; a finished run returns at once.
+# ## 2 · SFT with scheduled checkpoints, each evaluated
+# Loss is on the solution only (TRL masks the prompt). `ensure_results` trains (resuming from the
+# last complete checkpoint after an interruption; a finished run returns at once), then evaluates
+# every checkpoint on held-out problems (cached next to each checkpoint, keyed by the evaluation
+# settings and the weights) and saves the flip table.
 
 # %%
-run_dir = train_sft(cfg)
-ckpts = list_checkpoints(run_dir)
-print(f"run: {run_dir}")
-print("checkpoints at steps:", [s for s, _ in ckpts])
-
-# %% [markdown]
-# ## 3 · Evaluate every checkpoint
-# Results are cached next to each checkpoint, keyed by the evaluation settings and the weights.
-
-# %%
-ds = eval_set(cfg)  # held-out problems, never seen in pretraining or SFT
-results = evaluate_run(run_dir, cfg, ds)
-rows = summary(results)
-pd.DataFrame(rows).round(4)
+res = ensure_results(cfg, "sft")
+print(f"run: {res.run_dir}\ncheckpoints at steps: {res.steps}")
+pd.DataFrame(res.summary()).round(4)
 
 # %% [markdown]
 # ### How to read the figure
@@ -105,22 +96,19 @@ pd.DataFrame(rows).round(4)
 # gold solution prefix, with a 95 % interval of the mean.
 
 # %%
-loss_path = run_dir / "train_log.json"
-loss = [tuple(x) for x in json.loads(loss_path.read_text())["loss"]] if loss_path.is_file() else []
-fig = plot_sft_training(rows, loss)
+fig = plot_sft_training(res.summary(), res.loss())
 if not SMOKE:
     save_figure(fig, "sft_training")
 
 # %% [markdown]
-# ## 4 · Flip examples
+# ## 3 · Flip examples
 # Wrong in the base, right after SFT — the examples whose improvement notebook 04 localises.
 # Controls are right in both.
 
 # %%
-table = flip_table(results, cfg, ds)
-save_flip_table(run_dir, table)
-print(f"{len(table['flips'])} flips and {len(table['controls'])} controls out of {len(ds)} held-out problems")
-for row in table["flips"][:N_SHOWN]:
+print(f"{len(res.table.flips)} flips and {len(res.table.controls)} controls out of "
+      f"{res.evals[0].n} held-out problems")
+for row in res.table.flips[:N_SHOWN]:
     print("-" * 80)
     print("Q:", row["question"])
     print("base  :", row["base_output"].strip()[:200].replace("\n", " | "))
@@ -128,23 +116,11 @@ for row in table["flips"][:N_SHOWN]:
     print("gold  :", row["final_answer"])
 
 # %% [markdown]
-# ## 5 · What this run shows
-# Computed from the results above (not typed in):
+# ## 4 · What this run shows
+# Computed from the results above by `alignkit.report.summarize_sft` (not typed in):
 
 # %%
-first, last = rows[0], rows[-1]
-best = max(rows, key=lambda r: r["accuracy"])
-display(Markdown(
-    f"- Base accuracy **{100 * first['accuracy']:.1f} %** "
-    f"(95 % CI {100 * first['acc_lo']:.1f}–{100 * first['acc_hi']:.1f}) on {results[0]['n']} held-out problems; "
-    f"after {last['step']} SFT steps **{100 * last['accuracy']:.1f} %** "
-    f"({100 * last['acc_lo']:.1f}–{100 * last['acc_hi']:.1f}), a change of "
-    f"{100 * (last['accuracy'] - first['accuracy']):+.1f} points; best checkpoint: step {best['step']}.\n"
-    f"- Mean answer log-prob moved from {first['answer_logprob']:.2f} to {last['answer_logprob']:.2f} nats.\n"
-    f"- {len(table['flips'])} flip examples and {len(table['controls'])} controls were saved to "
-    f"`{run_dir.name}/flips.json` for notebooks 02–04."
-    + ("\n- *Smoke mode: tiny sizes, the numbers mean nothing.*" if SMOKE else "")
-))
+display(Markdown(summarize_sft(res, smoke=SMOKE)))
 
 # %% [markdown]
 # ## The real path: Qwen/Qwen3-0.6B on GSM8K

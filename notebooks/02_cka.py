@@ -57,43 +57,33 @@ import numpy as np
 import pandas as pd
 from IPython.display import Markdown, display
 
-from alignkit import cka, pipeline
-from alignkit.activations import capture_run, probe_texts, varying_points
+from alignkit import cka, controls
+from alignkit.capture import varying_points
 from alignkit.config import get_config
-from alignkit.evaluate import ensure_sft_results
 from alignkit.plots import plot_heatmap, plot_layer_curves, save_figure
+from alignkit.report import summarize_cka
+from alignkit.stages import ensure_captures, ensure_cka
 
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 cfg = get_config(PRESET, smoke=SMOKE, overrides=OVERRIDES)
-run_dir, results, flips = ensure_sft_results(cfg)  # builds notebook 01's artifacts if missing
 
 # %% [markdown]
-# ## 1 · Activations
-# The project's one capture path (`alignkit.activations`), cached on disk by checkpoint content
-# hash, probe set, hook points and pooling. Hook points whose rows are identical for every prompt
-# (the embedding output under last-token pooling: every prompt ends with the same token) have
-# zero variance, where CKA is undefined: they are dropped and named.
+# ## 1 · Activations and every CKA result
+# The project's one capture path (`alignkit.capture`), cached on disk by checkpoint content hash,
+# probe set, hook points and pooling (`ensure_captures` trains and evaluates what is missing, so
+# this notebook runs first in a fresh clone too). Hook points whose rows are identical for every
+# prompt (the embedding output under last-token pooling: every prompt ends with the same token)
+# have zero variance, where CKA is undefined: they are dropped and named. `ensure_cka` computes
+# every result of this notebook once and caches it in the run's `analysis/` (`python -m alignkit
+# cka` writes the same file).
 
 # %%
-texts = probe_texts(cfg)
-captures = {p: capture_run(run_dir, texts, pooling=p) for p in POOLINGS}
-steps = sorted(captures[POOLINGS[0]])
-base_step, final_step = steps[0], steps[-1]
-
-
-def stacks(pooling):
-    """{step: [L, n, d] float tensor} without zero-variance hook points, and the kept labels."""
-    caps = captures[pooling]
-    keep, labels, dropped = varying_points(caps.values())
-    if dropped:
-        print(f"[{pooling}] dropped (zero variance across prompts): {dropped}")
-    return {s: caps[s].acts[keep] for s in steps}, labels
-
-
-acts, labels = stacks(POOLINGS[0])
-has_embed = labels[0] == "embed"
-print(f"{len(texts)} probe prompts × {len(labels)} hook points × width {acts[base_step].shape[-1]}, "
-      f"checkpoints at steps {steps}")
+captures = ensure_captures(cfg, "sft", POOLINGS)
+res = ensure_cka(cfg, "sft", pooling=POOLINGS[0], alt_pooling=POOLINGS[1], n_boot=N_BOOT,
+                 n_perm=N_PERM)
+steps, labels, has_embed = res.steps, res.labels, res.labels[0] == "embed"
+print(f"{len(labels)} hook points, checkpoints at steps {steps}"
+      + (f"; dropped (zero variance across prompts): {res.dropped}" if res.dropped else ""))
 
 # %% [markdown]
 # ## 2 · Layerwise CKA, base vs every checkpoint
@@ -102,17 +92,14 @@ print(f"{len(texts)} probe prompts × {len(labels)} hook points × width {acts[b
 # split-half resampling, drawn below 1): drift inside it cannot be told apart from the probe set.
 
 # %%
-# every CKA result of this notebook, computed once and cached in run_dir/analysis (`python -m alignkit cka`
-# writes the same file)
-res = pipeline.ensure_cka(cfg, "sft", pooling=POOLINGS[0], n_boot=N_BOOT, n_perm=N_PERM)
-curves, noise = res["curves"], res["noise"]  # bootstrap per step and debiased flag; split-half noise floors
-fig, axes = plt.subplots(1, 2, figsize=(14, 4.5), sharey=False)
-for ax, d in zip(axes, (False, True)):
-    plot_layer_curves({f"step {s}": c for s, c in curves[d].items()}, ax=ax,
-                      ylabel=("debiased " if d else "") + "linear CKA (base, checkpoint)",
-                      title=("Debiased" if d else "Classic") + f" CKA per layer ({POOLINGS[0]} pooling)",
-                      band={"lo": 1 - noise[d]["half_width"], "hi": np.ones(len(labels))},
-                      band_label="noise floor (split-half, 95 %)", has_embed=has_embed)
+fig, axes = plt.subplots(1, 2, figsize=(14, 4.5))
+for ax, curves, noise, name in ((axes[0], res.classic, res.noise_classic, "Classic"),
+                                (axes[1], res.debiased, res.noise_debiased, "Debiased")):
+    plot_layer_curves({f"step {s}": c for s, c in curves.items()}, ax=ax, has_embed=has_embed,
+                      ylabel=f"{name.lower()} linear CKA (base, checkpoint)",
+                      title=f"{name} CKA per layer ({res.pooling} pooling)",
+                      band={"lo": 1 - noise, "hi": np.ones(len(labels))},
+                      band_label="noise floor (split-half, 95 %)")
 fig.tight_layout()
 if not SMOKE:
     save_figure(fig, "layerwise_CKA")
@@ -124,11 +111,11 @@ if not SMOKE:
 # permutation baseline (rows of the tuned model shuffled; the chance level of each cell).
 
 # %%
-mat, chance, path = res["matrix"], res["chance"], res["path"]
 fig, axes = plt.subplots(1, 2, figsize=(13, 5))
-plot_heatmap(mat, ax=axes[0], path=path, xlabel=f"SFT layer (step {final_step})", ylabel="base layer",
+xlabel = f"SFT layer (step {steps[-1]})"
+plot_heatmap(res.matrix, ax=axes[0], path=res.path, xlabel=xlabel, ylabel="base layer",
              title="Cross-layer CKA", cbar_label="linear CKA", vmin=0, vmax=1, has_embed=has_embed)
-plot_heatmap(mat - chance, ax=axes[1], xlabel=f"SFT layer (step {final_step})", ylabel="base layer",
+plot_heatmap(res.matrix - res.chance, ax=axes[1], xlabel=xlabel, ylabel="base layer",
              title="CKA above chance (− permutation baseline)", cbar_label="CKA − shuffled CKA",
              has_embed=has_embed, cmap="viridis")
 fig.tight_layout()
@@ -142,13 +129,10 @@ if not SMOKE:
 # the layer after the steepest drop in layerwise CKA, with a bootstrap interval.
 
 # %%
-best, remap, trans = res["best"], res["remap"], res["transition"]
-lw_final = curves[False][final_step]["point"]
-lw_final_deb = curves[True][final_step]["point"]
-corr = pd.DataFrame({"base layer": labels, "best tuned layer": [labels[j] for j in best],
-                     "CKA same layer": lw_final.round(3), "debiased same layer": lw_final_deb.round(3),
-                     "noise half-width": noise[False]["half_width"].round(4)})
-corr
+pd.DataFrame({"base layer": labels, "best tuned layer": [labels[j] for j in res.best],
+              "CKA same layer": res.classic[steps[-1]].point.round(3),
+              "debiased same layer": res.debiased[steps[-1]].point.round(3),
+              "noise half-width": res.noise_classic.round(4)})
 
 # %% [markdown]
 # ## 5 · Drift over training
@@ -156,13 +140,12 @@ corr
 # first checkpoint at which its CKA leaves the noise band.
 
 # %%
-by_step = np.stack([np.ones(len(labels))] + [curves[False][s]["point"] for s in steps[1:]])
-departure = res["departure"]  # cka.first_departure of these curves against the noise band
+by_step = res.by_step()
 fig, ax = plt.subplots(figsize=(8, 4.5))
 plot_heatmap(by_step.T, ax=ax, xlabel="SFT step", ylabel="layer", title="Layerwise CKA over training",
-             cbar_label="linear CKA (base, checkpoint)", vmin=float(by_step.min()), vmax=1, cmap="magma",
-             xticklabels=[str(s) for s in steps], yticklabels=labels)
-for layer, s in enumerate(departure):
+             cbar_label="linear CKA (base, checkpoint)", vmin=float(by_step.min()), vmax=1,
+             cmap="magma", xticklabels=[str(s) for s in steps], yticklabels=labels)
+for layer, s in enumerate(res.departure):
     if s >= 0:
         ax.plot(steps.index(int(s)), layer, "o", color="cyan", ms=5)
 ax.plot([], [], "o", color="cyan", label="first step outside the noise band")
@@ -176,14 +159,16 @@ if not SMOKE:
 # a static export) the figure below is drawn once with the defaults.
 
 # %%
-def show(step=final_step, pooling=POOLINGS[0]):
-    a, labs = stacks(pooling)
+def show(step=steps[-1], pooling=POOLINGS[0]):
+    keep, labs, _ = varying_points(captures[pooling].values())
+    base, tuned = (captures[pooling][s].acts[keep] for s in (steps[0], step))
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
-    b = cka.bootstrap_layerwise_cka(a[base_step], a[step], n_boot=N_BOOT, seed=0)
-    plot_layer_curves({f"step {step}": b}, ax=axes[0], ylabel="linear CKA", has_embed=labs[0] == "embed",
-                      title=f"Layerwise CKA, {pooling} pooling")
-    plot_heatmap(cka.cka_matrix(a[base_step], a[step]), ax=axes[1], vmin=0, vmax=1, has_embed=labs[0] == "embed",
-                 xlabel=f"SFT layer (step {step})", ylabel="base layer", title="Cross-layer CKA", cbar_label="CKA")
+    b = controls.bootstrap_layerwise_cka(base, tuned, n_boot=N_BOOT, seed=0)
+    plot_layer_curves({f"step {step}": b}, ax=axes[0], ylabel="linear CKA",
+                      has_embed=labs[0] == "embed", title=f"Layerwise CKA, {pooling} pooling")
+    plot_heatmap(cka.cka_matrix(base, tuned), ax=axes[1], vmin=0, vmax=1, cbar_label="CKA",
+                 has_embed=labs[0] == "embed", xlabel=f"SFT layer (step {step})",
+                 ylabel="base layer", title="Cross-layer CKA")
     fig.tight_layout()
     plt.show()
 
@@ -191,35 +176,14 @@ def show(step=final_step, pooling=POOLINGS[0]):
 if INTERACTIVE:
     import ipywidgets as widgets
 
-    widgets.interact(show, step=widgets.Dropdown(options=steps[1:], value=final_step),
+    widgets.interact(show, step=widgets.Dropdown(options=steps[1:], value=steps[-1]),
                      pooling=widgets.Dropdown(options=list(POOLINGS), value=POOLINGS[0]))
 else:
     show()
 
 # %% [markdown]
 # ## 7 · What this run shows
-# Computed from the values above:
+# Computed from the result above by `alignkit.report.summarize_cka`:
 
 # %%
-above = [labels[i] for i in range(len(labels)) if lw_final[i] < 1 - noise[False]["half_width"][i]]
-least = int(np.argmin(lw_final))
-last_pool, labs_p = {}, {}
-for p in POOLINGS[1:]:
-    a, labs_p[p] = stacks(p)
-    last_pool[p] = cka.layerwise_cka(a[base_step], a[final_step])
-display(Markdown(
-    f"- **Drift at the final checkpoint (step {final_step})**, {POOLINGS[0]} pooling: classic CKA ranges from "
-    f"{lw_final.max():.3f} to {lw_final.min():.3f}; the largest drift is at layer **{labels[least]}** "
-    f"(CKA {lw_final[least]:.3f}, debiased {lw_final_deb[least]:.3f}). "
-    f"{len(above)} of {len(labels)} hook points drift beyond the noise floor"
-    + (f" (first: {above[0]})." if above else ".") + "\n"
-    f"- **Transition**: the steepest drop in layerwise CKA is into layer **{labels[trans['point']]}** "
-    f"(bootstrap 95 % interval: layers {labels[trans['lo']]}–{labels[trans['hi']]}).\n"
-    f"- **Remapping index** {remap:.2f} (mean |best-matching tuned layer − own layer|); "
-    f"{sum(int(b) != i for i, b in enumerate(best))} of {len(labels)} base layers match another tuned layer best.\n"
-    f"- **Over training**: first departures from the noise band (step per layer): "
-    + ", ".join(f"{l}: {int(s) if s >= 0 else '—'}" for l, s in zip(labels, departure)) + ".\n"
-    + "".join(f"- With **{p}** pooling the final layerwise CKA runs from {v.max():.3f} (layer {labs_p[p][int(np.argmax(v))]}) "
-              f"down to {v.min():.3f} (layer {labs_p[p][int(np.argmin(v))]}).\n" for p, v in last_pool.items())
-    + ("- *Smoke mode: tiny sizes, the numbers mean nothing.*" if SMOKE else "")
-))
+display(Markdown(summarize_cka(res, smoke=SMOKE)))

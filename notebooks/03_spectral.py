@@ -49,40 +49,35 @@ N_BOOT = 20 if SMOKE else 200
 # %%
 import logging
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from IPython.display import Markdown, display
 
-from alignkit import pipeline, spectral
-from alignkit.activations import capture_run, probe_texts, varying_points
 from alignkit.config import get_config
-from alignkit.evaluate import ensure_sft_results
-from alignkit.plots import plot_heatmap, plot_layer_curves, plot_scatter, save_figure
+from alignkit.plots import plot_layer_curves, plot_scatter, save_figure
+from alignkit.report import rank_drift_correlation, rank_stability, summarize_spectral
+from alignkit.spectral import metric_key
+from alignkit.stages import ensure_spectral
 
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 cfg = get_config(PRESET, smoke=SMOKE, overrides=OVERRIDES)
-run_dir, results, flips = ensure_sft_results(cfg)  # builds notebook 01's artifacts if missing
 
 # %% [markdown]
-# ## 1 · Activations
-# One capture path for the whole project (`alignkit.activations`): the residual stream after
-# every decoder layer (and the embedding output) for each held-out prompt, pooled per prompt,
-# cached on disk by checkpoint content hash, probe set, hook points and pooling.
+# ## 1 · Activations and effective ranks
+# One capture path for the whole project (`alignkit.capture`): the residual stream after every
+# decoder layer (and the embedding output) for each held-out prompt, pooled per prompt, cached by
+# checkpoint content hash, probe set, hook points and pooling. `ensure_spectral` computes every
+# result of this notebook once (bootstrap metrics with the same subsamples for every checkpoint,
+# rank vs probe size, the CKA drift per layer) and caches it in the run's `analysis/`
+# (`python -m alignkit spectral` writes the same file); it trains what is missing.
 
 # %%
-texts = probe_texts(cfg)
-acts = capture_run(run_dir, texts, pooling=POOLING)  # {step: Activations}
-steps = sorted(acts)
-keep, labels, skipped = varying_points([acts[steps[0]]])
-print(f"{len(texts)} probe prompts, {len(steps)} checkpoints, hook points kept: {len(keep)}"
-      + (f"; skipped (constant across prompts, rank undefined): {skipped}" if skipped else ""))
-
-# %%
-# bootstrap metrics and rank-vs-n, computed once and cached in run_dir/analysis (`python -m alignkit spectral`)
-spec = pipeline.ensure_spectral(cfg, "sft", pooling=POOLING, alphas=ALPHAS, n_boot=N_BOOT)
-boot = spec["boot"]  # {step: spectral.bootstrap_layer_metrics(acts[step].acts[keep], ...)}
-table = pd.DataFrame({f"step {s}": boot[s]["rankme"]["point"] for s in steps}, index=labels)
-table.round(2)
+res = ensure_spectral(cfg, "sft", pooling=POOLING, alphas=ALPHAS, n_boot=N_BOOT)
+steps, labels, has_embed = res.steps, res.labels, res.labels[0] == "embed"
+print(f"{res.n} probe prompts, {len(steps)} checkpoints, hook points kept: {len(labels)}"
+      + (f"; skipped (constant across prompts, rank undefined): {res.dropped}" if res.dropped else ""))
+pd.DataFrame({f"step {s}": res.band("rankme", s).point for s in steps}, index=labels).round(2)
 
 # %% [markdown]
 # ## 2 · RankMe per layer, base and every checkpoint
@@ -90,9 +85,9 @@ table.round(2)
 # checkpoint spreads that layer's variance over more directions.
 
 # %%
-curves = {f"step {s}" + (" (base)" if s == 0 else ""): boot[s]["rankme"] for s in steps}
+curves = {f"step {s}" + (" (base)" if s == 0 else ""): res.band("rankme", s) for s in steps}
 fig = plot_layer_curves(curves, ylabel="RankMe (effective rank)", title="Effective rank per layer",
-                        has_embed=labels[0] == "embed")
+                        has_embed=has_embed)
 if not SMOKE:
     save_figure(fig, "layerwise_effective_rank")
 
@@ -104,14 +99,12 @@ if not SMOKE:
 # directions, large α the few strongest.
 
 # %%
-import matplotlib.pyplot as plt
-
-keys = [spectral.metric_key(a) for a in ALPHAS]
-fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 4), sharex=True)
-for ax, key, alpha in zip(np.atleast_1d(axes), keys, ALPHAS):
-    deltas = {f"step {s}": spectral.paired_delta(boot[s], boot[steps[0]])[key] for s in steps[1:]}
-    plot_layer_curves(deltas, ax=ax, ylabel="Δ effective rank (checkpoint − base)",
-                      title=f"α = {alpha:g}", has_embed=labels[0] == "embed")
+fig, axes = plt.subplots(1, len(ALPHAS), figsize=(4.2 * len(ALPHAS), 4), sharex=True)
+for ax, alpha in zip(np.atleast_1d(axes), ALPHAS):
+    key = metric_key(alpha)
+    plot_layer_curves({f"step {s}": res.delta(key, s) for s in steps[1:]}, ax=ax,
+                      ylabel="Δ effective rank (checkpoint − base)", title=f"α = {alpha:g}",
+                      has_embed=has_embed)
     ax.axhline(0, color="0.3", lw=1, ls="--")
     if ax is not np.atleast_1d(axes)[0]:
         ax.get_legend().remove()
@@ -127,20 +120,17 @@ if not SMOKE:
 # artefact of the probe size.
 
 # %%
-ns, rv = spec["ns"], spec["rank_vs_n"]  # nested subsets of 16 ... 512 prompts; base and final step
 fig, ax = plt.subplots(figsize=(6, 4))
-for s, style in zip((steps[0], steps[-1]), ("--", "-")):
-    mean_over_layers = rv[s]["rankme"].mean(axis=1)
-    ax.plot(ns, mean_over_layers, style, marker="o", label=f"step {s}" + (" (base)" if s == steps[0] else ""))
-ax.plot(ns, [min(n - 1, acts[steps[0]].acts.shape[-1]) for n in ns], ":", color="0.5", label="cap min(n − 1, d)")
+for rank, s, style in zip(res.rank_vs_n, (steps[0], steps[-1]), ("--", "-")):
+    ax.plot(res.ns, rank.mean(axis=1), style, marker="o",
+            label=f"step {s}" + (" (base)" if s == steps[0] else ""))
+ax.plot(res.ns, [min(n - 1, res.width) for n in res.ns], ":", color="0.5", label="cap min(n − 1, d)")
+ax.set(xlabel="probe prompts n", ylabel="RankMe, mean over layers",
+       title="Effective rank vs probe-set size")
 ax.set_xscale("log", base=2)
-ax.set_xlabel("probe prompts n")
-ax.set_ylabel("RankMe, mean over layers")
-ax.set_title("Effective rank vs probe-set size")
 ax.legend(fontsize=8)
-sign_by_n = np.sign(rv[steps[-1]]["rankme"] - rv[steps[0]]["rankme"])  # [len(ns), L]
-stable = (sign_by_n == sign_by_n[-1]).mean()
-print(f"share of (n, layer) cells whose Δ RankMe sign equals the sign at n = {ns[-1]}: {stable:.2f}")
+print(f"share of (n, layer) cells whose Δ RankMe sign equals the sign at n = {res.ns[-1]}: "
+      f"{rank_stability(res):.2f}")
 
 # %% [markdown]
 # ## 5 · CKA and effective rank are different signals
@@ -148,14 +138,11 @@ print(f"share of (n, layer) cells whose Δ RankMe sign equals the sign at n = {n
 # the same signal the points would lie on one monotone curve.
 
 # %%
-from alignkit import cka
-
-dcka = 1 - cka.layerwise_cka(acts[steps[0]].acts[keep], acts[steps[-1]].acts[keep])
-drank = boot[steps[-1]]["rankme"]["point"] - boot[steps[0]]["rankme"]["point"]
-fig = plot_scatter(dcka, drank, labels=labels, xlabel="1 − CKA(base, final)  (representation drift)",
-                   ylabel="Δ RankMe (final − base)", title="Drift vs change of effective rank per layer")
-rho = pd.Series(dcka).rank().corr(pd.Series(drank).rank())  # Spearman = Pearson of ranks
-print(f"Spearman correlation across layers: {rho:.2f}")
+drank = res.point["rankme"][-1] - res.point["rankme"][0]
+fig = plot_scatter(res.cka_drift, drank, labels=labels, ylabel="Δ RankMe (final − base)",
+                   xlabel="1 − CKA(base, final)  (representation drift)",
+                   title="Drift vs change of effective rank per layer")
+print(f"Spearman correlation across layers: {rank_drift_correlation(res):.2f}")
 
 # %% [markdown]
 # ## 6 · Explore: α and checkpoint
@@ -164,10 +151,10 @@ print(f"Spearman correlation across layers: {rho:.2f}")
 
 # %%
 def show(step=steps[-1], alpha_index=1):
-    key = keys[alpha_index]
-    fig = plot_layer_curves({"base": boot[steps[0]][key], f"step {step}": boot[step][key]},
-                            ylabel=f"Rényi effective rank, α = {ALPHAS[alpha_index]:g}", has_embed=labels[0] == "embed",
-                            title=f"Effective rank, base vs step {step}")
+    key = metric_key(ALPHAS[alpha_index])
+    plot_layer_curves({"base": res.band(key, steps[0]), f"step {step}": res.band(key, step)},
+                      ylabel=f"Rényi effective rank, α = {ALPHAS[alpha_index]:g}",
+                      has_embed=has_embed, title=f"Effective rank, base vs step {step}")
     plt.show()
 
 
@@ -181,28 +168,7 @@ else:
 
 # %% [markdown]
 # ## 7 · What this run shows
-# Computed from the values above:
+# Computed from the result above by `alignkit.report.summarize_spectral`:
 
 # %%
-b0, b1 = boot[steps[0]]["rankme"], boot[steps[-1]]["rankme"]
-d = b1["point"] - b0["point"]
-up = [labels[i] for i in range(len(labels)) if b1["lo"][i] > b0["hi"][i]]
-down = [labels[i] for i in range(len(labels)) if b1["hi"][i] < b0["lo"][i]]
-half = len(labels) // 2
-delta_final = spectral.paired_delta(boot[steps[-1]], boot[steps[0]])
-renyi_lines = "".join(
-    f"- Rényi α = {a:g}: mean Δ {delta_final[k]['point'][:half].mean():+.2f} (lower half of the stack), "
-    f"{delta_final[k]['point'][half:].mean():+.2f} (upper half).\n" for a, k in zip(ALPHAS, keys))
-display(Markdown(
-    f"- **RankMe, base → final (step {steps[-1]})**: mean over layers {b0['point'].mean():.2f} → {b1['point'].mean():.2f}; "
-    f"largest change at layer **{labels[int(np.argmax(np.abs(d)))]}** ({d[int(np.argmax(np.abs(d)))]:+.2f}), "
-    f"smallest at layer **{labels[int(np.argmin(np.abs(d)))]}** ({d[int(np.argmin(np.abs(d)))]:+.2f}).\n"
-    f"- Intervals separate (no overlap) at {len(up)} layers where rank **rose** ({', '.join(up) or 'none'}) and "
-    f"{len(down)} where it **fell** ({', '.join(down) or 'none'}).\n"
-    f"- Mean Δ RankMe in the lower half of the stack {d[:half].mean():+.2f}, in the upper half {d[half:].mean():+.2f} "
-    f"(the study's hypothesis: a rise in mid-to-late layers).\n"
-    + renyi_lines
-    + f"- Δ sign stable across probe sizes in {100 * stable:.0f} % of (n, layer) cells; Spearman correlation of "
-    f"CKA drift with Δ RankMe across layers: {rho:.2f}."
-    + ("\n- *Smoke mode: tiny sizes, the numbers mean nothing.*" if SMOKE else "")
-))
+display(Markdown(summarize_spectral(res, smoke=SMOKE)))

@@ -71,49 +71,42 @@ import textwrap
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-import torch
 from IPython.display import Markdown, display
+from transformers import AutoTokenizer
 
-from alignkit import cka, patching, pipeline
-from alignkit.activations import capture_cached, probe_texts
+from alignkit import patching
 from alignkit.config import get_config
-from alignkit.evaluate import ensure_sft_results, eval_set
+from alignkit.layers import alignment_path, best_match
 from alignkit.plots import plot_heatmap, plot_layer_curves, save_figure
-from alignkit.tiny import load_model
+from alignkit.report import best_donors, summarize_patching
+from alignkit.report import curve as report_curve
+from alignkit.stages import ensure_patching, ensure_results
 
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 cfg = get_config(PRESET, smoke=SMOKE, overrides=OVERRIDES)
-run_dir, results, table = ensure_sft_results(cfg)  # builds notebook 01's artifacts if missing
 
 # %% [markdown]
-# ## 1 · Models and examples
+# ## 1 · Models, examples and every sweep
 # The base is the first checkpoint (step 0), the tuned model the last. Flips and controls come from
 # notebook 01's flip table. When a set is (nearly) empty — a smoke run's models solve nothing — it
 # is replaced by held-out problems ranked by how much SFT raised their answer log-prob (top of the
 # ranking for flips, smallest change for controls), and labelled as a substitute.
+# `ensure_patching` runs every sweep of this notebook once (sections 2–5; donor activations are
+# captured once per batch and a patch at layer *l* reruns only layers *l+1…L−1*) and caches the
+# result in the run's `analysis/` (`python -m alignkit patching` writes the same file).
 
 # %%
-device = "cuda" if torch.cuda.is_available() and cfg.device in ("auto", "cuda") else "cpu"
-base_dir, tuned_dir = results[0]["checkpoint"], results[-1]["checkpoint"]
-base, tokenizer = load_model(base_dir, dtype=cfg.dtype, device=device)  # tokenizer and depth; the sweeps below
-# (pipeline.ensure_patching) load base and tuned themselves, only when their cached result is missing
-L = base.config.num_hidden_layers
-base_step, final_step = results[0]["step"], results[-1]["step"]
-
-ds = eval_set(cfg)
-sets, labels = pipeline.patching_sets(cfg, results, table, N_EXAMPLES, MIN_SET, ds)  # logs any substitute
-examples = {k: patching.examples_from_table(v, tokenizer, chat=cfg.chat) for k, v in sets.items()}
-pd.DataFrame([{"set": labels[k], "n patched": len(examples[k]), "n in flip table": len(table[k]),
-               "mean LP base": np.mean([results[0]["answer_logprob"][r["index"]] for r in sets[k]]),
-               "mean LP tuned": np.mean([results[-1]["answer_logprob"][r["index"]] for r in sets[k]])}
+run = ensure_results(cfg, "sft")  # builds notebook 01's artifacts if missing
+pat = ensure_patching(cfg, "sft", n_examples=N_EXAMPLES, n_cross=N_CROSS, components=COMPONENTS,
+                      positions=POSITIONS, batch_size=BATCH_SIZE, min_gap=MIN_GAP, min_set=MIN_SET)
+sets, labels, L = pat.sets, pat.labels, pat.cka_matrix.shape[0]
+lp = {k: np.array(e.answer_logprob) for k, e in (("base", run.evals[0]), ("tuned", run.evals[-1]))}
+pd.DataFrame([{"set": labels[k], "n patched": len(sets[k]), "n in flip table": len(getattr(run.table, k)),
+               **{f"mean LP {m}": lp[m][[r["index"] for r in sets[k]]].mean() for m in lp}}
               for k in sets]).round(3)
 
 # %% [markdown]
 # ## 2 · Activation patching, layer by layer
-# One sweep per set × component × direction (`alignkit.patching.layer_sweep`; donor activations
-# are captured once, and a patch at layer *l* reruns only layers *l+1…L−1* from the cached
-# residual). Patched positions: `POSITIONS`.
-#
 # **How to read the figure.** Rows: denoise (tuned → base; up is good: the patch *adds* log-prob
 # to the base) and noise (base → tuned; down means the tuned model *loses* log-prob). Columns:
 # the residual stream after layer *l*, the attention output and the MLP output of layer *l*.
@@ -124,25 +117,19 @@ pd.DataFrame([{"set": labels[k], "n patched": len(examples[k]), "n in flip table
 # whose curve stands out names which sublayer wrote it.
 
 # %%
-# every sweep of this notebook (sections 2-5), computed once and cached in run_dir/analysis
-# (`python -m alignkit patching` writes the same file)
-pat = pipeline.ensure_patching(cfg, "sft", n_examples=N_EXAMPLES, n_cross=N_CROSS, components=COMPONENTS,
-                               positions=POSITIONS, batch_size=BATCH_SIZE, min_gap=MIN_GAP, min_set=MIN_SET)
-sweeps = pat["sweeps"]  # {(set, component, direction): patching.layer_sweep(base, tuned, ...)}
-
-
 def curve(values):
-    return patching.bootstrap_mean(values, n_boot=N_BOOT, seed=SEED)
+    return report_curve(values, n_boot=N_BOOT, seed=SEED)
 
 
 fig, axes = plt.subplots(2, len(COMPONENTS), figsize=(6 * len(COMPONENTS), 8.5), squeeze=False)
 for row, direction in enumerate(("denoise", "noise")):
     for col, comp in enumerate(COMPONENTS):
         ax = axes[row, col]
-        curves = {f"{labels[s]} (n={len(examples[s])})": curve(sweeps[s, comp, direction].delta) for s in examples}
-        plot_layer_curves(curves, ax=ax, ylabel="Δ answer log-prob (nats)", has_embed=False, cmap="tab10",
-                          title=f"{direction} ({'tuned → base' if direction == 'denoise' else 'base → tuned'}): {comp}")
-        r = sweeps["flips", comp, direction]
+        arrow = "tuned → base" if direction == "denoise" else "base → tuned"
+        plot_layer_curves({f"{labels[s]} (n={len(sets[s])})": curve(pat.sweep(s, comp, direction).delta)
+                           for s in sets}, ax=ax, ylabel="Δ answer log-prob (nats)", has_embed=False,
+                          cmap="tab10", title=f"{direction} ({arrow}): {comp}")
+        r = pat.sweep("flips", comp, direction)
         ax.axhline(np.mean(r.lp_donor - r.lp_receiver), color="C0", ls="--", lw=1, label="full gap (flips)")
         ax.axhline(0, color="0.4", lw=0.8)
         ax.set_xlabel("layer" + (" (residual stream after it)" if comp == "resid" else f" ({comp} output)"))
@@ -156,11 +143,11 @@ if not SMOKE:
 # the number of masked examples is logged above). 1 = the whole gap, 0 = nothing.
 
 # %%
-npe = pd.DataFrame({f"{comp} {direction}": curve(sweeps["flips", comp, direction].npe)["point"]
-                    for comp in COMPONENTS for direction in ("denoise", "noise")})
+npe = pd.DataFrame({f"{comp} {d}": curve(pat.sweep("flips", comp, d).npe).point
+                    for comp in COMPONENTS for d in ("denoise", "noise")})
 npe.index.name = "layer"
-print(f"NPE masked for {sweeps['flips', 'resid', 'denoise'].meta['n_npe_masked']} of {len(examples['flips'])} "
-      f"flips (|gap| < {MIN_GAP} nats)")
+print(f"NPE masked for {pat.sweep('flips', 'resid', 'denoise').meta['n_npe_masked']} of "
+      f"{len(sets['flips'])} flips (|gap| < {MIN_GAP} nats)")
 npe.round(3)
 
 # %% [markdown]
@@ -172,11 +159,10 @@ npe.round(3)
 # position across depth.
 
 # %%
-by_pos = pat["by_pos"]  # {positions: layer_sweep(..., examples["flips"], component="resid", positions=...)}
 fig, ax = plt.subplots(figsize=(7.5, 4.2))
-plot_layer_curves({f"{p} positions": curve(r.delta) for p, r in by_pos.items()}, ax=ax, has_embed=False,
-                  ylabel="Δ answer log-prob (nats)", title=f"Resid denoise by patched positions ({labels['flips']})",
-                  cmap="tab10")
+plot_layer_curves({f"{p} positions": curve(r.delta) for p, r in pat.by_pos.items()}, ax=ax,
+                  has_embed=False, ylabel="Δ answer log-prob (nats)", cmap="tab10",
+                  title=f"Resid denoise by patched positions ({labels['flips']})")
 ax.axhline(0, color="0.4", lw=0.8)
 fig.tight_layout()
 
@@ -191,28 +177,23 @@ fig.tight_layout()
 # cyan line: the causal and the representational correspondence agree.
 
 # %%
-cross = pat["cross"]  # {set: patching.cross_layer_sweep(base, tuned, tokenizer, examples[set][:N_CROSS])}
-texts = probe_texts(cfg)
-caps = [capture_cached(d, None, texts, None, "mean", cache_dir=run_dir / "activations") for d in (base_dir, tuned_dir)]
-keep = [i for i, n in enumerate(caps[0].hook_points) if n != "embed"]  # decoder layers only, like the patches
-cka_mat = cka.cka_matrix(caps[0].acts[keep], caps[1].acts[keep])
-cka_path = cka.alignment_path(cka_mat)
-cka_best = cka.best_match(cka_mat)
-mean_cross = {s: curve(r.delta)["point"] for s, r in cross.items()}
-best_donor = {s: np.nanargmax(m, axis=1) for s, m in mean_cross.items()}
+cka_path = alignment_path(pat.cka_matrix)
+mean_cross = {s: curve(r.delta).point for s, r in pat.cross.items()}
 vmax = max(float(np.nanmax(np.abs(m))) for m in mean_cross.values())
-fig, axes = plt.subplots(1, len(cross), figsize=(6.5 * len(cross), 5.2), squeeze=False)
+fig, axes = plt.subplots(1, len(pat.cross), figsize=(6.5 * len(pat.cross), 5.2), squeeze=False)
 for ax, (s, m) in zip(axes[0], mean_cross.items()):
-    plot_heatmap(m, ax=ax, path=cka_path, xlabel=f"tuned layer j (donor, step {final_step})",
-                 ylabel="base layer i (receiver)", cbar_label="mean Δ answer log-prob (nats)", vmin=-vmax, vmax=vmax,
-                 has_embed=False, cmap="RdBu_r",
-                 title=f"Cross-layer Δ, {labels[s]} (n={cross[s].lp_patched.shape[0]})")
-    ax.plot(best_donor[s], np.arange(L), "o", color="white", mec="black", ms=5, label="best donor layer")
+    plot_heatmap(m, ax=ax, path=cka_path, xlabel=f"tuned layer j (donor, step {pat.final_step})",
+                 ylabel="base layer i (receiver)", cbar_label="mean Δ answer log-prob (nats)",
+                 vmin=-vmax, vmax=vmax, has_embed=False, cmap="RdBu_r",
+                 title=f"Cross-layer Δ, {labels[s]} (n={pat.cross[s].lp_patched.shape[0]})")
+    ax.plot(best_donors(pat, s, N_BOOT, SEED), np.arange(L), "o", color="white", mec="black", ms=5,
+            label="best donor layer")
     ax.legend(loc="upper left", fontsize=8)
 fig.tight_layout()
 if not SMOKE:
     save_figure(fig, "cross_layer_patching")
-pd.DataFrame({"best tuned donor (patching, flips)": best_donor["flips"], "best tuned match (CKA)": cka_best,
+pd.DataFrame({"best tuned donor (patching, flips)": best_donors(pat, "flips", N_BOOT, SEED),
+              "best tuned match (CKA)": best_match(pat.cka_matrix),
               "CKA path partner(s)": [sorted({j for i2, j in cka_path if i2 == i}) for i in range(L)]},
              index=pd.Index(range(L), name="base layer"))
 
@@ -234,16 +215,16 @@ pd.DataFrame({"best tuned donor (patching, flips)": best_donor["flips"], "best t
 # Intervals: bootstrap 95 % over examples; flips and controls.
 
 # %%
-weights = pat["weights"]  # {set: patching.weight_sweep(base, tuned, tokenizer, examples[set])}
 fig, axes = plt.subplots(1, 3, figsize=(18, 4.6))
 for ax, kind, title in ((axes[0], "revert", "Revert one layer to base, in tuned (necessity)"),
                         (axes[1], "graft", "Graft one tuned layer into base (sufficiency)")):
-    plot_layer_curves({f"{labels[s]} (n={len(examples[s])})": curve(w[kind].delta) for s, w in weights.items()},
-                      ax=ax, ylabel="Δ answer log-prob (nats)", title=title, has_embed=False, cmap="tab10")
+    plot_layer_curves({f"{labels[s]} (n={len(sets[s])})": curve(pat.ablation[f"{s}/{kind}"].delta)
+                       for s in sets}, ax=ax, ylabel="Δ answer log-prob (nats)", title=title,
+                      has_embed=False, cmap="tab10")
     ax.axhline(0, color="0.4", lw=0.8)
     ax.set_xlabel("decoder layer whose weights are swapped")
-plot_layer_curves({"mean-ablated difference (tuned)": curve(weights["flips"]["mean_diff"].delta),
-                   "difference removed (resid noise patch)": curve(sweeps["flips", "resid", "noise"].delta)},
+plot_layer_curves({"mean-ablated difference (tuned)": curve(pat.ablation["flips/mean_diff"].delta),
+                   "difference removed (resid noise patch)": curve(pat.sweep("flips", "resid", "noise").delta)},
                   ax=axes[2], ylabel="Δ answer log-prob (nats)", has_embed=False, cmap="tab10",
                   title=f"Residual difference ablated, {labels['flips']}")
 axes[2].axhline(0, color="0.4", lw=0.8)
@@ -258,22 +239,23 @@ if not SMOKE:
 # interval, for scale). Without a frontend (CI, a static export) the first flip is drawn once.
 
 # %%
-spans = patching.tokenize_examples(tokenizer, examples["flips"])
+tokenizer = AutoTokenizer.from_pretrained(run.evals[0].checkpoint)
+examples = patching.examples_from_table(sets["flips"], tokenizer, chat=cfg.chat)
+spans = patching.tokenize_examples(tokenizer, examples)
 
 
 def show_example(k=0):
-    ex, span = examples["flips"][k], spans[k]
+    span, denoise = spans[k], pat.sweep("flips", "resid", "denoise")
     answer = tokenizer.convert_ids_to_tokens([span["input_ids"][p] for p in span["answer_positions"]])
-    lp_b, lp_t = sweeps["flips", "resid", "denoise"].lp_receiver[k], sweeps["flips", "resid", "denoise"].lp_donor[k]
     display(Markdown(f"**Problem {sets['flips'][k]['index']}** — answer tokens {answer} at positions "
-                     f"{span['answer_positions']}; LP base {lp_b:.3f}, LP tuned {lp_t:.3f} nats.\n\n"
-                     f"```\n{textwrap.fill(ex['prompt'], 110)}\n```"))
+                     f"{span['answer_positions']}; LP base {denoise.lp_receiver[k]:.3f}, LP tuned "
+                     f"{denoise.lp_donor[k]:.3f} nats.\n\n```\n{textwrap.fill(examples[k]['prompt'], 110)}\n```"))
     fig, axes = plt.subplots(1, 2, figsize=(13, 4))
     for ax, direction in zip(axes, ("denoise", "noise")):
-        band = curve(sweeps["flips", "resid", direction].delta)
-        plot_layer_curves({comp: {"point": sweeps["flips", comp, direction].delta[k]} for comp in COMPONENTS}, ax=ax,
-                          ylabel="Δ answer log-prob (nats)", title=f"Example {k}: {direction}", has_embed=False,
-                          band=band, band_label="flip-set resid 95 % interval", cmap="tab10")
+        plot_layer_curves({comp: {"point": pat.sweep("flips", comp, direction).delta[k]} for comp in COMPONENTS},
+                          ax=ax, ylabel="Δ answer log-prob (nats)", title=f"Example {k}: {direction}",
+                          has_embed=False, band=curve(pat.sweep("flips", "resid", direction).delta),
+                          band_label="flip-set resid 95 % interval", cmap="tab10")
         ax.axhline(0, color="0.4", lw=0.8)
         ax.set_xlabel("layer")
     fig.tight_layout()
@@ -290,58 +272,7 @@ else:
 
 # %% [markdown]
 # ## 7 · What this run shows
-# Computed from the values above:
+# Computed from the result above by `alignkit.report.summarize_patching`:
 
 # %%
-def peak(values):
-    c = curve(values)
-    i = int(np.nanargmax(np.abs(c["point"])))
-    return i, c["point"][i], c["lo"][i], c["hi"][i]
-
-
-def ci(v):
-    c = curve(v[:, None])
-    return f"{c['point'][0]:.3f} [{c['lo'][0]:.3f}, {c['hi'][0]:.3f}]"
-
-
-res_d, res_n = sweeps["flips", "resid", "denoise"], sweeps["flips", "resid", "noise"]
-gap = res_d.lp_donor - res_d.lp_receiver
-lines = [f"- **Sets**: {len(examples['flips'])} {labels['flips']}, {len(examples['controls'])} {labels['controls']}; "
-         f"tuned − base answer log-prob on the flips {ci(gap)} nats (mean, 95 % interval); NPE masked for "
-         f"{res_d.meta['n_npe_masked']} flips with a gap below {MIN_GAP} nats."]
-for direction, word in (("denoise", "adds"), ("noise", "changes")):
-    parts = []
-    for comp in COMPONENTS:
-        i, p, lo, hi = peak(sweeps["flips", comp, direction].delta)
-        pc = curve(sweeps["controls", comp, direction].delta)["point"][i]
-        parts.append(f"{comp} at layer {i}: {p:+.3f} [{lo:+.3f}, {hi:+.3f}] (controls {pc:+.3f})")
-    lines.append(f"- **{direction}**: the largest mean Δ per component on the flips — " + "; ".join(parts) + ".")
-first = next((l for l in range(L) if curve(res_d.npe)["point"][l] >= 0.5), None)
-lines.append("- **Sufficiency depth**: " + (
-    f"patching the tuned residual stream into the base recovers at least half the gap (mean NPE ≥ 0.5) from "
-    f"layer {first} on." if first is not None else "no single-layer resid patch recovers half the gap on average."))
-flip_size = np.nanmean(np.abs(res_d.delta))
-ctrl_size = np.nanmean(np.abs(sweeps["controls", "resid", "denoise"].delta))
-lines.append(f"- **Specificity**: mean |Δ| of the resid denoise sweep over layers is {flip_size:.3f} nats on the flips "
-             f"and {ctrl_size:.3f} on the controls (ratio {flip_size / ctrl_size:.2f}).")
-off = int(sum(b != i for i, b in enumerate(best_donor["flips"])))
-on_path = int(sum((i, int(b)) in set(cka_path) for i, b in enumerate(best_donor["flips"])))
-lines.append(f"- **Cross-layer**: for {off} of {L} base layers the most useful tuned donor is another layer "
-             f"(mean |j − i| = {np.mean(np.abs(best_donor['flips'] - np.arange(L))):.2f}); {on_path} of {L} best "
-             f"donors lie on the CKA alignment path, and {int(sum(best_donor['flips'] == cka_best))} equal the "
-             f"CKA best match.")
-wr = weights["flips"]
-i_rev, p_rev, lo_rev, hi_rev = peak(wr["revert"].delta)
-i_gr, p_gr, lo_gr, hi_gr = peak(wr["graft"].delta)
-lines.append(f"- **Weights**: reverting layer {i_rev} alone changes the tuned model's answer log-prob most "
-             f"({p_rev:+.3f} [{lo_rev:+.3f}, {hi_rev:+.3f}] nats); grafting layer {i_gr} into the base changes it "
-             f"most ({p_gr:+.3f} [{lo_gr:+.3f}, {hi_gr:+.3f}]).")
-md, full = curve(wr["mean_diff"].delta)["point"], curve(res_n.delta)["point"]
-j = int(np.nanargmax(np.abs(full)))
-lines.append(f"- **Mean-ablated difference**: at layer {j}, where removing the tuned − base residual difference "
-             f"changes the tuned model's answer log-prob most ({full[j]:+.3f} nats), keeping only its mean changes it "
-             f"by {md[j]:+.3f} nats ({100 * md[j] / full[j]:.0f} % of the full effect)." if abs(full[j]) > 1e-12 else
-             "- **Mean-ablated difference**: removing the residual difference changes nothing here.")
-if SMOKE:
-    lines.append("- *Smoke mode: tiny sizes and substitute sets, the numbers mean nothing.*")
-display(Markdown("\n".join(lines)))
+display(Markdown(summarize_patching(pat, n_boot=N_BOOT, seed=SEED, min_gap=MIN_GAP, smoke=SMOKE)))

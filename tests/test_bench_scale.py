@@ -50,8 +50,8 @@ def test_scatter_vocab_keeps_the_split_and_spans_the_vocabulary():
 
 
 def test_quick_pipeline_on_a_tiny_config(tmp_path):
-    from alignkit.activations import capture, load_activations
-    from alignkit.tiny import load_model
+    from alignkit.capture import capture, load_activations
+    from alignkit.models import load_model
 
     spec = bench_scale.quick_spec(model=TINY, n_texts=12, n_patch=2, n_boot=4, threads=1, tokenizer_corpus=300)
     rep = bench_scale.run(spec, tmp_path)

@@ -6,22 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from alignkit import cka
-from alignkit.cka import (
-    StreamingCKA,
-    alignment_path,
-    best_match,
-    bootstrap_layerwise_cka,
-    cka_matrix,
-    first_departure,
-    layerwise_cka,
-    linear_cka,
-    noise_floor,
-    permutation_baseline,
-    remapping_index,
-    transition_layer,
-    transition_layer_bootstrap,
-)
+from alignkit.cka import centred_gram, cka_matrix, hsic, layerwise_cka, linear_cka
 
 # ---------------------------------------------------------------------------------------------
 # Slow, direct float64 references (numpy only, written from the papers' formulas)
@@ -73,6 +58,52 @@ def related_stacks(n_layers=3, n=60, d=(20, 80), seed=0, noise=1.0):
     return a, b
 
 
+def ref_u_centre(k: np.ndarray) -> np.ndarray:
+    """U-centred Gram (Szekely & Rizzo 2014): <U(K), U(L)> = n (n-3) HSIC_1 (Song et al.)."""
+    n = k.shape[0]
+    kt = k - np.diag(np.diag(k))
+    rows = kt.sum(1)
+    u = kt - rows[:, None] / (n - 2) - rows[None, :] / (n - 2) + kt.sum() / ((n - 1) * (n - 2))
+    np.fill_diagonal(u, 0.0)
+    return u
+
+
+def ref_centred_matrix(a, b, debiased: bool) -> np.ndarray:
+    """CKA matrix from double-centred (biased) or U-centred (debiased) Grams, in float64."""
+    n = a.shape[1]
+    h = np.eye(n) - np.ones((n, n)) / n
+
+    def grams(stack):
+        out = [x @ x.T for x in np.asarray(stack, dtype=np.float64)]
+        return np.stack([ref_u_centre(k) if debiased else h @ k @ h for k in out]).reshape(
+            len(out), -1)
+
+    ga, gb = grams(a), grams(b)
+    return (ga @ gb.T) / np.sqrt(np.outer((ga * ga).sum(1), (gb * gb).sum(1)))
+
+
+def ref_feature_cka(x, y, debiased: bool = False) -> float:
+    """Feature-space form, no n x n matrix: ||Yc'Xc||^2 / (||Xc'Xc|| ||Yc'Yc||) (biased); the
+    debiased one from tr(K~L~) = ||X'Y||^2 - sum k_i l_i, 1'K~1 = ||sum x_i||^2 - sum k_i,
+    1'K~L~1 = sum_i (x_i.s_x - k_i)(y_i.s_y - l_i) (k_i = ||x_i||^2)."""
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    x, y = x - x.mean(0), y - y.mean(0)
+    n = x.shape[0]
+
+    def h(p, q):
+        if not debiased:
+            return np.square(q.T @ p).sum()
+        kp, kq = np.square(p).sum(1), np.square(q).sum(1)
+        sp, sq = p.sum(0), q.sum(0)
+        tr = np.square(p.T @ q).sum() - (kp * kq).sum()
+        ones = ((p @ sp - kp) * (q @ sq - kq)).sum()
+        return (tr + (sp @ sp - kp.sum()) * (sq @ sq - kq.sum()) / ((n - 1) * (n - 2))
+                - 2.0 * ones / (n - 2))
+
+    return float(h(x, y) / np.sqrt(h(x, x) * h(y, y)))
+
+
 # ---------------------------------------------------------------------------------------------
 # Golden values and reference agreement
 # ---------------------------------------------------------------------------------------------
@@ -94,20 +125,49 @@ def test_linear_cka_matches_reference_and_both_forms_agree(n, d1, d2, debiased):
     x = rand(n, d1, seed=1) + 2.0
     y = x @ rand(d1, d2, seed=2) + rand(n, d2, seed=3)
     expected = ref_cka(x, y, debiased)
-    feature = linear_cka(x, y, debiased, method="feature")
-    gram = linear_cka(x, y, debiased, method="gram")
-    assert feature == pytest.approx(gram, abs=1e-12)
-    assert linear_cka(x, y, debiased) == pytest.approx(expected, abs=1e-10)
-    assert isinstance(feature, float)
+    assert ref_feature_cka(x, y, debiased) == pytest.approx(expected, abs=1e-12)
+    got = linear_cka(x, y, debiased)
+    assert isinstance(got, float) and got == pytest.approx(expected, abs=1e-10)
 
 
-def test_u_centred_inner_product_is_song_estimator():
+@pytest.mark.parametrize("debiased", [False, True])
+def test_hsic_from_four_sums(debiased):
     x, y = rand(15, 4, seed=4), rand(15, 6, seed=5)
     k, l = x @ x.T, y @ y.T
-    ku = cka._hsic_gram_(torch.from_numpy(k), debiased=True).numpy()
-    lu = cka._hsic_gram_(torch.from_numpy(l), debiased=True).numpy()
     n = k.shape[0]
-    assert (ku * lu).sum() / (n * (n - 3)) == pytest.approx(ref_hsic_unbiased(k, l), rel=1e-10)
+    if debiased:  # the sums are over the zero-diagonal Grams
+        np.fill_diagonal(k, 0.0)
+        np.fill_diagonal(l, 0.0)
+    got = hsic(n, np.trace(k @ l), k.sum(), l.sum(), (k.sum(1) * l.sum(1)).sum(), debiased)
+    if debiased:
+        x_, y_ = x @ x.T, y @ y.T
+        assert got == pytest.approx(ref_hsic_unbiased(x_, y_), rel=1e-10)
+        assert got == pytest.approx((ref_u_centre(x_) * ref_u_centre(y_)).sum() / (n * (n - 3)),
+                                    rel=1e-10)
+    else:  # tr(K H L H) / n^2
+        assert got == pytest.approx(ref_hsic_biased(k, l) * (n - 1) ** 2 / n**2, rel=1e-10)
+
+
+@pytest.mark.parametrize("debiased", [False, True])
+def test_cka_matrix_equals_centring_reference(debiased):
+    a, b = related_stacks(3, 60, (20, 80))
+    expected = ref_centred_matrix(a, b, debiased)
+    assert np.abs(cka_matrix(a, b, debiased) - expected).max() < 1e-10
+    assert np.abs(cka_matrix(a.astype(np.float32), b.astype(np.float32), debiased)
+                  - ref_centred_matrix(a.astype(np.float32), b.astype(np.float32),
+                                       debiased)).max() < 1e-6
+
+
+def test_centred_gram():
+    x = rand(30, 5, seed=6) + 10.0
+    xc = x - x.mean(0)
+    for dt, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        g = centred_gram(torch.from_numpy(x), dt, "x")
+        assert g.dtype == dt and np.abs(g.double().numpy() - xc @ xc.T).max() < tol * 5
+    tiny = centred_gram(torch.from_numpy(x * 1e-15).float(), torch.float32, "x").double().numpy()
+    assert np.abs(tiny / np.trace(tiny) - xc @ xc.T / np.trace(xc @ xc.T)).max() < 1e-6
+    with pytest.raises(ValueError, match="x has zero variance"):
+        centred_gram(torch.ones(5, 3), torch.float32, "x")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,7 +186,7 @@ def test_invariances(debiased):
         assert linear_cka(s * x, y, debiased) == pytest.approx(base, abs=1e-12)
     assert linear_cka(x + 100.0, y, debiased) == pytest.approx(base, abs=1e-9)  # translation
     assert linear_cka(x, x, debiased) == pytest.approx(1.0, abs=1e-12)
-    # Same in Gram space, d > n.
+    # Same with d > n.
     xw = rand(20, 50, seed=9)
     yw = xw @ rand(50, 30, seed=10)
     base_w = linear_cka(xw, yw, debiased)
@@ -160,7 +220,7 @@ def test_debiased_can_be_negative_and_is_not_clamped():
 
 
 # ---------------------------------------------------------------------------------------------
-# Matrix, layerwise, streaming
+# Matrix, layerwise, precision
 # ---------------------------------------------------------------------------------------------
 
 
@@ -188,38 +248,6 @@ def test_layerwise_equals_diagonal(debiased):
     assert np.abs(layerwise_cka(a32, b32, debiased) - np.diag(full)).max() < 1e-6
     with pytest.raises(ValueError, match="same number of layers.*3.*2"):
         layerwise_cka(a, b[:2])
-
-
-@pytest.mark.parametrize("debiased", [False, True])
-@pytest.mark.parametrize("batch", [1, 7, 16, 50])
-def test_streaming_equals_full(batch, debiased):
-    a, b = related_stacks(3, 50, (12, 9), seed=13)
-    a = a + 50.0  # large offset: the streamed sums must not lose it to cancellation
-    layer = StreamingCKA(debiased=debiased)
-    matrix = StreamingCKA(debiased=debiased, pairs="matrix")
-    single = StreamingCKA(debiased=debiased)
-    for s in range(0, 50, batch):  # the last batch is shorter for 7 and 16
-        layer.update(a[:, s:s + batch], b[:, s:s + batch])
-        matrix.update(torch.from_numpy(a[:, s:s + batch]), b[:2, s:s + batch])
-        single.update(a[0, s:s + batch], b[0, s:s + batch])
-    assert layer.n == 50
-    expected = np.array([linear_cka(a[i], b[i], debiased) for i in range(3)])
-    assert np.abs(layer.compute() - expected).max() < 1e-10
-    # (The direct reference itself loses ~1e-8 to the +50 offset here, so compare with the
-    # pairwise loop, which test_cka_matrix_equals_pairwise_loop ties to the reference.)
-    loop = np.array([[linear_cka(x, y, debiased) for y in b[:2]] for x in a])
-    assert np.abs(matrix.compute() - loop).max() < 1e-10
-    assert np.abs(matrix.compute() - ref_matrix(a - 50.0, b[:2], debiased)).max() < 1e-10
-    value = single.compute()
-    assert isinstance(value, float) and value == pytest.approx(expected[0], abs=1e-10)
-
-
-def test_streaming_is_not_an_average_of_batch_ckas():
-    a, b = related_stacks(1, 40, (5, 5), seed=14)
-    stream = StreamingCKA().update(a[:, :20], b[:, :20]).update(a[:, 20:], b[:, 20:])
-    halves = np.mean([linear_cka(a[0, :20], b[0, :20]), linear_cka(a[0, 20:], b[0, 20:])])
-    assert stream.compute()[0] == pytest.approx(linear_cka(a[0], b[0]), abs=1e-12)
-    assert abs(stream.compute()[0] - halves) > 1e-3
 
 
 def test_low_precision_inputs():
@@ -281,142 +309,14 @@ def test_stack_errors_name_the_layer():
     a_const[1] = a_const[1, :1]  # every row of layer 1 identical (e.g. last-token embeddings)
     with pytest.raises(ValueError, match="acts_a layer 1 has zero variance"):
         cka_matrix(a_const, b.astype(np.float32))
-    with pytest.raises(ValueError, match="acts_a layer 1 has zero variance"):
-        StreamingCKA().update(a_const, b).compute()
     with pytest.raises(ValueError, match="acts_a has 20 rows, acts_b has 19"):
         cka_matrix(a, b[:, :19])
     with pytest.raises(ValueError, match="3-D .* got shape \\(20, 5\\)"):
         cka_matrix(a[0], b)
     with pytest.raises(ValueError, match="at least 4 examples for the debiased estimator, got 3"):
         cka_matrix(a[:, :3], b[:, :3], debiased=True)
-    with pytest.raises(ValueError, match="at least 4 examples for the debiased estimator, got 3"):
-        StreamingCKA(debiased=True).update(a[:, :3], b[:, :3]).compute()
-    stream = StreamingCKA().update(a, b)
-    with pytest.raises(ValueError, match="acts_a batch has 2 layers x 5 features"):
-        stream.update(a[:2], b[:2])
-
-
-# ---------------------------------------------------------------------------------------------
-# Layer correspondence and transitions
-# ---------------------------------------------------------------------------------------------
-
-
-def test_correspondence_on_identity():
-    eye = np.eye(6)
-    assert best_match(eye).tolist() == list(range(6))
-    assert alignment_path(eye) == [(i, i) for i in range(6)]
-    assert remapping_index(eye) == 0.0
-
-
-def test_correspondence_on_shifted_band():
-    n_layers = 6
-    m = np.zeros((n_layers, n_layers))
-    for i in range(n_layers):
-        m[i, min(i + 1, n_layers - 1)] = 1.0  # base layer i looks like tuned layer i + 1
-    assert best_match(m).tolist() == [1, 2, 3, 4, 5, 5]
-    assert remapping_index(m) == pytest.approx(5 / 6)
-    assert alignment_path(m) == [(0, 0), (0, 1), (1, 2), (2, 3), (3, 4), (4, 5), (5, 5)]
-    rect = alignment_path(np.random.default_rng(0).random((4, 7)))
-    assert rect[0] == (0, 0) and rect[-1] == (3, 6)
-    steps = np.diff(np.array(rect), axis=0)
-    assert ((steps >= 0) & (steps <= 1)).all() and (steps.sum(1) >= 1).all()
-    with pytest.raises(ValueError, match="square"):
-        remapping_index(np.zeros((3, 4)))
-
-
-def test_transition_layer_on_hand_curve():
-    curve = [1.0, 0.99, 0.98, 0.9, 0.6, 0.55, 0.5]
-    assert transition_layer(curve) == 4  # the drop 0.9 -> 0.6 happens entering layer 4
-    assert transition_layer(np.array([0.2, 0.9])) == 1
-    with pytest.raises(ValueError, match="at least 2 layers"):
-        transition_layer([1.0])
-
-
-def test_first_departure():
-    steps = [0, 100, 200, 300]
-    by_step = np.array([[1.0, 1.0, 1.0], [0.99, 0.9, 1.0], [0.95, 0.85, 1.0], [0.8, 0.97, 1.0]])
-    got = first_departure(steps, by_step, np.array([0.9, 0.95, 0.9]))
-    assert got.tolist() == [300, 100, -1]
-    assert first_departure(steps, by_step, 0.0).tolist() == [-1, -1, -1]
-    with pytest.raises(ValueError, match="strictly increasing"):
-        first_departure([0, 200, 100, 300], by_step, 0.9)
-
-
-# ---------------------------------------------------------------------------------------------
-# Controls: bootstrap, noise floor, permutation baseline
-# ---------------------------------------------------------------------------------------------
-
-
-def drifting_stacks(n, n_layers=4, d=16, seed=0, drop_at=None):
-    """Base/tuned stacks whose similarity falls with depth (sharply at ``drop_at`` if given)."""
-    rs = np.random.default_rng(seed)
-    a = rs.standard_normal((n_layers, n, d))
-    noise = np.linspace(0.3, 1.2, n_layers)
-    if drop_at is not None:
-        noise = np.where(np.arange(n_layers) < drop_at, 0.3, 3.0)
-    return a, a + noise[:, None, None] * rs.standard_normal((n_layers, n, d))
-
-
-@pytest.mark.parametrize("debiased", [False, True])
-def test_weighted_resample_equals_explicit_resample(debiased):
-    a, b = drifting_stacks(30)
-    rs = np.random.default_rng(1)
-    if debiased:  # half-sample without replacement
-        idx = np.sort(rs.permutation(30)[:15])
-    else:  # with replacement: duplicates
-        idx = rs.integers(0, 30, size=30)
-    w = np.bincount(idx, minlength=30).astype(np.float64)[None]
-    got = cka._weighted_layerwise(torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(w),
-                                  debiased, torch.float64).numpy()[0]
-    expected = [ref_cka(a[i, idx], b[i, idx], debiased) for i in range(4)]
-    assert np.abs(got - expected).max() < 1e-10
-
-
-@pytest.mark.parametrize("debiased", [False, True])
-def test_bootstrap_contains_point_and_narrows(debiased):
-    small = bootstrap_layerwise_cka(*drifting_stacks(100), n_boot=100, seed=0, debiased=debiased)
-    large = bootstrap_layerwise_cka(*drifting_stacks(800), n_boot=100, seed=0, debiased=debiased)
-    for res in (small, large):
-        assert (res["lo"] <= res["point"]).all() and (res["point"] <= res["hi"]).all()
-        assert res["samples"].shape == (100, 4)
-    assert np.allclose(small["point"], layerwise_cka(*drifting_stacks(100), debiased=debiased))
-    width_small = (small["hi"] - small["lo"]).mean()
-    width_large = (large["hi"] - large["lo"]).mean()
-    assert width_large < width_small / 2  # ~ sqrt(8) narrower in theory
-    assert small["scheme"] == ("subsample" if debiased else "resample")
-
-
-def test_noise_floor_band():
-    a, b = drifting_stacks(200)
-    nf = noise_floor(a, b, n_splits=10, seed=0)
-    assert nf["diffs"].shape == (10, 4)
-    assert np.allclose(nf["point"], layerwise_cka(a, b))
-    assert (nf["half_width"] > 0).all() and (nf["lo"] < nf["point"]).all()
-    assert np.allclose(nf["half_width"], 1.96 * np.sqrt((nf["diffs"] ** 2).mean(0)) / 2)
-    wider = noise_floor(*drifting_stacks(50), n_splits=10, seed=0)
-    assert wider["half_width"].mean() > nf["half_width"].mean()
-    # Same order of magnitude as the bootstrap standard error.
-    boot = bootstrap_layerwise_cka(a, b, n_boot=100, seed=0)
-    assert 0.3 < (nf["se"] / boot["samples"].std(0)).mean() < 3.0
-
-
-@pytest.mark.parametrize("debiased", [False, True])
-def test_permutation_baseline_far_below_true_cka(debiased):
-    a, b = drifting_stacks(120, n_layers=3, d=40)
-    true = cka_matrix(a, b, debiased)
-    chance = permutation_baseline(a, b, n_perm=10, seed=0, debiased=debiased)
-    assert chance.shape == (3, 3)
-    assert (np.diag(true) - np.diag(chance) > 0.3).all()
-    if debiased:
-        assert np.abs(chance).max() < 0.05
-
-
-def test_transition_layer_bootstrap_finds_the_drop():
-    a, b = drifting_stacks(120, n_layers=6, drop_at=3)
-    res = transition_layer_bootstrap(a, b, n_boot=50, seed=0)
-    assert res["point"] == 3
-    assert res["lo"] <= 3 <= res["hi"]
-    assert np.bincount(res["samples"]).argmax() == 3
+    with pytest.raises(ValueError, match="gram_dtype must be torch.float32 or torch.float64"):
+        cka_matrix(a, b, gram_dtype=torch.float16)
 
 
 def test_numpy_and_torch_inputs_agree():

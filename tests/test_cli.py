@@ -1,7 +1,7 @@
 """The headless CLI (``python -m alignkit``) and the cached pipeline stages it shares with the notebooks.
 
 Stages run in-process on the tiny preset in smoke size (the session's smoke run); their artifacts
-must load through the notebooks' helpers (``alignkit.pipeline``, ``capture_run``) with every
+must load through the notebooks' calls (``alignkit.stages``, ``capture_run``) with every
 expensive function patched to raise, i.e. without recomputation.
 """
 
@@ -13,12 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from alignkit import cli, pipeline
-from alignkit.evaluate import ensure_results
-from alignkit.train import train
-
 from conftest import smoke_config
+
+from alignkit import cli, results
+from alignkit import stages as pipeline
+from alignkit.runs import list_checkpoints
+from alignkit.stages import ensure_results
+from alignkit.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
 PROG = "python -m alignkit: error: "
@@ -38,7 +39,8 @@ def test_top_level_help_subprocess():
     assert r.returncode == 0 and r.stderr == ""
     out = r.stdout
     assert out.startswith("usage: python -m alignkit")
-    for cmd in ("train", "evaluate", "capture", "cka", "spectral", "patching", "figures", "all"):
+    for cmd in ("train", "evaluate", "capture", "cka", "spectral", "patching", "compare", "figures",
+                "all"):
         assert f"\n    {cmd} " in out, cmd
     for opt in ("--preset", "--smoke", "--set KEY=VALUE", "--model PATH", "--data PATH", "--eval-data PATH",
                 "--root DIR", "-v, --verbose"):
@@ -46,7 +48,8 @@ def test_top_level_help_subprocess():
     assert "examples:" in out and "accelerate launch -m alignkit" in out
 
 
-@pytest.mark.parametrize("cmd", ["train", "evaluate", "capture", "cka", "spectral", "patching", "figures", "all"])
+@pytest.mark.parametrize("cmd", ["train", "evaluate", "capture", "cka", "spectral", "patching",
+                                 "compare", "figures", "all"])
 def test_subcommand_help_subprocess(cmd):
     r = _run_help(cmd)
     assert r.returncode == 0 and r.stderr == ""
@@ -56,7 +59,7 @@ def test_subcommand_help_subprocess(cmd):
     assert "--preset NAME" in out and "--set KEY=VALUE" in out and "--root DIR" in out  # global options here too
     if cmd == "train":
         assert "{sft,dpo,grpo}" in out
-    elif cmd not in ("figures",):
+    elif cmd not in ("figures", "compare"):
         assert "--method {sft,dpo,grpo}" in out
 
 
@@ -122,7 +125,7 @@ def test_only_train_under_a_distributed_launch(capsys, monkeypatch):
 
 
 def test_method_choices_match_the_trainers():
-    from alignkit.train import METHODS
+    from alignkit.runs import METHODS
 
     assert cli.METHODS == METHODS
 
@@ -146,23 +149,21 @@ def _no_compute(monkeypatch):
     """Make every expensive function raise: what still works was read from the caches."""
     import trl
 
-    from alignkit import activations, cka, evaluate, patching, spectral, tiny
+    from alignkit import capture, controls, evaluate, patching, spectral, tiny, train, weights
 
     def boom(*a, **k):
         raise AssertionError("recomputed although the result was cached")
 
-    from alignkit import train
-
     for name in ("SFTTrainer", "DPOTrainer", "GRPOTrainer"):
         monkeypatch.setattr(trl, name, boom)
-        if hasattr(train, name):  # in case the trainers are imported at module level
-            monkeypatch.setattr(train, name, boom)
+        monkeypatch.setattr(train, name, boom)
     monkeypatch.setattr(tiny, "Trainer", boom)
     monkeypatch.setattr(evaluate, "generate", boom)
-    monkeypatch.setattr(activations, "capture", boom)
-    for mod, names in ((cka, ["bootstrap_layerwise_cka", "noise_floor", "permutation_baseline",
-                              "transition_layer_bootstrap"]),
+    monkeypatch.setattr(capture, "capture", boom)
+    for mod, names in ((controls, ["bootstrap_layerwise_cka", "noise_floor", "permutation_baseline",
+                                   "transition_layer_bootstrap"]),
                        (spectral, ["bootstrap_layer_metrics", "rank_vs_n"]),
+                       (weights, ["weight_drift"]),
                        (patching, ["layer_sweep", "cross_layer_sweep", "weight_sweep"])):
         for n in names:
             monkeypatch.setattr(mod, n, boom)
@@ -178,8 +179,6 @@ def staged(smoke_root, smoke_run):
 
 
 def test_train_stage_reuses_the_run(staged, smoke_cfg, smoke_run, monkeypatch):
-    from alignkit.train import list_checkpoints
-
     mtimes = {s: (d / "model.safetensors").stat().st_mtime_ns for s, d in list_checkpoints(smoke_run)}
     _no_compute(monkeypatch)
     assert cli.main(staged + ["train", "sft"]) == 0
@@ -188,21 +187,19 @@ def test_train_stage_reuses_the_run(staged, smoke_cfg, smoke_run, monkeypatch):
 
 
 def test_evaluate_stage_artifacts_load_in_notebook_helpers(staged, smoke_cfg, smoke_run, monkeypatch):
-    from alignkit.evaluate import ensure_sft_results
-    from alignkit.train import list_checkpoints
-
     assert (smoke_run / "flips.json").is_file()
     assert all(len(list(d.glob("eval-*.json"))) == 1 for _, d in list_checkpoints(smoke_run))
     _no_compute(monkeypatch)
-    run_dir, results, table = ensure_sft_results(smoke_cfg)  # what notebooks 01-04 call first
-    assert run_dir == smoke_run and [r["step"] for r in results] == [s for s, _ in list_checkpoints(smoke_run)]
-    assert all(r["n"] == smoke_cfg.eval.n_eval for r in results)
-    assert json.loads((smoke_run / "flips.json").read_text()) == table
+    res = ensure_results(smoke_cfg)  # what notebooks 01-04 call first
+    assert res.run_dir == smoke_run and res.steps == [s for s, _ in list_checkpoints(smoke_run)]
+    assert all(r.n == smoke_cfg.eval.n_eval for r in res.evals)
+    table = json.loads((smoke_run / "flips.json").read_text())
+    assert table == {"flips": res.table.flips, "controls": res.table.controls}
 
 
 def test_capture_stage_fills_the_notebooks_cache(staged, smoke_cfg, smoke_run, monkeypatch):
-    from alignkit.activations import capture_cached, capture_run, probe_texts
-    from alignkit.train import list_checkpoints
+    from alignkit.capture import capture_cached, capture_run
+    from alignkit.data import probe_texts
 
     texts = probe_texts(smoke_cfg)
     _no_compute(monkeypatch)
@@ -218,8 +215,9 @@ def test_capture_stage_fills_the_notebooks_cache(staged, smoke_cfg, smoke_run, m
 
 
 def test_cka_stage_matches_a_direct_computation(staged, smoke_cfg, smoke_run, monkeypatch):
-    from alignkit import cka
-    from alignkit.activations import capture_run, probe_texts
+    from alignkit import cka, controls
+    from alignkit.capture import capture_run
+    from alignkit.data import probe_texts
 
     caps = capture_run(smoke_run, probe_texts(smoke_cfg), pooling="mean")
     steps = sorted(caps)
@@ -227,19 +225,21 @@ def test_cka_stage_matches_a_direct_computation(staged, smoke_cfg, smoke_run, mo
             if not any(n in a.meta["constant_points"] for a in caps.values())]
     base, final = caps[steps[0]].acts[keep], caps[steps[-1]].acts[keep]
     direct = {"matrix": cka.cka_matrix(base, final), "lw": cka.layerwise_cka(base, final),
-              "boot": cka.bootstrap_layerwise_cka(base, caps[steps[1]].acts[keep], n_boot=20, seed=0, debiased=True),
-              "noise": cka.noise_floor(base, final, n_splits=20, seed=0)}
+              "boot": controls.bootstrap_layerwise_cka(base, caps[steps[1]].acts[keep], n_boot=20, seed=0,
+                                                       debiased=True),
+              "noise": controls.noise_floor(base, final, n_splits=20, seed=0)}
     _no_compute(monkeypatch)
     res = pipeline.ensure_cka(smoke_cfg)  # notebook 02's call: read, not computed
-    assert list(pipeline.analysis_dir(smoke_run).glob("cka-*"))
-    assert res["steps"] == steps and res["labels"][0] == "embed" and len(res["labels"]) == len(keep)
-    np.testing.assert_array_equal(res["matrix"], np.asarray(direct["matrix"], dtype=np.float64))
-    np.testing.assert_allclose(res["curves"][False][steps[-1]]["point"], direct["lw"], rtol=0, atol=1e-12)
+    assert isinstance(res, results.CKAResult) and list(pipeline.analysis_dir(smoke_run).glob("cka-*"))
+    assert res.steps == steps and res.labels[0] == "embed" and len(res.labels) == len(keep)
+    np.testing.assert_array_equal(res.matrix, np.asarray(direct["matrix"], dtype=np.float64))
+    np.testing.assert_allclose(res.classic[steps[-1]].point, direct["lw"], rtol=0, atol=1e-12)
     for k in ("point", "lo", "hi"):
-        np.testing.assert_array_equal(res["curves"][True][steps[1]][k], direct["boot"][k])
-    np.testing.assert_array_equal(res["noise"][False]["half_width"], direct["noise"]["half_width"])
-    assert res["path"][0] == (0, 0) and res["path"][-1] == (len(keep) - 1, len(keep) - 1)
-    assert set(res["transition"]) >= {"point", "lo", "hi"} and res["departure"].shape == (len(keep),)
+        np.testing.assert_array_equal(res.debiased[steps[1]][k], direct["boot"][k])
+    np.testing.assert_array_equal(res.noise_classic, direct["noise"]["half_width"])
+    assert res.path[0] == (0, 0) and res.path[-1] == (len(keep) - 1, len(keep) - 1)
+    assert len(res.transition) == 3 and res.departure.shape == (len(keep),)
+    assert res.alt_pooling == "last" and res.alt_curve.shape == (len(res.alt_labels),)
     assert cli.main(staged + ["cka"]) == 0  # the stage itself is idempotent
 
 
@@ -247,68 +247,70 @@ def test_stale_or_damaged_results_are_recomputed(staged, smoke_cfg, smoke_run, c
     res = pipeline.ensure_cka(smoke_cfg)
     other = pipeline.ensure_cka(smoke_cfg, n_boot=21)  # other parameters: another key, another file
     assert len(list(pipeline.analysis_dir(smoke_run).glob("cka-*"))) == 2
-    np.testing.assert_array_equal(other["matrix"], res["matrix"])
-    assert not np.array_equal(other["curves"][False][res["steps"][-1]]["lo"],
-                              res["curves"][False][res["steps"][-1]]["lo"])
+    np.testing.assert_array_equal(other.matrix, res.matrix)
+    final = res.steps[-1]
+    assert not np.array_equal(other.classic[final].lo, res.classic[final].lo)
     path = next(p for p in pipeline.analysis_dir(smoke_run).glob("cka-*") if p.stat().st_mtime_ns ==
                 max(q.stat().st_mtime_ns for q in pipeline.analysis_dir(smoke_run).glob("cka-*")))
-    info = json.loads((path / "result.json").read_text())
-    info["key"]["params"]["n_boot"] = 999  # a result stored under another key is never read
-    (path / "result.json").write_text(json.dumps(info))
+    info = json.loads((path / "key.json").read_text())
+    info["params"]["n_boot"] = 999  # a result stored under another key is never read
+    (path / "key.json").write_text(json.dumps(info))
     again = pipeline.ensure_cka(smoke_cfg, n_boot=21)
     assert "damaged or stale" in caplog.text
-    np.testing.assert_array_equal(again["curves"][False][res["steps"][-1]]["lo"],
-                                  other["curves"][False][res["steps"][-1]]["lo"])
+    np.testing.assert_array_equal(again.classic[final].lo, other.classic[final].lo)
+    with pytest.raises(TypeError, match="unknown stage parameter"):
+        pipeline.ensure_cka(smoke_cfg, n_bot=21)
 
 
 def test_spectral_stage_matches_a_direct_computation(staged, smoke_cfg, smoke_run, monkeypatch):
     from alignkit import spectral
-    from alignkit.activations import capture_run, probe_texts
+    from alignkit.capture import capture_run
+    from alignkit.data import probe_texts
 
     caps = capture_run(smoke_run, probe_texts(smoke_cfg), pooling="mean")
     steps = sorted(caps)
-    direct = spectral.bootstrap_layer_metrics(caps[steps[-1]].acts, alphas=(0.5, 1.0, 2.0, float("inf")), n_boot=20,
-                                              seed=0)
+    boot = {s: spectral.bootstrap_layer_metrics(caps[s].acts, alphas=(0.5, 1.0, 2.0, float("inf")),
+                                                n_boot=20, seed=0) for s in (steps[0], steps[-1])}
     _no_compute(monkeypatch)
     res = pipeline.ensure_spectral(smoke_cfg)  # notebook 03's call
-    assert res["steps"] == steps and res["dropped"] == [] and res["ns"] == [16, 32]
-    for metric, d in direct.items():
-        for k in ("point", "lo", "hi", "samples"):
-            np.testing.assert_array_equal(res["boot"][steps[-1]][metric][k], d[k])
-    np.testing.assert_allclose(res["boot"][steps[0]]["rankme"]["point"][-1],
-                               spectral.rankme(caps[steps[0]].acts[-1]), rtol=1e-10)
-    delta = spectral.paired_delta(res["boot"][steps[-1]], res["boot"][steps[0]])  # notebook 03's use
-    assert delta["rankme"]["point"].shape == (len(res["labels"]),)
-    assert set(res["rank_vs_n"]) == {steps[0], steps[-1]}
+    assert res.steps == steps and res.dropped == [] and res.ns == [16, 32]
+    for metric, d in boot[steps[-1]].items():
+        for k in ("point", "lo", "hi"):
+            np.testing.assert_array_equal(getattr(res, k)[metric][-1], d[k])
+        np.testing.assert_array_equal(res.samples[metric][-1], d["samples"])
+    np.testing.assert_allclose(res.point["rankme"][0][-1], spectral.rankme(caps[steps[0]].acts[-1]),
+                               rtol=1e-10)
+    delta = spectral.paired_delta(boot[steps[-1]], boot[steps[0]])["rankme"]  # as notebook 03 reads it
+    for k in ("point", "lo", "hi"):
+        np.testing.assert_allclose(res.delta("rankme", steps[-1])[k], delta[k], rtol=0, atol=1e-12)
+    assert res.rank_vs_n.shape == (2, 2, len(res.labels))
 
 
 def test_patching_stage_round_trips_exactly(staged, smoke_cfg, smoke_run, monkeypatch):
     from alignkit import patching
-    from alignkit.evaluate import ensure_sft_results
-    from alignkit.tiny import load_model
+    from alignkit.models import load_model
 
-    _, results, table = ensure_sft_results(smoke_cfg)
-    sets, labels = pipeline.patching_sets(smoke_cfg, results, table, 8, 2)
-    base, tok = load_model(results[0]["checkpoint"])
-    tuned, _ = load_model(results[-1]["checkpoint"])
+    run = ensure_results(smoke_cfg)
+    sets, labels = pipeline.patching_sets(smoke_cfg, run, 8, 2)
+    base, tok = load_model(run.evals[0].checkpoint)
+    tuned, _ = load_model(run.evals[-1].checkpoint)
     exs = patching.examples_from_table(sets["controls"], tok)
     direct = patching.layer_sweep(base, tuned, tok, exs, component="mlp", direction="noise", batch_size=8,
                                   progress=False)
     _no_compute(monkeypatch)
     res = pipeline.ensure_patching(smoke_cfg)  # notebook 04's call
-    assert res["sets"] == sets and res["labels"] == labels
+    assert res.sets == sets and res.labels == labels
     L = smoke_cfg.tiny.num_hidden_layers
-    assert set(res["sweeps"]) == {(s, c, d) for s in ("flips", "controls") for c in ("resid", "attn", "mlp")
-                                  for d in ("denoise", "noise")}
-    got = res["sweeps"]["controls", "mlp", "noise"]
+    assert set(res.sweeps) == {f"{s}/{c}/{d}" for s in ("flips", "controls") for c in ("resid", "attn", "mlp")
+                               for d in ("denoise", "noise")}
+    got = res.sweep("controls", "mlp", "noise")
     assert isinstance(got, patching.PatchResult) and got.delta.shape == (len(exs), L)
     for f in ("lp_patched", "delta", "npe", "kl", "lp_receiver", "lp_donor", "npe_valid"):
         np.testing.assert_array_equal(getattr(got, f), getattr(direct, f))
     assert got.meta == direct.meta
-    assert list(res["by_pos"]) == ["all", "prompt", "answer"] and res["by_pos"]["all"] is not None
-    assert res["cross"]["flips"].delta.shape == (4, L, L)
-    assert set(res["weights"]["flips"]) == {"revert", "graft", "mean_diff"}
-    assert cli.main(staged + ["all", "--skip", "figures"]) == 0  # every stage cached: nothing recomputed
+    assert list(res.by_pos) == ["all", "prompt", "answer"]
+    assert res.cross["flips"].delta.shape == (4, L, L) and res.cka_matrix.shape == (L, L)
+    assert set(res.ablation) == {f"{s}/{k}" for s in ("flips", "controls") for k in ("revert", "graft", "mean_diff")}
 
 
 def test_notebook_parameters_match_pipeline_defaults(monkeypatch):
@@ -325,13 +327,17 @@ def test_notebook_parameters_match_pipeline_defaults(monkeypatch):
     for smoke in (False, True):
         p = params("02_cka.py", smoke)
         d = pipeline.cka_defaults(smoke)
-        assert (p["POOLINGS"][0], p["N_BOOT"], p["N_PERM"]) == (d["pooling"], d["n_boot"], d["n_perm"])
+        assert (*p["POOLINGS"], p["N_BOOT"], p["N_PERM"]) == (d["pooling"], d["alt_pooling"], d["n_boot"],
+                                                              d["n_perm"])
         p = params("03_spectral.py", smoke)
         d = pipeline.spectral_defaults(smoke)
         assert (p["POOLING"], tuple(p["ALPHAS"]), p["N_BOOT"]) == (d["pooling"], d["alphas"], d["n_boot"])
         p = params("04_patching.py", smoke)
         d = pipeline.patching_defaults(smoke)
         assert {k: p[k.upper()] for k in d} == d
+        p = params("05_post_training_compare.py", smoke)
+        d = pipeline.compare_defaults(smoke)
+        assert {k: p[k.upper()] for k in d} == d and tuple(p["METHODS"]) == pipeline.METHODS
 
 
 def test_figures_runs_a_notebook_on_the_cached_results(staged, smoke_root, smoke_run):
@@ -355,9 +361,7 @@ def test_figures_runs_a_notebook_on_the_cached_results(staged, smoke_root, smoke
 
 
 def test_local_model_and_jsonl_fully_offline(tmp_path, smoke_base, monkeypatch):
-    from alignkit.data import generate_problems
-    from alignkit.evaluate import eval_set
-    from alignkit.train import list_checkpoints
+    from alignkit.data import eval_set, generate_problems
 
     assert os.environ["HF_HUB_OFFLINE"] == "1" and os.environ["HF_DATASETS_OFFLINE"] == "1"
     train_file, test_file = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
@@ -381,14 +385,14 @@ def test_local_model_and_jsonl_fully_offline(tmp_path, smoke_base, monkeypatch):
     assert manifest["base"] == str(smoke_base.resolve()) and [s for s, _ in ckpts] == [0, 1, 2]
     assert eval_set(cfg)["question"] == [json.loads(l)["question"] for l in test_file.read_text().splitlines()]
     res = pipeline.ensure_cka(cfg)
-    assert res["steps"] == [0, 1, 2] and res["matrix"].shape == (len(res["labels"]),) * 2
+    assert res.steps == [0, 1, 2] and res.matrix.shape == (len(res.labels),) * 2
 
 
 # ----------------------------------------------------------------------------- DPO and GRPO
 
 
 def test_dpo_and_grpo_stages(staged, smoke_cfg, smoke_run, monkeypatch):
-    from alignkit.train import list_checkpoints, run_dir
+    from alignkit.runs import run_dir
 
     for method in ("dpo", "grpo"):
         assert cli.main(staged + ["train", method]) == 0
@@ -403,8 +407,22 @@ def test_dpo_and_grpo_stages(staged, smoke_cfg, smoke_run, monkeypatch):
         assert step0["weights_hash"] == sft_final  # both start from the final SFT checkpoint
     _no_compute(monkeypatch)
     res = pipeline.ensure_cka(smoke_cfg, "dpo")
-    assert res["steps"] == [s for s, _ in list_checkpoints(run_dir(smoke_cfg, "dpo"))]
+    assert res.steps == [s for s, _ in list_checkpoints(run_dir(smoke_cfg, "dpo"))]
     assert pipeline.analysis_dir(run_dir(smoke_cfg, "dpo")).is_dir()
-    assert pipeline.ensure_spectral(smoke_cfg, "grpo")["steps"][0] == 0
-    _, results, _ = ensure_results(smoke_cfg, "dpo")
-    assert len(results) == len(res["steps"])
+    assert pipeline.ensure_spectral(smoke_cfg, "grpo").steps[0] == 0
+    assert len(ensure_results(smoke_cfg, "dpo").evals) == len(res.steps)
+
+
+def test_compare_stage_then_every_stage_is_cached(staged, smoke_cfg, monkeypatch):
+    assert cli.main(staged + ["compare"]) == 0
+    first = pipeline.ensure_compare(smoke_cfg)
+    _no_compute(monkeypatch)
+    res = pipeline.ensure_compare(smoke_cfg)  # notebook 05's call: read, not computed
+    assert isinstance(res, results.CompareResult) and res.methods == ["sft", "dpo", "grpo"]
+    assert res.init == {"sft": "base", "dpo": "sft", "grpo": "sft"}
+    for m in res.methods:
+        np.testing.assert_array_equal(res.cka[m].point, first.cka[m].point)
+        np.testing.assert_array_equal(res.patches[m].delta, first.patches[m].delta)
+        assert res.own[m].equals(first.own[m]) and res.own[m].attrs == first.own[m].attrs
+    assert res.structure_controls == first.structure_controls
+    assert cli.main(staged + ["all", "--skip", "figures"]) == 0  # every stage cached: nothing recomputed

@@ -12,13 +12,15 @@ from tiny_models import make_model, make_tokenizer
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from alignkit import cache, cka, patching
-from alignkit.activations import capture, check_comparable, check_same_tokenizer
+from alignkit import cka, patching
+from alignkit import runs as cache
+from alignkit.capture import capture, check_comparable
 from alignkit.config import get_config
 from alignkit.data import format_prompt, generate_problems, load_gsm8k
 from alignkit.evaluate import answer_spans
 from alignkit.hooks import overwrite
-from alignkit.tiny import ensure_base, load_model
+from alignkit.models import check_same_tokenizer, load_model
+from alignkit.tiny import ensure_base
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

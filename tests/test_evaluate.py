@@ -17,8 +17,8 @@ from alignkit.evaluate import (
     summary,
     wilson_interval,
 )
-from alignkit.tiny import load_model
-from alignkit.train import list_checkpoints
+from alignkit.models import load_model
+from alignkit.runs import list_checkpoints
 
 SOL = "Tom has 5+3=<<5+3=8>>8 apples.\nHe gives 2, so 8-2=<<8-2=6>>6.\n#### 16"
 
@@ -92,10 +92,10 @@ def test_wilson_interval():
 
 def test_evaluate_run_cached_and_flips(smoke_cfg, smoke_run):
     results = evaluate_run(smoke_run, smoke_cfg)
-    assert [r["step"] for r in results] == [s for s, _ in list_checkpoints(smoke_run)]
+    assert [r.step for r in results] == [s for s, _ in list_checkpoints(smoke_run)]
     for r in results:
-        assert r["n"] == smoke_cfg.eval.n_eval and 0 <= r["accuracy"] <= 1
-        assert all(math.isfinite(x) and x <= 0 for x in r["answer_logprob"])
+        assert r.n == smoke_cfg.eval.n_eval and 0 <= r.accuracy <= 1
+        assert all(math.isfinite(x) and x <= 0 for x in r.answer_logprob)
     # second call reads the cache (same object content, no recomputation)
     ckpt = list_checkpoints(smoke_run)[-1][1]
     (cached,) = [p for p in ckpt.glob("eval-*.json")]
@@ -104,20 +104,24 @@ def test_evaluate_run_cached_and_flips(smoke_cfg, smoke_run):
     assert cached.stat().st_mtime_ns == mtime
     # a damaged cache is recomputed, not read
     cached.write_text("{not json")
-    assert evaluate_checkpoint(ckpt, smoke_cfg)["accuracy"] == results[-1]["accuracy"]
+    assert evaluate_checkpoint(ckpt, smoke_cfg).accuracy == results[-1].accuracy
     rows = summary(results)
     assert rows[0]["acc_lo"] <= rows[0]["accuracy"] <= rows[0]["acc_hi"]
 
 
 def test_flip_table_logic(smoke_cfg):
-    from alignkit.evaluate import eval_set
+    from types import SimpleNamespace
+
+    from alignkit.data import eval_set
 
     ds = eval_set(smoke_cfg)
     n = len(ds)
-    first = {"correct": [i % 2 == 0 for i in range(n)], "outputs": ["a"] * n, "answer_logprob": [-1.0] * n}
-    last = {"correct": [i % 3 == 0 for i in range(n)], "outputs": ["b"] * n, "answer_logprob": [-0.5] * n}
+    first = SimpleNamespace(correct=[i % 2 == 0 for i in range(n)], outputs=["a"] * n,
+                            answer_logprob=[-1.0] * n)
+    last = SimpleNamespace(correct=[i % 3 == 0 for i in range(n)], outputs=["b"] * n,
+                           answer_logprob=[-0.5] * n)
     t = flip_table([first, last], smoke_cfg, ds)
-    assert [r["index"] for r in t["flips"]] == [i for i in range(n) if i % 2 and i % 3 == 0]
-    assert [r["index"] for r in t["controls"]] == [i for i in range(n) if i % 6 == 0]
+    assert [r["index"] for r in t.flips] == [i for i in range(n) if i % 2 and i % 3 == 0]
+    assert [r["index"] for r in t.controls] == [i for i in range(n) if i % 6 == 0]
     with pytest.raises(ValueError, match="do not match"):
-        flip_table([{"correct": [True]}, last], smoke_cfg, ds)
+        flip_table([SimpleNamespace(correct=[True]), last], smoke_cfg, ds)

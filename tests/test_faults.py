@@ -13,11 +13,18 @@ import numpy as np
 import pytest
 from conftest import smoke_config
 
-from alignkit import cache, cka, spectral
-from alignkit.activations import capture_run, probe_texts
-from alignkit.evaluate import ensure_sft_results
+from alignkit import cka, spectral
+from alignkit import runs as cache
+from alignkit.capture import capture_run
+from alignkit.data import probe_texts
+from alignkit.runs import checkpoint_dir, list_checkpoints, run_dir
+from alignkit.stages import ensure_results
 from alignkit.tiny import base_dir, ensure_base
-from alignkit.train import checkpoint_dir, list_checkpoints, sft_dir, train_sft
+from alignkit.train import train_sft
+
+
+def sft_dir(cfg):
+    return run_dir(cfg, "sft")
 
 # long enough to kill in the middle: checkpoints at steps 0, 3, 6, 15, 30, 60
 OVERRIDES = {"sft.max_steps": 60}
@@ -51,7 +58,7 @@ def killed_and_clean(tmp_path_factory):
     state = {"returncode": proc.returncode, "steps_at_kill": [s for s, _ in list_checkpoints(run)],
              "trainer_states": sorted(p.name for p in (run / "trainer").glob("checkpoint-*")),
              "mtimes": {s: (d / "manifest.json").stat().st_mtime_ns for s, d in list_checkpoints(run)}}
-    results = {k: ensure_sft_results(c) for k, c in cfgs.items()}  # resumes the killed one; builds the clean one
+    results = {k: ensure_results(c) for k, c in cfgs.items()}  # resumes the killed one; builds the clean one
     return cfgs, results, state
 
 
@@ -72,13 +79,13 @@ def test_sigkill_mid_training_resumes_to_identical_results(killed_and_clean):
 
 def test_two_runs_with_one_seed_give_identical_numbers(killed_and_clean):
     cfgs, results, _ = killed_and_clean
-    (_, res_a, table_a), (_, res_b, table_b) = results["killed"], results["clean"]
-    assert [r["accuracy"] for r in res_a] == [r["accuracy"] for r in res_b]
+    (res_a, table_a), (res_b, table_b) = ((results[k].evals, results[k].table) for k in ("killed", "clean"))
+    assert [r.accuracy for r in res_a] == [r.accuracy for r in res_b]
     for ra, rb in zip(res_a, res_b):
-        np.testing.assert_allclose(ra["answer_logprob"], rb["answer_logprob"], rtol=0, atol=1e-6)
-    assert [r["index"] for r in table_a["flips"]] == [r["index"] for r in table_b["flips"]]
+        np.testing.assert_allclose(ra.answer_logprob, rb.answer_logprob, rtol=0, atol=1e-6)
+    assert [r["index"] for r in table_a.flips] == [r["index"] for r in table_b.flips]
     texts = probe_texts(cfgs["clean"])
-    acts = {k: capture_run(results[k][0], texts, pooling="mean") for k in results}
+    acts = {k: capture_run(results[k].run_dir, texts, pooling="mean") for k in results}
     steps = sorted(acts["clean"])
     for k in acts:
         assert sorted(acts[k]) == steps

@@ -6,25 +6,22 @@ relative test, not a comparison of near-zero numbers.
 
 import pytest
 import torch
+from tiny_models import CORPUS, make_model
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
 )
 
-from tiny_models import CORPUS, make_model
-from alignkit.hooks import (
-    ARCHITECTURES,
-    decoder,
-    final_norm,
-    hook_points,
-    lm_head,
-    module_for,
-    n_layers,
-    overwrite,
-    parse_hook_point,
-    record,
-    unembed,
-)
+from alignkit.hooks import hook_points, module_for, overwrite, parse_hook_point, record
+from alignkit.models import ARCHITECTURES, decoder, n_layers, part, unembed
+
+
+def final_norm(model):
+    return part(model, "norm")
+
+
+def lm_head(model):
+    return part(model, "head")
 
 
 
@@ -98,9 +95,9 @@ def test_bare_decoder_class(qwen3, tok):
     ids = ids_of(tok, CORPUS[0])
     with record(qwen3, ["layers.2.resid"]) as full:
         qwen3(ids)
-    with record(bare, ["layers.2.resid"]) as part:
+    with record(bare, ["layers.2.resid"]) as bare_store:
         bare(ids)
-    assert torch.equal(full["layers.2.resid"], part["layers.2.resid"])
+    assert torch.equal(full["layers.2.resid"], bare_store["layers.2.resid"])
     with pytest.raises(ValueError, match="Qwen3Model has no LM head"):
         lm_head(bare)
 

@@ -26,6 +26,7 @@ from transformers import (
 from alignkit import patching
 from alignkit.data import format_prompt, generate_problems
 from alignkit.evaluate import answer_logprob
+from alignkit.stats import bootstrap_mean
 from alignkit.tiny import train_tokenizer
 
 TOL = 1e-5
@@ -305,18 +306,18 @@ def test_bootstrap_mean():
     v = rng.normal(size=(40, 4)) + np.arange(4)
     v[3, 1] = np.nan
     v[:, 3] = np.nan
-    b = patching.bootstrap_mean(v, n_boot=500, seed=0)
+    b = bootstrap_mean(v, n_boot=500, seed=0)
     np.testing.assert_allclose(b["point"][:3], np.nanmean(v[:, :3], 0), rtol=1e-12)
     assert (b["lo"][:3] < b["point"][:3]).all() and (b["point"][:3] < b["hi"][:3]).all()
     assert np.isnan(b["point"][3]) and np.isnan(b["lo"][3]) and list(b["n"]) == [40, 39, 40, 0]
     se = v[:, 0].std(ddof=1) / np.sqrt(40)  # the percentile interval is about +- 1.96 s.e.
     assert 0.7 < (b["hi"][0] - b["lo"][0]) / (2 * 1.96 * se) < 1.3
-    again = patching.bootstrap_mean(v, n_boot=500, seed=0)
+    again = bootstrap_mean(v, n_boot=500, seed=0)
     np.testing.assert_array_equal(again["lo"][:3], b["lo"][:3])
-    grid = patching.bootstrap_mean(rng.normal(size=(10, 3, 3)), n_boot=50)
+    grid = bootstrap_mean(rng.normal(size=(10, 3, 3)), n_boot=50)
     assert grid["point"].shape == (3, 3) and grid["hi"].shape == (3, 3)
     with pytest.raises(ValueError, match="n_examples >= 1"):
-        patching.bootstrap_mean(np.zeros((0, 3)))
+        bootstrap_mean(np.zeros((0, 3)))
 
 
 # ------------------------------------------------------------------------------------------

@@ -5,26 +5,17 @@ import shutil
 
 import pytest
 import torch
+from conftest import smoke_config
 from transformers import AutoModelForCausalLM
 
 from alignkit import train as train_mod
 from alignkit.config import get_config
-from alignkit.data import extract_answer, load_gsm8k
-from alignkit.evaluate import ensure_results, eval_set
-from alignkit.tiny import base_dir, load_model
-from alignkit.train import (
-    correctness_reward,
-    format_reward,
-    list_checkpoints,
-    run_dir,
-    schedule_steps,
-    sft_dir,
-    train,
-    train_dpo,
-    train_grpo,
-)
-
-from conftest import smoke_config
+from alignkit.data import eval_set, extract_answer, load_gsm8k
+from alignkit.models import load_model
+from alignkit.runs import list_checkpoints, run_dir, run_key, schedule_steps
+from alignkit.stages import ensure_results
+from alignkit.tiny import base_dir
+from alignkit.train import correctness_reward, format_reward, train, train_dpo, train_grpo
 
 RIGHT = " Tom has 3+4=<<3+4=7>>7 apples.\n#### 7"
 WRONG = " Tom has 3+4=<<3+4=8>>8 apples.\n#### 8"
@@ -62,7 +53,7 @@ def test_format_reward_values():
 def test_run_keys(tmp_path):
     cfg = smoke_config(tmp_path)
     dirs = {m: run_dir(cfg, m) for m in ("sft", "dpo", "grpo")}
-    assert dirs["sft"] == sft_dir(cfg)
+    assert dirs["sft"].parent == tmp_path / "sft"
     assert dirs["dpo"].parent == tmp_path / "dpo" and dirs["dpo"].name.startswith("tiny-smoke-")
     assert dirs["grpo"].parent == tmp_path / "grpo"
     # dotted overrides reach the new sections; each knob moves only its own run
@@ -120,7 +111,7 @@ def _root_with_sft(root, smoke_cfg, smoke_base, smoke_run, **overrides):
     """A fresh run root holding copies of the session base and SFT run, so only DPO/GRPO train here."""
     cfg = smoke_config(root, **overrides)
     shutil.copytree(smoke_base, base_dir(cfg))
-    shutil.copytree(smoke_run, sft_dir(cfg))
+    shutil.copytree(smoke_run, run_dir(cfg, "sft"))
     return cfg
 
 
@@ -184,7 +175,7 @@ def test_smoke_run_checkpoints_and_manifests(method, request):
     knobs = getattr(cfg, method)
     ckpts = list_checkpoints(run)
     assert [s for s, _ in ckpts] == schedule_steps(knobs.max_steps, knobs.schedule)
-    init = list_checkpoints(sft_dir(cfg))[-1][1]
+    init = list_checkpoints(run_dir(cfg, "sft"))[-1][1]
     init_w = _weights(init)
     assert _same(_weights(ckpts[0][1]), init_w)  # step 0 is the init: the final SFT checkpoint
     assert not _same(_weights(ckpts[-1][1]), init_w)  # training moved the weights
@@ -193,7 +184,7 @@ def test_smoke_run_checkpoints_and_manifests(method, request):
     for step, d in ckpts:
         m = json.loads((d / "manifest.json").read_text())
         assert m["kind"] == method and m["init"] == str(init) and m["step"] == step
-        assert m["sft_key"] == train_mod.sft_key(cfg) and m["run_key"] == train_mod.run_key(cfg, method)
+        assert m["sft_key"] == run_key(cfg, "sft") and m["run_key"] == run_key(cfg, method)
         assert {"config_hash", "data_hash", "init_weights_hash", "weights_hash", "wall_time_s", method} <= set(m)
         if step > 0:
             assert m["train_loss"] is not None and set(m["metrics"])
@@ -265,24 +256,25 @@ def test_finished_run_returns_at_once(method, request, monkeypatch):
 
 def test_ensure_results_evaluates_every_checkpoint(dpo_run):
     cfg, run, _ = dpo_run
-    got_run, results, table = ensure_results(cfg, "dpo")
-    assert got_run == run
-    assert [r["step"] for r in results] == [s for s, _ in list_checkpoints(run)]
-    assert all(r["n"] == cfg.eval.n_eval for r in results)
+    res = ensure_results(cfg, "dpo")
+    results = res.evals
+    assert res.run_dir == run
+    assert [r.step for r in results] == [s for s, _ in list_checkpoints(run)]
+    assert all(r.n == cfg.eval.n_eval for r in results)
     # step 0 is the SFT final checkpoint: same weights, same greedy outputs as SFT's own evaluation
-    sft_last = ensure_results(cfg, "sft")[1][-1]
-    assert results[0]["outputs"] == sft_last["outputs"] and results[0]["correct"] == sft_last["correct"]
-    assert set(table) == {"flips", "controls"} and (run / "flips.json").is_file()
+    sft_last = ensure_results(cfg, "sft").evals[-1]
+    assert results[0].outputs == sft_last.outputs and results[0].correct == sft_last.correct
+    assert (run / "flips.json").is_file()
     for r in results:
-        assert r["accuracy"] == pytest.approx(sum(r["correct"]) / r["n"])
-        assert r["predictions"] == [extract_answer(o) for o in r["outputs"]]
+        assert r.accuracy == pytest.approx(sum(r.correct) / r.n)
+        assert r.predictions == [extract_answer(o) for o in r.outputs]
 
 
 def test_sampled_generation_is_reproducible_and_prompt_major(smoke_run):
     from alignkit.data import format_prompt
     from alignkit.evaluate import generate
 
-    model, tok = load_model(train_mod.list_checkpoints(smoke_run)[-1][1])
+    model, tok = load_model(list_checkpoints(smoke_run)[-1][1])
     prompts = [format_prompt(q) for q in load_gsm8k("synthetic", "test", n=3)["question"]]
     a = generate(model, tok, prompts, max_new_tokens=12, num_samples=4, temperature=1.0, seed=3)
     b = generate(model, tok, prompts, max_new_tokens=12, num_samples=4, temperature=1.0, seed=3)
@@ -293,11 +285,9 @@ def test_sampled_generation_is_reproducible_and_prompt_major(smoke_run):
 
 
 def test_sampled_rejections_are_the_models_own_wrong_answers(smoke_cfg, smoke_run, monkeypatch):
-    from alignkit import evaluate
-
     cfg = get_config("tiny", smoke=True, overrides={"root": str(smoke_cfg.run_root), "dpo.rejected": "sampled",
                                                      "dpo.n_pairs": 6, "dpo.n_samples": 3})
-    model, tok = load_model(train_mod.list_checkpoints(smoke_run)[-1][1])
+    model, tok = load_model(list_checkpoints(smoke_run)[-1][1])
     rows = train_mod._post_training_rows(cfg, 6)
     # a stand-in sampler: sample 0 right, 1 wrong, 2 without a number for even rows; all right for odd ones
     golds = [r["final_answer"] for r in rows]
@@ -310,7 +300,7 @@ def test_sampled_rejections_are_the_models_own_wrong_answers(smoke_cfg, smoke_ru
             out += [f" x\n#### {g}", f" y\n#### {wrong}", " no number"] if i % 2 == 0 else [f" #### {g}"] * 3
         return out
 
-    monkeypatch.setattr(evaluate, "generate", fake_generate)
+    monkeypatch.setattr(train_mod, "generate", fake_generate)
     ds = train_mod.dpo_dataset(cfg, tok, rows, model=model)
     for i, row in enumerate(ds):
         if i % 2 == 0:

@@ -11,9 +11,9 @@ import torch
 from alignkit import spectral
 from alignkit.spectral import (
     bootstrap_layer_metrics,
-    delta_vs_base,
     layer_metrics,
     layer_spectra,
+    paired_delta,
     participation_ratio,
     participation_ratio_from_spectrum,
     rank_vs_n,
@@ -21,6 +21,7 @@ from alignkit.spectral import (
     rankme_from_spectrum,
     renyi_effective_rank,
     renyi_from_spectrum,
+    singular_values_from_gram,
     spectrum,
     top_k_variance_fraction,
 )
@@ -263,7 +264,7 @@ def test_low_precision_input_is_accumulated_in_float64(dtype):
 
 
 # ---------------------------------------------------------------------------------------------
-# Per-layer tables, bootstrap, Δ against base, rank vs n
+# Per-layer tables, bootstrap, paired Δ, rank vs n
 # ---------------------------------------------------------------------------------------------
 
 
@@ -290,8 +291,12 @@ def test_bootstrap_samples_are_metrics_of_the_resampled_rows(n, d, scheme):
     """The Gram path (m <= d: G[idx][:, idx], double-centred) and covariance path are exact."""
     acts = stack(2, n, d, seed=20)
     out = bootstrap_layer_metrics(acts, alphas=(0, 0.5, 2), n_boot=5, seed=3, scheme=scheme)
-    rows = spectral._draw_rows(n, 5, scheme, 0.8, np.random.default_rng(3))
-    assert out["rankme"]["m"] == rows.shape[1] == (n if scheme == "resample" else round(0.8 * n))
+    rng, m = np.random.default_rng(3), (n if scheme == "resample" else round(0.8 * n))
+    if scheme == "resample":  # the documented draws: n rows with replacement, or m distinct rows
+        rows = rng.integers(0, n, size=(5, n))
+    else:
+        rows = np.stack([rng.permutation(n)[:m] for _ in range(5)])
+    assert out["rankme"]["m"] == m
     for b in (0, 4):
         direct = layer_metrics(acts[:, rows[b]], alphas=(0, 0.5, 2))
         for key, val in direct.items():
@@ -323,19 +328,6 @@ def test_bootstrap_with_replacement_is_biased_low_but_interval_is_centred():
     res = out["rankme"]
     assert np.all(res["samples"].max(0) < res["point"])  # duplicates lose distinct rows
     assert np.all(res["lo"] < res["point"]) and np.all(res["point"] < res["hi"])
-
-
-def test_delta_vs_base():
-    acts = stack(3, 60, 20, seed=50)
-    tables = {"base": layer_metrics(acts), "sft": layer_metrics(acts[:, :, :10]),
-              "boot": bootstrap_layer_metrics(acts, n_boot=3)}
-    delta = delta_vs_base(tables, "base")
-    assert set(delta) == {"sft", "boot"}
-    np.testing.assert_allclose(delta["sft"]["rankme"],
-                               tables["sft"]["rankme"] - tables["base"]["rankme"])
-    np.testing.assert_allclose(delta["boot"]["renyi_2"], 0.0, atol=1e-10)
-    with pytest.raises(ValueError, match="base_key 'nope'"):
-        delta_vs_base(tables, "nope")
 
 
 def test_rank_vs_n_is_capped_by_n_and_ends_at_the_full_sample():
@@ -397,13 +389,12 @@ def test_stack_errors_name_the_layer():
         layer_metrics(acts[0])
     with pytest.raises(ValueError, match="alpha must be >= 0"):
         layer_metrics(acts, alphas=(1, -2))
+    with pytest.raises(ValueError, match=r"subsampling 0.99 of 12 rows keeps 12; the subsample "
+                       r"bootstrap needs 2 <= m < n \(use more rows or another frac\)"):
+        bootstrap_layer_metrics(acts, n_boot=3, frac=0.99)
 
 
 def test_paired_delta_interval():
-    import numpy as np
-
-    from alignkit.spectral import bootstrap_layer_metrics, paired_delta
-
     rng = np.random.default_rng(0)
     a = rng.standard_normal((2, 120, 16))
     b = a.copy()
@@ -416,3 +407,27 @@ def test_paired_delta_interval():
     other = bootstrap_layer_metrics(a, alphas=(1,), n_boot=20, seed=0)
     with pytest.raises(ValueError, match="bootstraps differ"):
         paired_delta(other, ba)
+
+
+def test_paired_delta_point_is_the_difference_of_points():
+    """Every metric of the tuned bootstrap, its point minus the base point; unknown metrics fail."""
+    acts = stack(3, 60, 20, seed=50)
+    base = bootstrap_layer_metrics(acts, n_boot=3)
+    tuned = bootstrap_layer_metrics(acts[:, :, :10], n_boot=3)
+    delta = paired_delta(tuned, base)
+    assert set(delta) == set(base)
+    for key in base:
+        np.testing.assert_array_equal(delta[key]["point"], tuned[key]["point"] - base[key]["point"])
+    same = paired_delta(base, base)
+    np.testing.assert_allclose(same["renyi_2"]["point"], 0.0, atol=1e-10)
+    with pytest.raises(ValueError, match="renyi_3: the base bootstrap has no such metric"):
+        paired_delta(bootstrap_layer_metrics(acts, alphas=(3,), n_boot=3), base)
+
+
+def test_singular_values_from_gram_zeroes_round_off():
+    lam = torch.tensor([-1e-18, 1e-20, 0.25, 4.0], dtype=torch.float64)  # ascending, as eigvalsh
+    np.testing.assert_array_equal(singular_values_from_gram(lam, (3, 4)), [2.0, 0.5, 0.0, 0.0])
+    x = anisotropic(30, 12)
+    xc = torch.from_numpy(ref_centred(x))
+    s = singular_values_from_gram(torch.linalg.eigvalsh(xc.T @ xc), x.shape)
+    np.testing.assert_allclose(s, ref_sigma(x), rtol=0, atol=1e-9 * ref_sigma(x)[0])

@@ -4,13 +4,15 @@ import json
 
 import pytest
 import torch
+from conftest import smoke_config
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3ForCausalLM
 
+from alignkit import runs
 from alignkit import train as train_mod
-from alignkit.tiny import ensure_base, load_model, pretraining_corpus
-from alignkit.train import is_complete, list_checkpoints, schedule_steps, train_sft
-
-from conftest import smoke_config
+from alignkit.models import load_model
+from alignkit.runs import list_checkpoints, manifest_matches, schedule_steps
+from alignkit.tiny import ensure_base, pretraining_corpus
+from alignkit.train import train_sft
 
 
 def test_pretraining_corpus_has_no_worked_solutions(smoke_cfg):
@@ -92,12 +94,12 @@ def test_incomplete_checkpoint_is_not_complete(tmp_path, smoke_run):
     src = list_checkpoints(smoke_run)[-1][1]
     dst = tmp_path / "step-000001"
     shutil.copytree(src, dst)
-    assert is_complete(dst)
+    assert manifest_matches(dst)
     with open(dst / "model.safetensors", "r+b") as f:  # truncate the weights
         f.truncate(100)
-    assert not is_complete(dst)
+    assert not manifest_matches(dst)
     (dst / "manifest.json").unlink()
-    assert not is_complete(dst)
+    assert not manifest_matches(dst)
 
 
 class _Interrupt(Exception):
@@ -124,7 +126,7 @@ def test_resume_after_interruption(tmp_path, smoke_base, smoke_cfg, smoke_run, m
     monkeypatch.setattr(train_mod._ScheduleCallback, "on_step_end", crashing)
     with pytest.raises(_Interrupt):
         train_sft(cfg)
-    run = train_mod.sft_dir(cfg)
+    run = runs.run_dir(cfg, "sft")
     done = [s for s, _ in list_checkpoints(run)]
     assert done == steps[:-1]
     kept = {s: (d / "model.safetensors").stat().st_mtime_ns for s, d in list_checkpoints(run)}
@@ -178,5 +180,5 @@ def test_real_path_with_local_files(tmp_path, smoke_base):
     assert ensure_base(cfg) == smoke_base
     run = train_sft(cfg)
     results = evaluate_run(run, cfg)
-    assert [r["step"] for r in results] == schedule_steps(cfg.sft.max_steps, cfg.sft.schedule)
-    assert all(r["n"] == 8 for r in results)
+    assert [r.step for r in results] == schedule_steps(cfg.sft.max_steps, cfg.sft.schedule)
+    assert all(r.n == 8 for r in results)

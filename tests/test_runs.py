@@ -1,7 +1,7 @@
 import hashlib
 import os
 
-from alignkit.cache import sha256_file
+from alignkit.runs import sha256_file
 
 
 def test_sha256_file_is_fresh_after_a_same_size_rewrite(tmp_path):

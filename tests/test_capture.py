@@ -9,23 +9,23 @@ import logging
 
 import pytest
 import torch
+from tiny_models import CORPUS, make_model, make_tokenizer
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
 )
 
-import alignkit.activations as act
-from tiny_models import CORPUS, make_model, make_tokenizer
-from alignkit.activations import (
+import alignkit.capture as act
+from alignkit.capture import (
     Activations,
     capture,
     capture_cached,
     check_comparable,
-    varying_points,
-    check_same_tokenizer,
     texts_hash,
+    varying_points,
 )
 from alignkit.hooks import overwrite, record
+from alignkit.models import check_same_tokenizer
 
 # lengths from 1 to ~20 tokens, so batches mix very different lengths
 TEXTS = ["Tom has 5 apples and buys 3 more . How many apples does Tom have now ?", "8", "Mia reads 12 pages .",
@@ -301,12 +301,12 @@ def test_damaged_cache_is_rebuilt(model_dir, tok, tmp_path, monkeypatch, caplog,
     a = capture_cached(model_dir, tok, TEXTS, POINTS, "tokens", cdir, max_rows=30)
     (path,) = cdir.glob("acts-*.safetensors")
     damage(path, path.with_suffix(".json"))
-    with caplog.at_level(logging.WARNING, logger="alignkit.activations"):
+    with caplog.at_level(logging.WARNING, logger="alignkit.capture"):
         b = capture_cached(model_dir, tok, TEXTS, POINTS, "tokens", cdir, max_rows=30)
     assert spy.captures == 2 and "damaged or stale" in caplog.text and "rebuilding" in caplog.text
     assert torch.equal(a.acts, b.acts) and a.meta == b.meta
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="alignkit.activations"):
+    with caplog.at_level(logging.WARNING, logger="alignkit.capture"):
         capture_cached(model_dir, tok, TEXTS, POINTS, "tokens", cdir, max_rows=30)
     assert spy.captures == 2 and not caplog.text  # the rebuilt entry is a clean hit
 
@@ -324,7 +324,7 @@ def test_cache_argument_errors(model_dir, qwen3, tok, tmp_path):
 
 
 def test_capture_run_over_checkpoints(tok, tmp_path, monkeypatch):
-    from alignkit import cache
+    from alignkit import runs as cache
 
     run = tmp_path / "run"
     for step in (0, 10):
@@ -435,7 +435,7 @@ def test_load_activations_errors(model_dir, tok, tmp_path, caplog):
     capture_cached(model_dir, tok, TEXTS, POINTS, "mean", cdir, dtype=torch.float16)
     (path,) = cdir.glob("acts-*.safetensors")
     _damage_flip(path, None)
-    with caplog.at_level(logging.WARNING, logger="alignkit.activations"), \
+    with caplog.at_level(logging.WARNING, logger="alignkit.capture"), \
             pytest.raises(ValueError, match="failed verification"):
         act.load_activations(path)
     assert "sha256 does not match" in caplog.text

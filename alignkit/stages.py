@@ -1,0 +1,342 @@
+"""One cached ``ensure_*`` per notebook: what the CLI and the notebooks get their results from.
+
+A result is stored under ``<run>/analysis/<stage>-<digest>/`` (``compare``: ``<root>/compare/``)
+keyed by the weights of every checkpoint used, the probe texts or patched examples, the
+parameters and ``ANALYSIS_VERSION`` (bump it when a computation changes); a second call reads it.
+Parameters default to the notebooks' (``*_defaults``; ``tests/test_cli.py`` keeps them in step).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from alignkit import cka, controls, layers, patching, runs, spectral, weights
+from alignkit.capture import Activations, capture_cached, capture_run, varying_points
+from alignkit.config import Config
+from alignkit.data import dataset_hash, eval_set, probe_texts
+from alignkit.evaluate import evaluate_run, flip_table
+from alignkit.models import device_for, load_model
+from alignkit.results import CKAResult, CompareResult, PatchingResult, RunResults, SpectralResult
+from alignkit.stats import Band, bootstrap_mean
+from alignkit.train import train
+
+logger = logging.getLogger(__name__)
+
+ANALYSIS_VERSION = 2
+CAPTURE_POOLINGS = ("mean", "last")  # what notebooks 02 (both), 03 and 04 (mean) capture
+METHODS = ("sft", "dpo", "grpo")
+
+
+def cka_defaults(smoke: bool) -> dict:
+    """Notebook 02's parameters (``POOLINGS``, ``N_BOOT``, ``N_PERM``)."""
+    return {"pooling": "mean", "alt_pooling": "last", "n_boot": 20 if smoke else 200,
+            "n_perm": 5 if smoke else 50, "n_splits": 20, "seed": 0}
+
+
+def spectral_defaults(smoke: bool) -> dict:
+    """Notebook 03's parameters (``POOLING``, ``ALPHAS``, ``N_BOOT``)."""
+    return {"pooling": "mean", "alphas": (0.5, 1.0, 2.0, float("inf")),
+            "n_boot": 20 if smoke else 200, "seed": 0}
+
+
+def patching_defaults(smoke: bool) -> dict:
+    """Notebook 04's parameters (``N_EXAMPLES`` ... ``MIN_SET``)."""
+    return {"n_examples": 8 if smoke else 128, "n_cross": 4 if smoke else 64,
+            "components": ("resid", "attn", "mlp"), "positions": "all",
+            "batch_size": 8 if smoke else 32, "min_gap": 0.1, "min_set": 2}
+
+
+def compare_defaults(smoke: bool) -> dict:
+    """Notebook 05's parameters (``POOLING`` ... ``SEED``)."""
+    return {"pooling": "mean", "n_boot": 20 if smoke else 200, "n_splits": 20,
+            "n_examples": 8 if smoke else 128, "min_set": 2, "batch_size": 8 if smoke else 32,
+            "min_gap": 0.1, "n_boot_patch": 50 if smoke else 1000, "tol": 1e-5, "k": 8, "seed": 0}
+
+
+def _params(defaults: dict, given: dict) -> dict:
+    """``defaults`` updated with the ``given`` values that are not None (tuples kept tuples)."""
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise TypeError(f"unknown stage parameter(s) {unknown}; choose from {sorted(defaults)}")
+    out = dict(defaults, **{k: v for k, v in given.items() if v is not None})
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in out.items()}
+
+
+def _cached(where: Path, stage: str, key: dict, compute, cls):
+    key = dict(key, stage=stage, version=ANALYSIS_VERSION)
+    return runs.cached(where / f"{stage}-{runs.hash_obj(key)}", key, compute, cls.load)
+
+
+def analysis_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "analysis"
+
+
+def ensure_results(cfg: Config, method: str = "sft") -> RunResults:
+    """Notebook 01: a method's run (and what it starts from), every checkpoint's evaluation
+    (cached beside it) and the flip table (``flips.json``), each built only if missing."""
+    run_dir = train(cfg, method)
+    ds = eval_set(cfg)
+    evals = evaluate_run(run_dir, cfg, ds)
+    table = flip_table(evals, cfg, ds)
+    table.save(run_dir / "flips.json")
+    return RunResults(run_dir, evals, table)
+
+
+def ensure_captures(cfg: Config, method: str = "sft",
+                    poolings=CAPTURE_POOLINGS) -> dict[str, dict[int, Activations]]:
+    """``{pooling: {step: Activations}}`` of every checkpoint on ``probe_texts(cfg)`` (cached)."""
+    run_dir = train(cfg, method)
+    texts = probe_texts(cfg)
+    return {p: capture_run(run_dir, texts, pooling=p) for p in poolings}
+
+
+def _probe_key(cfg: Config, method: str, p: dict) -> tuple[Path, list[str], dict]:
+    run_dir = train(cfg, method)
+    texts = probe_texts(cfg)
+    key = {"weights": [(s, h) for s, _, h in runs.checkpoint_hashes(run_dir)],
+           "probe_hash": runs.hash_obj(texts), "params": p}
+    return run_dir, texts, key
+
+
+def ensure_cka(cfg: Config, method: str = "sft", **given) -> CKAResult:
+    """Notebook 02: layerwise CKA of every checkpoint vs the base with bootstrap bands and noise
+    floors, the base x final cross-layer matrix with its permutation baseline, the alignment and
+    the transition layer. Parameters: ``cka_defaults`` updated by ``given``."""
+    p = _params(cka_defaults(cfg.smoke), given)
+    run_dir, texts, key = _probe_key(cfg, method, p)
+
+    def compute() -> CKAResult:
+        caps = capture_run(run_dir, texts, pooling=p["pooling"])
+        steps = sorted(caps)
+        keep, labels, dropped = varying_points(caps.values())
+        acts = {s: caps[s].acts[keep] for s in steps}
+        base, final = acts[steps[0]], acts[steps[-1]]
+        curves, noise = {}, {}
+        for d in tqdm((False, True), desc="cka", leave=False):
+            curves[d] = {s: Band.of(controls.bootstrap_layerwise_cka(
+                base, acts[s], n_boot=p["n_boot"], seed=p["seed"], debiased=d)) for s in steps[1:]}
+            noise[d] = controls.noise_floor(base, final, n_splits=p["n_splits"], seed=p["seed"],
+                                            debiased=d)["half_width"]
+        mat = np.asarray(cka.cka_matrix(base, final), dtype=np.float64)
+        trans = controls.transition_layer_bootstrap(base, final, n_boot=p["n_boot"], seed=p["seed"])
+        by_step = np.stack([np.ones(len(labels))] + [curves[False][s].point for s in steps[1:]])
+        alt = capture_run(run_dir, texts, pooling=p["alt_pooling"])
+        alt_keep, alt_labels, _ = varying_points(alt.values())
+        return CKAResult(
+            steps=steps, labels=labels, dropped=dropped, pooling=p["pooling"],
+            classic=curves[False], debiased=curves[True], noise_classic=noise[False],
+            noise_debiased=noise[True], matrix=mat,
+            chance=controls.permutation_baseline(base, final, n_perm=p["n_perm"], seed=p["seed"]),
+            path=[(int(i), int(j)) for i, j in layers.alignment_path(mat)],
+            best=layers.best_match(mat), remap=float(layers.remapping_index(mat)),
+            transition=(int(trans["point"]), int(trans["lo"]), int(trans["hi"])),
+            departure=layers.first_departure(np.array(steps), by_step, 1 - noise[False]),
+            alt_pooling=p["alt_pooling"], alt_labels=alt_labels,
+            alt_curve=cka.layerwise_cka(*(alt[s].acts[alt_keep] for s in (steps[0], steps[-1]))))
+
+    return _cached(analysis_dir(run_dir), "cka", key, compute, CKAResult)
+
+
+def ensure_spectral(cfg: Config, method: str = "sft", **given) -> SpectralResult:
+    """Notebook 03: RankMe and Rényi effective ranks per layer of every checkpoint with
+    80 %-subsampling bootstrap intervals (the same subsamples for every checkpoint), RankMe against
+    the probe-set size, and the CKA drift per layer. Parameters: ``spectral_defaults``."""
+    p = _params(spectral_defaults(cfg.smoke), given)
+    run_dir, texts, key = _probe_key(cfg, method, p)
+
+    def compute() -> SpectralResult:
+        caps = capture_run(run_dir, texts, pooling=p["pooling"])
+        steps = sorted(caps)
+        keep, labels, dropped = varying_points([caps[steps[0]]])
+        acts = {s: caps[s].acts[keep] for s in steps}
+        boot = {s: spectral.bootstrap_layer_metrics(acts[s], alphas=p["alphas"],
+                                                    n_boot=p["n_boot"], seed=p["seed"])
+                for s in tqdm(steps, desc="spectral", leave=False)}
+        metrics = list(boot[steps[0]])
+        ns = [n for n in (16, 32, 64, 128, 256, 512) if n <= len(texts)]
+        first = boot[steps[0]][metrics[0]]
+        return SpectralResult(
+            steps=steps, labels=labels, dropped=dropped, pooling=p["pooling"], alphas=p["alphas"],
+            metrics=metrics, **{f: {k: np.stack([boot[s][k][f] for s in steps]) for k in metrics}
+                                for f in ("point", "lo", "hi", "samples")},
+            n=int(first["n"]), m=int(first["m"]), width=int(acts[steps[0]].shape[-1]),
+            scale=float(first["scale"]),
+            ci=float(first["ci"]), ns=ns,
+            rank_vs_n=np.stack([spectral.rank_vs_n(acts[s], ns, seed=p["seed"])["rankme"]
+                                for s in (steps[0], steps[-1])]),
+            cka_drift=1 - cka.layerwise_cka(acts[steps[0]], acts[steps[-1]]))
+
+    return _cached(analysis_dir(run_dir), "spectral", key, compute, SpectralResult)
+
+
+def patching_sets(cfg: Config, res: RunResults, n_examples: int, min_set: int,
+                  ds=None) -> tuple[dict[str, list[dict]], dict[str, str]]:
+    """``({"flips": rows, "controls": rows}, labels)``: at most ``n_examples`` of each.
+
+    A set with fewer than ``min_set`` rows (a smoke run's models solve nothing) is replaced by
+    held-out problems ranked by how much the run raised their answer log-prob (largest gain for
+    flips, smallest change for controls, never one twice) and labelled ``"<set> (substitute)"``.
+    """
+    ds = ds if ds is not None else eval_set(cfg)
+    gain = np.array(res.evals[-1].answer_logprob) - np.array(res.evals[0].answer_logprob)
+    sets: dict[str, list[dict]] = {}
+    labels: dict[str, str] = {}
+    for name in ("flips", "controls"):
+        rows = getattr(res.table, name)
+        if len(rows) >= min_set:
+            sets[name], labels[name] = rows[:n_examples], name
+            continue
+        order = np.argsort(-gain) if name == "flips" else np.argsort(np.abs(gain))
+        taken = {r["index"] for r in sets.get("flips", [])}
+        idx = [int(i) for i in order if int(i) not in taken][:n_examples]
+        sets[name] = [{"index": i, "question": ds[i]["question"], "answer": ds[i]["answer"]}
+                      for i in idx]
+        labels[name] = f"{name} (substitute)"
+        logger.info("only %d %s in this run: using the %d held-out problems with the %s change in "
+                    "answer log-prob as a substitute", len(rows), name, len(idx),
+                    "largest" if name == "flips" else "smallest")
+    return sets, labels
+
+
+def _set_key(sets: dict) -> dict:
+    return {k: [(r["index"], r["question"], r["answer"]) for r in v] for k, v in sets.items()}
+
+
+def ensure_patching(cfg: Config, method: str = "sft", **given) -> PatchingResult:
+    """Notebook 04: every set x component x direction sweep, resid denoise by positions,
+    cross-layer patching, weight ablation (base = first checkpoint, tuned = last) and the CKA
+    matrix of their decoder layers. Parameters: ``patching_defaults``."""
+    p = _params(patching_defaults(cfg.smoke), given)
+    res = ensure_results(cfg, method)
+    ds = eval_set(cfg)
+    sets, labels = patching_sets(cfg, res, p["n_examples"], p["min_set"], ds)
+    base_dir, tuned_dir = Path(res.evals[0].checkpoint), Path(res.evals[-1].checkpoint)
+    key = {"base": runs.weights_hash(base_dir), "tuned": runs.weights_hash(tuned_dir),
+           "eval": dataset_hash(ds), "sets": _set_key(sets), "dtype": cfg.dtype, "chat": cfg.chat,
+           "params": p}
+
+    def compute() -> PatchingResult:
+        device = device_for(cfg)
+        base, tokenizer = load_model(base_dir, dtype=cfg.dtype, device=device)
+        tuned, _ = load_model(tuned_dir, dtype=cfg.dtype, device=device)
+        examples = {k: patching.examples_from_table(v, tokenizer, chat=cfg.chat)
+                    for k, v in sets.items()}
+        kw = dict(batch_size=p["batch_size"], min_gap=p["min_gap"], progress=False)
+        jobs = [(s, c, d) for s in examples for c in p["components"] for d in ("denoise", "noise")]
+        sweeps = {f"{s}/{c}/{d}": patching.layer_sweep(
+            base, tuned, tokenizer, examples[s], component=c, positions=p["positions"],
+            direction=d, **kw) for s, c, d in tqdm(jobs, desc="patching", leave=False)}
+        by_pos = {q: sweeps["flips/resid/denoise"] if q == p["positions"] else patching.layer_sweep(
+            base, tuned, tokenizer, examples["flips"], component="resid", positions=q, **kw)
+            for q in ("all", "prompt", "answer")}
+        cross = {s: patching.cross_layer_sweep(base, tuned, tokenizer, exs[: p["n_cross"]], **kw)
+                 for s, exs in examples.items()}
+        ablation = {f"{s}/{k}": r for s, exs in examples.items()
+                    for k, r in patching.weight_sweep(base, tuned, tokenizer, exs, **kw).items()}
+        texts = probe_texts(cfg)
+        caps = [capture_cached(d, None, texts, None, "mean", cache_dir=res.run_dir / "activations")
+                for d in (base_dir, tuned_dir)]
+        decoder_points = [i for i, n in enumerate(caps[0].hook_points) if n != "embed"]
+        return PatchingResult(
+            sets=sets, labels=labels, base_step=res.evals[0].step, final_step=res.evals[-1].step,
+            sweeps=sweeps, by_pos=by_pos, cross=cross, ablation=ablation,
+            cka_matrix=cka.cka_matrix(*(c.acts[decoder_points] for c in caps)))
+
+    return _cached(analysis_dir(res.run_dir), "patching", key, compute, PatchingResult)
+
+
+def _structure(own: dict, n_boot: int, seed: int, tol: float):
+    """Own-update means over 2-D weight matrices with bootstrap intervals, and the controls."""
+    groups = {"90 %-mass share": ("frac_mass", "frac_mass_dense"),
+              "overlap, output space": ("overlap_left", "chance_left"),
+              "overlap, input space": ("overlap_right", "chance_right"),
+              f"share |ΔW| > {tol:g}": ("frac_changed", "frac_changed_dense")}
+    values, controls_ = {}, {}
+    for g, (col, control) in groups.items():
+        mats = {m: df[df["eff_rank"].notna()] for m, df in own.items()}
+        values[g] = {m: Band.of(bootstrap_mean(t[col].to_numpy(), n_boot=n_boot, seed=seed))
+                     for m, t in mats.items()}
+        controls_[g] = float(next(iter(mats.values()))[control].mean())
+    return values, controls_
+
+
+def ensure_compare(cfg: Config, methods=METHODS, **given) -> CompareResult:
+    """Notebook 05: SFT, DPO and GRPO against one base (the SFT run's step 0) and against each
+    method's own init: accuracy, layerwise CKA with bootstrap bands and noise floor, paired
+    Δ RankMe, resid denoise patching on SFT's flips, weight drift per tensor and the structure of
+    each own update. Trains and evaluates what is missing. Parameters: ``compare_defaults``."""
+    p = _params(compare_defaults(cfg.smoke), given)
+    methods = list(methods)
+    if "sft" not in methods:
+        raise ValueError(f"compare needs 'sft' among the methods (its step 0 is the base), "
+                         f"got {methods}")
+    res = {m: ensure_results(cfg, m) for m in methods}
+    sft = res["sft"]
+    paths = {"base": Path(sft.evals[0].checkpoint)}
+    paths |= {m: Path(r.evals[-1].checkpoint) for m, r in res.items()}
+    run_of = {"base": sft.run_dir} | {m: r.run_dir for m, r in res.items()}
+    hashes = {k: runs.weights_hash(v) for k, v in paths.items()}
+    init = {}
+    for m, r in res.items():  # a method's init: its step 0, named after the model it equals
+        h = runs.weights_hash(r.evals[0].checkpoint)
+        init[m] = next((k for k, v in hashes.items() if v == h), f"{m} init")
+        if init[m] == f"{m} init":
+            paths[init[m]], run_of[init[m]] = Path(r.evals[0].checkpoint), r.run_dir
+            hashes[init[m]] = h
+    ds = eval_set(cfg)
+    sets, set_labels = patching_sets(cfg, sft, p["n_examples"], p["min_set"], ds)
+    texts = probe_texts(cfg)
+    key = {"models": hashes, "init": init, "probe_hash": runs.hash_obj(texts),
+           "sets": _set_key({"flips": sets["flips"]}), "dtype": cfg.dtype, "chat": cfg.chat,
+           "params": p}
+
+    def compute() -> CompareResult:
+        caps = {k: capture_cached(v, None, texts, pooling=p["pooling"],
+                                  cache_dir=run_of[k] / "activations") for k, v in paths.items()}
+        keep, labels, dropped = varying_points(caps.values())
+        acts = {k: a.acts[keep] for k, a in caps.items()}
+        seed, n_boot = p["seed"], p["n_boot"]
+        cka_bands = {m: Band.of(controls.bootstrap_layerwise_cka(acts["base"], acts[m],
+                                                                 n_boot=n_boot, seed=seed))
+                     for m in methods}
+        floor = np.max([controls.noise_floor(acts["base"], acts[m], n_splits=p["n_splits"],
+                                             seed=seed)["half_width"] for m in methods], axis=0)
+        boot = {k: spectral.bootstrap_layer_metrics(a, n_boot=n_boot, seed=seed)
+                for k, a in acts.items()}
+        delta = {(m, ref): Band.of(spectral.paired_delta(boot[m], boot[ref])["rankme"])
+                 for m in methods for ref in ("base", init[m])}
+        device = device_for(cfg)
+        base, tokenizer = load_model(paths["base"], dtype=cfg.dtype, device=device)
+        examples = patching.examples_from_table(sets["flips"], tokenizer, chat=cfg.chat)
+        patches, drift, own = {}, {}, {}
+        for m in tqdm(methods, desc="compare", leave=False):
+            tuned, _ = load_model(paths[m], dtype=cfg.dtype, device=device)
+            patches[m] = patching.layer_sweep(
+                base, tuned, tokenizer, examples, component="resid", positions="all",
+                direction="denoise", batch_size=p["batch_size"], min_gap=p["min_gap"],
+                progress=False)
+            drift[m] = weights.weight_drift(base, tuned, tol=p["tol"], k=p["k"], progress=False)
+            if init[m] == "base":
+                own[m] = drift[m]
+            else:
+                start, _ = load_model(paths[init[m]], dtype=cfg.dtype, device=device)
+                own[m] = weights.weight_drift(start, tuned, tol=p["tol"], k=p["k"], progress=False)
+        structure, structure_controls = _structure(own, p["n_boot_patch"], seed, p["tol"])
+        accuracy = {"base": sft.summary()[0]} | {m: r.summary()[-1] for m, r in res.items()}
+        return CompareResult(
+            methods=methods, init=init, accuracy=accuracy, n_eval=sft.evals[0].n,
+            pooling=p["pooling"], labels=labels, dropped=dropped, cka=cka_bands, cka_floor=floor,
+            rank_vs_base={m: delta[m, "base"] for m in methods},
+            rank_vs_init={m: delta[m, init[m]] for m in methods},
+            patch_set=set_labels["flips"], patches=patches, drift=drift, own=own,
+            patch_curves={m: Band.of(bootstrap_mean(r.delta, n_boot=p["n_boot_patch"], seed=seed))
+                          for m, r in patches.items()},
+            structure=structure, structure_controls=structure_controls)
+
+    smoke = "-smoke" if cfg.smoke else ""
+    return _cached(cfg.run_root / "compare" / f"{cfg.preset}{smoke}", "compare", key, compute,
+                   CompareResult)

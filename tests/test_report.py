@@ -1,0 +1,171 @@
+"""The notebooks' closing sentences and verdicts, on constructed results whose answer is known."""
+
+import numpy as np
+import torch
+from test_results import band, cka_result, patch_result
+from tiny_models import make_model
+
+from alignkit import report, spectral, weights
+from alignkit.evaluate import CheckpointEval, FlipTable
+from alignkit.patching import PatchResult
+from alignkit.results import CompareResult, PatchingResult, RunResults, SpectralResult
+from alignkit.stats import Band
+
+L = 5
+
+
+def flat(value, n=L, half=0.1):
+    v = np.full(n, float(value))
+    return Band(v, v - half, v + half)
+
+
+def test_rank_verdict():
+    assert report.rank_verdict(flat(1.0), +1) == "agrees"
+    assert report.rank_verdict(flat(1.0), -1) == "disagrees"
+    assert report.rank_verdict(flat(-1.0), -1) == "agrees"
+    straddle = Band(np.array([0.1, -0.1, 0.05]), np.full(3, -1.0), np.full(3, 1.0))
+    assert report.rank_verdict(straddle, +1) == "is inconclusive"
+
+
+def test_lowest_verdict():
+    def v(p, half=0.05):
+        return Band(np.float64(p), np.float64(p - half), np.float64(p + half))
+
+    base = {"sft": v(0.5), "dpo": v(0.6)}
+    assert report.lowest_verdict(base | {"grpo": v(0.2)}, "grpo", True).startswith("**agrees**")
+    assert report.lowest_verdict(base | {"grpo": v(0.48)}, "grpo", True).startswith("is **inconclusive**")
+    assert report.lowest_verdict(base | {"grpo": v(0.7)}, "grpo", True).startswith("**disagrees**")
+    assert report.lowest_verdict(base | {"grpo": v(0.2)}, "grpo", False).startswith("cannot be tested")
+
+
+def test_summarize_sft():
+    def ev(step, correct, lp):
+        return CheckpointEval(checkpoint="c", step=step, weights_hash="h", key="k", n=10,
+                              accuracy=sum(correct) / 10, correct=correct, predictions=["1"] * 10,
+                              outputs=["1"] * 10, answer_logprob=[lp] * 10, mean_answer_logprob=lp)
+
+    evals = [ev(0, [True] * 2 + [False] * 8, -3.0), ev(5, [True] * 7 + [False] * 3, -1.0),
+             ev(10, [True] * 6 + [False] * 4, -0.5)]
+    from pathlib import Path
+
+    text = report.summarize_sft(RunResults(Path("runs/sft/x"), evals, FlipTable([{}] * 4, [{}] * 2)))
+    assert "Base accuracy **20.0 %**" in text and "after 10 steps **60.0 %**" in text
+    assert "a change of +40.0 points; best checkpoint: step 5." in text
+    assert "from -3.00 to -0.50 nats" in text and "4 flip examples and 2 controls" in text
+    assert "Smoke mode" not in text and "Smoke mode" in report.summarize_sft(
+        RunResults(Path("x"), evals, FlipTable([], [])), smoke=True)
+
+
+def test_summarize_cka():
+    res = cka_result()
+    res.classic[10] = Band(np.array([0.99, 0.95, 0.9, 0.8, 0.85]), np.zeros(L), np.ones(L))
+    res.noise_classic = np.full(L, 0.02)
+    res.transition = (3, 2, 4)
+    res.best = np.array([0, 1, 2, 4, 4])
+    res.alt_curve = np.array([0.5, 0.3, 0.7, 0.6])
+    text = report.summarize_cka(res)
+    assert "classic CKA ranges from 0.990 to 0.800; the largest drift is at layer **2**" in text
+    assert "4 of 5 hook points drift beyond the noise floor (first: 0)." in text
+    assert "steepest drop in layerwise CKA is into layer **2** (bootstrap 95 % interval: layers 1–3)" in text
+    assert "1 of 5 base layers match another tuned layer best" in text
+    assert "runs from 0.700 (layer 2) down to 0.300 (layer 1)" in text
+
+
+def test_summarize_spectral_detects_an_isotropic_rise():
+    """Base: low-rank activations; final: isotropic. RankMe (and every Rényi rank) must rise."""
+    g = torch.Generator().manual_seed(0)
+    low = torch.randn(L, 200, 2, generator=g) @ torch.randn(L, 2, 16, generator=g)
+    base = low + 0.05 * torch.randn(L, 200, 16, generator=g)
+    final = torch.randn(L, 200, 16, generator=g)
+    boot = {s: spectral.bootstrap_layer_metrics(a, alphas=(1.0, 2.0), n_boot=20)
+            for s, a in ((0, base), (10, final))}
+    metrics = list(boot[0])
+    res = SpectralResult(
+        steps=[0, 10], labels=["embed", "0", "1", "2", "3"], dropped=[], pooling="mean",
+        alphas=(1.0, 2.0), metrics=metrics,
+        **{f: {k: np.stack([boot[s][k][f] for s in (0, 10)]) for k in metrics}
+           for f in ("point", "lo", "hi", "samples")},
+        n=200, m=160, width=16, scale=boot[0]["rankme"]["scale"], ci=0.95, ns=[16, 32],
+        rank_vs_n=np.stack([np.ones((2, L)), 2 * np.ones((2, L))]), cka_drift=np.arange(L) / 10)
+    text = report.summarize_spectral(res)
+    assert "Intervals separate (no overlap) at 5 layers where rank **rose** (embed, 0, 1, 2, 3)" in text
+    assert "and 0 where it **fell** (none)" in text
+    assert report.rank_stability(res) == 1.0 and "in 100 % of (n, layer) cells" in text
+    for alpha in ("1", "2"):
+        line = next(x for x in text.splitlines() if x.startswith(f"- Rényi α = {alpha}:"))
+        assert "mean Δ +" in line and "), +" in line  # rises in both halves of the stack
+
+
+def planted_patching(n=20):
+    """Flips whose gap is 2 nats, written into the residual stream between layers 1 and 3."""
+    rise = np.array([0.0, 0.5, 1.2, 2.0, 2.0])
+
+    def sweep(delta, gap=2.0):
+        recv = np.zeros(n)
+        return PatchResult(lp_patched=delta, delta=delta, npe=delta / gap, kl=np.abs(delta),
+                           lp_receiver=recv, lp_donor=recv + gap, kl_receiver=np.ones(n),
+                           npe_valid=np.ones(n, bool), meta={"n_npe_masked": 0})
+
+    flips, controls = np.tile(rise, (n, 1)), np.tile(rise / 4, (n, 1))
+    sweeps = {}
+    for c in ("resid", "attn", "mlp"):
+        for d, sign in (("denoise", 1), ("noise", -1)):
+            sweeps[f"flips/{c}/{d}"] = sweep(sign * flips)
+            sweeps[f"controls/{c}/{d}"] = sweep(sign * controls)
+    cross = np.zeros((n, L, L))
+    cross[:, :, 4] = 1.0  # the last tuned layer is the best donor for every base layer
+    return PatchingResult(
+        sets={"flips": [{}] * n, "controls": [{}] * n}, labels={"flips": "flips", "controls": "controls"},
+        base_step=0, final_step=10, sweeps=sweeps, by_pos={"all": sweeps["flips/resid/denoise"]},
+        cross={"flips": sweep(cross)},
+        ablation={"flips/revert": sweep(-flips / 2), "flips/graft": sweep(flips / 4),
+                  "flips/mean_diff": sweep(-flips / 2)},
+        cka_matrix=np.eye(L))
+
+
+def test_summarize_patching_on_a_planted_circuit():
+    text = report.summarize_patching(planted_patching(), n_boot=50)
+    assert "tuned − base answer log-prob on the flips 2.000 [2.000, 2.000] nats" in text
+    assert "recovers at least half the gap (mean NPE ≥ 0.5) from layer 2 on." in text
+    assert "resid at layer 3: +2.000 [+2.000, +2.000] (controls +0.500)" in text
+    assert "(ratio 4.00)" in text
+    assert "for 4 of 5 base layers the most useful tuned donor is another layer" in text
+    assert "1 of 5 best donors lie on the CKA alignment path, and 1 equal the CKA best match" in text
+    assert "reverting layer 3 alone changes the tuned model's answer log-prob most (-1.000" in text
+    assert "keeping only its mean changes it by -1.000 nats (50 % of the full effect)" in text
+
+
+def test_summarize_compare_and_the_claims():
+    base = make_model("qwen3", seed=0)
+    big = make_model("qwen3", seed=1)  # an unrelated model: a large update
+    small = make_model("qwen3", seed=0)
+    with torch.no_grad():
+        for p in small.parameters():
+            p.add_(1e-3 * torch.randn_like(p))
+    drift = {"sft": weights.weight_drift(base, big, progress=False),
+             "grpo": weights.weight_drift(big, small, progress=False)}
+    methods = ["sft", "grpo"]
+    def scalar(p):
+        return Band(np.float64(p), np.float64(p - 0.05), np.float64(p + 0.05))
+
+    structure = {g: {"sft": scalar(0.6), "grpo": scalar(0.2)}
+                 for g in ("90 %-mass share", "overlap, output space", "overlap, input space",
+                           "share |ΔW| > 1e-05")}
+    res = CompareResult(
+        methods=methods, init={"sft": "base", "grpo": "sft"},
+        accuracy={k: {"step": 1, "accuracy": a, "acc_lo": a - 0.1, "acc_hi": a + 0.1}
+                  for k, a in (("base", 0.1), ("sft", 0.5), ("grpo", 0.45))},
+        n_eval=100, pooling="mean", labels=["embed", "0", "1", "2"], dropped=[],
+        cka={m: Band(np.array([0.99, 0.9, 0.8, 0.85]), np.zeros(4), np.ones(4)) for m in methods},
+        cka_floor=np.full(4, 0.01), rank_vs_base={"sft": flat(1.0, 4), "grpo": flat(1.0, 4)},
+        rank_vs_init={"sft": flat(1.0, 4), "grpo": flat(-1.0, 4)}, patch_set="flips",
+        patches={m: patch_result(3, (3,)) for m in methods}, patch_curves={m: band(3) for m in methods},
+        drift=drift, own=drift, structure=structure,
+        structure_controls={g: 0.4 for g in structure})
+    text = report.summarize_compare(res)
+    assert "**SFT** (from the base): accuracy 50.0 % (95 % CI 40.0–60.0) vs base 10.0 %" in text
+    assert "CKA vs base lowest at layer **1** (0.800" in text
+    assert "Largest own weight update: **SFT**" in text
+    assert "GRPO (claimed fall): vs base mean +1.00 — disagrees; own update mean -1.00 — agrees" in text
+    assert "The claim **agrees** (GRPO lowest, intervals separate) here" in text
+    assert "share of entries changed by more than 1e-05" in text

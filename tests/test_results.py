@@ -1,0 +1,180 @@
+"""Stage results: every class saves and loads back exactly; the content-keyed cache never reads a
+stale or damaged entry."""
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import make_model
+
+from alignkit import runs, spectral, weights
+from alignkit.evaluate import CheckpointEval, FlipTable
+from alignkit.patching import PatchResult
+from alignkit.results import CKAResult, CompareResult, PatchingResult, RunResults, SpectralResult
+from alignkit.stats import Band
+
+RNG = np.random.default_rng(0)
+L = 5
+
+
+def band(*shape):
+    p = RNG.normal(size=shape)
+    return Band(p, p - 0.1, p + 0.1)
+
+
+def patch_result(n=4, grid=(L,)):
+    a = RNG.normal(size=(n, *grid))
+    meta = {"sweep": "layer", "layers": list(range(grid[0])), "positions": [1, -1], "min_gap": 0.1}
+    return PatchResult(lp_patched=a, delta=a - 1, npe=np.where(a > 0, a, np.nan), kl=abs(a),
+                       lp_receiver=RNG.normal(size=n), lp_donor=RNG.normal(size=n),
+                       kl_receiver=RNG.random(n), npe_valid=RNG.random(n) > 0.3, meta=meta)
+
+
+def cka_result():
+    return CKAResult(
+        steps=[0, 5, 10], labels=["embed", "0", "1", "2", "3"], dropped=[], pooling="mean",
+        classic={5: band(L), 10: band(L)}, debiased={5: band(L), 10: band(L)},
+        noise_classic=RNG.random(L), noise_debiased=RNG.random(L), matrix=RNG.random((L, L)),
+        chance=RNG.random((L, L)), path=[(0, 0), (1, 1), (2, 2), (3, 3), (4, 4)],
+        best=np.arange(L), remap=0.4, transition=(2, 1, 3), departure=np.array([-1, 5, 5, 10, 10]),
+        alt_pooling="last", alt_labels=["0", "1", "2", "3"], alt_curve=RNG.random(4))
+
+
+def spectral_result():
+    acts = {s: torch.from_numpy(RNG.normal(size=(L, 40, 8))) for s in (0, 10)}
+    boot = {s: spectral.bootstrap_layer_metrics(a, alphas=(1.0, 2.0), n_boot=10) for s, a in acts.items()}
+    metrics = list(boot[0])
+    first = boot[0]["rankme"]
+    return SpectralResult(
+        steps=[0, 10], labels=["embed", "0", "1", "2", "3"], dropped=[], pooling="mean",
+        alphas=(1.0, 2.0), metrics=metrics,
+        **{f: {k: np.stack([boot[s][k][f] for s in (0, 10)]) for k in metrics}
+           for f in ("point", "lo", "hi", "samples")},
+        n=first["n"], m=first["m"], width=8, scale=first["scale"], ci=first["ci"], ns=[16, 32],
+        rank_vs_n=RNG.random((2, 2, L)), cka_drift=RNG.random(L)), boot
+
+
+def assert_same(a, b):
+    """Dataclass instances equal field by field (arrays exactly, Bands and dicts recursively)."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert_same(a[k], b[k])
+    elif isinstance(a, (Band, PatchResult)) or hasattr(a, "__dataclass_fields__"):
+        assert type(a) is type(b)
+        for f in a.__dataclass_fields__:
+            assert_same(getattr(a, f), getattr(b, f))
+    elif isinstance(a, np.ndarray):
+        np.testing.assert_array_equal(a, b)
+    elif hasattr(a, "equals"):  # DataFrame
+        assert a.equals(b) and a.attrs == b.attrs
+    else:
+        assert a == b, (a, b)
+
+
+def test_cka_result_round_trip(tmp_path):
+    res = cka_result()
+    res.save(tmp_path / "r")
+    back = CKAResult.load(tmp_path / "r")
+    assert_same(res, back)
+    assert back.by_step().shape == (3, L) and np.all(back.by_step()[0] == 1)
+
+
+def test_spectral_result_round_trip_and_paired_delta(tmp_path):
+    res, boot = spectral_result()
+    res.save(tmp_path / "r")
+    back = SpectralResult.load(tmp_path / "r")
+    assert_same(res, back)
+    direct = spectral.paired_delta(boot[10], boot[0])["renyi_2"]
+    got = back.delta("renyi_2", 10)
+    for k in ("point", "lo", "hi"):
+        np.testing.assert_allclose(got[k], direct[k], rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(back.band("rankme", 10).point, boot[10]["rankme"]["point"])
+
+
+def test_patching_result_round_trip(tmp_path):
+    res = PatchingResult(
+        sets={"flips": [{"index": 3, "question": "q", "answer": "a\n#### 1"}], "controls": []},
+        labels={"flips": "flips", "controls": "controls (substitute)"}, base_step=0, final_step=10,
+        sweeps={"flips/resid/denoise": patch_result()}, by_pos={"all": patch_result()},
+        cross={"flips": patch_result(2, (L, L))}, ablation={"flips/revert": patch_result()},
+        cka_matrix=RNG.random((L, L)))
+    res.save(tmp_path / "r")
+    assert_same(res, PatchingResult.load(tmp_path / "r"))
+    assert res.sweep("flips", "resid", "denoise") is res.sweeps["flips/resid/denoise"]
+
+
+def test_compare_result_round_trip(tmp_path):
+    base, tuned = make_model("qwen3", seed=0), make_model("qwen3", seed=1)
+    drift = weights.weight_drift(base, tuned, progress=False)
+    methods = ["sft", "grpo"]
+    res = CompareResult(
+        methods=methods, init={"sft": "base", "grpo": "sft"},
+        accuracy={"base": {"step": 0, "accuracy": 0.1}, "sft": {"step": 4, "accuracy": 0.5},
+                  "grpo": {"step": 2, "accuracy": 0.4}},
+        n_eval=10, pooling="mean", labels=["embed", "0", "1", "2"], dropped=[],
+        cka={m: band(4) for m in methods}, cka_floor=RNG.random(4),
+        rank_vs_base={m: band(4) for m in methods}, rank_vs_init={m: band(4) for m in methods},
+        patch_set="flips", patches={m: patch_result(3, (3,)) for m in methods},
+        patch_curves={m: band(3) for m in methods}, drift={m: drift for m in methods},
+        own={m: drift for m in methods},
+        structure={"90 %-mass share": {m: Band(*np.array([[0.4], [0.3], [0.5]])) for m in methods}},
+        structure_controls={"90 %-mass share": 0.4446})
+    res.save(tmp_path / "r")
+    back = CompareResult.load(tmp_path / "r")
+    assert_same(res, back)
+    assert back.drift["sft"]["shape"].iloc[0] == drift["shape"].iloc[0]
+    assert set(back.drift_by_layer()) == {"sft vs base", "grpo vs base", "grpo own update"}
+    assert back.gap("sft") == pytest.approx(np.mean(res.patches["sft"].lp_donor - res.patches["sft"].lp_receiver))
+
+
+def test_run_results_reads_the_training_log(tmp_path):
+    ev = CheckpointEval(checkpoint=str(tmp_path), step=0, weights_hash="h", key="k", accuracy=0.5, n=2,
+                        correct=[True, False], predictions=["1", None], outputs=["1", "x"],
+                        answer_logprob=[-1.0, -2.0], mean_answer_logprob=-1.5)
+    ev.save(tmp_path / "eval.json")
+    assert CheckpointEval.load(tmp_path / "eval.json") == ev
+    table = FlipTable(flips=[{"index": 1}], controls=[])
+    table.save(tmp_path / "flips.json")
+    assert FlipTable.load(tmp_path / "flips.json") == table
+    res = RunResults(tmp_path, [ev], table)
+    assert res.loss() == [] and res.steps == [0] and res.summary()[0]["accuracy"] == 0.5
+    (tmp_path / "train_log.json").write_text(json.dumps({"loss": [[1, 2.5], [2, 2.0]]}))
+    assert res.loss() == [(1, 2.5), (2, 2.0)]
+
+
+class Counted:
+    """A result whose computations are counted."""
+
+    calls = 0
+
+    def __init__(self, value):
+        self.value = value
+
+    def save(self, path):
+        runs.save_arrays(path, {"v": np.array(self.value)}, {"n": 1})
+
+    @classmethod
+    def load(cls, path):
+        return cls(float(runs.load_arrays(path)[0]["v"]))
+
+    @classmethod
+    def compute(cls):
+        cls.calls += 1
+        return cls(3.5)
+
+
+def test_cache_reuses_and_never_reads_stale_or_damaged(tmp_path, caplog):
+    path, key = tmp_path / "stage-x", {"a": 1}
+    assert runs.cached(path, key, Counted.compute, Counted.load).value == 3.5
+    assert runs.cached(path, key, Counted.compute, Counted.load).value == 3.5 and Counted.calls == 1
+    with caplog.at_level(logging.WARNING):
+        runs.cached(path, {"a": 2}, Counted.compute, Counted.load)  # another key under that path
+        assert Counted.calls == 2 and "stale" in caplog.text
+        (path / "result" / "arrays.npz").write_bytes(b"damaged")
+        runs.cached(path, {"a": 2}, Counted.compute, Counted.load)
+        assert Counted.calls == 3 and "damaged or stale" in caplog.text
+    assert json.loads((path / "key.json").read_text()) == {"a": 2}
+    assert not list(tmp_path.glob(".*tmp"))  # no temporary directory left behind
