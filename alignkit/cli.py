@@ -278,30 +278,21 @@ def stage_capture(cfg, method: str, poolings: Sequence[str] = ("mean", "last")):
     return caps
 
 
-def _analysis(stage: str, cfg, method: str):
-    """Run ``stages.ensure_<stage>`` (cached) and log its ``report.summarize_<stage>``."""
+def stage_analysis(stage: str, cfg, method: str):
+    """``stages.ensure_<stage>`` (cached) of cka, spectral, patching or compare (which compares
+    every method, whatever ``method``), logging its ``report.summarize_<stage>``."""
     from alignkit import report, stages
 
-    res = getattr(stages, f"ensure_{stage}")(cfg, method)
+    res = getattr(stages, f"ensure_{stage}")(cfg, METHODS if stage == "compare" else method)
     logger.info("%s %s:\n%s", stage, method, getattr(report, f"summarize_{stage}")(res))
     return res
 
 
-def stage_cka(cfg, method: str):
-    return _analysis("cka", cfg, method)
-
-
-def stage_spectral(cfg, method: str):
-    return _analysis("spectral", cfg, method)
-
-
-def stage_patching(cfg, method: str):
-    return _analysis("patching", cfg, method)
-
-
-def stage_compare(cfg, method: str = "sft"):
-    """SFT, DPO and GRPO against one base (notebook 05); ``method`` is not used."""
-    return _analysis("compare", cfg, ("sft", "dpo", "grpo"))
+def stage(name: str, cfg, method: str):
+    """Run one stage other than ``figures``."""
+    if name in ("train", "evaluate", "capture"):
+        return globals()[f"stage_{name}"](cfg, method)
+    return stage_analysis(name, cfg, method)
 
 
 def _select_notebooks(nb_dir: Path, wanted: Sequence[str] | None) -> list[Path]:
@@ -375,18 +366,18 @@ def run(args: argparse.Namespace) -> None:
     elif cmd == "figures":
         stage_figures(cfg, overrides, args.notebooks, args.notebook_dir)
     elif cmd != "all":
-        globals()[f"stage_{cmd}"](cfg, method)
+        stage(cmd, cfg, method)
     else:
         if "figures" not in args.skip:
             _select_notebooks(args.notebook_dir, None)  # fail before hours of work, not after
         t0 = time.time()
-        for stage in (s for s in STAGES if s not in args.skip):
+        for name in (s for s in STAGES if s not in args.skip):
             t = time.time()
-            if stage == "figures":
+            if name == "figures":
                 stage_figures(cfg, overrides, None, args.notebook_dir)
             else:
-                globals()[f"stage_{stage}"](cfg, method)
-            logger.info("all: %s done in %.1f s", stage, time.time() - t)
+                stage(name, cfg, method)
+            logger.info("all: %s done in %.1f s", name, time.time() - t)
         logger.info("all: every stage done in %.1f s (skipped: %s)", time.time() - t0,
                     ", ".join(args.skip) or "none")
 

@@ -216,7 +216,7 @@ class PatchingResult:
         np.save(path / "cka_matrix.npy", self.cka_matrix)
         meta = {k: getattr(self, k) for k in ("sets", "labels", "base_step", "final_step")}
         meta["names"] = {g: list(getattr(self, g)) for g in _PATCH_GROUPS}
-        runs.write_json_atomic(path / "result.json", meta)
+        runs.write_json_atomic(path / "result.json", meta, sort_keys=False)
 
     @classmethod
     def load(cls, path: Path) -> PatchingResult:

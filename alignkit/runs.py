@@ -81,11 +81,12 @@ def weights_hash(model_dir: str | os.PathLike, length: int = 16) -> str:
     return h.hexdigest()[:length]
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as pretty JSON to ``path`` through a temporary file and a rename."""
+def write_json_atomic(path: str | os.PathLike, obj: Any, sort_keys: bool = True) -> None:
+    """Write ``obj`` as pretty JSON to ``path`` through a temporary file and a rename (keys
+    sorted unless ``sort_keys=False``, which keeps the order of every dict, as results need)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(obj, indent=2, sort_keys=True, default=str)
+    text = json.dumps(obj, indent=2, sort_keys=sort_keys, default=str)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
@@ -234,7 +235,7 @@ def save_arrays(path: str | Path, arrays: dict[str, np.ndarray], meta: dict) -> 
     """Write ``path/arrays.npz`` (no pickle) and ``path/result.json`` (``meta``) atomically."""
     with atomic_dir(path) as tmp:
         np.savez(tmp / "arrays.npz", **arrays)
-        write_json_atomic(tmp / "result.json", meta)
+        write_json_atomic(tmp / "result.json", meta, sort_keys=False)
 
 
 def load_arrays(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:

@@ -28,7 +28,6 @@ logger = logging.getLogger(__name__)
 
 ANALYSIS_VERSION = 2
 CAPTURE_POOLINGS = ("mean", "last")  # what notebooks 02 (both), 03 and 04 (mean) capture
-METHODS = ("sft", "dpo", "grpo")
 
 
 def cka_defaults(smoke: bool) -> dict:
@@ -264,7 +263,7 @@ def _structure(own: dict, n_boot: int, seed: int, tol: float):
     return values, controls_
 
 
-def ensure_compare(cfg: Config, methods=METHODS, **given) -> CompareResult:
+def ensure_compare(cfg: Config, methods=runs.METHODS, **given) -> CompareResult:
     """Notebook 05: SFT, DPO and GRPO against one base (the SFT run's step 0) and against each
     method's own init: accuracy, layerwise CKA with bootstrap bands and noise floor, paired
     Δ RankMe, resid denoise patching on SFT's flips, weight drift per tensor and the structure of

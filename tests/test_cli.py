@@ -17,7 +17,7 @@ from conftest import smoke_config
 
 from alignkit import cli, results
 from alignkit import stages as pipeline
-from alignkit.runs import list_checkpoints
+from alignkit.runs import METHODS, list_checkpoints
 from alignkit.stages import ensure_results
 from alignkit.train import train
 
@@ -337,7 +337,7 @@ def test_notebook_parameters_match_pipeline_defaults(monkeypatch):
         assert {k: p[k.upper()] for k in d} == d
         p = params("05_post_training_compare.py", smoke)
         d = pipeline.compare_defaults(smoke)
-        assert {k: p[k.upper()] for k in d} == d and tuple(p["METHODS"]) == pipeline.METHODS
+        assert {k: p[k.upper()] for k in d} == d and tuple(p["METHODS"]) == METHODS
 
 
 def test_figures_runs_a_notebook_on_the_cached_results(staged, smoke_root, smoke_run):

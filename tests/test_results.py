@@ -59,7 +59,7 @@ def spectral_result():
 def assert_same(a, b):
     """Dataclass instances equal field by field (arrays exactly, Bands and dicts recursively)."""
     if isinstance(a, dict):
-        assert a.keys() == b.keys()
+        assert list(a) == list(b)  # the order too: figures and tables follow it
         for k in a:
             assert_same(a[k], b[k])
     elif isinstance(a, (Band, PatchResult)) or hasattr(a, "__dataclass_fields__"):
@@ -120,8 +120,10 @@ def test_compare_result_round_trip(tmp_path):
         patch_set="flips", patches={m: patch_result(3, (3,)) for m in methods},
         patch_curves={m: band(3) for m in methods}, drift={m: drift for m in methods},
         own={m: drift for m in methods},
-        structure={"90 %-mass share": {m: Band(*np.array([[0.4], [0.3], [0.5]])) for m in methods}},
-        structure_controls={"90 %-mass share": 0.4446})
+        structure={g: {m: Band(*np.array([[0.4], [0.3], [0.5]])) for m in methods}
+                   for g in ("90 %-mass share", "overlap, output space", "overlap, input space")},
+        structure_controls={"90 %-mass share": 0.4446, "overlap, output space": 0.1,
+                            "overlap, input space": 0.2})
     res.save(tmp_path / "r")
     back = CompareResult.load(tmp_path / "r")
     assert_same(res, back)
