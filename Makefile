@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_CPU := torch==2.13.0
 
-.PHONY: setup lint test unit notebooks reproduce sync clean
+.PHONY: setup lint test unit notebooks reproduce sync gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -33,6 +33,11 @@ unit: setup
 # full-size runs of the notebooks in order; they write images/
 reproduce: setup
 	ALIGNKIT_STATIC=1 $(BIN)/python -m pytest --nbmake --nbmake-timeout=7200 notebooks -q
+
+# the real path on a CUDA GPU with random weights of Qwen3-0.6B's shape (no internet): every stage,
+# peak GPU memory and time per stage (benchmarks/RESULTS_gpu.md)
+gpu-check: setup
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python benchmarks/gpu_check.py --out benchmarks/gpu_check.json
 
 # regenerate each .ipynb from its .py (edit the .py, then run this)
 sync: setup

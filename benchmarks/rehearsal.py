@@ -1,0 +1,129 @@
+"""The real path without weights or internet: a Qwen-like tokenizer, real-shaped random models and
+GSM8K-format data with GSM8K's quirks, for the rehearsal benchmarks and the GPU check.
+
+* ``qwen_like_tokenizer``: byte-level BPE trained here on GSM8K-format text with Qwen2/Qwen3's own
+  pre-tokenisation (``transformers.Qwen2Tokenizer`` builds the public split regex: single digits,
+  `` ?[^\\s\\p{L}\\p{N}]+`` punctuation runs, so ``"#### -10"`` -> ``####``, `` -``, ``1``, ``0``),
+  the ChatML and thinking tokens, and a chat template of our own with Qwen3's ``enable_thinking``
+  switch (``False`` pre-fills an empty ``<think>\\n\\n</think>\\n\\n`` block). Saved, it loads with
+  ``AutoTokenizer`` as ``Qwen2Tokenizer``.
+* ``real_shaped_model``: ``Qwen3ForCausalLM`` with Qwen3-0.6B's configuration (28 layers, hidden
+  1024, 16/8 heads, head_dim 128, intermediate 3072, vocabulary 151,936, tied embeddings) and
+  random weights; ``layers=`` gives a reduced-depth variant.
+* ``quirky_rows``: GSM8K-format rows (one step per line, ``<<a*b=c>>``, ``#### N``) of which some
+  end in a negative, a thousands-comma or a decimal answer, as GSM8K's do.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import Qwen2Tokenizer, Qwen3Config, Qwen3ForCausalLM
+
+from alignkit.config import GeneratorConfig
+from alignkit.data import generate_problems
+
+# Qwen/Qwen3-0.6B's config.json, field for field (special-token ids come from our tokenizer)
+QWEN3_06B = dict(
+    vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+    num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+    rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, hidden_act="silu",
+    attention_bias=False, initializer_range=0.02, max_window_layers=28, use_sliding_window=False)
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n"
+    "{% endif %}{% endif %}")
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+THINKING = ["<think>", "</think>"]
+
+
+def quirky_rows(n: int, split: str = "train", seed: int = 0, share: float = 0.1) -> list[dict]:
+    """``n`` GSM8K-format rows; a ``share`` each ends negative, with a thousands comma, decimal."""
+    gen = GeneratorConfig(min_steps=2, max_steps=4, max_number=40, seed=seed)
+    rows = generate_problems(n, split, gen)
+    rng = random.Random(f"{seed}-{split}")
+    for i, row in enumerate(rows):
+        kind = (i % int(1 / share)) if share > 0 else -1
+        lines = row["answer"].split("\n")
+        final = int(lines[-1].removeprefix("#### "))
+        if kind == 1:
+            b = final + rng.randint(2, 20)
+            value, step, text = final - b, f"{final}-{b}", str(final - b)
+            question = f" Then {b} are taken away, more than there are."
+        elif kind == 2:
+            b = -(-1000 // final) + rng.randint(0, 20)
+            value, step, text = final * b, f"{final}*{b}", f"{final * b:,}"
+            question = f" Then the amount is multiplied by {b}."
+        elif kind == 3:
+            odd = final if final % 2 else final + 1
+            value, step, text = odd / 2, f"{odd}/2", f"{odd / 2:g}"
+            question = (" Then it is split in two halves (a half counts)." if odd == final else
+                        " Then one more is added and it is split in two halves (a half counts).")
+        else:
+            continue
+        value_text = f"{value:g}" if isinstance(value, float) else str(value)
+        lines[-1:] = [f"The last step gives {step}=<<{step}={value_text}>>{text}.", f"#### {text}"]
+        row["question"] += question
+        row["answer"] = "\n".join(lines)
+    return rows
+
+
+def write_jsonl(rows: list[dict], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def qwen_like_tokenizer(texts: list[str], vocab_size: int = 4096) -> Qwen2Tokenizer:
+    """A byte-level BPE trained on ``texts`` with Qwen2/Qwen3's pre-tokenisation and tokens."""
+    template = Qwen2Tokenizer()  # its pre-tokenizer, normalizer and decoder are Qwen's
+    bpe = Tokenizer(models.BPE())
+    bpe.normalizer = template._tokenizer.normalizer
+    bpe.pre_tokenizer = template._tokenizer.pre_tokenizer
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    state = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
+    tok = Qwen2Tokenizer(vocab=state["vocab"], merges=merges)
+    tok.add_special_tokens({"additional_special_tokens": SPECIAL[1:]})
+    tok.add_tokens(THINKING)
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def real_shaped_model(tokenizer, layers: int | None = None, seed: int = 0,
+                      dtype: torch.dtype = torch.float32) -> Qwen3ForCausalLM:
+    """Random ``Qwen3ForCausalLM`` of Qwen3-0.6B's shape (``layers``: fewer decoder layers)."""
+    cfg = dict(QWEN3_06B, bos_token_id=None, eos_token_id=tokenizer.convert_tokens_to_ids(
+        "<|im_end|>"), pad_token_id=tokenizer.pad_token_id)
+    if layers is not None:
+        cfg.update(num_hidden_layers=layers, max_window_layers=layers)
+    torch.manual_seed(seed)
+    with torch.device("cpu"):
+        model = Qwen3ForCausalLM(Qwen3Config(**cfg)).to(dtype)
+    model.generation_config.eos_token_id = [tokenizer.convert_tokens_to_ids(t)
+                                            for t in ("<|im_end|>", "<|endoftext|>")]
+    return model
+
+
+def build(workdir: Path, layers: int | None = None, n_train: int = 400, n_test: int = 80,
+          seed: int = 0) -> dict[str, Path]:
+    """Write the rehearsal inputs once: ``{"model", "train", "test"}`` paths under ``workdir``."""
+    workdir = Path(workdir)
+    paths = {"model": workdir / f"qwen3-0.6b-shape-{layers or 28}L", "train": workdir / "train.jsonl",
+             "test": workdir / "test.jsonl"}
+    if not (paths["model"] / "config.json").is_file():
+        train = quirky_rows(n_train, "train", seed)
+        tok = qwen_like_tokenizer([r["question"] + "\n" + r["answer"] for r in train])
+        model = real_shaped_model(tok, layers, seed)
+        model.save_pretrained(paths["model"])
+        tok.save_pretrained(paths["model"])
+    write_jsonl(quirky_rows(n_train, "train", seed), paths["train"])
+    write_jsonl(quirky_rows(n_test, "test", seed), paths["test"])
+    return paths
