@@ -217,7 +217,7 @@ def summarize_compare(res: CompareResult, rl: str = "grpo", smoke: bool = False)
     lines = []
     for m in res.methods:
         a, c = res.accuracy[m], res.cka[m].point
-        by_module = weights.summarize_drift(res.own[m], "module")["rel_change"]
+        by_module = res.own_by_module()[m]
         lay = weights.summarize_drift(res.own[m], "layer")
         lay = lay[(lay.index >= 0) & (lay.index < res.own[m].attrs["n_layers"])]["rel_change"]
         sweep = res.patches[m]

@@ -149,6 +149,17 @@ class SpectralResult:
     rank_vs_n: np.ndarray
     cka_drift: np.ndarray
 
+    @classmethod
+    def from_bootstraps(cls, boot: dict[int, dict], **fields) -> SpectralResult:
+        """From ``{step: spectral.bootstrap_layer_metrics(...)}`` (one setting for every step)."""
+        steps = sorted(boot)
+        metrics = list(boot[steps[0]])
+        first = boot[steps[0]][metrics[0]]
+        return cls(steps=steps, metrics=metrics, n=int(first["n"]), m=int(first["m"]),
+                   scale=float(first["scale"]), ci=float(first["ci"]), **fields,
+                   **{f: {k: np.stack([boot[s][k][f] for s in steps]) for k in metrics}
+                      for f in ("point", "lo", "hi", "samples")})
+
     def band(self, metric: str, step: int) -> Band:
         i = self.steps.index(step)
         return Band(self.point[metric][i], self.lo[metric][i], self.hi[metric][i])

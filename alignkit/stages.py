@@ -155,16 +155,10 @@ def ensure_spectral(cfg: Config, method: str = "sft", **given) -> SpectralResult
         boot = {s: spectral.bootstrap_layer_metrics(acts[s], alphas=p["alphas"],
                                                     n_boot=p["n_boot"], seed=p["seed"])
                 for s in tqdm(steps, desc="spectral", leave=False)}
-        metrics = list(boot[steps[0]])
         ns = [n for n in (16, 32, 64, 128, 256, 512) if n <= len(texts)]
-        first = boot[steps[0]][metrics[0]]
-        return SpectralResult(
-            steps=steps, labels=labels, dropped=dropped, pooling=p["pooling"], alphas=p["alphas"],
-            metrics=metrics, **{f: {k: np.stack([boot[s][k][f] for s in steps]) for k in metrics}
-                                for f in ("point", "lo", "hi", "samples")},
-            n=int(first["n"]), m=int(first["m"]), width=int(acts[steps[0]].shape[-1]),
-            scale=float(first["scale"]),
-            ci=float(first["ci"]), ns=ns,
+        return SpectralResult.from_bootstraps(
+            boot, labels=labels, dropped=dropped, pooling=p["pooling"], alphas=p["alphas"],
+            width=int(acts[steps[0]].shape[-1]), ns=ns,
             rank_vs_n=np.stack([spectral.rank_vs_n(acts[s], ns, seed=p["seed"])["rankme"]
                                 for s in (steps[0], steps[-1])]),
             cka_drift=1 - cka.layerwise_cka(acts[steps[0]], acts[steps[-1]]))

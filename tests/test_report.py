@@ -79,14 +79,11 @@ def test_summarize_spectral_detects_an_isotropic_rise():
     final = torch.randn(L, 200, 16, generator=g)
     boot = {s: spectral.bootstrap_layer_metrics(a, alphas=(1.0, 2.0), n_boot=20)
             for s, a in ((0, base), (10, final))}
-    metrics = list(boot[0])
-    res = SpectralResult(
-        steps=[0, 10], labels=["embed", "0", "1", "2", "3"], dropped=[], pooling="mean",
-        alphas=(1.0, 2.0), metrics=metrics,
-        **{f: {k: np.stack([boot[s][k][f] for s in (0, 10)]) for k in metrics}
-           for f in ("point", "lo", "hi", "samples")},
-        n=200, m=160, width=16, scale=boot[0]["rankme"]["scale"], ci=0.95, ns=[16, 32],
-        rank_vs_n=np.stack([np.ones((2, L)), 2 * np.ones((2, L))]), cka_drift=np.arange(L) / 10)
+    res = SpectralResult.from_bootstraps(
+        boot, labels=["embed", "0", "1", "2", "3"], dropped=[], pooling="mean", alphas=(1.0, 2.0),
+        width=16, ns=[16, 32], rank_vs_n=np.stack([np.ones((2, L)), 2 * np.ones((2, L))]),
+        cka_drift=np.arange(L) / 10)
+    assert (res.n, res.m, res.ci) == (200, 160, 0.95)
     text = report.summarize_spectral(res)
     assert "Intervals separate (no overlap) at 5 layers where rank **rose** (embed, 0, 1, 2, 3)" in text
     assert "and 0 where it **fell** (none)" in text

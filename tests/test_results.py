@@ -45,15 +45,9 @@ def cka_result():
 def spectral_result():
     acts = {s: torch.from_numpy(RNG.normal(size=(L, 40, 8))) for s in (0, 10)}
     boot = {s: spectral.bootstrap_layer_metrics(a, alphas=(1.0, 2.0), n_boot=10) for s, a in acts.items()}
-    metrics = list(boot[0])
-    first = boot[0]["rankme"]
-    return SpectralResult(
-        steps=[0, 10], labels=["embed", "0", "1", "2", "3"], dropped=[], pooling="mean",
-        alphas=(1.0, 2.0), metrics=metrics,
-        **{f: {k: np.stack([boot[s][k][f] for s in (0, 10)]) for k in metrics}
-           for f in ("point", "lo", "hi", "samples")},
-        n=first["n"], m=first["m"], width=8, scale=first["scale"], ci=first["ci"], ns=[16, 32],
-        rank_vs_n=RNG.random((2, 2, L)), cka_drift=RNG.random(L)), boot
+    return SpectralResult.from_bootstraps(
+        boot, labels=["embed", "0", "1", "2", "3"], dropped=[], pooling="mean", alphas=(1.0, 2.0),
+        width=8, ns=[16, 32], rank_vs_n=RNG.random((2, 2, L)), cka_drift=RNG.random(L)), boot
 
 
 def assert_same(a, b):
