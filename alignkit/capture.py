@@ -234,7 +234,8 @@ def capture_cached(model: str | os.PathLike | torch.nn.Module, tokenizer, texts:
                    model_dir: str | os.PathLike | None = None, batch_size: int = 32,
                    max_rows: int | None = None, seed: int = 0,
                    device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
-                   add_special_tokens: bool = False, mmap: bool = False) -> Activations:
+                   add_special_tokens: bool = False, mmap: bool = False,
+                   model_dtype: str = "float32") -> Activations:
     """``capture`` of a saved checkpoint, cached on disk as safetensors keyed by content.
 
     The key: the checkpoint's ``runs.weights_hash``, the model dtype, the texts and their token
@@ -244,10 +245,12 @@ def capture_cached(model: str | os.PathLike | torch.nn.Module, tokenizer, texts:
     are written to a temporary file and renamed, under an inter-process lock.
 
     Args:
-        model: a model directory (loaded in float32 on a miss only), or a loaded model whose
-            weights are still those of ``model_dir``; ``tokenizer`` None loads the directory's.
+        model: a model directory (loaded in ``model_dtype`` on a miss only), or a loaded model
+            whose weights are still those of ``model_dir``; ``tokenizer`` None loads the
+            directory's.
         cache_dir: where entries live (default: ``<model_dir>/activations``).
         device: where a model loaded here goes (default CPU); for a loaded one, as in ``capture``.
+            Each batch's outputs are pooled in float64 there and moved to the CPU.
         mmap: ``acts`` memory-mapped from the entry file, copy-on-write.
     """
     loaded = model if isinstance(model, torch.nn.Module) else None
@@ -268,9 +271,9 @@ def capture_cached(model: str | os.PathLike | torch.nn.Module, tokenizer, texts:
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
     ids = tokenize(tokenizer, texts, add_special_tokens)
-    model_dtype = torch.float32 if loaded is None else next(loaded.parameters()).dtype
+    run_dtype = getattr(torch, model_dtype) if loaded is None else next(loaded.parameters()).dtype
     key = {"format": "alignkit-activations", "version": CACHE_VERSION,
-           "weights": runs.weights_hash(model_dir), "model_dtype": str(model_dtype),
+           "weights": runs.weights_hash(model_dir), "model_dtype": str(run_dtype),
            "probe_hash": texts_hash(texts), "ids_hash": runs.hash_obj(ids),
            "hook_points": None if hook_points is None else list(hook_points), "pooling": pooling,
            "max_rows": max_rows, "seed": seed, "dtype": str(dtype),
@@ -284,7 +287,7 @@ def capture_cached(model: str | os.PathLike | torch.nn.Module, tokenizer, texts:
             logger.info("activation cache hit %s", path)
             return hit
         if loaded is None:
-            loaded, _ = load_model(model_dir, "float32", device if device is not None else "cpu")
+            loaded, _ = load_model(model_dir, model_dtype, device if device is not None else "cpu")
         acts = capture(loaded, tokenizer, texts, hook_points, pooling, batch_size=batch_size,
                        max_rows=max_rows, seed=seed, device=device, dtype=dtype,
                        add_special_tokens=add_special_tokens)

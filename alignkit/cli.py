@@ -32,15 +32,16 @@ TOP_EPILOG = """\
 examples:
   python -m alignkit all --smoke                 # whole pipeline at smoke sizes (minutes on a CPU)
   python -m alignkit train sft                   # tiny preset: build the base, SFT with checkpoints
-  python -m alignkit --preset qwen3-0.6b --model /data/Qwen3-0.6B \\
-      --data /data/gsm8k/train.jsonl --eval-data /data/gsm8k/test.jsonl all
+  python -m alignkit --preset qwen3-0.6b-base --model /data/Qwen3-0.6B-Base \\
+      --data /data/gsm8k/train.jsonl --eval-data /data/gsm8k/test.jsonl all --skip compare
   python -m alignkit --set sft.max_steps=50 --root /scratch/runs cka
-  accelerate launch -m alignkit --preset qwen3-0.6b --model /data/Qwen3-0.6B train sft  # GPUs
+  accelerate launch -m alignkit --preset qwen3-0.6b-base train sft  # several GPUs, then 1 process
 
 Global options may come before or after the command. Stages are cached under ROOT (default
 $ALIGNKIT_HOME or the repository's runs/): base/tiny-<key>/ (the embedded base),
 <method>/<preset>[-smoke]-<key>/ (checkpoints/, flips.json, activations/, analysis/),
-compare/<preset>[-smoke]/ and reports/<preset>[-smoke]/ (notebooks executed by `figures`).
+compare/<preset>[-smoke]/ and reports/<preset>[-smoke]/ (notebooks executed by `figures`; the
+figures of any run but the default one under reports/<preset>[-smoke]-<hash>/images/).
 """
 
 COMMANDS = {  # command: (what it does, an example, what it writes; under ROOT)
@@ -66,10 +67,12 @@ COMMANDS = {  # command: (what it does, an example, what it writes; under ROOT)
     "figures": ("execute the notebooks headless on the cached results (README figures)",
                 "figures --smoke --notebooks 02 03",
                 "reports/<preset>[-smoke]/NN_*.ipynb, the notebooks run with this command's "
-                "preset and overrides injected after their parameters cell; full runs also "
-                "the README figures in images/, smoke runs never"),
-    "all": ("run every stage in order: " + ", ".join(STAGES), "all --smoke --skip figures",
-            "everything above"),
+                "preset and overrides injected after their parameters cell, and their figures: "
+                "images/ (the README's) for the default run only (tiny preset, full size, no "
+                "override but --root), reports/<preset>[-smoke]-<hash>/images/ otherwise"),
+    "all": ("run every stage in order: " + ", ".join(STAGES) + " (SFT is trained by train; "
+            "compare also trains DPO and GRPO from it), logging each stage's time",
+            "all --smoke --skip compare figures", "everything above"),
 }
 
 
@@ -78,7 +81,9 @@ def _add_common(p: argparse.ArgumentParser, suppress: bool) -> None:
     d = (lambda v: argparse.SUPPRESS) if suppress else (lambda v: v)
     g = p.add_argument_group("global options (before or after the command)")
     g.add_argument("--preset", default=d("tiny"), metavar="NAME",
-                   help="config preset: tiny (offline, CPU; default) or qwen3-0.6b (real path)")
+                   help="config preset: tiny (offline, CPU; default), qwen3-0.6b-base "
+                        "(Qwen/Qwen3-0.6B-Base, plain prompts) or qwen3-0.6b (Qwen/Qwen3-0.6B, "
+                        "its chat template without thinking); real presets want a GPU")
     g.add_argument("--smoke", action="store_true", default=d(False),
                    help="shrink every size (CI); smoke runs never write images/")
     g.add_argument("--set", dest="overrides", action="append", default=d([]), metavar="KEY=VALUE",
@@ -189,21 +194,14 @@ def parse_overrides(items: Sequence[str], preset: str = "tiny",
 
 
 def check_model_dir(path: str | os.PathLike) -> Path:
-    """The absolute path of a from_pretrained directory, or UsageError saying what is missing."""
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise UsageError(f"--model {path}: no such directory")
-    if not p.is_dir():
-        raise UsageError(f"--model {path} is not a model directory (it is a file)")
-    if not (p / "config.json").is_file():
-        raise UsageError(f"--model {path} is not a model directory: no config.json")
-    if not (any(p.glob("*.safetensors")) or any(p.glob("*.bin"))):
-        raise UsageError(f"--model {path} is not a model directory: no weights "
-                         "(*.safetensors or *.bin)")
-    if not ((p / "tokenizer.json").is_file() or (p / "tokenizer_config.json").is_file()):
-        raise UsageError(f"--model {path} has no tokenizer (tokenizer.json or "
-                         "tokenizer_config.json)")
-    return p.resolve()
+    """The absolute path of a complete from_pretrained directory (``models.check_model_dir``), or
+    UsageError saying what is missing."""
+    from alignkit.models import check_model_dir as check
+
+    try:
+        return check(path).resolve()
+    except ValueError as e:
+        raise UsageError(f"--model: {e}") from None
 
 
 def check_data_file(path: str | os.PathLike, flag: str) -> Path:
@@ -238,7 +236,7 @@ def config_from_args(args: argparse.Namespace):
     except ValueError as e:
         raise UsageError(str(e)) from None
     if args.data is not None and args.eval_data is None and cfg.eval_source is None:
-        logger.warning("--data without --eval-data: evaluation and probes read the first %d rows "
+        logger.warning("--data without --eval-data: evaluation and probes read the first %s rows "
                        "of %s, the training file", cfg.eval.n_eval, cfg.data_source)
     return cfg, overrides
 
@@ -330,6 +328,8 @@ def stage_figures(cfg, overrides: dict, notebooks: Sequence[str] | None = None,
     from nbclient import NotebookClient
     from tqdm.auto import tqdm
 
+    from alignkit.plots import figure_dir
+
     paths = _select_notebooks(Path(nb_dir), notebooks)
     overrides = dict(overrides, root=str(cfg.run_root.resolve()))
     out_dir = cfg.run_root / "reports" / f"{cfg.preset}{'-smoke' if cfg.smoke else ''}"
@@ -346,8 +346,8 @@ def stage_figures(cfg, overrides: dict, notebooks: Sequence[str] | None = None,
             client.execute(env=env)
         finally:
             nbformat.write(nb, out_dir / path.name)
-        logger.info("figures: %s ran in %.0f s; wrote %s%s", path.name, time.time() - t0,
-                    out_dir / path.name, "" if cfg.smoke else " and its images/ figures")
+        logger.info("figures: %s ran in %.0f s; wrote %s and its figures in %s", path.name,
+                    time.time() - t0, out_dir / path.name, figure_dir(cfg))
         written.append(out_dir / path.name)
     return written
 

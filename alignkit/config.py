@@ -1,6 +1,8 @@
 """Presets and every knob of a run, in one place: ``"tiny"`` is the offline default (a small Qwen3
-pretrained here, generated GSM8K-format data, CPU), ``"qwen3-0.6b"`` the real path (Qwen/Qwen3-0.6B
-and openai/gsm8k from the hub, or local copies, on a GPU)."""
+pretrained here, generated GSM8K-format data, CPU); the real path, on a GPU with openai/gsm8k from
+the hub (or local copies), is ``"qwen3-0.6b-base"`` (Qwen/Qwen3-0.6B-Base, plain prompts: the
+pretrained model, what a base-vs-post-training study needs) and ``"qwen3-0.6b"`` (Qwen/Qwen3-0.6B,
+the seed's model, already post-trained: its chat template with thinking disabled)."""
 
 from __future__ import annotations
 
@@ -51,7 +53,9 @@ class SFTConfig:
     """Supervised fine-tuning through TRL's SFTTrainer."""
 
     max_steps: int = 400
-    batch_size: int = 16
+    batch_size: int = 16  # sequences per optimizer step, over all processes
+    micro_batch_size: int = 0  # per process and pass (0: the most that fits the GPU; on the CPU
+    # the whole share); gradients accumulate to batch_size
     learning_rate: float = 1e-3
     warmup_ratio: float = 0.05
     weight_decay: float = 0.0
@@ -68,6 +72,8 @@ class DPOConfig:
     init: str = "sft"  # "sft": the final SFT checkpoint; "base": the base model
     max_steps: int = 150
     batch_size: int = 16  # preference pairs per step
+    micro_batch_size: int = 0  # per process and pass (0: the most that fits the GPU; on the CPU
+    # the whole share); gradients accumulate to batch_size
     learning_rate: float = 3e-5  # measured: 1e-4 collapses accuracy, 1e-5 changes nothing
     warmup_ratio: float = 0.1
     weight_decay: float = 0.0
@@ -89,6 +95,8 @@ class GRPOConfig:
     init: str = "sft"  # "sft": the final SFT checkpoint; "base": the base model
     max_steps: int = 160
     batch_size: int = 32  # completions per step (= prompts per step x num_generations)
+    micro_batch_size: int = 0  # per process and pass (0: the most that fits the GPU; on the CPU
+    # the whole share); gradients accumulate to batch_size
     learning_rate: float = 1e-4
     warmup_ratio: float = 0.1
     weight_decay: float = 0.0
@@ -106,10 +114,11 @@ class GRPOConfig:
 class EvalConfig:
     """Held-out evaluation: greedy generation and teacher-forced answer log-prob."""
 
-    n_eval: int = 300
+    n_eval: int | None = 300  # the first n problems of the test split; None: all of it
     batch_size: int = 64
     max_new_tokens: int = 112
-    stop: tuple[str, ...] = ("\nQuestion:",)
+    stop: tuple[str, ...] = ("\nQuestion:",)  # also ends decoding (with the model's end tokens)
+    n_shot: int = 0  # worked examples before each question (the first rows of the train split)
 
 
 @dataclasses.dataclass
@@ -128,7 +137,10 @@ class Config:
     dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)
     grpo: GRPOConfig = dataclasses.field(default_factory=GRPOConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
-    dtype: str = "float32"
+    dtype: str = "float32"  # weights for evaluation, capture and patching (training: fp32 master)
+    precision: str = "auto"  # training autocast: "auto" (bf16 on a bf16 GPU, fp16 with loss
+    # scaling on a GPU without bf16, fp32 on the CPU), "bf16", "fp16" or "fp32"
+    gradient_checkpointing: bool = False  # recompute activations in backward: memory for time
     device: str = "auto"  # "auto" (cuda:LOCAL_RANK when a GPU is present, else cpu), or explicit
     smoke: bool = False
     root: str = ""  # where runs/ live; default from ALIGNKIT_HOME or the repository
@@ -164,26 +176,37 @@ def _tiny(smoke: bool) -> Config:
     return cfg
 
 
-def _qwen3_06b(smoke: bool) -> Config:
-    cfg = Config(preset="qwen3-0.6b", model="Qwen/Qwen3-0.6B", data_source="openai/gsm8k",
-                 dtype="bfloat16", eval=EvalConfig(n_eval=500, batch_size=32, max_new_tokens=320),
+def _qwen3(model: str, chat: bool, preset: str, smoke: bool) -> Config:
+    """The real path at the seed's sizes: full test split, fp32 master weights with autocast,
+    gradient checkpointing and micro-batches sized to the GPU (``train.fit_micro_batch``)."""
+    cfg = Config(preset=preset, model=model, data_source="openai/gsm8k", chat=chat,
+                 dtype="bfloat16", gradient_checkpointing=True,
+                 eval=EvalConfig(n_eval=None, batch_size=64, max_new_tokens=320),
                  sft=SFTConfig(max_steps=1000, batch_size=16, learning_rate=1e-5, max_length=512,
                                n_train=7473),
                  dpo=DPOConfig(max_steps=300, batch_size=16, learning_rate=5e-7, beta=0.1,
                                n_pairs=4800, max_length=640, rejected="sampled"),
                  grpo=GRPOConfig(max_steps=200, batch_size=64, learning_rate=1e-6,
-                                 num_generations=8, beta=0.04, max_completion_length=320,
-                                 n_prompts=1600, temperature=1.0))
+                                 num_generations=8, beta=0.04,
+                                 max_completion_length=320, n_prompts=1600, temperature=1.0))
     if smoke:
-        cfg.sft = dataclasses.replace(cfg.sft, max_steps=4, batch_size=2, n_train=16)
-        cfg.dpo = dataclasses.replace(cfg.dpo, max_steps=2, batch_size=2, n_pairs=4, max_length=256)
-        cfg.grpo = dataclasses.replace(cfg.grpo, max_steps=2, batch_size=4, num_generations=2,
-                                       max_completion_length=32, n_prompts=4)
+        cfg.sft = dataclasses.replace(cfg.sft, max_steps=4, batch_size=2, micro_batch_size=1,
+                                      n_train=16)
+        cfg.dpo = dataclasses.replace(cfg.dpo, max_steps=2, batch_size=2, micro_batch_size=1,
+                                      n_pairs=4, max_length=256)
+        cfg.grpo = dataclasses.replace(cfg.grpo, max_steps=2, batch_size=4, micro_batch_size=2,
+                                       num_generations=2, max_completion_length=32, n_prompts=4)
         cfg.eval = dataclasses.replace(cfg.eval, n_eval=8, batch_size=8, max_new_tokens=32)
     return cfg
 
 
-PRESETS = {"tiny": _tiny, "qwen3-0.6b": _qwen3_06b}
+PRESETS = {
+    "tiny": _tiny,
+    "qwen3-0.6b-base": lambda smoke: _qwen3("Qwen/Qwen3-0.6B-Base", False, "qwen3-0.6b-base",
+                                            smoke),
+    "qwen3-0.6b": lambda smoke: _qwen3("Qwen/Qwen3-0.6B", True, "qwen3-0.6b", smoke),
+}
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
 def get_config(preset: str = "tiny", smoke: bool = False,

@@ -55,19 +55,53 @@ def cut_at_stop(text: str, stop: Sequence[str] = ("\nQuestion:",)) -> str:
     return text
 
 
-def format_prompt(question: str, tokenizer=None, chat: bool = False) -> str:
-    """The one prompt format: ``Question: ...\\nAnswer:``, or the tokenizer's chat template."""
+def format_prompt(question: str, tokenizer=None, chat: bool = False,
+                  shots: Sequence[tuple[str, str]] = ()) -> str:
+    """The one prompt format: ``Question: ...\\nAnswer:`` (after ``shots``, worked examples
+    ``(question, solution)`` written the same way), or the tokenizer's chat template with thinking
+    disabled (Qwen3's ``enable_thinking=False``: an empty ``<think>`` block; templates without the
+    switch ignore it), the shots as earlier user/assistant turns."""
     if not chat:
-        return f"Question: {question.strip()}\nAnswer:"
+        solved = "".join(f"Question: {q.strip()}\nAnswer:{format_completion(a)}\n\n"
+                         for q, a in shots)
+        return f"{solved}Question: {question.strip()}\nAnswer:"
+    check_chat_template(tokenizer)
+    messages = [m for q, a in shots for m in ({"role": "user", "content": q.strip()},
+                                              {"role": "assistant", "content": a.strip()})]
+    messages.append({"role": "user", "content": question.strip()})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                         enable_thinking=False)
+
+
+def check_chat_template(tokenizer) -> None:
+    """ValueError unless ``tokenizer`` has a chat template (what ``chat=True`` formats with)."""
     if tokenizer is None or getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError("chat=True needs a tokenizer with a chat template")
-    return tokenizer.apply_chat_template(
-        [{"role": "user", "content": question.strip()}], tokenize=False, add_generation_prompt=True)
+        name = getattr(tokenizer, "name_or_path", None) or "the tokenizer"
+        raise ValueError(f"chat=True needs a tokenizer with a chat template; {name} has none "
+                         "(use a plain-prompt preset such as qwen3-0.6b-base, or --set chat=false)")
 
 
-def format_completion(answer: str) -> str:
-    """The training target: the solution after a space, so BPE never merges it with the prompt."""
-    return " " + answer.strip()
+def format_completion(answer: str, chat: bool = False) -> str:
+    """The training target: the solution after a space for plain prompts (so BPE never merges it
+    with the prompt), as it is after a chat template's assistant header."""
+    return ("" if chat else " ") + answer.strip()
+
+
+def prompts_for(cfg: Config, tokenizer, questions: Sequence[str],
+                few_shot: bool = False) -> list[str]:
+    """``format_prompt`` of each question with ``cfg``'s format: what training, evaluation,
+    probes and patching all call. ``few_shot``: after ``cfg.eval.n_shot`` worked examples
+    (evaluation's option; probes and patching use the zero-shot prompt)."""
+    shots = few_shot_examples(cfg) if few_shot else ()
+    return [format_prompt(q, tokenizer, chat=cfg.chat, shots=shots) for q in questions]
+
+
+def few_shot_examples(cfg: Config) -> list[tuple[str, str]]:
+    """The first ``cfg.eval.n_shot`` rows of the training split as ``(question, solution)``."""
+    if cfg.eval.n_shot <= 0:
+        return []
+    rows = load_gsm8k(cfg.data_source, "train", cfg.eval.n_shot, cfg.generator)
+    return list(zip(rows["question"], rows["answer"]))
 
 
 def split_solution(answer: str) -> tuple[str, str]:
@@ -143,10 +177,11 @@ def eval_set(cfg: Config) -> datasets.Dataset:
                       generator=cfg.generator)
 
 
-def probe_texts(cfg: Config, n: int | None = None) -> list[str]:
-    """The probe set: prompts of the held-out evaluation problems (as the models see them)."""
+def probe_texts(cfg: Config, tokenizer=None, n: int | None = None) -> list[str]:
+    """The probe set: zero-shot prompts of the held-out evaluation problems, formatted as training
+    and evaluation format them (``prompts_for``; a chat config needs the ``tokenizer``)."""
     questions = eval_set(cfg)["question"]
-    return [format_prompt(q) for q in questions[: n or len(questions)]]
+    return prompts_for(cfg, tokenizer, questions[: n or len(questions)])
 
 
 def dataset_hash(ds: datasets.Dataset | list[str]) -> str:
@@ -477,6 +512,7 @@ def preference_pairs(rows, seed: int = 0, tokenizer=None, chat: bool = False,
             raise ValueError(f"row {i} has no '#### ' final-answer marker")
         rng = random.Random(f"{seed}-{row['question']}")
         pairs.append({"prompt": format_prompt(row["question"], tokenizer, chat=chat),
-                      "chosen": format_completion(row["answer"]),
-                      "rejected": format_completion(corrupt_solution(row["answer"], rng, p_final))})
+                      "chosen": format_completion(row["answer"], chat),
+                      "rejected": format_completion(corrupt_solution(row["answer"], rng, p_final),
+                                                    chat)})
     return pairs

@@ -25,21 +25,34 @@ from alignkit.data import (
     dataset_hash,
     eval_set,
     extract_answer,
-    format_prompt,
+    format_completion,
+    prompts_for,
     split_solution,
 )
-from alignkit.models import device_for, load_model
+from alignkit.models import decoder, device_for, load_model, part
 
 logger = logging.getLogger(__name__)
+
+
+def end_tokens(model, tokenizer) -> list[int]:
+    """The ids that end a completion: the model's own (``generation_config.eos_token_id``, e.g.
+    Qwen3's ``<|im_end|>`` and ``<|endoftext|>``) and the tokenizer's end-of-sequence token."""
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
 
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 128,
              batch_size: int = 32, stop: Sequence[str] = ("\nQuestion:",), desc: str = "generate",
              num_samples: int = 1, temperature: float = 0.0, seed: int = 0) -> list[str]:
-    """Completions of ``prompts`` (batched, left padding), cut at the first stop string. Greedy, or
-    with ``temperature > 0`` ``num_samples`` samples per prompt, prompt-major (sample ``j`` of
-    prompt ``i`` at ``i * num_samples + j``), reproducible for one seed, batch size and device."""
+    """Completions of ``prompts`` (batched, left padding), cut at the first stop string. Decoding
+    of a sequence ends at the model's end tokens (``end_tokens``) or once it holds a stop string,
+    so a batch runs only as long as its longest answer. Greedy, or with ``temperature > 0``
+    ``num_samples`` samples per prompt, prompt-major (sample ``j`` of prompt ``i`` at
+    ``i * num_samples + j``), reproducible for one seed, batch size and device."""
     if len(prompts) == 0:
         raise ValueError("generate needs at least one prompt, got an empty list")
     if temperature < 0 or (temperature == 0 and num_samples != 1) or num_samples < 1:
@@ -49,6 +62,8 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 128
     sampling = {"do_sample": False} if temperature == 0 else {
         "do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0,
         "num_return_sequences": num_samples}
+    if stop:
+        sampling.update(stop_strings=list(stop), tokenizer=tokenizer)
     if temperature > 0:
         torch.manual_seed(seed)
     side = tokenizer.padding_side
@@ -61,7 +76,7 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 128
                             add_special_tokens=False).to(device)
             gen = model.generate(**enc, max_new_tokens=max_new_tokens,
                                  pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.eos_token_id, **sampling)
+                                 eos_token_id=end_tokens(model, tokenizer), **sampling)
             texts = tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :],
                                            skip_special_tokens=True)
             outs.extend(cut_at_stop(t, stop) for t in texts)
@@ -70,34 +85,41 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 128
     return outs
 
 
-def answer_spans(tokenizer, prompts: Sequence[str], answers: Sequence[str]) -> list[dict]:
-    """Per example, ``input_ids`` of prompt + gold solution and ``answer_positions``, the indices of
-    the final answer's tokens; ValueError when the answer does not fall on token boundaries."""
+def answer_spans(tokenizer, prompts: Sequence[str], answers: Sequence[str],
+                 chat: bool = False) -> list[dict]:
+    """Per example, ``input_ids`` of prompt + gold solution (``format_completion``) and
+    ``answer_positions``, the indices of the tokens that overlap the final answer's characters: a
+    piece that holds the answer and text before it (Qwen's ``" -"`` of ``"#### -10"``) belongs to
+    the answer, so every answer is located whatever the tokenizer's splits."""
     out = []
     for k, (prompt, answer) in enumerate(zip(prompts, answers)):
         prefix, final = split_solution(answer)
-        text_prefix = prompt + " " + prefix.lstrip()  # as format_completion, keeping "#### "
+        if not final:
+            raise ValueError(f"example {k}: the gold solution has nothing after '####'")
+        text_prefix = prompt + format_completion(prefix, chat) + prefix[len(prefix.rstrip()):]
         text = text_prefix + final
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         start, end = len(text_prefix), len(text)
-        offsets = enc["offset_mapping"]
-        pos = [i for i, (a, b) in enumerate(offsets) if a < end and b > start]
-        if not pos or offsets[pos[0]][0] != start or offsets[pos[-1]][1] != end:
-            raise ValueError(f"example {k}: gold answer {final!r} cannot be located in the "
-                             "tokenisation (it does not start and end on token boundaries)")
+        pos = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if a < end and b > start]
+        if not pos or pos[0] == 0:
+            raise ValueError(f"example {k}: no token of the gold answer {final!r} follows the "
+                             "prompt (is the tokenizer's offset mapping broken?)")
         out.append({"input_ids": enc["input_ids"], "answer_positions": pos})
     return out
 
 
 @torch.no_grad()
 def answer_logprob(model, tokenizer, prompts: Sequence[str], answers: Sequence[str],
-                   batch_size: int = 32) -> np.ndarray:
+                   batch_size: int = 32, chat: bool = False) -> np.ndarray:
     """Teacher-forced log P(gold final answer | prompt + gold solution up to "#### "), summed over
-    the answer's tokens: ``[n_examples]`` float64, for ``format_prompt`` prompts."""
+    the answer's tokens (``answer_spans``): ``[n_examples]`` float64. The LM head runs only on the
+    rows that predict answer tokens, so memory beyond the decoder is one ``[rows, vocab]`` slice
+    (never ``[batch, width, vocab]``), upcast to float64 for the log-softmax."""
     if len(prompts) == 0:
         raise ValueError("answer_logprob needs at least one example, got none")
-    spans = answer_spans(tokenizer, prompts, answers)
+    spans = answer_spans(tokenizer, prompts, answers, chat)
     device = next(model.parameters()).device
+    head = part(model, "head")
     result = np.zeros(len(spans), dtype=np.float64)
     for i in range(0, len(spans), batch_size):
         chunk = spans[i : i + batch_size]
@@ -107,11 +129,14 @@ def answer_logprob(model, tokenizer, prompts: Sequence[str], answers: Sequence[s
         for r, s in enumerate(chunk):  # right padding: positions of real tokens are unchanged
             ids[r, : len(s["input_ids"])] = torch.tensor(s["input_ids"])
             mask[r, : len(s["input_ids"])] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        logp = torch.log_softmax(logits.double(), dim=-1)
-        for r, s in enumerate(chunk):
-            pos = torch.tensor(s["answer_positions"])
-            result[i + r] = logp[r, pos - 1, ids[r, pos].to(device)].sum().item()
+        hidden = decoder(model)(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                use_cache=False).last_hidden_state  # after the final norm
+        rows = torch.tensor([r for r, s in enumerate(chunk) for _ in s["answer_positions"]])
+        pos = torch.tensor([p for s in chunk for p in s["answer_positions"]])
+        logp = torch.log_softmax(head(hidden[rows.to(device), (pos - 1).to(device)]).double(), -1)
+        tok = logp.gather(1, ids[rows, pos].to(device)[:, None])[:, 0].cpu()
+        result[i : i + len(chunk)] = torch.zeros(len(chunk), dtype=torch.float64).index_add_(
+            0, rows, tok).numpy()
     return result
 
 
@@ -164,12 +189,12 @@ def evaluate_checkpoint(ckpt: str | Path, cfg: Config, ds=None) -> CheckpointEva
             pass
         logger.warning("stale or damaged evaluation cache %s: recomputing", path)
     model, tokenizer = load_model(ckpt, dtype=cfg.dtype, device=device_for(cfg))
-    prompts = [format_prompt(q, tokenizer, chat=cfg.chat) for q in ds["question"]]
+    prompts = prompts_for(cfg, tokenizer, ds["question"], few_shot=True)
     outputs = generate(model, tokenizer, prompts, cfg.eval.max_new_tokens, cfg.eval.batch_size,
                        cfg.eval.stop, desc=f"generate {ckpt.name}")
     preds = [extract_answer(o) for o in outputs]
     correct = [p is not None and p == g for p, g in zip(preds, ds["final_answer"])]
-    lp = answer_logprob(model, tokenizer, prompts, ds["answer"], cfg.eval.batch_size)
+    lp = answer_logprob(model, tokenizer, prompts, ds["answer"], cfg.eval.batch_size, cfg.chat)
     manifest_path = ckpt / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     res = CheckpointEval(

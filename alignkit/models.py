@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from alignkit.config import Config
 
@@ -97,6 +97,47 @@ def load_model(path: str | Path, dtype: str = "float32", device: str | torch.dev
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device).eval()
     return model, tokenizer
+
+
+def check_model_dir(path: str | Path) -> Path:
+    """``path`` when it is a complete ``from_pretrained`` directory: ValueError naming what is
+    missing (config.json, weights, tokenizer files)."""
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise ValueError(f"model directory {path} does not exist" if not p.exists() else
+                         f"{path} is a file, not a model directory")
+    missing = [what for what, globs in (
+        ("config.json", ["config.json"]), ("weights (*.safetensors or *.bin)",
+                                           ["*.safetensors", "*.bin"]),
+        ("a tokenizer (tokenizer.json or tokenizer_config.json)",
+         ["tokenizer.json", "tokenizer_config.json"])) if not any(any(p.glob(g)) for g in globs)]
+    if missing:
+        raise ValueError(f"model directory {path} is missing {', '.join(missing)}")
+    return p
+
+
+def preflight(path: str | Path, chat: bool) -> None:
+    """The checks a base model must pass before any long work, each a ValueError (or
+    NotImplementedError) naming the problem: a complete model directory (a hub id is checked
+    after download), a supported architecture, a tokenizer with a pad token and, for a chat
+    config, a chat template."""
+    p = Path(path).expanduser()
+    if p.exists() or str(path).startswith((".", "/", "~")):
+        check_model_dir(p)
+    config = AutoConfig.from_pretrained(str(path))
+    arch = (getattr(config, "architectures", None) or ["?"])[0]
+    if arch not in ARCHITECTURES:
+        raise NotImplementedError(f"{path}: alignkit does not support {arch} (model_type "
+                                  f"{config.model_type!r}); supported: "
+                                  f"{', '.join(sorted(ARCHITECTURES))}")
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if tokenizer.pad_token is None:
+        raise ValueError(f"the tokenizer of {path} has no pad token (batched training and "
+                         "evaluation need one): set it and save, e.g. tokenizer.pad_token = "
+                         "tokenizer.eos_token; tokenizer.save_pretrained(...)")
+    if chat and getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(f"chat=True but the tokenizer of {path} has no chat template: use a "
+                         "plain-prompt preset (qwen3-0.6b-base) or --set chat=false")
 
 
 def check_same_shape(a: torch.nn.Module, b: torch.nn.Module, names=("base", "tuned")) -> None:

@@ -106,9 +106,11 @@ class _Scores:
 
 
 def examples_from_table(rows: Sequence[Mapping], tokenizer=None, chat: bool = False) -> list[dict]:
-    """``evaluate.flip_table`` rows as patching examples ``{"prompt", "answer", "index"}``."""
+    """``evaluate.flip_table`` rows as patching examples ``{"prompt", "answer", "index", "chat"}``
+    (zero-shot prompts as probes and training format them; ``chat``: the solution follows the
+    chat template's assistant header, as in training)."""
     return [{"prompt": format_prompt(r["question"], tokenizer, chat=chat), "answer": r["answer"],
-             "index": r.get("index", k)} for k, r in enumerate(rows)]
+             "index": r.get("index", k), "chat": chat} for k, r in enumerate(rows)]
 
 
 def tokenize_examples(tokenizer, examples: Sequence[Mapping]) -> list[dict]:
@@ -128,7 +130,10 @@ def tokenize_examples(tokenizer, examples: Sequence[Mapping]) -> list[dict]:
         if not isinstance(ex["prompt"], str) or not isinstance(ex["answer"], str):
             raise TypeError(f"example {k}: 'prompt' and 'answer' must be str")
     prompts, answers = [ex["prompt"] for ex in examples], [ex["answer"] for ex in examples]
-    spans = answer_spans(tokenizer, prompts, answers)  # raises "cannot be located"
+    chat = {bool(ex.get("chat", False)) for ex in examples}
+    if len(chat) > 1:
+        raise ValueError("examples mix chat and plain prompts; patch one format at a time")
+    spans = answer_spans(tokenizer, prompts, answers, chat.pop())
     prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     for k, (s, p) in enumerate(zip(spans, prompt_ids)):
         if list(s["input_ids"][: len(p)]) != list(p):

@@ -3,6 +3,7 @@ computes a measure (the results classes and ``alignkit.report`` do)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Sequence
@@ -12,7 +13,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 import seaborn as sns
 
+from alignkit.config import Config, get_config
 from alignkit.results import CompareResult
+from alignkit.runs import hash_obj
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +30,17 @@ def _ax(ax=None, figsize=(5, 3.6)):
     if ax is None:
         fig, ax = plt.subplots(figsize=figsize)
     return ax.figure, ax
+
+
+def figure_dir(cfg: Config) -> Path:
+    """Where a run's figures go: ``images/`` (the README's) for the default run only, the tiny
+    preset at full size with no override but ``root``; every other run (smoke, real presets,
+    overrides) under ``<root>/reports/<preset>[-smoke]-<hash of its config>/images``."""
+    if dataclasses.replace(cfg, root="") == get_config("tiny"):
+        return IMAGES
+    tag = f"{cfg.preset}{'-smoke' if cfg.smoke else ''}"
+    return cfg.run_root / "reports" / f"{tag}-{hash_obj(dataclasses.replace(cfg, root=''))}" / \
+        "images"
 
 
 def save_figure(fig, name: str, out_dir: str | Path | None = None) -> Path:

@@ -182,7 +182,7 @@ def run_key(cfg: Config, method: str) -> str:
     check_method(method)
     base = {"model": cfg.model, "tiny": cfg.tiny if cfg.model == "tiny" else None,
             "data": cfg.data_source, "generator": cfg.generator, "chat": cfg.chat,
-            "dtype": cfg.dtype}
+            "precision": cfg.precision}  # training autocast; master weights are always fp32
     if method == "sft":
         return hash_obj(dict(base, sft=cfg.sft))
     knobs = getattr(cfg, method)

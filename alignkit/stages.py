@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
+from transformers import AutoTokenizer
 
 from alignkit import cka, controls, layers, patching, runs, spectral, weights
 from alignkit.capture import Activations, capture_cached, capture_run, varying_points
@@ -85,17 +86,29 @@ def ensure_results(cfg: Config, method: str = "sft") -> RunResults:
     return RunResults(run_dir, evals, table)
 
 
+def run_on(cfg: Config) -> dict:
+    """Where and in which dtype analyses run the checkpoints: ``device_for(cfg)`` and
+    ``cfg.dtype`` (bf16 on the real presets' GPUs); pooled values are upcast per batch."""
+    return {"device": device_for(cfg), "model_dtype": cfg.dtype}
+
+
+def run_probes(cfg: Config, run_dir: Path) -> list[str]:
+    """``probe_texts(cfg)`` formatted with the run's own tokenizer (its chat template)."""
+    first = runs.list_checkpoints(run_dir)[0][1]
+    return probe_texts(cfg, AutoTokenizer.from_pretrained(str(first)) if cfg.chat else None)
+
+
 def ensure_captures(cfg: Config, method: str = "sft",
                     poolings=CAPTURE_POOLINGS) -> dict[str, dict[int, Activations]]:
-    """``{pooling: {step: Activations}}`` of every checkpoint on ``probe_texts(cfg)`` (cached)."""
+    """``{pooling: {step: Activations}}`` of every checkpoint on the probe set (cached)."""
     run_dir = train(cfg, method)
-    texts = probe_texts(cfg)
-    return {p: capture_run(run_dir, texts, pooling=p) for p in poolings}
+    texts = run_probes(cfg, run_dir)
+    return {p: capture_run(run_dir, texts, pooling=p, **run_on(cfg)) for p in poolings}
 
 
 def _probe_key(cfg: Config, method: str, p: dict) -> tuple[Path, list[str], dict]:
     run_dir = train(cfg, method)
-    texts = probe_texts(cfg)
+    texts = run_probes(cfg, run_dir)
     key = {"weights": [(s, h) for s, _, h in runs.checkpoint_hashes(run_dir)],
            "probe_hash": runs.hash_obj(texts), "params": p}
     return run_dir, texts, key
@@ -109,7 +122,7 @@ def ensure_cka(cfg: Config, method: str = "sft", **given) -> CKAResult:
     run_dir, texts, key = _probe_key(cfg, method, p)
 
     def compute() -> CKAResult:
-        caps = capture_run(run_dir, texts, pooling=p["pooling"])
+        caps = capture_run(run_dir, texts, pooling=p["pooling"], **run_on(cfg))
         steps = sorted(caps)
         keep, labels, dropped = varying_points(caps.values())
         acts = {s: caps[s].acts[keep] for s in steps}
@@ -123,7 +136,7 @@ def ensure_cka(cfg: Config, method: str = "sft", **given) -> CKAResult:
         mat = np.asarray(cka.cka_matrix(base, final), dtype=np.float64)
         trans = controls.transition_layer_bootstrap(base, final, n_boot=p["n_boot"], seed=p["seed"])
         by_step = np.stack([np.ones(len(labels))] + [curves[False][s].point for s in steps[1:]])
-        alt = capture_run(run_dir, texts, pooling=p["alt_pooling"])
+        alt = capture_run(run_dir, texts, pooling=p["alt_pooling"], **run_on(cfg))
         alt_keep, alt_labels, _ = varying_points(alt.values())
         return CKAResult(
             steps=steps, labels=labels, dropped=dropped, pooling=p["pooling"],
@@ -148,14 +161,14 @@ def ensure_spectral(cfg: Config, method: str = "sft", **given) -> SpectralResult
     run_dir, texts, key = _probe_key(cfg, method, p)
 
     def compute() -> SpectralResult:
-        caps = capture_run(run_dir, texts, pooling=p["pooling"])
+        caps = capture_run(run_dir, texts, pooling=p["pooling"], **run_on(cfg))
         steps = sorted(caps)
         keep, labels, dropped = varying_points([caps[steps[0]]])
         acts = {s: caps[s].acts[keep] for s in steps}
         boot = {s: spectral.bootstrap_layer_metrics(acts[s], alphas=p["alphas"],
                                                     n_boot=p["n_boot"], seed=p["seed"])
                 for s in tqdm(steps, desc="spectral", leave=False)}
-        ns = [n for n in (16, 32, 64, 128, 256, 512) if n <= len(texts)]
+        ns = [n for n in (16, 32, 64, 128, 256, 512) if n <= len(texts)] or [len(texts)]
         return SpectralResult.from_bootstraps(
             boot, labels=labels, dropped=dropped, pooling=p["pooling"], alphas=p["alphas"],
             width=int(acts[steps[0]].shape[-1]), ns=ns,
@@ -185,7 +198,11 @@ def patching_sets(cfg: Config, res: RunResults, n_examples: int, min_set: int,
             continue
         order = np.argsort(-gain) if name == "flips" else np.argsort(np.abs(gain))
         taken = {r["index"] for r in sets.get("flips", [])}
-        idx = [int(i) for i in order if int(i) not in taken][:n_examples]
+        room = n_examples if name == "controls" else min(n_examples, max(1, len(gain) // 2))
+        idx = [int(i) for i in order if int(i) not in taken][:room]  # leave controls some rows
+        if not idx:
+            raise ValueError(f"too few evaluation problems ({len(gain)}) to patch both flips and "
+                             "controls: evaluate at least 2")
         sets[name] = [{"index": i, "question": ds[i]["question"], "answer": ds[i]["answer"]}
                       for i in idx]
         labels[name] = f"{name} (substitute)"
@@ -230,9 +247,9 @@ def ensure_patching(cfg: Config, method: str = "sft", **given) -> PatchingResult
                  for s, exs in examples.items()}
         ablation = {f"{s}/{k}": r for s, exs in examples.items()
                     for k, r in patching.weight_sweep(base, tuned, tokenizer, exs, **kw).items()}
-        texts = probe_texts(cfg)
-        caps = [capture_cached(d, None, texts, None, "mean", cache_dir=res.run_dir / "activations")
-                for d in (base_dir, tuned_dir)]
+        texts = run_probes(cfg, res.run_dir)
+        caps = [capture_cached(d, None, texts, None, "mean", cache_dir=res.run_dir / "activations",
+                               **run_on(cfg)) for d in (base_dir, tuned_dir)]
         decoder_points = [i for i, n in enumerate(caps[0].hook_points) if n != "embed"]
         return PatchingResult(
             sets=sets, labels=labels, base_step=res.evals[0].step, final_step=res.evals[-1].step,
@@ -282,14 +299,15 @@ def ensure_compare(cfg: Config, methods=runs.METHODS, **given) -> CompareResult:
             hashes[init[m]] = h
     ds = eval_set(cfg)
     sets, set_labels = patching_sets(cfg, sft, p["n_examples"], p["min_set"], ds)
-    texts = probe_texts(cfg)
+    texts = run_probes(cfg, sft.run_dir)
     key = {"models": hashes, "init": init, "probe_hash": runs.hash_obj(texts),
            "sets": _set_key({"flips": sets["flips"]}), "dtype": cfg.dtype, "chat": cfg.chat,
            "params": p}
 
     def compute() -> CompareResult:
         caps = {k: capture_cached(v, None, texts, pooling=p["pooling"],
-                                  cache_dir=run_of[k] / "activations") for k, v in paths.items()}
+                                  cache_dir=run_of[k] / "activations", **run_on(cfg))
+                for k, v in paths.items()}
         keep, labels, dropped = varying_points(caps.values())
         acts = {k: a.acts[keep] for k, a in caps.items()}
         seed, n_boot = p["seed"], p["n_boot"]
@@ -303,7 +321,12 @@ def ensure_compare(cfg: Config, methods=runs.METHODS, **given) -> CompareResult:
         delta = {(m, ref): Band.of(spectral.paired_delta(boot[m], boot[ref])["rankme"])
                  for m in methods for ref in ("base", init[m])}
         device = device_for(cfg)
+
+        def fp32(k):  # weight drift reads the fp32 checkpoints as saved (every update visible)
+            return load_model(paths[k], dtype="float32", device=device)[0]
+
         base, tokenizer = load_model(paths["base"], dtype=cfg.dtype, device=device)
+        base32 = base if cfg.dtype == "float32" else fp32("base")
         examples = patching.examples_from_table(sets["flips"], tokenizer, chat=cfg.chat)
         patches, drift, own = {}, {}, {}
         for m in tqdm(methods, desc="compare", leave=False):
@@ -312,12 +335,13 @@ def ensure_compare(cfg: Config, methods=runs.METHODS, **given) -> CompareResult:
                 base, tuned, tokenizer, examples, component="resid", positions="all",
                 direction="denoise", batch_size=p["batch_size"], min_gap=p["min_gap"],
                 progress=False)
-            drift[m] = weights.weight_drift(base, tuned, tol=p["tol"], k=p["k"], progress=False)
+            tuned = tuned if cfg.dtype == "float32" else fp32(m)
+            drift[m] = weights.weight_drift(base32, tuned, tol=p["tol"], k=p["k"], progress=False)
             if init[m] == "base":
                 own[m] = drift[m]
             else:
-                start, _ = load_model(paths[init[m]], dtype=cfg.dtype, device=device)
-                own[m] = weights.weight_drift(start, tuned, tol=p["tol"], k=p["k"], progress=False)
+                own[m] = weights.weight_drift(fp32(init[m]), tuned, tol=p["tol"], k=p["k"],
+                                              progress=False)
         structure, structure_controls = _structure(own, p["n_boot_patch"], seed, p["tol"])
         accuracy = {"base": sft.summary()[0]} | {m: r.summary()[-1] for m, r in res.items()}
         return CompareResult(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -17,14 +18,16 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import datasets
+import torch
 import trl
-from transformers import TrainerCallback
+from accelerate import PartialState
+from transformers import AutoConfig, TrainerCallback
 from trl import DPOTrainer, GRPOTrainer, SFTTrainer
 
 from alignkit import data, runs
-from alignkit.config import Config, EvalConfig
+from alignkit.config import PRECISIONS, Config, EvalConfig
 from alignkit.evaluate import generate
-from alignkit.models import device_for, load_model
+from alignkit.models import device_for, load_model, preflight
 from alignkit.runs import checkpoint_dir, list_checkpoints, run_dir, run_key
 from alignkit.tiny import ensure_base
 
@@ -70,9 +73,134 @@ def sft_dataset(cfg: Config, tokenizer=None, ds=None):
     """Prompt/completion rows for SFT (TRL trains on the completion only) from GSM8K rows ``ds``."""
     if ds is None:
         ds = data.load_gsm8k(cfg.data_source, "train", cfg.sft.n_train, cfg.generator)
-    prompts = [data.format_prompt(q, tokenizer, chat=cfg.chat) for q in ds["question"]]
-    completions = [data.format_completion(a) for a in ds["answer"]]
+    prompts = data.prompts_for(cfg, tokenizer, ds["question"])
+    completions = [data.format_completion(a, cfg.chat) for a in ds["answer"]]
     return datasets.Dataset.from_dict({"prompt": prompts, "completion": completions})
+
+
+def training_precision(cfg: Config, device: torch.device) -> str:
+    """The autocast of training (master weights, gradients and optimizer states stay fp32):
+    ``cfg.precision``, or for ``"auto"`` bf16 on a GPU that has it, fp16 with loss scaling on one
+    that does not (Colab's T4), fp32 on the CPU."""
+    if cfg.precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {cfg.precision!r}")
+    if cfg.precision == "fp16" and device.type != "cuda":
+        raise ValueError("precision='fp16' (autocast with loss scaling) needs a CUDA GPU; use "
+                         "'bf16' or 'fp32' on the CPU")
+    if cfg.precision != "auto":
+        return cfg.precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def batch_plan(method: str, batch_size: int, micro_batch_size: int, world: int) -> tuple[int, int]:
+    """``(per-process micro-batch, accumulation steps)`` giving ``batch_size`` sequences per
+    optimizer step over ``world`` processes; ValueError naming the knob when it does not divide."""
+    if batch_size % world:
+        raise ValueError(f"{method}.batch_size ({batch_size}) must be divisible by the number of "
+                         f"processes ({world})")
+    micro = micro_batch_size or batch_size // world
+    if micro < 1 or (batch_size // world) % micro:
+        raise ValueError(f"{method}.micro_batch_size ({micro_batch_size}) must divide the "
+                         f"per-process batch {method}.batch_size / processes = "
+                         f"{batch_size // world}")
+    return micro, batch_size // world // micro
+
+
+def generation_batch(batch_size: int, micro: int, world: int, num_generations: int) -> int:
+    """GRPO's completions generated at once (over all processes): the smallest multiple of one
+    micro-step (``micro * world``) holding whole groups that divides the step's ``batch_size``, so
+    generation memory follows the micro-batch, not the step."""
+    step = micro * world
+    for n in range(step, batch_size + 1, step):
+        if n % num_generations == 0 and batch_size % n == 0:
+            return n
+    raise ValueError(f"grpo.batch_size ({batch_size}) has no generation batch that is a multiple "
+                     f"of micro_batch_size x processes ({step}) and of num_generations "
+                     f"({num_generations})")
+
+
+GiB = 2**30
+
+
+def memory_estimate(cfg: Config, method: str, model_config, world: int = 1,
+                    precision: str = "bf16", micro: int | None = None) -> dict[str, float]:
+    """Estimated peak GPU memory (GiB) of one training process, by part: fp32 weights, gradients
+    and AdamW states (16 bytes per parameter) plus the autocast copies, the frozen reference (DPO;
+    GRPO with beta > 0), the stored activations (per layer input only under gradient
+    checkpointing) and the logits of one micro-batch (half-precision logits, their fp32 upcast
+    and its gradient), GRPO's key-value cache while generating; ``"total"`` adds 15 % and 0.5 GiB
+    for the allocator and CUDA context. Sequences are taken at the length limit."""
+    c = model_config
+    d, L, f, v = c.hidden_size, c.num_hidden_layers, c.intermediate_size, c.vocab_size
+    heads, kv = c.num_attention_heads, c.num_key_value_heads
+    hd = getattr(c, "head_dim", None) or d // heads
+    embed = v * d
+    n_params = embed * (1 if getattr(c, "tie_word_embeddings", False) else 2) + L * (
+        d * hd * (heads * 2 + kv * 2) + 3 * d * f + 4 * d)
+    k = getattr(cfg, method)
+    micro, _ = batch_plan(method, k.batch_size, micro or k.micro_batch_size, world)
+    act = 4 if precision == "fp32" else 2
+    parts = {"weights, gradients, AdamW": 16 * n_params / GiB,
+             "autocast copies": 0 if precision == "fp32" else 2 * n_params / GiB}
+    if method == "sft":
+        seqs, length, logit_len = micro, k.max_length, k.max_length
+    elif method == "dpo":
+        seqs, length, logit_len = 2 * micro, k.max_length, k.max_length  # chosen and rejected
+    else:
+        prompt = 256
+        seqs, length, logit_len = micro, prompt + k.max_completion_length, k.max_completion_length
+        gen = generation_batch(k.batch_size, micro, world, k.num_generations) // world
+        parts["generation KV cache"] = gen * length * L * 2 * kv * hd * 4 / GiB
+    if method == "dpo" or (method == "grpo" and k.beta > 0):
+        parts["reference model"] = 4 * n_params / GiB
+    tokens = seqs * length
+    per_layer = tokens * (4 * d + act * (8 * d + 3 * f))
+    parts["activations"] = (L * tokens * 4 * d + per_layer if cfg.gradient_checkpointing
+                            else L * per_layer) / GiB
+    parts["logits"] = seqs * logit_len * v * (act + 4 + 4) / GiB
+    parts["total"] = 1.15 * sum(parts.values()) + 0.5
+    return {key: round(val, 2) for key, val in parts.items()}
+
+
+def fit_micro_batch(cfg: Config, method: str, model_config, world: int, precision: str,
+                    have_gib: float) -> int:
+    """``{method}.micro_batch_size`` when set, else the largest that divides the per-process
+    batch and whose ``memory_estimate`` fits ``have_gib`` (1 when none fits: training then stops
+    in ``check_memory`` with the estimate)."""
+    k = getattr(cfg, method)
+    if k.micro_batch_size:
+        return k.micro_batch_size
+    share = batch_plan(method, k.batch_size, 0, world)[0]
+    for micro in (m for m in range(share, 0, -1) if share % m == 0):
+        if memory_estimate(cfg, method, model_config, world, precision, micro)["total"] <= have_gib:
+            return micro
+    return 1
+
+
+def plan_memory(cfg: Config, method: str, model_path, device: torch.device, world: int,
+                precision: str) -> int:
+    """The micro-batch of one process (``fit_micro_batch`` on a GPU, the whole share on the CPU);
+    RuntimeError before training when even that is estimated not to fit, naming the estimate, the
+    GPU and the knobs that lower it."""
+    k = getattr(cfg, method)
+    if device.type != "cuda":
+        return batch_plan(method, k.batch_size, k.micro_batch_size, world)[0]
+    config = AutoConfig.from_pretrained(str(model_path))
+    have = torch.cuda.get_device_properties(device).total_memory / GiB
+    micro = fit_micro_batch(cfg, method, config, world, precision, have)
+    est = memory_estimate(cfg, method, config, world, precision, micro)
+    if est["total"] > have:
+        detail = ", ".join(f"{key} {val:g}" for key, val in est.items() if key != "total")
+        raise RuntimeError(
+            f"{method.upper()} needs an estimated {est['total']:.1f} GiB per GPU at micro-batch "
+            f"{micro} ({detail}) but {torch.cuda.get_device_name(device)} has {have:.1f} GiB: "
+            f"lower {method}.micro_batch_size or {method}.max_length / max_completion_length, "
+            "or set gradient_checkpointing=true")
+    logger.info("%s: micro-batch %d per process, estimated peak %.1f GiB of %.1f", method.upper(),
+                micro, est["total"], have)
+    return micro
 
 
 @dataclasses.dataclass
@@ -83,6 +211,7 @@ class _Job:
     tokenizer: object
     manifest: dict  # method-specific manifest fields (start model, data hashes)
     make_trainer: Callable  # (common TrainingArguments kwargs, callbacks) -> a TRL trainer
+    start_path: Path  # the checkpoint training starts from (its config sizes the memory estimate)
     metrics: tuple[str, ...] = ()
 
 
@@ -108,7 +237,10 @@ def _train_scheduled(cfg: Config, method: str, prepare: Callable[[object], _Job]
             logger.warning("%s run %s lacks complete checkpoints %s: rebuilding",
                            method.upper(), rdir, missing)
         device = device_for(cfg)
+        precision = training_precision(cfg, device)
         job = prepare(device)
+        micro = plan_memory(cfg, method, job.start_path, device, world, precision)
+        micro, accumulation = batch_plan(method, knobs.batch_size, micro, world)
         base_manifest = dict(job.manifest, kind=method, run_key=run_key(cfg, method),
                              config_hash=runs.hash_obj(knobs), max_steps=knobs.max_steps,
                              schedule=steps, **{method: dataclasses.asdict(knobs)})
@@ -121,12 +253,14 @@ def _train_scheduled(cfg: Config, method: str, prepare: Callable[[object], _Job]
             logger.info("resuming %s from %s", method.upper(), resume)
         common = dict(  # TrainingArguments of every method; the schedule callback decides saves
             output_dir=str(rdir / "trainer"), max_steps=knobs.max_steps, seed=knobs.seed,
-            per_device_train_batch_size=knobs.batch_size, learning_rate=knobs.learning_rate,
+            per_device_train_batch_size=micro, gradient_accumulation_steps=accumulation,
+            learning_rate=knobs.learning_rate,
             lr_scheduler_type="cosine", weight_decay=knobs.weight_decay,
             warmup_steps=max(1, round(knobs.warmup_ratio * knobs.max_steps)),
             logging_steps=max(1, knobs.max_steps // 50), save_strategy="no", save_total_limit=2,
-            report_to="none", bf16=cfg.dtype == "bfloat16", use_cpu=device.type == "cpu",
-            dataloader_pin_memory=False, activation_checkpointing=False)
+            report_to="none", bf16=precision == "bf16", fp16=precision == "fp16",
+            use_cpu=device.type == "cpu", dataloader_pin_memory=False,
+            activation_checkpointing=cfg.gradient_checkpointing)
         callback = _ScheduleCallback(rdir, steps, job.tokenizer, base_manifest, t0, job.metrics)
         trainer = job.make_trainer(common, [callback])
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -156,7 +290,8 @@ def train_sft(cfg: Config) -> Path:
 
     def prepare(device: str) -> _Job:
         base_path = ensure_base(cfg)
-        model, tokenizer = load_model(base_path, dtype=cfg.dtype, device=device)
+        preflight(base_path, cfg.chat)
+        model, tokenizer = load_model(base_path, dtype="float32", device=device)  # fp32 master
         rows = data.load_gsm8k(cfg.data_source, "train", cfg.sft.n_train, cfg.generator)
         train_ds = sft_dataset(cfg, tokenizer, rows)
 
@@ -166,7 +301,7 @@ def train_sft(cfg: Config) -> Path:
                               processing_class=tokenizer, callbacks=callbacks)
 
         manifest = {"base": str(base_path), "data_hash": data.dataset_hash(rows)}
-        return _Job(model, tokenizer, manifest, make_trainer)
+        return _Job(model, tokenizer, manifest, make_trainer, base_path)
 
     return _train_scheduled(cfg, "sft", prepare)
 
@@ -222,7 +357,7 @@ def _post_training_rows(cfg: Config, n: int) -> datasets.Dataset:
 
 def _start(cfg: Config, method: str, device: str):
     init_path = init_checkpoint(cfg, method)
-    model, tokenizer = load_model(init_path, dtype=cfg.dtype, device=device)
+    model, tokenizer = load_model(init_path, dtype="float32", device=device)  # fp32 master
     # TRL rebuilds a GRPO reference (beta > 0) from this path: it must be the unchanged init
     model.config._name_or_path = str(init_path)
     manifest = {"init": str(init_path), "init_weights_hash": runs.weights_hash(init_path)}
@@ -231,35 +366,59 @@ def _start(cfg: Config, method: str, device: str):
     return model, tokenizer, manifest
 
 
-def dpo_dataset(cfg: Config, tokenizer=None, rows=None, model=None) -> datasets.Dataset:
+def dpo_dataset(cfg: Config, tokenizer=None, rows=None, model=None,
+                cache_dir: Path | None = None, model_hash: str = "") -> datasets.Dataset:
     """DPO pairs (prompt, chosen, rejected) from ``_post_training_rows``; with
-    ``cfg.dpo.rejected == "sampled"`` ``model`` (the init) samples the rejected solutions."""
+    ``cfg.dpo.rejected == "sampled"`` ``model`` (the init) samples the rejected solutions (cached
+    in ``cache_dir`` when given, see ``sampled_preference_pairs``)."""
     rows = rows if rows is not None else _post_training_rows(cfg, cfg.dpo.n_pairs)
     pairs = data.preference_pairs(rows, seed=cfg.dpo.seed, tokenizer=tokenizer, chat=cfg.chat,
                                   p_final=cfg.dpo.wrong_final_share)
     if cfg.dpo.rejected == "sampled" and model is None:
         raise ValueError("dpo.rejected='sampled' needs the init model to sample rejected solutions")
     if cfg.dpo.rejected == "sampled":
-        pairs = sampled_preference_pairs(model, tokenizer, rows, pairs, cfg)
+        pairs = sampled_preference_pairs(model, tokenizer, rows, pairs, cfg, cache_dir, model_hash)
     return datasets.Dataset.from_list(pairs)
 
 
-def sampled_preference_pairs(model, tokenizer, rows, fallback: list[dict],
-                             cfg: Config) -> list[dict]:
+def sampled_preference_pairs(model, tokenizer, rows, fallback: list[dict], cfg: Config,
+                             cache_dir: Path | None = None, model_hash: str = "") -> list[dict]:
     """``fallback`` with the model's own wrong answer as the rejected solution where one of its
     ``cfg.dpo.n_samples`` samples (at ``sample_temperature``, cut as evaluation cuts them) has a
-    wrong number; each pair gains ``rejected_source``: "sampled" or "corrupt"."""
+    wrong number; each pair gains ``rejected_source``: "sampled" or "corrupt". With ``cache_dir``
+    the samples are drawn once (by the main process under a distributed launch, the others wait
+    and read them) and kept in ``cache_dir/sampled-<key>.json``, keyed by ``model_hash`` (the
+    init's ``runs.weights_hash``), the prompts and the sampling knobs: a resumed or multi-process
+    run never samples again."""
     k = cfg.dpo.n_samples
-    outs = generate(model, tokenizer, [p["prompt"] for p in fallback], cfg.eval.max_new_tokens,
-                    cfg.eval.batch_size, cfg.eval.stop, desc="sample rejected", num_samples=k,
-                    temperature=cfg.dpo.sample_temperature, seed=cfg.dpo.seed)
+    prompts = [p["prompt"] for p in fallback]
+
+    def sample() -> list[str]:
+        return generate(model, tokenizer, prompts, cfg.eval.max_new_tokens, cfg.eval.batch_size,
+                        cfg.eval.stop, desc="sample rejected", num_samples=k,
+                        temperature=cfg.dpo.sample_temperature, seed=cfg.dpo.seed)
+
+    if cache_dir is None:
+        outs = sample()
+    else:
+        key = runs.hash_obj({"prompts": prompts, "weights": model_hash, "k": k,
+                             "t": cfg.dpo.sample_temperature, "seed": cfg.dpo.seed,
+                             "eval": [cfg.eval.max_new_tokens, cfg.eval.batch_size,
+                                      list(cfg.eval.stop)]})
+        path = Path(cache_dir) / f"sampled-{key}.json"
+        with PartialState().main_process_first():  # the main process samples, the others read
+            if path.is_file():
+                outs = json.loads(path.read_text())
+            else:
+                outs = sample()
+                runs.write_json_atomic(path, outs)
     pairs = []
     for i, (row, pair) in enumerate(zip(rows, fallback)):
         gold = data.normalize_number(str(row["final_answer"]))
         wrong = [o for o in outs[i * k : (i + 1) * k]
                  if o.strip() and data.extract_answer(o) not in (None, gold)]
         if wrong:
-            pair = dict(pair, rejected=data.format_completion(wrong[0]))
+            pair = dict(pair, rejected=data.format_completion(wrong[0], cfg.chat))
         pairs.append(dict(pair, rejected_source="sampled" if wrong else "corrupt"))
     n = sum(p["rejected_source"] == "sampled" for p in pairs)
     logger.info("DPO pairs: %d of %d rejected solutions sampled from the model, %d corrupted gold",
@@ -275,7 +434,8 @@ def train_dpo(cfg: Config) -> Path:
     def prepare(device: str) -> _Job:
         model, tokenizer, manifest = _start(cfg, "dpo", device)
         rows = _post_training_rows(cfg, cfg.dpo.n_pairs)
-        train_ds = dpo_dataset(cfg, tokenizer, rows, model=model)
+        train_ds = dpo_dataset(cfg, tokenizer, rows, model=model, cache_dir=run_dir(cfg, "dpo"),
+                               model_hash=manifest["init_weights_hash"])
         manifest.update(data_hash=data.dataset_hash(rows),
                         pairs_hash=runs.hash_obj(train_ds.to_list()))
         if "rejected_source" in train_ds.column_names:
@@ -290,7 +450,7 @@ def train_dpo(cfg: Config) -> Path:
                               callbacks=callbacks)
 
         metrics = ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
-        return _Job(model, tokenizer, manifest, make_trainer, metrics)
+        return _Job(model, tokenizer, manifest, make_trainer, Path(manifest["init"]), metrics)
 
     return _train_scheduled(cfg, "dpo", prepare)
 
@@ -339,7 +499,7 @@ def _bind_stop(fn: Callable, stop: Sequence[str], name: str) -> Callable:
 def grpo_dataset(cfg: Config, tokenizer=None, rows=None) -> datasets.Dataset:
     """GRPO prompts with the gold answer as a column (``final_answer``) for the reward."""
     rows = rows if rows is not None else _post_training_rows(cfg, cfg.grpo.n_prompts)
-    prompts = [data.format_prompt(q, tokenizer, chat=cfg.chat) for q in rows["question"]]
+    prompts = data.prompts_for(cfg, tokenizer, rows["question"])
     answers = list(rows["final_answer"])
     return datasets.Dataset.from_dict({"prompt": prompts, "final_answer": answers})
 
@@ -363,8 +523,10 @@ def train_grpo(cfg: Config) -> Path:
                    _bind_stop(format_reward, cfg.eval.stop, "format_reward")]
 
         def make_trainer(common: dict, callbacks: list) -> GRPOTrainer:
+            gen = generation_batch(g.batch_size, common["per_device_train_batch_size"],
+                                   int(os.environ.get("WORLD_SIZE", 1)), g.num_generations)
             args = trl.GRPOConfig(
-                **common, num_generations=g.num_generations, generation_batch_size=g.batch_size,
+                **common, num_generations=g.num_generations, generation_batch_size=gen,
                 max_completion_length=g.max_completion_length, beta=g.beta, log_completions=False,
                 temperature=g.temperature, reward_weights=[1.0, g.format_reward])
             # no ref_model argument: with beta > 0 TRL loads the reference from _name_or_path
@@ -373,7 +535,7 @@ def train_grpo(cfg: Config) -> Path:
 
         metrics = ("reward", "rewards/correctness_reward/mean", "rewards/format_reward/mean", "kl",
                    "completions/mean_length")
-        return _Job(model, tokenizer, manifest, make_trainer, metrics)
+        return _Job(model, tokenizer, manifest, make_trainer, Path(manifest["init"]), metrics)
 
     return _train_scheduled(cfg, "grpo", prepare)
 

@@ -113,14 +113,19 @@ def real_shaped_model(tokenizer, layers: int | None = None, seed: int = 0,
 
 
 def build(workdir: Path, layers: int | None = None, n_train: int = 400, n_test: int = 80,
-          seed: int = 0) -> dict[str, Path]:
-    """Write the rehearsal inputs once: ``{"model", "train", "test"}`` paths under ``workdir``."""
+          seed: int = 0, chat: bool = False) -> dict[str, Path]:
+    """Write the rehearsal inputs once: ``{"model", "train", "test"}`` paths under ``workdir``.
+    ``chat``: the tokenizer ends sequences with ``<|im_end|>`` as Qwen/Qwen3-0.6B's does (the
+    -Base model's ends them with ``<|endoftext|>``); both pad with ``<|endoftext|>``."""
     workdir = Path(workdir)
-    paths = {"model": workdir / f"qwen3-0.6b-shape-{layers or 28}L", "train": workdir / "train.jsonl",
+    name = f"qwen3-0.6b{'' if chat else '-base'}-shape-{layers or 28}L"
+    paths = {"model": workdir / name, "train": workdir / "train.jsonl",
              "test": workdir / "test.jsonl"}
     if not (paths["model"] / "config.json").is_file():
         train = quirky_rows(n_train, "train", seed)
         tok = qwen_like_tokenizer([r["question"] + "\n" + r["answer"] for r in train])
+        if chat:
+            tok.eos_token = "<|im_end|>"
         model = real_shaped_model(tok, layers, seed)
         model.save_pretrained(paths["model"])
         tok.save_pretrained(paths["model"])

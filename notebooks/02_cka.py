@@ -60,7 +60,7 @@ from IPython.display import Markdown, display
 from alignkit import cka, controls
 from alignkit.capture import varying_points
 from alignkit.config import get_config
-from alignkit.plots import plot_heatmap, plot_layer_curves, save_figure
+from alignkit.plots import figure_dir, plot_heatmap, plot_layer_curves, save_figure
 from alignkit.report import summarize_cka
 from alignkit.stages import ensure_captures, ensure_cka
 
@@ -101,8 +101,7 @@ for ax, curves, noise, name in ((axes[0], res.classic, res.noise_classic, "Class
                       band={"lo": 1 - noise, "hi": np.ones(len(labels))},
                       band_label="noise floor (split-half, 95 %)")
 fig.tight_layout()
-if not SMOKE:
-    save_figure(fig, "layerwise_CKA")
+save_figure(fig, "layerwise_CKA", figure_dir(cfg))
 
 # %% [markdown]
 # ## 3 · Cross-layer CKA, base × final checkpoint
@@ -119,8 +118,7 @@ plot_heatmap(res.matrix - res.chance, ax=axes[1], xlabel=xlabel, ylabel="base la
              title="CKA above chance (− permutation baseline)", cbar_label="CKA − shuffled CKA",
              has_embed=has_embed, cmap="viridis")
 fig.tight_layout()
-if not SMOKE:
-    save_figure(fig, "CKA_heatmap")
+save_figure(fig, "CKA_heatmap", figure_dir(cfg))
 
 # %% [markdown]
 # ## 4 · Layer correspondence and the transition
@@ -150,8 +148,7 @@ for layer, s in enumerate(res.departure):
         ax.plot(steps.index(int(s)), layer, "o", color="cyan", ms=5)
 ax.plot([], [], "o", color="cyan", label="first step outside the noise band")
 ax.legend(loc="upper right", fontsize=8)
-if not SMOKE:
-    save_figure(fig, "cka_over_training")
+save_figure(fig, "cka_over_training", figure_dir(cfg))
 
 # %% [markdown]
 # ## 6 · Explore: checkpoint and pooling

@@ -55,7 +55,7 @@ import pandas as pd
 from IPython.display import Markdown, display
 
 from alignkit.config import get_config
-from alignkit.plots import plot_layer_curves, plot_scatter, save_figure
+from alignkit.plots import figure_dir, plot_layer_curves, plot_scatter, save_figure
 from alignkit.report import rank_drift_correlation, rank_stability, summarize_spectral
 from alignkit.spectral import metric_key
 from alignkit.stages import ensure_spectral
@@ -88,8 +88,7 @@ pd.DataFrame({f"step {s}": res.band("rankme", s).point for s in steps}, index=la
 curves = {f"step {s}" + (" (base)" if s == 0 else ""): res.band("rankme", s) for s in steps}
 fig = plot_layer_curves(curves, ylabel="RankMe (effective rank)", title="Effective rank per layer",
                         has_embed=has_embed)
-if not SMOKE:
-    save_figure(fig, "layerwise_effective_rank")
+save_figure(fig, "layerwise_effective_rank", figure_dir(cfg))
 
 # %% [markdown]
 # ## 3 · Δ Rényi effective rank vs base, α ∈ {0.5, 1, 2, ∞}
@@ -110,8 +109,7 @@ for ax, alpha in zip(np.atleast_1d(axes), ALPHAS):
         ax.get_legend().remove()
 fig.suptitle("Change of Rényi effective rank vs base", y=1.02)
 fig.tight_layout()
-if not SMOKE:
-    save_figure(fig, "renyi_effective_rank")
+save_figure(fig, "renyi_effective_rank", figure_dir(cfg))
 
 # %% [markdown]
 # ## 4 · Is the conclusion stable as n grows?

@@ -77,7 +77,7 @@ from transformers import AutoTokenizer
 from alignkit import patching
 from alignkit.config import get_config
 from alignkit.layers import alignment_path, best_match
-from alignkit.plots import plot_heatmap, plot_layer_curves, save_figure
+from alignkit.plots import figure_dir, plot_heatmap, plot_layer_curves, save_figure
 from alignkit.report import best_donors, summarize_patching
 from alignkit.report import curve as report_curve
 from alignkit.stages import ensure_patching, ensure_results
@@ -135,8 +135,7 @@ for row, direction in enumerate(("denoise", "noise")):
         ax.set_xlabel("layer" + (" (residual stream after it)" if comp == "resid" else f" ({comp} output)"))
         ax.legend(fontsize=8, loc="best")
 fig.tight_layout()
-if not SMOKE:
-    save_figure(fig, "activation_patching")
+save_figure(fig, "activation_patching", figure_dir(cfg))
 
 # %% [markdown]
 # The same sweeps as normalised effects (NPE, mean over the flips whose gap is at least `MIN_GAP`;
@@ -190,8 +189,7 @@ for ax, (s, m) in zip(axes[0], mean_cross.items()):
             label="best donor layer")
     ax.legend(loc="upper left", fontsize=8)
 fig.tight_layout()
-if not SMOKE:
-    save_figure(fig, "cross_layer_patching")
+save_figure(fig, "cross_layer_patching", figure_dir(cfg))
 pd.DataFrame({"best tuned donor (patching, flips)": best_donors(pat, "flips", N_BOOT, SEED),
               "best tuned match (CKA)": best_match(pat.cka_matrix),
               "CKA path partner(s)": [sorted({j for i2, j in cka_path if i2 == i}) for i in range(L)]},
@@ -229,8 +227,7 @@ plot_layer_curves({"mean-ablated difference (tuned)": curve(pat.ablation["flips/
                   title=f"Residual difference ablated, {labels['flips']}")
 axes[2].axhline(0, color="0.4", lw=0.8)
 fig.tight_layout()
-if not SMOKE:
-    save_figure(fig, "weight_ablation")
+save_figure(fig, "weight_ablation", figure_dir(cfg))
 
 # %% [markdown]
 # ## 6 · Browse single examples

@@ -179,8 +179,7 @@ pd.DataFrame({g: {m: v.point for m, v in d.items()} for g, d in res.structure.it
 # %%
 fig = plots.plot_atlas(res, title=f"Post-training atlas: SFT, DPO and GRPO against one base "
                                   f"({cfg.preset} preset{', smoke sizes' if SMOKE else ''})")
-if not SMOKE:
-    plots.save_figure(fig, "post_training_atlas")
+plots.save_figure(fig, "post_training_atlas", plots.figure_dir(cfg))
 
 # %% [markdown]
 # ## 7 · Explore: one method, one weight metric

@@ -75,7 +75,7 @@ def _error(capsys, argv):
 def test_unknown_preset(capsys, tmp_path):
     rc, err = _error(capsys, ["--preset", "huge", "--root", str(tmp_path / "r"), "cka"])
     assert rc == 2
-    assert err == PROG + "unknown preset 'huge'; choose one of ['qwen3-0.6b', 'tiny']\n"
+    assert err == PROG + "unknown preset 'huge'; choose one of ['qwen3-0.6b', 'qwen3-0.6b-base', 'tiny']\n"
     assert not (tmp_path / "r").exists()  # checked before anything runs
 
 
@@ -93,19 +93,19 @@ def test_bad_override_key_and_value(capsys, tmp_path):
 
 def test_model_path_that_is_not_a_model(capsys, tmp_path):
     rc, err = _error(capsys, ["--model", str(tmp_path / "nope"), "train", "sft"])
-    assert (rc, err) == (2, PROG + f"--model {tmp_path / 'nope'}: no such directory\n")
+    assert (rc, err) == (2, PROG + f"--model: model directory {tmp_path / 'nope'} does not exist\n")
     d = tmp_path / "m"
     d.mkdir()
     rc, err = _error(capsys, ["--model", str(d), "train", "sft"])
-    assert (rc, err) == (2, PROG + f"--model {d} is not a model directory: no config.json\n")
+    assert (rc, err) == (2, PROG + f"--model: model directory {d} is missing config.json, weights (*.safetensors or *.bin), a tokenizer (tokenizer.json or tokenizer_config.json)\n")
     (d / "config.json").write_text("{}")
     rc, err = _error(capsys, ["--model", str(d), "train", "sft"])
-    assert (rc, err) == (2, PROG + f"--model {d} is not a model directory: no weights (*.safetensors or *.bin)\n")
+    assert (rc, err) == (2, PROG + f"--model: model directory {d} is missing weights (*.safetensors or *.bin), a tokenizer (tokenizer.json or tokenizer_config.json)\n")
     (d / "model.safetensors").write_bytes(b"")
     rc, err = _error(capsys, ["--model", str(d), "train", "sft"])
-    assert (rc, err) == (2, PROG + f"--model {d} has no tokenizer (tokenizer.json or tokenizer_config.json)\n")
+    assert (rc, err) == (2, PROG + f"--model: model directory {d} is missing a tokenizer (tokenizer.json or tokenizer_config.json)\n")
     rc, err = _error(capsys, ["--model", str(d / "config.json"), "train", "sft"])
-    assert (rc, err) == (2, PROG + f"--model {d / 'config.json'} is not a model directory (it is a file)\n")
+    assert (rc, err) == (2, PROG + f"--model: {d / 'config.json'} is a file, not a model directory\n")
 
 
 def test_missing_data_file(capsys, tmp_path):

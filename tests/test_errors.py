@@ -4,22 +4,22 @@ the message the code raises must contain the table's excerpt ("…" stands for a
 import re
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import smoke_config
 from tiny_models import make_model, make_tokenizer
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import GPT2Config, GPT2LMHeadModel
 
-from alignkit import cka, patching
+from alignkit import cka, patching, train
 from alignkit import runs as cache
 from alignkit.capture import capture, check_comparable
 from alignkit.config import get_config
 from alignkit.data import format_prompt, generate_problems, load_gsm8k
 from alignkit.evaluate import answer_spans
 from alignkit.hooks import overwrite
-from alignkit.models import check_same_tokenizer, load_model
+from alignkit.models import check_model_dir, check_same_tokenizer, load_model, preflight
 from alignkit.tiny import ensure_base
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -41,12 +41,20 @@ def _examples(n=2):
     return [{"prompt": format_prompt(p["question"]), "answer": p["answer"]} for p in generate_problems(n, "test")]
 
 
-def _digit_merging_tokenizer():
-    t = Tokenizer(models.BPE())
-    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    t.train_from_iterator(["#### 12"] * 50, trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"],
-                                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<eos>", pad_token="<eos>")
+def _saved(tmp, tok):
+    """A tiny Qwen3 directory with ``tok`` (no chat template)."""
+    make_model("qwen3").save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    return tmp
+
+
+def _small_gpu(tmp, mp):
+    """Training on a (pretended) GPU of 1 MiB: the estimate stops it before anything is built."""
+    make_model("qwen3").config.save_pretrained(tmp)
+    mp.setattr(train.torch.cuda, "get_device_properties",
+               lambda d: SimpleNamespace(total_memory=2**20))
+    mp.setattr(train.torch.cuda, "get_device_name", lambda d: "a 1 MiB GPU")
+    train.plan_memory(get_config("tiny"), "sft", tmp, torch.device("cuda"), 1, "bf16")
 
 
 def _activations(tok, texts):
@@ -91,8 +99,17 @@ TRIGGERS = {
         _activations(make_tokenizer(), ["Tom has 5 apples .", "A train goes 60 miles ."])),
     "too few probe examples": lambda tmp, mp: cka.linear_cka(torch.randn(1, 4), torch.randn(1, 4)),
     "NaN or inf activations": lambda tmp, mp: _nan_capture(),
-    "gold answer not on token boundaries": lambda tmp, mp: answer_spans(
-        _digit_merging_tokenizer(), ["Question: q\nAnswer:"], ["x\n#### 12"]),
+    "gold solution without an answer": lambda tmp, mp: answer_spans(
+        make_tokenizer(), ["Question: q\nAnswer:"], ["x\n####"]),
+    "model directory missing files": lambda tmp, mp: check_model_dir(tmp),
+    "tokenizer without a pad token": lambda tmp, mp: preflight(_saved(tmp, make_tokenizer(pad=None)),
+                                                               chat=False),
+    "chat preset, tokenizer without a chat template": lambda tmp, mp: preflight(
+        _saved(tmp, make_tokenizer()), chat=True),
+    "micro-batch that does not divide the batch": lambda tmp, mp: train.batch_plan("sft", 16, 3, 1),
+    "fp16 training on the CPU": lambda tmp, mp: train.training_precision(
+        get_config("tiny", overrides={"precision": "fp16", "device": "cpu"}), torch.device("cpu")),
+    "GPU too small to train": lambda tmp, mp: _small_gpu(tmp, mp),
     "no examples to patch": lambda tmp, mp: patching.layer_sweep(
         make_model("qwen3"), make_model("qwen3", seed=1), make_tokenizer(), [], progress=False),
     "unwritable output directory": lambda tmp, mp: _unwritable(tmp),
@@ -114,6 +131,6 @@ def test_every_readme_row_has_a_trigger_and_every_trigger_a_row():
 def test_readme_error_message(situation, tmp_path, monkeypatch):
     excerpt = readme_rows()[situation]
     pattern = ".*".join(re.escape(part) for part in excerpt.split("…"))
-    with pytest.raises((ValueError, TypeError, OSError, NotImplementedError)) as info:
+    with pytest.raises((ValueError, TypeError, OSError, NotImplementedError, RuntimeError)) as info:
         TRIGGERS[situation](tmp_path, monkeypatch)
     assert re.search(pattern, str(info.value), flags=re.S), f"{situation}: {info.value}"

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import smoke_config
+from safetensors.torch import load_file
 
 from alignkit import cka, spectral
 from alignkit import runs as cache
@@ -165,15 +166,34 @@ def test_full_disk_fails_before_any_work(tmp_path, monkeypatch):
     assert not base_dir(smoke_config(tmp_path)).exists()
 
 
-def test_training_under_accelerate_launch_with_two_processes(smoke_base, tmp_path):
-    """Two CPU processes (gloo) stand in for two GPUs: the run trains once and exports once."""
+def test_training_under_accelerate_launch_with_two_processes(smoke_base, smoke_run, tmp_path):
+    """Two CPU processes (gloo) stand in for two GPUs: the run trains once, exports once, and its
+    checkpoints equal the single-process run's (same global batch: each process takes half);
+    DPO's sampled rejected solutions are drawn once, GRPO's generation batch fits two processes."""
     cfg = smoke_config(tmp_path)
     shutil.copytree(smoke_base, base_dir(cfg))  # the base is built beforehand, in one process
     launcher = Path(sys.executable).with_name("accelerate")
-    proc = subprocess.run([str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "-m", "alignkit", "--smoke",
-                           "--root", str(tmp_path), "train", "sft"], env=ENV, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (proc.stdout + proc.stderr).count("SFT run finished") == 2  # two processes really trained
+
+    def launch(*args):
+        proc = subprocess.run([str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "-m",
+                               "alignkit", "--smoke", "--root", str(tmp_path), *args], env=ENV,
+                              capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout + proc.stderr
+
+    assert launch("train", "sft").count("SFT run finished") == 2  # two processes really trained
     assert [s for s, _ in list_checkpoints(sft_dir(cfg))] == [0, 1, 2, 5, 10, 20]
     assert not [p for p in sft_dir(cfg).rglob("*") if p.name.endswith((".tmp", ".old"))]
+    assert sft_dir(cfg).name == smoke_run.name  # the same run key: world size is not a knob
+    for (step, a), (_, b) in zip(list_checkpoints(sft_dir(cfg)), list_checkpoints(smoke_run)):
+        wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+        for k in wa:
+            np.testing.assert_allclose(wa[k].numpy(), wb[k].numpy(), rtol=0, atol=2e-4,
+                                       err_msg=f"step {step}, {k}")
+    out = launch("--set", "dpo.rejected=sampled", "--set", "dpo.max_steps=2", "--set",
+                 "dpo.schedule=[0,1]", "train", "dpo")
+    assert out.count("DPO run finished") == 2
+    [dpo] = list((tmp_path / "dpo").iterdir())
+    assert len(list(dpo.glob("sampled-*.json"))) == 1 and list_checkpoints(dpo)
+    out = launch("--set", "grpo.max_steps=2", "--set", "grpo.schedule=[0,1]", "train", "grpo")
+    assert out.count("GRPO run finished") == 2

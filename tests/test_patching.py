@@ -356,8 +356,8 @@ def test_bad_examples(tok, pairs, examples):
         patching.layer_sweep(base, tuned, tok, [])
     with pytest.raises(ValueError, match="at least one example"):
         patching.weight_sweep(base, tuned, tok, [])
-    bad = dict(examples[0], answer=examples[0]["answer"].rsplit("####", 1)[0] + "#### the")  # " the" is one token
-    with pytest.raises(ValueError, match="example 1: gold answer 'the' cannot be located in the tokenisation"):
+    bad = dict(examples[0], answer=examples[0]["answer"].rsplit("####", 1)[0] + "####")  # no answer
+    with pytest.raises(ValueError, match="example 1: the gold solution has nothing after '####'"):
         patching.layer_sweep(base, tuned, tok, [examples[1], bad])
     with pytest.raises(ValueError, match="must be a dict with 'prompt' and 'answer'"):
         patching.layer_sweep(base, tuned, tok, [{"question": "q"}])
@@ -380,4 +380,5 @@ def test_bad_arguments(tok, pairs, examples):
 def test_examples_from_table():
     rows = [{"index": 7, "question": "Tom has 2 apples. How many? ", "answer": "2+0=2\n#### 2", "final_answer": "2"}]
     assert patching.examples_from_table(rows) == [
-        {"prompt": "Question: Tom has 2 apples. How many?\nAnswer:", "answer": "2+0=2\n#### 2", "index": 7}]
+        {"prompt": "Question: Tom has 2 apples. How many?\nAnswer:", "answer": "2+0=2\n#### 2", "index": 7,
+         "chat": False}]

@@ -1,0 +1,332 @@
+"""The real path, rehearsed without weights or internet (benchmarks/rehearsal.py): a tokenizer that
+splits like Qwen's, GSM8K's answer quirks, Qwen's vocabulary size, fp32 master weights, the two
+real presets' prompt formats, the memory estimate and the named errors before long work."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+import rehearsal  # noqa: E402
+from tiny_models import make_model  # noqa: E402
+
+from alignkit import data, evaluate, models, train  # noqa: E402
+from alignkit.config import get_config  # noqa: E402
+from alignkit.runs import list_checkpoints  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def qwen_tok(tmp_path_factory):
+    rows = rehearsal.quirky_rows(300, "train")
+    tok = rehearsal.qwen_like_tokenizer([r["question"] + "\n" + r["answer"] for r in rows], 1024)
+    path = tmp_path_factory.mktemp("tok")
+    tok.save_pretrained(path)
+    return AutoTokenizer.from_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def small_qwen(tmp_path_factory, qwen_tok):
+    """A 2-layer, 64-wide Qwen3 with the Qwen-like tokenizer, saved (fast to train)."""
+    path = tmp_path_factory.mktemp("small_qwen")
+    model = make_model("qwen3", vocab_size=len(qwen_tok), hidden_size=64, intermediate_size=128,
+                       num_hidden_layers=2, initializer_range=0.02,
+                       pad_token_id=qwen_tok.pad_token_id, eos_token_id=qwen_tok.eos_token_id)
+    model.save_pretrained(path)
+    qwen_tok.save_pretrained(path)
+    return path
+
+
+def test_answers_are_located_whatever_the_split(qwen_tok):
+    """``" -"`` holds the space before a negative answer: it belongs to the answer (no error)."""
+    prompt = data.format_prompt("Q?")
+    answers = ["It is 3-13=<<3-13=-10>>-10.\n#### -10", "So 2125.\n#### 2,125", "Half.\n#### 7.5"]
+    spans = evaluate.answer_spans(qwen_tok, [prompt] * 3, answers)
+    pieces = [qwen_tok.convert_ids_to_tokens([s["input_ids"][i] for i in s["answer_positions"]])
+              for s in spans]
+    assert pieces == [["Ġ-", "1", "0"], ["2", ",", "1", "2", "5"], ["7", ".", "5"]]
+    for s in spans:  # what predicts the answer ends at "####" (its space alone, or in " -")
+        assert qwen_tok.decode(s["input_ids"][: s["answer_positions"][0]]).endswith(
+            ("####", "#### "))
+
+
+def test_answer_logprob_equals_full_logits_reference(qwen_tok):
+    """The head runs on the answer rows only; the sum equals the full-vocab reference."""
+    model = make_model("qwen3", vocab_size=len(qwen_tok), pad_token_id=qwen_tok.pad_token_id)
+    rows = rehearsal.quirky_rows(12, "test")
+    prompts = [data.format_prompt(r["question"]) for r in rows]
+    got = evaluate.answer_logprob(model, qwen_tok, prompts, [r["answer"] for r in rows],
+                                  batch_size=5)
+    spans = evaluate.answer_spans(qwen_tok, prompts, [r["answer"] for r in rows])
+    for g, s in zip(got, spans):
+        ids = torch.tensor([s["input_ids"]])
+        logp = torch.log_softmax(model(ids).logits.double(), -1)[0]
+        ref = sum(logp[p - 1, s["input_ids"][p]].item() for p in s["answer_positions"])
+        assert g == pytest.approx(ref, abs=1e-5)  # fp32 model: batching moves the 7th digit
+
+
+SCORING = textwrap.dedent("""
+    import resource, sys, torch
+    sys.path.insert(0, {bench!r})
+    import rehearsal
+    from alignkit import data, evaluate
+    rows = rehearsal.quirky_rows(32, "test")
+    tok = rehearsal.qwen_like_tokenizer([r["question"] + "\\n" + r["answer"] for r in rows], 512)
+    model = rehearsal.real_shaped_model(tok, layers=1).eval()
+    long = " ".join(["It adds up, step by step, to the same number."] * 30)
+    prompts = [data.format_prompt(r["question"] + " " + long) for r in rows]
+    widths = [len(tok(p + r["answer"])["input_ids"]) for p, r in zip(prompts, rows)]
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    lp = evaluate.answer_logprob(model, tok, prompts, [r["answer"] for r in rows], batch_size=32)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(min(widths), after - before, bool(torch.isfinite(torch.tensor(lp)).all()))
+""")
+
+
+def test_scoring_memory_does_not_scale_with_batch_times_vocab():
+    """32 problems of ~400 tokens with Qwen's 151,936-token vocabulary: full logits alone would be
+    7.8 GB (15.6 GB as float64); scoring adds about 1 GiB to the loaded model (the decoder's
+    activations and attention of one batch, and the [answer rows, vocab] slice)."""
+    out = subprocess.run([sys.executable, "-c", SCORING.format(bench=str(REPO / "benchmarks"))],
+                         capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, OMP_NUM_THREADS="2"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    width, grown_gib, finite = out.stdout.split()
+    assert int(width) >= 350 and finite == "True"
+    assert float(grown_gib) < 2.0, f"scoring grew the peak RSS by {grown_gib} GiB"
+
+
+def test_generation_ends_at_stop_strings_while_decoding(small_qwen):
+    """A stop string ends a sequence's decoding (not only its text): fewer decoder steps."""
+    model, tok = models.load_model(small_qwen)
+    prompts = [data.format_prompt("Tom has 5 apples.")]
+    calls = []
+    handle = model.model.register_forward_hook(lambda *a: calls.append(1))
+    kw = dict(max_new_tokens=24, temperature=1.0, seed=3)  # seeded sampling: varied text
+    free = evaluate.generate(model, tok, prompts, stop=(), **kw)
+    n_free, calls[:] = len(calls), []
+    # a string the greedy continuation first reaches after a few characters
+    stop = next(free[0][i : i + 3] for i in range(2, len(free[0]) - 3)
+                if free[0].find(free[0][i : i + 3]) == i and free[0][i : i + 3].strip())
+    cut = evaluate.generate(model, tok, prompts, stop=(stop,), **kw)
+    handle.remove()
+    assert cut[0] == free[0].split(stop)[0]
+    assert len(calls) < n_free
+
+
+def test_end_tokens_are_the_models_own(qwen_tok):
+    model = rehearsal.real_shaped_model(qwen_tok, layers=1)
+    ids = [qwen_tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+    assert evaluate.end_tokens(model, qwen_tok) == ids
+
+
+def test_one_prompt_format_for_both_presets(qwen_tok):
+    base, chat = get_config("qwen3-0.6b-base"), get_config("qwen3-0.6b")
+    assert (base.model, base.chat, chat.model, chat.chat) == (
+        "Qwen/Qwen3-0.6B-Base", False, "Qwen/Qwen3-0.6B", True)
+    assert base.eval.n_eval is None and chat.eval.n_eval is None  # the whole test split
+    q = "Tom has 5 apples. How many?"
+    assert data.prompts_for(base, qwen_tok, [q]) == [f"Question: {q}\nAnswer:"]
+    assert data.prompts_for(chat, qwen_tok, [q]) == [
+        f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"]
+    with pytest.raises(ValueError, match="chat=True needs a tokenizer with a chat template"):
+        data.prompts_for(chat, None, [q])
+    assert data.format_completion("x\n#### 3 ", chat=True) == "x\n#### 3"
+    assert data.format_completion("x\n#### 3 ") == " x\n#### 3"
+
+
+def test_few_shot_prompts(qwen_tok, tmp_path):
+    rows = rehearsal.quirky_rows(6, "train")
+    path = rehearsal.write_jsonl(rows, tmp_path / "train.jsonl")
+    cfg = get_config("qwen3-0.6b-base", overrides={"data_source": str(path), "eval.n_shot": 2})
+    [p] = data.prompts_for(cfg, qwen_tok, ["Q?"], few_shot=True)
+    shots = "".join(f"Question: {r['question']}\nAnswer: {r['answer']}\n\n" for r in rows[:2])
+    assert p == shots + "Question: Q?\nAnswer:"
+    assert data.prompts_for(cfg, qwen_tok, ["Q?"]) == ["Question: Q?\nAnswer:"]  # probes: 0-shot
+    cfg.chat = True
+    [c] = data.prompts_for(cfg, qwen_tok, ["Q?"], few_shot=True)
+    assert c.count("<|im_start|>assistant\n") == 3 and c.endswith("<think>\n\n</think>\n\n")
+
+
+def _sft_cfg(root, model, **over):
+    rows = rehearsal.quirky_rows(16, "train")
+    path = rehearsal.write_jsonl(rows, Path(root) / "train.jsonl")
+    return get_config("qwen3-0.6b-base", smoke=True, overrides={
+        "model": str(model), "data_source": str(path), "eval_source": str(path), "root": str(root),
+        "device": "cpu", "dtype": "float32", "gradient_checkpointing": False,
+        "sft.schedule": (0.0, 1.0), **over})
+
+
+def _changed_share(a: Path, b: Path) -> float:
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    return sum(int((wa[k] != wb[k]).sum()) for k in wa) / sum(v.numel() for v in wa.values())
+
+
+def test_bf16_training_keeps_fp32_master_weights(tmp_path, small_qwen):
+    """bf16 autocast at lr 1e-6: the fp32 checkpoint changes in >= 99 % of its entries (pure bf16
+    weights round such updates away: 1.2 % moved in the old path)."""
+    cfg = _sft_cfg(tmp_path, small_qwen, precision="bf16", **{
+        "sft.max_steps": 2, "sft.learning_rate": 1e-6, "sft.batch_size": 4,
+        "sft.micro_batch_size": 2})
+    assert train.training_precision(cfg, torch.device("cpu")) == "bf16"
+    ckpts = list_checkpoints(train.train_sft(cfg))
+    assert all(t.dtype == torch.float32 for t in load_file(
+        str(ckpts[-1][1] / "model.safetensors")).values())
+    assert _changed_share(ckpts[0][1], ckpts[-1][1]) >= 0.99
+
+
+def test_micro_batches_accumulate_to_the_full_batch(tmp_path, small_qwen):
+    """Micro-batches of 1 with accumulation give the checkpoint of whole batches of 4."""
+    over = {"sft.max_steps": 3, "sft.learning_rate": 1e-3, "sft.batch_size": 4}
+    whole = list_checkpoints(train.train_sft(_sft_cfg(tmp_path / "a", small_qwen, **over)))
+    micro = list_checkpoints(train.train_sft(_sft_cfg(tmp_path / "b", small_qwen, **over,
+                                                      **{"sft.micro_batch_size": 1})))
+    wa = load_file(str(whole[-1][1] / "model.safetensors"))
+    wb = load_file(str(micro[-1][1] / "model.safetensors"))
+    assert _changed_share(whole[0][1], whole[-1][1]) > 0.5
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=2e-5)
+
+
+def test_batch_plans_and_generation_batches():
+    assert train.batch_plan("sft", 16, 4, 1) == (4, 4)
+    assert train.batch_plan("sft", 16, 0, 2) == (8, 1)
+    assert train.batch_plan("sft", 16, 2, 2) == (2, 4)
+    with pytest.raises(ValueError, match=r"sft.batch_size \(15\) must be divisible by the number "
+                                         r"of processes \(2\)"):
+        train.batch_plan("sft", 15, 0, 2)
+    with pytest.raises(ValueError, match=r"dpo.micro_batch_size \(3\) must divide"):
+        train.batch_plan("dpo", 16, 3, 1)
+    assert train.generation_batch(64, 8, 1, 8) == 8
+    assert train.generation_batch(64, 4, 1, 8) == 8  # whole groups of 8
+    assert train.generation_batch(64, 4, 2, 8) == 8  # a multiple of the global micro-batch
+    with pytest.raises(ValueError, match="no generation batch"):
+        train.generation_batch(64, 4, 3, 8)
+
+
+QWEN3_06B = AutoConfig.for_model("qwen3", **rehearsal.QWEN3_06B)
+
+
+@pytest.mark.parametrize("preset", ["qwen3-0.6b-base", "qwen3-0.6b"])
+@pytest.mark.parametrize("method", ["sft", "dpo", "grpo"])
+def test_every_training_stage_fits_24_gib_by_estimate(preset, method):
+    """Micro-batches are fitted to the GPU: every stage of both presets within 24 GiB, and the SFT
+    study within a T4's 15 GiB (fp16); gradient checkpointing is what makes that possible."""
+    cfg = get_config(preset)
+    micro = train.fit_micro_batch(cfg, method, QWEN3_06B, 1, "bf16", 24.0)
+    est = train.memory_estimate(cfg, method, QWEN3_06B, 1, "bf16", micro)
+    assert 9 < est["total"] <= 24, (micro, est)
+    assert micro >= (2 if method != "dpo" else 1)
+    if method == "sft":
+        t4 = train.fit_micro_batch(cfg, "sft", QWEN3_06B, 1, "fp16", 15.0)
+        assert train.memory_estimate(cfg, "sft", QWEN3_06B, 1, "fp16", t4)["total"] <= 15.0
+    off = train.memory_estimate(dataclasses.replace(cfg, gradient_checkpointing=False), method,
+                                QWEN3_06B, 1, "bf16", micro)
+    assert off["activations"] > 5 * est["activations"]
+    assert train.fit_micro_batch(cfg, method, QWEN3_06B, 1, "bf16", 4.0) == 1  # nothing fits
+
+
+def test_training_precision_is_chosen_from_the_device():
+    cfg = get_config("qwen3-0.6b-base")
+    assert train.training_precision(cfg, torch.device("cpu")) == "fp32"
+    with pytest.raises(ValueError, match="precision='fp16'.*needs a CUDA GPU"):
+        train.training_precision(dataclasses.replace(cfg, precision="fp16"), torch.device("cpu"))
+    with pytest.raises(ValueError, match="precision must be one of"):
+        train.training_precision(dataclasses.replace(cfg, precision="half"), torch.device("cpu"))
+
+
+def test_named_errors_before_long_work(tmp_path, small_qwen, qwen_tok):
+    with pytest.raises(ValueError, match="unknown preset 'qwen3-0.6B'"):
+        get_config("qwen3-0.6B")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="is missing config.json, weights"):
+        models.preflight(empty, chat=False)
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=len(qwen_tok))) \
+        .save_pretrained(gpt2)
+    qwen_tok.save_pretrained(gpt2)
+    with pytest.raises(NotImplementedError, match="does not support GPT2LMHeadModel "
+                                                  r"\(model_type 'gpt2'\)"):
+        models.preflight(gpt2, chat=False)
+    nopad = tmp_path / "nopad"
+    make_model("qwen3", vocab_size=len(qwen_tok)).save_pretrained(nopad)
+    tok = AutoTokenizer.from_pretrained(small_qwen)
+    tok.pad_token = None
+    tok.save_pretrained(nopad)
+    with pytest.raises(ValueError, match="has no pad token"):
+        models.preflight(nopad, chat=False)
+    notemplate = tmp_path / "notemplate"
+    make_model("qwen3", vocab_size=len(qwen_tok)).save_pretrained(notemplate)
+    tok = AutoTokenizer.from_pretrained(small_qwen)
+    tok.chat_template = None
+    tok.save_pretrained(notemplate)
+    (notemplate / "chat_template.jinja").unlink(missing_ok=True)
+    models.preflight(notemplate, chat=False)
+    with pytest.raises(ValueError, match="chat=True but the tokenizer of .* has no chat template"):
+        models.preflight(notemplate, chat=True)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "Q?", "answer": "The answer is 3."}) + "\n")
+    with pytest.raises(ValueError, match="line 1 has no '#### ' final-answer marker"):
+        data.load_gsm8k(str(bad))
+
+
+@pytest.mark.parametrize("preset", ["qwen3-0.6b-base", "qwen3-0.6b"])
+def test_both_presets_run_all_end_to_end(tmp_path, preset):
+    """``python -m alignkit --preset P --smoke ... all`` through every stage but the notebooks, on
+    a 2-layer model of Qwen3-0.6B's width and vocabulary with a Qwen-like tokenizer, loaded by
+    path, and GSM8K-format data with negative, comma and decimal answers. The plain-prompt preset
+    also skips compare (its DPO/GRPO code path is the tiny preset's, run by notebook 05 in CI; at
+    the real vocabulary compare costs ~6 CPU minutes per preset: both ran here in 9 min each)."""
+    from alignkit import cli, stages
+
+    paths = rehearsal.build(tmp_path / "inputs", layers=2, n_train=32, n_test=16,
+                            chat=preset == "qwen3-0.6b")
+    test_rows = [json.loads(x) for x in paths["test"].read_text().splitlines()]
+    assert any("#### -" in r["answer"] for r in test_rows[:8])
+    argv = ["--preset", preset, "--smoke", "--model", str(paths["model"]), "--data",
+            str(paths["train"]), "--eval-data", str(paths["test"]), "--root", str(tmp_path / "r"),
+            "--set", "device=cpu", "--set", "dtype=float32"]
+    for method in ("sft", "dpo", "grpo"):
+        argv += ["--set", f"{method}.schedule=[0, 1]"]
+    chat = preset == "qwen3-0.6b"
+    assert cli.main(argv + ["all", "--skip", "figures"] + ([] if chat else ["compare"])) == 0
+    cfg, _ = cli.config_from_args(cli.build_parser().parse_args(argv + ["all"]))
+    res = stages.ensure_results(cfg, "sft")
+    assert [e.n for e in res.evals] == [8, 8]
+    assert all(np.isfinite(e.answer_logprob).all() for e in res.evals)
+    probes = stages.run_probes(cfg, res.run_dir)
+    assert probes[0].endswith("<think>\n\n</think>\n\n" if cfg.chat else "\nAnswer:")
+    ckpts = list_checkpoints(res.run_dir)  # fp32 checkpoints that moved
+    assert _changed_share(ckpts[0][1], ckpts[-1][1]) > 0.9
+    if chat:  # GRPO's random policy earns no reward, hence no gradient: DPO must move
+        ckpts = list_checkpoints(stages.train(cfg, "dpo"))
+        assert _changed_share(ckpts[0][1], ckpts[-1][1]) > 0.9
+        assert [s for s, _ in list_checkpoints(stages.train(cfg, "grpo"))] == [0, 2]
+        assert set(stages.ensure_compare(cfg).methods) == {"sft", "dpo", "grpo"}
+
+
+def test_only_the_default_run_writes_images(tmp_path):
+    from alignkit.plots import IMAGES, figure_dir
+
+    assert figure_dir(get_config("tiny", overrides={"root": str(tmp_path)})) == IMAGES
+    others = [get_config("tiny", smoke=True, overrides={"root": str(tmp_path)}),
+              get_config("tiny", overrides={"root": str(tmp_path), "sft.max_steps": 50}),
+              get_config("qwen3-0.6b-base", overrides={"root": str(tmp_path)}),
+              get_config("qwen3-0.6b", overrides={"root": str(tmp_path)})]
+    dirs = [figure_dir(c) for c in others]
+    assert len(set(dirs)) == 4
+    for d in dirs:
+        assert d.is_relative_to(tmp_path / "reports") and d.name == "images"
