@@ -168,7 +168,7 @@ def fit_micro_batch(cfg: Config, method: str, model_config, world: int, precisio
                     have_gib: float) -> int:
     """``{method}.micro_batch_size`` when set, else the largest that divides the per-process
     batch and whose ``memory_estimate`` fits ``have_gib`` (1 when none fits: training then stops
-    in ``check_memory`` with the estimate)."""
+    in ``plan_memory`` with the estimate)."""
     k = getattr(cfg, method)
     if k.micro_batch_size:
         return k.micro_batch_size

@@ -59,3 +59,21 @@ def any_model(request):
     from tiny_models import make_model
 
     return make_model(request.param)
+
+
+@pytest.fixture(scope="session")
+def qwen_tok(tmp_path_factory):
+    """The rehearsal's Qwen-like tokenizer (benchmarks/rehearsal.py), saved and reloaded."""
+    import sys
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import rehearsal
+
+    rows = rehearsal.quirky_rows(300, "train")
+    tok = rehearsal.qwen_like_tokenizer([r["question"] + "\n" + r["answer"] for r in rows], 1024)
+    path = tmp_path_factory.mktemp("tok")
+    tok.save_pretrained(path)
+    return AutoTokenizer.from_pretrained(path)

@@ -29,15 +29,6 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def qwen_tok(tmp_path_factory):
-    rows = rehearsal.quirky_rows(300, "train")
-    tok = rehearsal.qwen_like_tokenizer([r["question"] + "\n" + r["answer"] for r in rows], 1024)
-    path = tmp_path_factory.mktemp("tok")
-    tok.save_pretrained(path)
-    return AutoTokenizer.from_pretrained(path)
-
-
-@pytest.fixture(scope="module")
 def small_qwen(tmp_path_factory, qwen_tok):
     """A 2-layer, 64-wide Qwen3 with the Qwen-like tokenizer, saved (fast to train)."""
     path = tmp_path_factory.mktemp("small_qwen")

@@ -4,23 +4,11 @@ Qwen's, GSM8K-format rows with GSM8K's quirks, and a model of Qwen3-0.6B's shape
 import sys
 from pathlib import Path
 
-import pytest
-from transformers import AutoTokenizer
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 import rehearsal  # noqa: E402
 
 from alignkit.data import check_solution, extract_answer, normalize_number  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def qwen_tok(tmp_path_factory):
-    rows = rehearsal.quirky_rows(300, "train")
-    tok = rehearsal.qwen_like_tokenizer([r["question"] + "\n" + r["answer"] for r in rows], 1024)
-    path = tmp_path_factory.mktemp("tok")
-    tok.save_pretrained(path)
-    return AutoTokenizer.from_pretrained(path)
 
 
 def test_splits_like_qwen(qwen_tok):
