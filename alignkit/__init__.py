@@ -12,9 +12,11 @@ before it here (``tests/test_layout.py`` enforces it, and forbids cycles).
     evaluate   generation, accuracy, answer log-prob, flips
     train      SFT / DPO / GRPO through TRL (glue only)
     capture    pooled activations of hook points, cached
-    stats      input checks and intervals shared by the measures
+    stats      input checks, intervals and summaries shared by the measures (gap fraction, tied
+               best candidates, McNemar, the across-seed verdict rule)
     cka, controls, layers, spectral, weights, patching
                the measures: functions of arrays (and, for patching and weights, of two models)
+    claims     verdicts on published claims, each computing the paper's own quantity
     results    what each stage returns: small classes with save/load
     stages     one cached ``ensure_*`` per notebook
     report     ``summarize_*``: the sentences under each notebook, from a stage's result
@@ -23,7 +25,7 @@ before it here (``tests/test_layout.py`` enforces it, and forbids cycles).
 """
 
 LAYERS = ("config", "data", "models", "hooks", "runs", "tiny", "evaluate", "train", "capture",
-          "stats", "cka", "controls", "layers", "spectral", "weights", "patching", "results",
-          "stages", "report", "plots", "cli", "__main__")
+          "stats", "cka", "controls", "layers", "spectral", "weights", "patching", "claims",
+          "results", "stages", "report", "plots", "cli", "__main__")
 
 __version__ = "0.1.0"

@@ -10,6 +10,9 @@ equal to, ``embed_tokens.weight`` is dropped). Columns and their controls:
 * ``frac_changed``: share of entries with ``|dW| > tol``. Control ``frac_changed_dense``: the share
   for a dense Gaussian update of the same RMS, ``erfc(tol / (rms sqrt 2))``; far below it means
   the update is sparser than dense noise of the same size.
+* ``frac_unchanged_bf16``: share of entries equal after rounding both models to bfloat16 (the
+  update sparsity of Mukherjee et al. 2025, who compare released bf16 checkpoints): an update
+  below half a bf16 step of ``|w|`` (``2^-9 |w|``) leaves the entry unchanged.
 * ``frac_mass``: smallest share of entries (largest ``|dW|`` first) holding ``mass`` of
   ``||dW||_F^2``, scale free. Control ``frac_mass_dense``: the same for a dense Gaussian update
   (``gaussian_mass_share``: 0.4446 at ``mass = 0.9``; a uniform update gives 0.9).
@@ -43,7 +46,7 @@ from alignkit import spectral
 logger = logging.getLogger(__name__)
 
 __all__ = ["weight_drift", "summarize_drift", "module_name", "gaussian_mass_share",
-           "MATRIX_METRICS"]
+           "bf16_unchanged_share", "MATRIX_METRICS"]
 
 ModelLike = Union[torch.nn.Module, Mapping[str, torch.Tensor]]
 MATRIX_METRICS = ("eff_rank", "rank_delta", "eff_rank_dense", "eff_rank_max", "overlap_left",
@@ -171,6 +174,17 @@ def _mass_share(d: torch.Tensor, mass: float) -> float:
     return min(count, sq.numel()) / sq.numel()
 
 
+def bf16_unchanged_share(w: torch.Tensor, d: torch.Tensor, scale: float = 1.0) -> float:
+    """Share of entries with ``bf16(w + scale * d) == bf16(w)``, ``w + scale * d`` taken in
+    float32 as a checkpoint stores it: ``frac_unchanged_bf16`` of an update rescaled by ``scale``
+    (e.g. to another update's norm, to separate its size from its shape)."""
+    if w.shape != d.shape or w.numel() == 0:
+        raise ValueError(f"w and d must have one non-empty shape, got {tuple(w.shape)} and "
+                         f"{tuple(d.shape)}")
+    new = (w.double() + scale * d.double()).float()
+    return float((new.bfloat16() == w.float().bfloat16()).sum()) / w.numel()
+
+
 def _top_singular(x: torch.Tensor, k: int) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
     """``sigma: [min(m, n)]`` (numpy, descending) of ``x: [m, n]`` and top vectors ``U: [m, r]``,
     ``V: [n, r]``, ``r = min(k, rank)``, from the smaller Gram matrix of ``x / max|x|`` (top
@@ -244,6 +258,8 @@ def weight_drift(base: ModelLike, tuned: ModelLike, tol: float = 1e-5, k: int = 
                "rel_change": 0.0 if nd == 0.0 else (nd / nb if nb > 0 else math.inf),
                "frac_changed": float((d.abs() > tol).sum()) / numel,
                "frac_changed_dense": math.erfc(tol / (rms * math.sqrt(2.0))) if rms > 0 else 0.0,
+               "frac_unchanged_bf16": float((pt[name].to(dev).bfloat16() == wb.to(dev).bfloat16())
+                                            .sum()) / numel,
                "frac_mass": _mass_share(d, mass), "frac_mass_dense": dense_mass}
         row.update(dict.fromkeys(MATRIX_METRICS, math.nan))
         if w.ndim == 2 and min(w.shape) > 0:
@@ -276,7 +292,8 @@ def summarize_drift(df: pd.DataFrame, by: str | list[str] = "module") -> pd.Data
 
     One row per group: ``n_tensors, numel``; ``rel_change = sqrt(sum ||dW||^2 / sum ||W||^2)``
     (the whole group's change, not a mean of ratios); ``frac_changed(_dense)`` weighted by entries;
-    ``frac_mass(_dense)``, ``eff_rank(_dense)``, ``overlap_*``, ``chance_*``: NaN-skipping means.
+    ``frac_unchanged_bf16`` likewise; ``frac_mass(_dense)``, ``eff_rank(_dense)``, ``overlap_*``,
+    ``chance_*``: NaN-skipping means.
     """
     keys = [by] if isinstance(by, str) else list(by)
     missing = [c for c in keys + ["norm_base", "norm_delta", "numel"] if c not in df.columns]
@@ -289,7 +306,8 @@ def summarize_drift(df: pd.DataFrame, by: str | list[str] = "module") -> pd.Data
         out = {"n_tensors": len(g), "numel": int(g["numel"].sum()),
                "rel_change": 0.0 if nd2 == 0 else (math.sqrt(nd2 / nb2) if nb2 > 0 else math.inf),
                "frac_changed": float((w * g["frac_changed"]).sum()),
-               "frac_changed_dense": float((w * g["frac_changed_dense"]).sum())}
+               "frac_changed_dense": float((w * g["frac_changed_dense"]).sum()),
+               "frac_unchanged_bf16": float((w * g["frac_unchanged_bf16"]).sum())}
         for c in ("frac_mass", "frac_mass_dense", "eff_rank", "eff_rank_dense", "overlap_left",
                   "overlap_right", "chance_left", "chance_right"):
             out[c] = float(g[c].mean()) if g[c].notna().any() else math.nan
