@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from alignkit import spectral, weights
+from alignkit import claims, spectral, weights
 from alignkit.layers import alignment_path, best_match
 from alignkit.results import CKAResult, CompareResult, PatchingResult, RunResults, SpectralResult
-from alignkit.stats import Band, bootstrap_mean
+from alignkit.stats import Band, bootstrap_mean, gap_fraction, mcnemar, near_best
 
 SMOKE_NOTE = "- *Smoke mode: tiny sizes, the numbers mean nothing.*"
 
@@ -109,9 +109,26 @@ def curve(values: np.ndarray, n_boot: int = 1000, seed: int = 0) -> Band:
 
 
 def best_donors(res: PatchingResult, set_: str = "flips", n_boot: int = 1000,
-                seed: int = 0) -> np.ndarray:
-    """``[L]`` the tuned donor layer whose cross-layer patch raises each base layer most."""
-    return np.nanargmax(curve(res.cross[set_].delta, n_boot, seed).point, axis=1)
+                seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``best: [L]`` the tuned donor layer whose cross-layer patch raises each base layer most,
+    and ``ties: [L, L]`` every donor tied with it (``stats.near_best``: the paired bootstrap
+    interval of the difference from the best reaches 0). The tied set is the finding, not the
+    argmax."""
+    return near_best(res.cross[set_].delta, n_boot=n_boot, seed=seed)
+
+
+def patch_fraction(r, n_boot: int = 1000, seed: int = 0) -> Band:
+    """``[L]`` the fraction of the mean gap a sweep recovers: mean Δ / mean gap, the quantity
+    its curve plots against the dashed gap, with a paired bootstrap interval over examples."""
+    return gap_fraction(r.delta, r.lp_donor - r.lp_receiver, n_boot=n_boot, seed=seed)
+
+
+def half_depth(frac: Band) -> tuple[int | None, int | None]:
+    """The first layer whose gap fraction reaches 0.5, and the first whose interval lies
+    entirely above 0.5 (``None``: no such layer)."""
+    first = next((i for i, v in enumerate(frac.point) if v >= 0.5), None)
+    sure = next((i for i, v in enumerate(frac.lo) if v > 0.5), None)
+    return first, sure
 
 
 def summarize_patching(res: PatchingResult, n_boot: int = 1000, seed: int = 0,
@@ -140,27 +157,40 @@ def summarize_patching(res: PatchingResult, n_boot: int = 1000, seed: int = 0,
                          f"(controls {pc:+.3f})")
         lines.append(f"- **{direction}**: the largest mean Δ per component on the flips — "
                      + "; ".join(parts) + ".")
-    npe = curve(res_d.npe, n_boot, seed).point
-    first = next((layer for layer, v in enumerate(npe) if v >= 0.5), None)
-    lines.append("- **Sufficiency depth**: " + (
-        "patching the tuned residual stream into the base recovers at least half the gap (mean "
-        f"NPE ≥ 0.5) from layer {first} on." if first is not None else
-        "no single-layer resid patch recovers half the gap on average."))
+    frac = patch_fraction(res_d, n_boot, seed)
+    first, sure = half_depth(frac)
+    if first is None:
+        lines.append("- **Sufficiency depth**: no single-layer resid patch recovers half the mean "
+                     f"gap (largest fraction {np.nanmax(frac.point):.2f}, mean Δ / mean gap).")
+    else:
+        median_npe = float(np.nanmedian(res_d.npe[:, first]))
+        lines.append(
+            "- **Sufficiency depth** (fraction of the mean gap, mean Δ / mean gap, as plotted): "
+            f"the tuned residual stream patched into the base recovers {frac.point[first]:.2f} "
+            f"[{frac.lo[first]:.2f}, {frac.hi[first]:.2f}] of it at layer {first}, the first layer "
+            "at or above one half; "
+            + (f"the first whose interval lies above one half is layer {sure}" if sure is not None
+               else "no layer's interval lies entirely above one half")
+            + f". Median NPE at layer {first}: {median_npe:.2f}.")
+    lines.append("- The peaks above are maxima over layers: their intervals are not corrected "
+                 "for that selection.")
     flip_size = np.nanmean(np.abs(res_d.delta))
     ctrl_size = np.nanmean(np.abs(res.sweep("controls", "resid", "denoise").delta))
     lines.append(f"- **Specificity**: mean |Δ| of the resid denoise sweep over layers is "
                  f"{flip_size:.3f} nats on the flips and {ctrl_size:.3f} on the controls (ratio "
                  f"{flip_size / ctrl_size:.2f}).")
-    best = best_donors(res, "flips", n_boot, seed)
+    best, ties = best_donors(res, "flips", n_boot, seed)
     L = len(best)
     path = set(map(tuple, alignment_path(res.cka_matrix)))
     cka_best = best_match(res.cka_matrix)
+    size = ties.sum(1)
     lines.append(
-        f"- **Cross-layer**: for {int(sum(b != i for i, b in enumerate(best)))} of {L} base layers "
-        f"the most useful tuned donor is another layer (mean |j − i| = "
-        f"{np.mean(np.abs(best - np.arange(L))):.2f}); "
-        f"{int(sum((i, int(b)) in path for i, b in enumerate(best)))} of {L} best donors lie on "
-        f"the CKA alignment path, and {int(sum(best == cka_best))} equal the CKA best match.")
+        f"- **Cross-layer** (tuned donors tied with the best one, paired bootstrap over examples): "
+        f"{int(size.min())}–{int(size.max())} tied donors per base layer (mean {size.mean():.1f}); "
+        f"the receiver's own layer is among them for {int(np.diag(ties).sum())} of {L} base "
+        f"layers; the tied set holds a CKA alignment-path partner for "
+        f"{sum(any((i, int(j)) in path for j in np.flatnonzero(ties[i])) for i in range(L))} and "
+        f"the CKA best match for {int(sum(ties[i, cka_best[i]] for i in range(L)))} of {L}.")
     i_rev, p_rev, lo_rev, hi_rev = peak(res.ablation["flips/revert"].delta)
     i_gr, p_gr, lo_gr, hi_gr = peak(res.ablation["flips/graft"].delta)
     lines.append(f"- **Weights**: reverting layer {i_rev} alone changes the tuned model's answer "
@@ -183,37 +213,45 @@ def _sign_counts(d: Band) -> tuple[int, int]:  # layers whose interval is above 
     return int((d.lo > 0).sum()), int((d.hi < 0).sum())
 
 
-def rank_verdict(d: Band, claimed: int) -> str:
-    """'agrees' / 'disagrees' / 'is inconclusive' for a claimed rise (+1) or fall (-1) of rank."""
-    up, down = _sign_counts(d)
-    mean = float(np.mean(d.point))
-    agree = (mean > 0 and up > down) if claimed > 0 else (mean < 0 and down > up)
-    disagree = (mean < 0 and down > up) if claimed > 0 else (mean > 0 and up > down)
-    return "agrees" if agree else ("disagrees" if disagree else "is inconclusive")
-
-
-def lowest_verdict(values: dict[str, Band], rl: str, moved: bool) -> str:
-    """Is ``rl``'s value below every other method's, with intervals that do not overlap?"""
-    others = [m for m in values if m != rl]
-    if not moved:
-        return f"cannot be tested ({rl.upper()} did not change the weights)"
-    if all(values[rl].hi < values[m].lo for m in others):
-        return f"**agrees** ({rl.upper()} lowest, intervals separate)"
-    if all(values[rl].point < values[m].point for m in others):
-        return f"is **inconclusive** ({rl.upper()} lowest, intervals overlap)"
-    return f"**disagrees** ({rl.upper()} not lowest)"
-
-
 def whole_model(res: CompareResult, method: str) -> pd.Series:
     """The own update of ``method`` pooled over the whole model."""
     return weights.summarize_drift(res.own[method].assign(model="all"), "model").iloc[0]
 
 
-def summarize_compare(res: CompareResult, rl: str = "grpo", smoke: bool = False) -> str:
-    """Notebook 05: per method accuracy, CKA, Δ RankMe, patching depth and own update, then the
-    three published claims (effective rank, sparsity, principal directions)."""
+def _name(label: str) -> str:
+    return label if label == "base" else label.upper()
+
+
+def accuracy_tests(res: CompareResult) -> dict[str, dict]:
+    """McNemar's exact test (paired: the same problems) of each final model against the base and,
+    where it started elsewhere, against its own initial model: ``{"<a> → <b>": mcnemar}``."""
+    out = {}
+    for m in res.methods:
+        for ref in dict.fromkeys(("base", res.init[m])):
+            if ref in res.correct and ref != m:
+                out[f"{ref} → {m}"] = mcnemar(res.correct[ref], res.correct[m])
+    return out
+
+
+def compare_claims(res: CompareResult, n_boot: int = 200, seed: int = 0) -> list[claims.Verdict]:
+    """The three published claims on this comparison (one training seed: each cannot tell)."""
+    own = [{m: res.own[m] for m in res.methods}]
+    out = [claims.effective_rank_claim([res.last_states], res.init, n_boot=n_boot, seed=seed)]
+    if "sft" in res.methods and len(res.methods) > 1:
+        out.append(claims.sparsity_claim(own, rl=[m for m in res.methods if m != "sft"],
+                                         matched=[res.matched_unchanged]))
+    if {"sft", "grpo"} <= set(res.methods):
+        out.append(claims.principal_claim(own))
+    return out
+
+
+def summarize_compare(res: CompareResult, smoke: bool = False) -> str:
+    """Notebook 05: per method accuracy (McNemar against base and own init), CKA, Δ RankMe,
+    patching depth (fraction of the mean gap) and own update, then the published claims, each
+    computed as its paper defines it (``alignkit.claims``)."""
     whole = {m: whole_model(res, m) for m in res.methods}
     base_acc = res.accuracy["base"]
+    tests = accuracy_tests(res)
     lines = []
     for m in res.methods:
         a, c = res.accuracy[m], res.cka[m].point
@@ -222,18 +260,23 @@ def summarize_compare(res: CompareResult, rl: str = "grpo", smoke: bool = False)
         lay = lay[(lay.index >= 0) & (lay.index < res.own[m].attrs["n_layers"])]["rel_change"]
         sweep = res.patches[m]
         gap = float(np.mean(sweep.lp_donor - sweep.lp_receiver))
-        half = np.where(np.nanmean(sweep.npe, 0) >= 0.5)[0]
+        frac = patch_fraction(sweep)
+        first, _ = half_depth(frac)
         up, down = _sign_counts(res.rank_vs_base[m])
         start = "from the base" if res.init[m] == "base" else "from " + res.init[m].upper()
+        paired = "; ".join(f"vs {_name(k.split(' → ')[0])} {100 * t['diff']:+.1f} points "
+                           f"(McNemar p = {t['p']:.2g}, {t['only_b']} gained / {t['only_a']} lost)"
+                           for k, t in tests.items() if k.endswith(f"→ {m}"))
+        half = (f"**{first}** (fraction {frac.point[first]:.2f} [{frac.lo[first]:.2f}, "
+                f"{frac.hi[first]:.2f}])" if first is not None else "— (never)")
         lines.append(
             f"- **{m.upper()}** ({start}): accuracy {100 * a['accuracy']:.1f} % (95 % CI "
             f"{100 * a['acc_lo']:.1f}–{100 * a['acc_hi']:.1f}) vs base "
-            f"{100 * base_acc['accuracy']:.1f} %. CKA vs base lowest at layer "
+            f"{100 * base_acc['accuracy']:.1f} %; paired: {paired}. CKA vs base lowest at layer "
             f"**{res.labels[int(np.argmin(c))]}** ({c.min():.3f}; mean {c.mean():.3f}). Δ RankMe "
             f"vs base: mean {np.mean(res.rank_vs_base[m].point):+.2f}, interval above 0 at {up} "
             f"and below 0 at {down} of {len(res.labels)} hook points. Resid denoise recovers half "
-            f"of its {gap:+.2f}-nat gap from layer "
-            f"{('**' + str(int(half[0])) + '**') if len(half) else '— (never)'}. Own update: "
+            f"of its {gap:+.2f}-nat mean gap (mean Δ / mean gap) from layer {half}. Own update: "
             f"whole-model ‖ΔW‖/‖W‖ {whole[m]['rel_change']:.2e}; largest in module "
             f"**{by_module.idxmax()}** ({by_module.max():.2e}) and layer **{int(lay.idxmax())}** "
             f"({lay.max():.2e}).")
@@ -241,45 +284,10 @@ def summarize_compare(res: CompareResult, rl: str = "grpo", smoke: bool = False)
     lowest = min(res.methods, key=lambda m: res.cka[m].point.mean())
     lines.append(f"- Largest own weight update: **{most.upper()}** "
                  f"({whole[most]['rel_change']:.2e} of ‖W‖); lowest mean CKA vs base: "
-                 f"**{lowest.upper()}**.")
-    claims = [f"{m.upper()} (claimed {'rise' if claimed > 0 else 'fall'}): vs base mean "
-              f"{np.mean(res.rank_vs_base[m].point):+.2f} — "
-              f"{rank_verdict(res.rank_vs_base[m], claimed)}; own update mean "
-              f"{np.mean(res.rank_vs_init[m].point):+.2f} — "
-              f"{rank_verdict(res.rank_vs_init[m], claimed)}"
-              for m, claimed in (("sft", +1), ("dpo", +1), (rl, -1)) if m in res.methods]
-    s, ctl = res.structure, res.structure_controls
-    tol, k = res.own[rl].attrs["tol"], res.own[rl].attrs["k"]
-    moved = whole[rl]["rel_change"] > 0
-
-    def with_ci(group, m, scale=1.0):
-        v = s[group][m]
-        return f"{m.upper()} {v.point / scale:.3f} [{v.lo / scale:.3f}, {v.hi / scale:.3f}]"
-
-    out_c, in_c = ctl["overlap, output space"], ctl["overlap, input space"]
-    changed = {m: whole[m]["frac_changed"] for m in res.methods}
-    above_chance = all(s["overlap, output space"][m].lo > out_c
-                       and s["overlap, input space"][m].lo > in_c for m in res.methods)
-    lines += [
-        "", "**Published claims on this model** (own updates; means over weight matrices with "
-        "95 % bootstrap intervals over matrices):", "",
-        "1. *SFT and DPO raise effective rank, RLVR lowers it* — " + "; ".join(claims) + ".",
-        f"2. *RL updates are sparse* — share of entries holding 90 % of ‖ΔW‖² (dense Gaussian "
-        f"update: {ctl['90 %-mass share']:.3f}): "
-        + ", ".join(with_ci("90 %-mass share", m) for m in res.methods)
-        + f"; share of entries changed by more than {tol:g}: "
-        + ", ".join(f"{m.upper()} {100 * changed[m]:.1f} %" for m in res.methods)
-        + f". The claim {lowest_verdict(s['90 %-mass share'], rl, moved)} here"
-        + (" — and nearly every entry moves: a float32 optimizer step changes every weight that "
-           "gets a gradient." if changed[rl] > 0.9 else "."),
-        f"3. *RL updates avoid the principal directions* — overlap of the own update's top-{k} "
-        f"singular subspaces with W's, as a multiple of chance (output space, chance "
-        f"{out_c:.3f}): " + ", ".join(with_ci("overlap, output space", m, out_c)
-                                      for m in res.methods)
-        + f"; input space (chance {in_c:.3f}): "
-        + ", ".join(with_ci("overlap, input space", m, in_c) for m in res.methods)
-        + f". Output space: the claim {lowest_verdict(s['overlap, output space'], rl, moved)}; "
-        f"input space: {lowest_verdict(s['overlap, input space'], rl, moved)}"
-        + (". Every update is more aligned with W's principal directions than chance."
-           if above_chance else ".")]
+                 f"**{lowest.upper()}**. Layer-wise differences between methods are one training "
+                 "seed each: not findings until they hold across seeds.")
+    lines += ["", "**Published claims, each with its paper's own quantity** (items: value [95 % "
+              "interval]; a verdict needs every seed's interval on one side of 0, and ≥ 2 seeds):",
+              ""]
+    lines += [f"{i}. " + v.sentence() for i, v in enumerate(compare_claims(res), 1)]
     return _lines(lines, smoke)

@@ -268,6 +268,11 @@ class CompareResult:
         drift, own: ``{method: weights.weight_drift table}`` vs the base and vs the own init.
         structure: ``{group: {method: Band}}`` own-update means over weight matrices with
             bootstrap intervals over matrices; structure_controls: ``{group: control value}``.
+        correct: ``{"base" | method: [n_eval] bool}`` per-problem exact match (paired tests).
+        last_states: ``{model label: [n, d]}`` last-token states of the last decoder layer on the
+            probes (``claims.effective_rank_claim``).
+        matched_unchanged: ``{rl method: bf16-unchanged share of SFT's own update rescaled to
+            that method's update norm}`` (``claims.sparsity_claim``'s size control).
     """
 
     methods: list[str]
@@ -288,16 +293,22 @@ class CompareResult:
     own: dict[str, pd.DataFrame]
     structure: dict[str, dict[str, Band]]
     structure_controls: dict[str, float]
+    correct: dict[str, list[bool]]
+    last_states: dict[str, np.ndarray]
+    matched_unchanged: dict[str, float]
 
     def save(self, path: Path) -> None:
         arrays = {"cka_floor": self.cka_floor}
+        arrays |= {f"last.{k}": v for k, v in self.last_states.items()}
         for name in ("cka", "rank_vs_base", "rank_vs_init", "patch_curves"):
             _bands(arrays, name, getattr(self, name))
         for g, by_method in self.structure.items():
             _bands(arrays, f"structure.{g}", by_method)
         meta = {k: getattr(self, k) for k in ("methods", "init", "accuracy", "n_eval", "pooling",
                                               "labels", "dropped", "patch_set",
-                                              "structure_controls")}
+                                              "structure_controls", "correct",
+                                              "matched_unchanged")}
+        meta["state_labels"] = list(self.last_states)
         meta["frames"] = {f"{k}.{m}": _save_frame(getattr(self, k)[m]) for k in ("drift", "own")
                           for m in self.methods}
         runs.save_arrays(path, arrays, meta)
@@ -309,8 +320,9 @@ class CompareResult:
         a, meta = runs.load_arrays(path)
         frames = meta.pop("frames")
         methods = meta["methods"]
+        last = {k: a[f"last.{k}"] for k in meta.pop("state_labels")}
         return cls(
-            **meta, cka_floor=a["cka_floor"],
+            **meta, cka_floor=a["cka_floor"], last_states=last,
             **{k: _unbands(a, k, methods)
                for k in ("cka", "rank_vs_base", "rank_vs_init", "patch_curves")},
             structure={g: _unbands(a, f"structure.{g}", methods)

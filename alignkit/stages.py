@@ -27,7 +27,7 @@ from alignkit.train import train
 
 logger = logging.getLogger(__name__)
 
-ANALYSIS_VERSION = 2
+ANALYSIS_VERSION = 3
 CAPTURE_POOLINGS = ("mean", "last")  # what notebooks 02 (both), 03 and 04 (mean) capture
 
 
@@ -274,6 +274,24 @@ def _structure(own: dict, n_boot: int, seed: int, tol: float):
     return values, controls_
 
 
+def _matched_unchanged(base, sft, own: dict) -> dict[str, float]:
+    """``{method: share of entries unchanged at bf16}`` of SFT's own update (from the base)
+    rescaled to each other method's own-update norm (whole model): how sparse SFT's update would
+    look at that size."""
+    wb, ws = dict(base.named_parameters()), dict(sft.named_parameters())
+    norm = {m: float(np.sqrt((t["norm_delta"] ** 2).sum())) for m, t in own.items()}
+    out = {}
+    for m in own:
+        if m == "sft" or norm["sft"] == 0:
+            continue
+        c, kept, total = norm[m] / norm["sft"], 0.0, 0
+        for n, w in wb.items():
+            kept += weights.bf16_unchanged_share(w.detach(), (ws[n] - w).detach(), c) * w.numel()
+            total += w.numel()
+        out[m] = kept / total
+    return out
+
+
 def ensure_compare(cfg: Config, methods=runs.METHODS, **given) -> CompareResult:
     """Notebook 05: SFT, DPO and GRPO against one base (the SFT run's step 0) and against each
     method's own init: accuracy, layerwise CKA with bootstrap bands and noise floor, paired
@@ -309,6 +327,9 @@ def ensure_compare(cfg: Config, methods=runs.METHODS, **given) -> CompareResult:
                                   cache_dir=run_of[k] / "activations", **run_on(cfg))
                 for k, v in paths.items()}
         keep, labels, dropped = varying_points(caps.values())
+        last_states = {  # claims.effective_rank_claim: the last decoder layer at the last token
+            k: capture_cached(v, None, texts, pooling="last", cache_dir=run_of[k] / "activations",
+                              **run_on(cfg)).acts[-1].double().numpy() for k, v in paths.items()}
         acts = {k: a.acts[keep] for k, a in caps.items()}
         seed, n_boot = p["seed"], p["n_boot"]
         cka_bands = {m: Band.of(controls.bootstrap_layerwise_cka(acts["base"], acts[m],
@@ -343,6 +364,7 @@ def ensure_compare(cfg: Config, methods=runs.METHODS, **given) -> CompareResult:
                 own[m] = weights.weight_drift(fp32(init[m]), tuned, tol=p["tol"], k=p["k"],
                                               progress=False)
         structure, structure_controls = _structure(own, p["n_boot_patch"], seed, p["tol"])
+        matched = _matched_unchanged(fp32("base"), fp32("sft"), own) if "sft" in own else {}
         accuracy = {"base": sft.summary()[0]} | {m: r.summary()[-1] for m, r in res.items()}
         return CompareResult(
             methods=methods, init=init, accuracy=accuracy, n_eval=sft.evals[0].n,
@@ -352,7 +374,10 @@ def ensure_compare(cfg: Config, methods=runs.METHODS, **given) -> CompareResult:
             patch_set=set_labels["flips"], patches=patches, drift=drift, own=own,
             patch_curves={m: Band.of(bootstrap_mean(r.delta, n_boot=p["n_boot_patch"], seed=seed))
                           for m, r in patches.items()},
-            structure=structure, structure_controls=structure_controls)
+            structure=structure, structure_controls=structure_controls,
+            correct={"base": list(sft.evals[0].correct)}
+            | {m: list(r.evals[-1].correct) for m, r in res.items()},
+            last_states=last_states, matched_unchanged=matched)
 
     smoke = "-smoke" if cfg.smoke else ""
     return _cached(cfg.run_root / "compare" / f"{cfg.preset}{smoke}", "compare", key, compute,

@@ -78,7 +78,7 @@ from alignkit import patching
 from alignkit.config import get_config
 from alignkit.layers import alignment_path, best_match
 from alignkit.plots import figure_dir, plot_heatmap, plot_layer_curves, save_figure
-from alignkit.report import best_donors, summarize_patching
+from alignkit.report import best_donors, patch_fraction, summarize_patching
 from alignkit.report import curve as report_curve
 from alignkit.stages import ensure_patching, ensure_results
 
@@ -138,16 +138,22 @@ fig.tight_layout()
 save_figure(fig, "activation_patching", figure_dir(cfg))
 
 # %% [markdown]
-# The same sweeps as normalised effects (NPE, mean over the flips whose gap is at least `MIN_GAP`;
-# the number of masked examples is logged above). 1 = the whole gap, 0 = nothing.
+# The same sweeps as the **fraction of the mean gap** they recover, mean Δ / mean gap (what the
+# curves above show against the dashed gap; 1 = the whole gap, 0 = nothing), with a paired
+# bootstrap interval (`report.patch_fraction`). This is the summary every sentence of this project
+# uses. The mean of per-example ratios (NPE, masked where a gap is below `MIN_GAP`) is
+# heavy-tailed where gaps are small; its median is shown beside it for the resid denoise sweep.
 
 # %%
-npe = pd.DataFrame({f"{comp} {d}": curve(pat.sweep("flips", comp, d).npe).point
-                    for comp in COMPONENTS for d in ("denoise", "noise")})
-npe.index.name = "layer"
+frac = {f"{comp} {d}": patch_fraction(pat.sweep("flips", comp, d), N_BOOT, SEED)
+        for comp in COMPONENTS for d in ("denoise", "noise")}
+table = pd.DataFrame({k: [f"{p:.2f} [{lo:.2f}, {hi:.2f}]" for p, lo, hi in zip(b.point, b.lo, b.hi)]
+                      for k, b in frac.items()})
+table["resid denoise, median NPE"] = np.nanmedian(pat.sweep("flips", "resid", "denoise").npe, 0).round(2)
+table.index.name = "layer"
 print(f"NPE masked for {pat.sweep('flips', 'resid', 'denoise').meta['n_npe_masked']} of "
       f"{len(sets['flips'])} flips (|gap| < {MIN_GAP} nats)")
-npe.round(3)
+table
 
 # %% [markdown]
 # ## 3 · Which positions? (resid, flips)
@@ -171,9 +177,11 @@ fig.tight_layout()
 # (`cross_layer_sweep`, denoise). The diagonal is the resid curve of section 2. If SFT only
 # *shifted* computations across depth (the remapping an off-diagonal CKA ridge suggests), the base
 # should make best use of a tuned layer *j ≠ i*: the white dots mark, for each base layer *i*, the
-# tuned layer whose patch raises the answer log-prob most; the cyan line is the CKA alignment path
-# (dynamic time warping on 1 − CKA, mean-pooled prompt states, as in notebook 02). Dots on the
-# cyan line: the causal and the representational correspondence agree.
+# tuned layer whose patch raises the answer log-prob most, and the small black dots every donor
+# **tied** with it (paired bootstrap interval of the difference reaching 0: `stats.near_best`) —
+# an argmax among ties is not a finding. The cyan line is the CKA alignment path (dynamic time
+# warping on 1 − CKA, mean-pooled prompt states, as in notebook 02). Tied sets on the cyan line:
+# the causal and the representational correspondence agree.
 
 # %%
 cka_path = alignment_path(pat.cka_matrix)
@@ -185,12 +193,16 @@ for ax, (s, m) in zip(axes[0], mean_cross.items()):
                  ylabel="base layer i (receiver)", cbar_label="mean Δ answer log-prob (nats)",
                  vmin=-vmax, vmax=vmax, has_embed=False, cmap="RdBu_r",
                  title=f"Cross-layer Δ, {labels[s]} (n={pat.cross[s].lp_patched.shape[0]})")
-    ax.plot(best_donors(pat, s, N_BOOT, SEED), np.arange(L), "o", color="white", mec="black", ms=5,
-            label="best donor layer")
+    best, ties = best_donors(pat, s, N_BOOT, SEED)
+    ti, tj = np.nonzero(ties)
+    ax.plot(tj, ti, ".", color="black", ms=3, label="tied with the best")
+    ax.plot(best, np.arange(L), "o", color="white", mec="black", ms=5, label="best donor layer")
     ax.legend(loc="upper left", fontsize=8)
 fig.tight_layout()
 save_figure(fig, "cross_layer_patching", figure_dir(cfg))
-pd.DataFrame({"best tuned donor (patching, flips)": best_donors(pat, "flips", N_BOOT, SEED),
+best, ties = best_donors(pat, "flips", N_BOOT, SEED)
+pd.DataFrame({"best tuned donor (patching, flips)": best,
+              "donors tied with it": [np.flatnonzero(t).tolist() for t in ties],
               "best tuned match (CKA)": best_match(pat.cka_matrix),
               "CKA path partner(s)": [sorted({j for i2, j in cka_path if i2 == i}) for i in range(L)]},
              index=pd.Index(range(L), name="base layer"))

@@ -17,11 +17,16 @@
 # | resid denoise patching on SFT's flips | `alignkit.patching.layer_sweep` | bootstrap 95 % interval; full gap |
 # | weight drift per layer and module | `alignkit.weights.weight_drift` | dense-Gaussian and chance-level controls |
 #
-# Published work disagrees in interesting ways, and the last section checks three claims on this
-# model: **(1)** SFT and DPO raise the effective rank of representations while RL with verifiable
-# rewards lowers it; **(2)** RL updates are sparse; **(3)** RL updates avoid the principal
-# directions of the pretrained weights. Claims (2) and (3) are about a stage's *own* update, so for
-# DPO and GRPO the weights are also compared with the checkpoint they started from (their step 0).
+# Published work disagrees in interesting ways, and the last section tests three claims on this
+# model, each with the quantity its paper uses (`alignkit.claims`): **(1)** SFT and DPO raise the
+# effective rank of final-layer, last-token representations while RL with verifiable rewards
+# lowers it (Li et al. 2025; RankMe and the covariance definition); **(2)** RL updates, DPO's
+# included, leave most parameters unchanged at bf16 precision while SFT's do not (Mukherjee et
+# al. 2025); **(3)** RLVR updates avoid the principal directions of the pretrained weights, SFT's
+# target them (Zhu et al. 2025; overlap / chance per matrix). All three are about what a stage
+# does, so each is measured against the model the stage started from (DPO and GRPO: the final SFT
+# checkpoint). A verdict needs every training seed's interval on one side: this notebook runs one
+# seed, so its verdicts say "cannot tell" and show that seed's values.
 
 # %%
 # Colab only: fetch align-drift and install what Colab lacks; anywhere else this cell does nothing.
@@ -67,13 +72,12 @@ SEED = 0
 import logging
 
 import matplotlib.pyplot as plt
-import numpy as np
 import pandas as pd
 from IPython.display import Markdown, display
 
 from alignkit import plots
 from alignkit.config import get_config
-from alignkit.report import summarize_compare
+from alignkit.report import patch_fraction, summarize_compare
 from alignkit.stages import ensure_compare
 
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -134,11 +138,12 @@ fig.tight_layout()
 # residual stream after layer *l* taken from that method's final model (`denoise`, all positions):
 # Δ answer log-prob with bootstrap 95 % intervals; dashed: each method's full gap LP(final) − LP(base)
 # on these examples. Where a curve reaches its gap is where that method's advantage has been written
-# into the residual stream. The table: mean normalised patching effect per layer (1 = the whole gap).
+# into the residual stream. The table: the fraction of each method's mean gap recovered per layer,
+# mean Δ / mean gap (1 = the whole gap; `report.patch_fraction`, as in notebook 04).
 
 # %%
 plots.plot_compare_patching(res)
-pd.DataFrame({m: np.nanmean(r.npe, 0) for m, r in res.patches.items()}).round(2).T
+pd.DataFrame({m: patch_fraction(r).point for m, r in res.patches.items()}).round(2).T
 
 # %% [markdown]
 # ## 5 · Weights: how far, how sparsely, in which directions

@@ -19,25 +19,6 @@ def flat(value, n=L, half=0.1):
     return Band(v, v - half, v + half)
 
 
-def test_rank_verdict():
-    assert report.rank_verdict(flat(1.0), +1) == "agrees"
-    assert report.rank_verdict(flat(1.0), -1) == "disagrees"
-    assert report.rank_verdict(flat(-1.0), -1) == "agrees"
-    straddle = Band(np.array([0.1, -0.1, 0.05]), np.full(3, -1.0), np.full(3, 1.0))
-    assert report.rank_verdict(straddle, +1) == "is inconclusive"
-
-
-def test_lowest_verdict():
-    def v(p, half=0.05):
-        return Band(np.float64(p), np.float64(p - half), np.float64(p + half))
-
-    base = {"sft": v(0.5), "dpo": v(0.6)}
-    assert report.lowest_verdict(base | {"grpo": v(0.2)}, "grpo", True).startswith("**agrees**")
-    assert report.lowest_verdict(base | {"grpo": v(0.48)}, "grpo", True).startswith("is **inconclusive**")
-    assert report.lowest_verdict(base | {"grpo": v(0.7)}, "grpo", True).startswith("**disagrees**")
-    assert report.lowest_verdict(base | {"grpo": v(0.2)}, "grpo", False).startswith("cannot be tested")
-
-
 def test_summarize_sft():
     def ev(step, correct, lp):
         return CheckpointEval(checkpoint="c", step=step, weights_hash="h", key="k", n=10,
@@ -123,11 +104,15 @@ def planted_patching(n=20):
 def test_summarize_patching_on_a_planted_circuit():
     text = report.summarize_patching(planted_patching(), n_boot=50)
     assert "tuned − base answer log-prob on the flips 2.000 [2.000, 2.000] nats" in text
-    assert "recovers at least half the gap (mean NPE ≥ 0.5) from layer 2 on." in text
+    # rise / gap = 0.6 at layer 2, every example alike: the interval is a point
+    assert "recovers 0.60 [0.60, 0.60] of it at layer 2, the first layer at or above one half" in text
+    assert "the first whose interval lies above one half is layer 2. Median NPE at layer 2: 0.60." in text
     assert "resid at layer 3: +2.000 [+2.000, +2.000] (controls +0.500)" in text
     assert "(ratio 4.00)" in text
-    assert "for 4 of 5 base layers the most useful tuned donor is another layer" in text
-    assert "1 of 5 best donors lie on the CKA alignment path, and 1 equal the CKA best match" in text
+    # donor 4 is best for every receiver; with every example alike nothing ties with it
+    assert "1–1 tied donors per base layer (mean 1.0)" in text
+    assert "the receiver's own layer is among them for 1 of 5 base layers" in text
+    assert "CKA alignment-path partner for 1 and the CKA best match for 1 of 5." in text
     assert "reverting layer 3 alone changes the tuned model's answer log-prob most (-1.000" in text
     assert "keeping only its mean changes it by -1.000 nats (50 % of the full effect)" in text
 
@@ -142,6 +127,10 @@ def test_summarize_compare_and_the_claims():
     drift = {"sft": weights.weight_drift(base, big, progress=False),
              "grpo": weights.weight_drift(big, small, progress=False)}
     methods = ["sft", "grpo"]
+    g = np.random.default_rng(0)
+    low = g.normal(size=(80, 2)) @ g.normal(size=(2, 16)) + 0.01 * g.normal(size=(80, 16))
+    wide = g.normal(size=(80, 16))
+
     def scalar(p):
         return Band(np.float64(p), np.float64(p - 0.05), np.float64(p + 0.05))
 
@@ -158,11 +147,22 @@ def test_summarize_compare_and_the_claims():
         rank_vs_init={"sft": flat(1.0, 4), "grpo": flat(-1.0, 4)}, patch_set="flips",
         patches={m: patch_result(3, (3,)) for m in methods}, patch_curves={m: band(3) for m in methods},
         drift=drift, own=drift, structure=structure,
-        structure_controls={g: 0.4 for g in structure})
+        structure_controls={g: 0.4 for g in structure},
+        correct={"base": [True] + [False] * 9, "sft": [True] * 5 + [False] * 5,
+                 "grpo": [True] * 4 + [False] * 6},
+        last_states={"base": low, "sft": wide, "grpo": low}, matched_unchanged={"grpo": 0.3})
     text = report.summarize_compare(res)
     assert "**SFT** (from the base): accuracy 50.0 % (95 % CI 40.0–60.0) vs base 10.0 %" in text
     assert "CKA vs base lowest at layer **1** (0.800" in text
     assert "Largest own weight update: **SFT**" in text
-    assert "GRPO (claimed fall): vs base mean +1.00 — disagrees; own update mean -1.00 — agrees" in text
-    assert "The claim **agrees** (GRPO lowest, intervals separate) here" in text
-    assert "share of entries changed by more than 1e-05" in text
+    # paired accuracy: SFT gains 4 problems and loses none (p = 2 / 2^4); GRPO loses 1 of SFT's
+    assert "paired: vs base +40.0 points (McNemar p = 0.12, 4 gained / 0 lost)" in text
+    assert "vs SFT -10.0 points (McNemar p = 1, 0 gained / 1 lost)" in text
+    claims_text = text.split("**Published claims")[1]
+    assert claims_text.count("one training seed, which cannot decide") == 3
+    assert claims_text.count("Verdict over one training seed, which cannot decide: **cannot tell**") == 3
+    assert "Li et al. 2025" in claims_text and "Mukherjee et al. 2025" in claims_text
+    assert "SFT at GRPO's update norm: +0.300" in claims_text
+    # the planted SFT rank rise is visible in the single seed's interval (above 0)
+    sft_rank = claims_text.split("SFT RankMe ")[1]
+    assert sft_rank.startswith("+") and "1 of 1 seeds on the claimed side" in sft_rank

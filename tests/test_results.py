@@ -117,7 +117,10 @@ def test_compare_result_round_trip(tmp_path):
         structure={g: {m: Band(*np.array([[0.4], [0.3], [0.5]])) for m in methods}
                    for g in ("90 %-mass share", "overlap, output space", "overlap, input space")},
         structure_controls={"90 %-mass share": 0.4446, "overlap, output space": 0.1,
-                            "overlap, input space": 0.2})
+                            "overlap, input space": 0.2},
+        correct={k: [True, False, True] for k in ("base", *methods)},
+        last_states={k: RNG.random((6, 4)) for k in ("base", *methods)},
+        matched_unchanged={"grpo": 0.25})
     res.save(tmp_path / "r")
     back = CompareResult.load(tmp_path / "r")
     assert_same(res, back)
