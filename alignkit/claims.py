@@ -57,6 +57,24 @@ class Verdict:
     claimed: dict[str, int]
     context: dict[str, Band] = dataclasses.field(default_factory=dict)
 
+    def to_dict(self) -> dict:
+        """JSON-able: Bands as ``[point, lo, hi]`` floats."""
+        def b(x: Band) -> list[float]:
+            return [float(x.point), float(x.lo), float(x.hi)]
+        return {"claim": self.claim, "source": self.source, "quantity": self.quantity,
+                "items": {k: b(v) for k, v in self.items.items()},
+                "per_seed": {k: [b(x) for x in v] for k, v in self.per_seed.items()},
+                "verdicts": self.verdicts, "claimed": self.claimed,
+                "context": {k: b(v) for k, v in self.context.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Verdict":
+        def b(x: list[float]) -> Band:
+            return Band(*(np.float64(v) for v in x))
+        return cls(d["claim"], d["source"], d["quantity"], {k: b(v) for k, v in d["items"].items()},
+                   {k: [b(x) for x in v] for k, v in d["per_seed"].items()}, d["verdicts"],
+                   d["claimed"], {k: b(v) for k, v in d["context"].items()})
+
     @property
     def n_seeds(self) -> int:
         return len(next(iter(self.per_seed.values())))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from alignkit import claims, spectral, weights
+from alignkit import spectral, weights
 from alignkit.layers import alignment_path, best_match
 from alignkit.results import CKAResult, CompareResult, PatchingResult, RunResults, SpectralResult
 from alignkit.stats import Band, bootstrap_mean, gap_fraction, mcnemar, near_best
@@ -233,18 +233,6 @@ def accuracy_tests(res: CompareResult) -> dict[str, dict]:
     return out
 
 
-def compare_claims(res: CompareResult, n_boot: int = 200, seed: int = 0) -> list[claims.Verdict]:
-    """The three published claims on this comparison (one training seed: each cannot tell)."""
-    own = [{m: res.own[m] for m in res.methods}]
-    out = [claims.effective_rank_claim([res.last_states], res.init, n_boot=n_boot, seed=seed)]
-    if "sft" in res.methods and len(res.methods) > 1:
-        out.append(claims.sparsity_claim(own, rl=[m for m in res.methods if m != "sft"],
-                                         matched=[res.matched_unchanged]))
-    if {"sft", "grpo"} <= set(res.methods):
-        out.append(claims.principal_claim(own))
-    return out
-
-
 def summarize_compare(res: CompareResult, smoke: bool = False) -> str:
     """Notebook 05: per method accuracy (McNemar against base and own init), CKA, Δ RankMe,
     patching depth (fraction of the mean gap) and own update, then the published claims, each
@@ -289,5 +277,5 @@ def summarize_compare(res: CompareResult, smoke: bool = False) -> str:
     lines += ["", "**Published claims, each with its paper's own quantity** (items: value [95 % "
               "interval]; a verdict needs every seed's interval on one side of 0, and ≥ 2 seeds):",
               ""]
-    lines += [f"{i}. " + v.sentence() for i, v in enumerate(compare_claims(res), 1)]
+    lines += [f"{i}. " + v.sentence() for i, v in enumerate(res.claims, 1)]
     return _lines(lines, smoke)

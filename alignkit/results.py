@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from alignkit import runs, spectral, weights
+from alignkit.claims import Verdict
 from alignkit.evaluate import CheckpointEval, FlipTable, summary
 from alignkit.patching import PatchResult
 from alignkit.stats import Band
@@ -273,6 +274,7 @@ class CompareResult:
             probes (``claims.effective_rank_claim``).
         matched_unchanged: ``{rl method: bf16-unchanged share of SFT's own update rescaled to
             that method's update norm}`` (``claims.sparsity_claim``'s size control).
+        claims: the published claims tested on this comparison (``stages.compare_claims``).
     """
 
     methods: list[str]
@@ -296,6 +298,7 @@ class CompareResult:
     correct: dict[str, list[bool]]
     last_states: dict[str, np.ndarray]
     matched_unchanged: dict[str, float]
+    claims: list[Verdict]
 
     def save(self, path: Path) -> None:
         arrays = {"cka_floor": self.cka_floor}
@@ -309,6 +312,7 @@ class CompareResult:
                                               "structure_controls", "correct",
                                               "matched_unchanged")}
         meta["state_labels"] = list(self.last_states)
+        meta["claims"] = [v.to_dict() for v in self.claims]
         meta["frames"] = {f"{k}.{m}": _save_frame(getattr(self, k)[m]) for k in ("drift", "own")
                           for m in self.methods}
         runs.save_arrays(path, arrays, meta)
@@ -321,6 +325,7 @@ class CompareResult:
         frames = meta.pop("frames")
         methods = meta["methods"]
         last = {k: a[f"last.{k}"] for k in meta.pop("state_labels")}
+        meta["claims"] = [Verdict.from_dict(v) for v in meta["claims"]]
         return cls(
             **meta, cka_floor=a["cka_floor"], last_states=last,
             **{k: _unbands(a, k, methods)

@@ -15,7 +15,7 @@ import numpy as np
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from alignkit import cka, controls, layers, patching, runs, spectral, weights
+from alignkit import cka, claims, controls, layers, patching, runs, spectral, weights
 from alignkit.capture import Activations, capture_cached, capture_run, varying_points
 from alignkit.config import Config
 from alignkit.data import dataset_hash, eval_set, probe_texts
@@ -274,6 +274,19 @@ def _structure(own: dict, n_boot: int, seed: int, tol: float):
     return values, controls_
 
 
+def compare_claims(cmp: dict, init: dict, n_boot: int = 200, seed: int = 0) -> list:
+    """The three published claims on one comparison (one training seed: each cannot tell).
+    ``cmp``: ``{"last_states", "own", "matched_unchanged"}`` as in ``CompareResult``."""
+    methods = list(cmp["own"])
+    out = [claims.effective_rank_claim([cmp["last_states"]], init, n_boot=n_boot, seed=seed)]
+    if "sft" in methods and len(methods) > 1:
+        out.append(claims.sparsity_claim([cmp["own"]], rl=[m for m in methods if m != "sft"],
+                                         matched=[cmp["matched_unchanged"]], seed=seed))
+    if {"sft", "grpo"} <= set(methods):
+        out.append(claims.principal_claim([cmp["own"]], seed=seed))
+    return out
+
+
 def _matched_unchanged(base, sft, own: dict) -> dict[str, float]:
     """``{method: share of entries unchanged at bf16}`` of SFT's own update (from the base)
     rescaled to each other method's own-update norm (whole model): how sparse SFT's update would
@@ -377,7 +390,9 @@ def ensure_compare(cfg: Config, methods=runs.METHODS, **given) -> CompareResult:
             structure=structure, structure_controls=structure_controls,
             correct={"base": list(sft.evals[0].correct)}
             | {m: list(r.evals[-1].correct) for m, r in res.items()},
-            last_states=last_states, matched_unchanged=matched)
+            last_states=last_states, matched_unchanged=matched,
+            claims=compare_claims({"last_states": last_states, "own": own,
+                                   "matched_unchanged": matched}, init, n_boot, seed))
 
     smoke = "-smoke" if cfg.smoke else ""
     return _cached(cfg.run_root / "compare" / f"{cfg.preset}{smoke}", "compare", key, compute,

@@ -5,7 +5,7 @@ import torch
 from test_results import band, cka_result, patch_result
 from tiny_models import make_model
 
-from alignkit import report, spectral, weights
+from alignkit import report, spectral, stages, weights
 from alignkit.evaluate import CheckpointEval, FlipTable
 from alignkit.patching import PatchResult
 from alignkit.results import CompareResult, PatchingResult, RunResults, SpectralResult
@@ -150,7 +150,10 @@ def test_summarize_compare_and_the_claims():
         structure_controls={g: 0.4 for g in structure},
         correct={"base": [True] + [False] * 9, "sft": [True] * 5 + [False] * 5,
                  "grpo": [True] * 4 + [False] * 6},
-        last_states={"base": low, "sft": wide, "grpo": low}, matched_unchanged={"grpo": 0.3})
+        last_states={"base": low, "sft": wide, "grpo": low}, matched_unchanged={"grpo": 0.3},
+        claims=[])
+    res.claims = stages.compare_claims({"last_states": res.last_states, "own": res.own,
+                                        "matched_unchanged": res.matched_unchanged}, res.init)
     text = report.summarize_compare(res)
     assert "**SFT** (from the base): accuracy 50.0 % (95 % CI 40.0–60.0) vs base 10.0 %" in text
     assert "CKA vs base lowest at layer **1** (0.800" in text

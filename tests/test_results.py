@@ -9,7 +9,7 @@ import pytest
 import torch
 from tiny_models import make_model
 
-from alignkit import runs, spectral, weights
+from alignkit import runs, spectral, stages, weights
 from alignkit.evaluate import CheckpointEval, FlipTable
 from alignkit.patching import PatchResult
 from alignkit.results import CKAResult, CompareResult, PatchingResult, RunResults, SpectralResult
@@ -120,9 +120,15 @@ def test_compare_result_round_trip(tmp_path):
                             "overlap, input space": 0.2},
         correct={k: [True, False, True] for k in ("base", *methods)},
         last_states={k: RNG.random((6, 4)) for k in ("base", *methods)},
-        matched_unchanged={"grpo": 0.25})
+        matched_unchanged={"grpo": 0.25}, claims=[])
+    res.claims = stages.compare_claims({"last_states": res.last_states, "own": res.own,
+                                        "matched_unchanged": res.matched_unchanged}, res.init,
+                                       n_boot=10)
     res.save(tmp_path / "r")
     back = CompareResult.load(tmp_path / "r")
+    assert [v.to_dict() for v in back.claims] == [v.to_dict() for v in res.claims]
+    assert back.claims[0].sentence() == res.claims[0].sentence()
+    res.claims = back.claims = []
     assert_same(res, back)
     assert back.drift["sft"]["shape"].iloc[0] == drift["shape"].iloc[0]
     assert set(back.drift_by_layer()) == {"sft vs base", "grpo vs base", "grpo own update"}
