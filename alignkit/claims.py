@@ -91,6 +91,9 @@ class Verdict:
         verdict, the overall verdict and the number of seeds behind it."""
         parts = []
         for item, b in self.items.items():
+            if np.isnan(float(b.point)):
+                parts.append(f"{item} untestable (an update is zero in some seed)")
+                continue
             on_side = sum(_side(x) == self.claimed[item] for x in self.per_seed[item])
             sign = "> 0" if self.claimed[item] > 0 else "< 0"
             parts.append(f"{item} {fmt.format(float(b.point))} [{fmt.format(float(b.lo))}, "
@@ -185,6 +188,15 @@ def _diff_band(full: dict, boots: dict, a: str, b: str, ci: float = 0.95) -> Ban
     return Band(np.float64(full[a] - full[b]), np.float64(lo), np.float64(hi))
 
 
+_UNTESTABLE = Band(np.float64(np.nan), np.float64(np.nan), np.float64(np.nan))
+
+
+def _moved(f: pd.DataFrame) -> bool:
+    """Did this update change any weight? (A zero update is trivially sparse and off-principal:
+    the claim cannot be tested on it.)"""
+    return bool((f["norm_delta"] > 0).any())
+
+
 def _unchanged_parts(f: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     numel = f["numel"].to_numpy(np.float64)
     return f["frac_unchanged_bf16"].to_numpy(np.float64) * numel, numel
@@ -206,7 +218,8 @@ def sparsity_claim(own: Sequence[Mapping[str, pd.DataFrame]], rl: Sequence[str] 
     compared at bf16 precision (the checkpoints as released). Here: the share of all weight
     entries with ``bf16(W_final) == bf16(W_init)`` (``weight_drift``'s ``frac_unchanged_bf16``,
     pooled over entries), for each method's own update; each RL method against ``reference``
-    with a paired bootstrap over weight tensors. Claimed: RL share − SFT share > 0.
+    with a paired bootstrap over weight tensors. Claimed: RL share − SFT share > 0. A seed where
+    either update is zero gives NaN (untestable), never a vacuous agreement.
 
     Args:
         own: per seed, ``{method: weight_drift(own init, final)}``.
@@ -223,7 +236,8 @@ def sparsity_claim(own: Sequence[Mapping[str, pd.DataFrame]], rl: Sequence[str] 
             context.setdefault(f"{m.upper()} unchanged share", []).append(full[m])
         for m in methods[1:]:
             per_seed.setdefault(f"{m.upper()} − {reference.upper()}", []).append(
-                _diff_band(full, boots, m, reference))
+                _diff_band(full, boots, m, reference)
+                if _moved(tables[m]) and _moved(tables[reference]) else _UNTESTABLE)
             if matched is not None:
                 context.setdefault(f"{reference.upper()} at {m.upper()}'s update norm",
                                    []).append(matched[i][m])
@@ -245,7 +259,7 @@ def principal_claim(own: Sequence[Mapping[str, pd.DataFrame]], rl: str = "grpo",
     ``overlap_right``) divided by that matrix's chance level ``k / d`` (1: random directions),
     averaged over matrices; RLVR's average − SFT's with a paired bootstrap over matrices, for the
     output (left) and input (right) spaces. Claimed: < 0. The overlap is scale free, so the
-    updates' different sizes do not enter it.
+    updates' different sizes do not enter it; a zero update (overlap 0 by convention) gives NaN.
 
     Args:
         own: per seed, ``{method: weight_drift(own init, final)}``.
@@ -257,7 +271,8 @@ def principal_claim(own: Sequence[Mapping[str, pd.DataFrame]], rl: str = "grpo",
             full, boots = _ratio_bootstrap({m: _overlap_parts(tables[m], side)
                                             for m in (rl, reference)}, n_boot, seed)
             per_seed.setdefault(f"{rl.upper()} − {reference.upper()}, {space} space", []).append(
-                _diff_band(full, boots, rl, reference))
+                _diff_band(full, boots, rl, reference)
+                if _moved(tables[rl]) and _moved(tables[reference]) else _UNTESTABLE)
             for m in (rl, reference):
                 context.setdefault(f"{m.upper()} {space} overlap / chance", []).append(full[m])
     return _verdict(

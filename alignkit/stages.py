@@ -27,7 +27,7 @@ from alignkit.train import train
 
 logger = logging.getLogger(__name__)
 
-ANALYSIS_VERSION = 3
+ANALYSIS_VERSION = 4
 CAPTURE_POOLINGS = ("mean", "last")  # what notebooks 02 (both), 03 and 04 (mean) capture
 
 

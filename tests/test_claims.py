@@ -109,3 +109,17 @@ def test_update_planted_off_the_principal_directions_is_called_so():
     assert float(v.context["SFT input overlap / chance"].point) > 5
     flipped = [{"sft": t["grpo"], "grpo": t["sft"]} for t in own]
     assert principal_claim(flipped, n_boot=200).verdict == "disagrees"
+
+
+def test_a_zero_update_cannot_confirm_a_claim():
+    """An RL run that did not move the weights is trivially 'sparse' and 'off-principal'."""
+    own = []
+    for s in range(2):
+        g = torch.Generator().manual_seed(s)
+        base, tuned = _principal_pair(g, True)
+        own.append({"sft": weight_drift(base, tuned, k=2, progress=False),
+                    "grpo": weight_drift(tuned, tuned, k=2, progress=False)})
+    for v in (principal_claim(own, n_boot=50), sparsity_claim(own, rl=["grpo"], n_boot=50)):
+        assert v.verdict == "cannot tell"
+        assert all(np.isnan(float(b.point)) for b in v.items.values())
+        assert "untestable (an update is zero in some seed)" in v.sentence()
