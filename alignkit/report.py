@@ -65,9 +65,12 @@ def summarize_cka(res: CKAResult, smoke: bool = False) -> str:
 
 
 def rank_stability(res: SpectralResult) -> float:
-    """Share of (probe size, layer) cells whose Δ RankMe sign equals the sign at the largest n."""
+    """Share of (probe size, layer) cells whose Δ RankMe sign equals the sign at the largest n,
+    the largest n itself left out (it always agrees with itself)."""
     sign = np.sign(res.rank_vs_n[1] - res.rank_vs_n[0])
-    return float((sign == sign[-1]).mean())
+    if len(sign) < 2:
+        return float("nan")
+    return float((sign[:-1] == sign[-1]).mean())
 
 
 def rank_drift_correlation(res: SpectralResult) -> float:
@@ -79,9 +82,10 @@ def rank_drift_correlation(res: SpectralResult) -> float:
 def summarize_spectral(res: SpectralResult, smoke: bool = False) -> str:
     """Notebook 03: RankMe base → final, separated layers, halves, Rényi deltas, stability."""
     b0, b1 = res.band("rankme", res.steps[0]), res.band("rankme", res.steps[-1])
-    d = b1.point - b0.point
-    up = [lab for i, lab in enumerate(res.labels) if b1.lo[i] > b0.hi[i]]
-    down = [lab for i, lab in enumerate(res.labels) if b1.hi[i] < b0.lo[i]]
+    paired = res.delta("rankme", res.steps[-1])  # the same probe rows in both: paired intervals
+    d = paired.point
+    up = [lab for i, lab in enumerate(res.labels) if paired.lo[i] > 0]
+    down = [lab for i, lab in enumerate(res.labels) if paired.hi[i] < 0]
     half = len(res.labels) // 2
     big, small = int(np.argmax(np.abs(d))), int(np.argmin(np.abs(d)))
     lines = [
@@ -89,7 +93,7 @@ def summarize_spectral(res: SpectralResult, smoke: bool = False) -> str:
         f"{b0.point.mean():.2f} → {b1.point.mean():.2f}; largest change at layer "
         f"**{res.labels[big]}** ({d[big]:+.2f}), smallest at layer **{res.labels[small]}** "
         f"({d[small]:+.2f}).",
-        f"- Intervals separate (no overlap) at {len(up)} layers where rank **rose** "
+        f"- The paired interval of Δ RankMe excludes 0 at {len(up)} layers where rank **rose** "
         f"({', '.join(up) or 'none'}) and {len(down)} where it **fell** "
         f"({', '.join(down) or 'none'}).",
         f"- Mean Δ RankMe in the lower half of the stack {d[:half].mean():+.2f}, in the upper half "
@@ -98,9 +102,9 @@ def summarize_spectral(res: SpectralResult, smoke: bool = False) -> str:
         delta = res.delta(spectral.metric_key(alpha), res.steps[-1]).point
         lines.append(f"- Rényi α = {alpha:g}: mean Δ {delta[:half].mean():+.2f} (lower half of the "
                      f"stack), {delta[half:].mean():+.2f} (upper half).")
-    lines.append(f"- Δ sign stable across probe sizes in {100 * rank_stability(res):.0f} % of "
-                 "(n, layer) cells; Spearman correlation of CKA drift with Δ RankMe across layers: "
-                 f"{rank_drift_correlation(res):.2f}.")
+    lines.append(f"- Δ sign at smaller probe sizes equals the sign at the full size in "
+                 f"{100 * rank_stability(res):.0f} % of (n, layer) cells; Spearman correlation "
+                 f"of CKA drift with Δ RankMe across layers: {rank_drift_correlation(res):.2f}.")
     return _lines(lines, smoke)
 
 

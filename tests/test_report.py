@@ -66,9 +66,11 @@ def test_summarize_spectral_detects_an_isotropic_rise():
         cka_drift=np.arange(L) / 10)
     assert (res.n, res.m, res.ci) == (200, 160, 0.95)
     text = report.summarize_spectral(res)
-    assert "Intervals separate (no overlap) at 5 layers where rank **rose** (embed, 0, 1, 2, 3)" in text
+    assert "The paired interval of Δ RankMe excludes 0 at 5 layers where rank **rose** (embed, 0, 1, 2, 3)" in text
     assert "and 0 where it **fell** (none)" in text
     assert report.rank_stability(res) == 1.0 and "in 100 % of (n, layer) cells" in text
+    res.rank_vs_n[1, 0] = 0.5  # the smaller n disagrees everywhere: 0 %, the full n not counted
+    assert report.rank_stability(res) == 0.0
     for alpha in ("1", "2"):
         line = next(x for x in text.splitlines() if x.startswith(f"- Rényi α = {alpha}:"))
         assert "mean Δ +" in line and "), +" in line  # rises in both halves of the stack
