@@ -165,7 +165,10 @@ def ensure_spectral(cfg: Config, method: str = "sft", **given) -> SpectralResult
         steps = sorted(caps)
         keep, labels, dropped = varying_points([caps[steps[0]]])
         acts = {s: caps[s].acts[keep] for s in steps}
-        boot = {s: spectral.bootstrap_layer_metrics(acts[s], alphas=p["alphas"],
+        # on the model's device: 29 layers x 200 subsamples of 1,319 x 1,024 probes took 31 CPU
+        # minutes per checkpoint (benchmarks/RESULTS_real.md); float64 eigh runs on CUDA too
+        dev = device_for(cfg)
+        boot = {s: spectral.bootstrap_layer_metrics(acts[s].to(dev), alphas=p["alphas"],
                                                     n_boot=p["n_boot"], seed=p["seed"])
                 for s in tqdm(steps, desc="spectral", leave=False)}
         ns = [n for n in (16, 32, 64, 128, 256, 512) if n <= len(texts)] or [len(texts)]
@@ -350,7 +353,8 @@ def ensure_compare(cfg: Config, methods=runs.METHODS, **given) -> CompareResult:
                      for m in methods}
         floor = np.max([controls.noise_floor(acts["base"], acts[m], n_splits=p["n_splits"],
                                              seed=seed)["half_width"] for m in methods], axis=0)
-        boot = {k: spectral.bootstrap_layer_metrics(a, n_boot=n_boot, seed=seed)
+        boot = {k: spectral.bootstrap_layer_metrics(a.to(device_for(cfg)), n_boot=n_boot,
+                                                    seed=seed)  # on the GPU, as in ensure_spectral
                 for k, a in acts.items()}
         delta = {(m, ref): Band.of(spectral.paired_delta(boot[m], boot[ref])["rankme"])
                  for m in methods for ref in ("base", init[m])}
