@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from alignkit import spectral
-from alignkit.stats import ArrayLike, Band, envelope, sign_verdict
+from alignkit.stats import ArrayLike, Band, envelope, ratio_bootstrap, sign_verdict
 
 LI_2025 = ("Li et al. 2025, Tracing the representation geometry of language models from "
            "pretraining to post-training, arXiv:2509.23024")
@@ -168,18 +168,16 @@ def effective_rank_claim(states: Sequence[Mapping[str, ArrayLike]], init: Mappin
 
 def _ratio_bootstrap(parts: Mapping[str, tuple[np.ndarray, np.ndarray]], n_boot: int,
                      seed: int) -> tuple[dict, dict]:
-    """``sum(num) / sum(den)`` over weight tensors for each method, on the full table and on
-    ``n_boot`` resamples of the tensors, the same resample for every method (one architecture:
-    the rows are the same tensors, so differences are paired)."""
-    n = {len(num) for num, _ in parts.values()}
-    if len(n) != 1:
+    """``stats.ratio_bootstrap`` of ``sum(num) / sum(den)`` over weight tensors, one column per
+    method: the same resample of tensors for every method (one architecture: the rows are the
+    same tensors, so differences are paired)."""
+    if len({len(num) for num, _ in parts.values()}) != 1:
         raise ValueError("the weight tables differ in their tensors: compare one architecture")
-    n = n.pop()
-    counts = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=n_boot)
-    full = {k: float(num.sum() / den.sum()) for k, (num, den) in parts.items()}
-    with np.errstate(invalid="ignore", divide="ignore"):
-        boots = {k: (counts @ num) / (counts @ den) for k, (num, den) in parts.items()}
-    return full, boots
+    keys = list(parts)
+    point, boots = ratio_bootstrap(np.stack([parts[k][0] for k in keys], 1),
+                                   np.stack([parts[k][1] for k in keys], 1), n_boot, seed)
+    return ({k: float(point[i]) for i, k in enumerate(keys)},
+            {k: boots[:, i] for i, k in enumerate(keys)})
 
 
 def _diff_band(full: dict, boots: dict, a: str, b: str, ci: float = 0.95) -> Band:

@@ -374,6 +374,8 @@ def ensure_compare(cfg: Config, methods=runs.METHODS, **given) -> CompareResult:
                 direction="denoise", batch_size=p["batch_size"], min_gap=p["min_gap"],
                 progress=False)
             tuned = tuned if cfg.dtype == "float32" else fp32(m)
+            if m == "sft":
+                sft32 = tuned  # kept for the matched-norm control below
             drift[m] = weights.weight_drift(base32, tuned, tol=p["tol"], k=p["k"], progress=False)
             if init[m] == "base":
                 own[m] = drift[m]
@@ -381,7 +383,7 @@ def ensure_compare(cfg: Config, methods=runs.METHODS, **given) -> CompareResult:
                 own[m] = weights.weight_drift(fp32(init[m]), tuned, tol=p["tol"], k=p["k"],
                                               progress=False)
         structure, structure_controls = _structure(own, p["n_boot_patch"], seed, p["tol"])
-        matched = _matched_unchanged(fp32("base"), fp32("sft"), own) if "sft" in own else {}
+        matched = _matched_unchanged(base32, sft32, own)
         accuracy = {"base": sft.summary()[0]} | {m: r.summary()[-1] for m, r in res.items()}
         return CompareResult(
             methods=methods, init=init, accuracy=accuracy, n_eval=sft.evals[0].n,

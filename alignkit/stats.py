@@ -143,6 +143,24 @@ def bootstrap_mean(values: np.ndarray, n_boot: int = 1000, seed: int = 0,
             "n": ok.sum(0).reshape(shape)}
 
 
+def ratio_bootstrap(num: np.ndarray, den: np.ndarray, n_boot: int,
+                    seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``sum(num) / sum(den)`` over rows of ``num, den: [n, k]`` per column, and the same ratio on
+    ``n_boot`` bootstrap resamples of the rows (multinomial counts from ``default_rng(seed)``),
+    one resample shared by every column, so differences between columns are paired.
+
+    Returns ``point: [k]`` and ``boots: [n_boot, k]``; a ratio with a zero denominator is NaN.
+    """
+    n = num.shape[0]
+    counts = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=n_boot)
+    counts = counts.astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        point = num.sum(0) / den.sum(0)
+        boots = (counts @ num) / (counts @ den)
+    boots[~np.isfinite(boots)] = np.nan
+    return point, boots
+
+
 def gap_fraction(delta: np.ndarray, gap: np.ndarray, n_boot: int = 1000, seed: int = 0,
                  ci: float = 0.95) -> Band:
     """Fraction of the mean gap a patch recovers: ``mean_i delta_i / mean_i gap_i`` per column.
@@ -173,12 +191,7 @@ def gap_fraction(delta: np.ndarray, gap: np.ndarray, n_boot: int = 1000, seed: i
     num, den = np.where(ok, flat, 0.0), ok * g[:, None]
     if np.all(den.sum(0) == 0):
         raise ValueError("gap_fraction: the mean gap is 0, so no fraction of it is defined")
-    counts = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=n_boot)
-    counts = counts.astype(np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        point = num.sum(0) / den.sum(0)
-        boots = (counts @ num) / (counts @ den)
-    boots[~np.isfinite(boots)] = np.nan
+    point, boots = ratio_bootstrap(num, den, n_boot, seed)
     alpha = (1 - ci) / 2
     lo, hi = np.full(flat.shape[1], np.nan), np.full(flat.shape[1], np.nan)
     some = np.isfinite(boots).any(0)

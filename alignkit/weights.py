@@ -258,8 +258,7 @@ def weight_drift(base: ModelLike, tuned: ModelLike, tol: float = 1e-5, k: int = 
                "rel_change": 0.0 if nd == 0.0 else (nd / nb if nb > 0 else math.inf),
                "frac_changed": float((d.abs() > tol).sum()) / numel,
                "frac_changed_dense": math.erfc(tol / (rms * math.sqrt(2.0))) if rms > 0 else 0.0,
-               "frac_unchanged_bf16": float((pt[name].to(dev).bfloat16() == wb.to(dev).bfloat16())
-                                            .sum()) / numel,
+               "frac_unchanged_bf16": bf16_unchanged_share(w, d),
                "frac_mass": _mass_share(d, mass), "frac_mass_dense": dense_mass}
         row.update(dict.fromkeys(MATRIX_METRICS, math.nan))
         if w.ndim == 2 and min(w.shape) > 0:
