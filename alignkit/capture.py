@@ -27,7 +27,7 @@ from alignkit.models import decoder, load_model, n_layers, special_tokens
 
 logger = logging.getLogger(__name__)
 
-POOLINGS = ("last", "mean", "tokens")
+POOLINGS = ("last", "mean", "question", "tokens")
 CACHE_VERSION = 1
 
 
@@ -82,6 +82,28 @@ def tokenize(tokenizer, texts: Sequence[str], add_special_tokens: bool = False) 
     return [list(seq) for seq in ids]
 
 
+def template_span(ids: Sequence[Sequence[int]]) -> tuple[int, int]:
+    """``(prefix, suffix)``: how many tokens every text shares at its start and at its end, the
+    prompt template (``"Question: "`` ... ``"\nAnswer:"``, a chat wrapper) that ``"question"``
+    pooling leaves out. ValueError with fewer than 2 texts or when a text has nothing else."""
+    ids = [list(s) for s in ids]
+    if len(ids) < 2:
+        raise ValueError("question pooling finds the template as what every probe shares, so it "
+                         f"needs at least 2 texts, got {len(ids)}")
+    shortest = min(len(s) for s in ids)
+    pre = 0
+    while pre < shortest and all(s[pre] == ids[0][pre] for s in ids):
+        pre += 1
+    suf = 0
+    while suf < shortest - pre and all(s[-1 - suf] == ids[0][-1 - suf] for s in ids):
+        suf += 1
+    empty = [i for i, s in enumerate(ids) if len(s) - pre - suf <= 0]
+    if empty:
+        raise ValueError(f"text {empty[0]} has no token besides the shared template ({pre} "
+                         f"prefix + {suf} suffix tokens): question pooling needs its own tokens")
+    return pre, suf
+
+
 def _check_args(pooling: str, batch_size: int, max_rows: int | None, dtype: torch.dtype) -> None:
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
@@ -128,8 +150,10 @@ def capture(model: torch.nn.Module, tokenizer, texts: Sequence[str],
     Args:
         hook_points: names or a ``names_filter`` predicate (default: ``embed`` and every
             ``layers.{i}.resid``).
-        pooling: ``"last"`` (last real token) or ``"mean"`` (over real tokens): a row per text;
-            ``"tokens"``: a row per real token, at most ``max_rows`` of them drawn with ``seed``.
+        pooling: ``"last"`` (last real token), ``"mean"`` (over real tokens) or ``"question"``
+            (over the tokens left when the template every text shares at its start and end is
+            removed: ``template_span``): a row per text; ``"tokens"``: a row per real token, at
+            most ``max_rows`` of them drawn with ``seed``.
         device: where the model is expected to be (default: where its parameters are).
         dtype: storage dtype of ``acts``; pooling is computed in float64 first.
     """
@@ -138,6 +162,7 @@ def capture(model: torch.nn.Module, tokenizer, texts: Sequence[str],
     texts = texts if isinstance(texts, str) else list(texts)  # tokenize rejects a single str
     ids = tokenize(tokenizer, texts, add_special_tokens)
     lengths, n_texts = [len(s) for s in ids], len(texts)
+    pre, suf = template_span(ids) if pooling == "question" else (0, 0)
     run_on = next(model.parameters()).device
     want = run_on if device is None else torch.device(device)
     if want.type != run_on.type or want.index not in (None, run_on.index):
@@ -152,8 +177,8 @@ def capture(model: torch.nn.Module, tokenizer, texts: Sequence[str],
     state: dict[str, torch.Tensor] = {}
 
     def pool(_name: str, t: torch.Tensor) -> torch.Tensor:  # [b, s, d] -> [rows, d] float64
-        if pooling == "mean":
-            m = state["mask"].unsqueeze(-1)
+        if pooling in ("mean", "question"):
+            m = state["pool_mask"].unsqueeze(-1)
             return torch.where(m, t.double(), 0.0).sum(1) / m.sum(1)
         return t[state["batch_idx"], state["seq_idx"]].double()
 
@@ -173,14 +198,16 @@ def capture(model: torch.nn.Module, tokenizer, texts: Sequence[str],
                 width = max(lengths[i] for i in batch)
                 input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
                 mask = torch.zeros((len(batch), width), dtype=torch.bool)
+                pool_mask = torch.zeros_like(mask)
                 for r, i in enumerate(batch):
-                    sl = slice(width - lengths[i], width) if left else slice(0, lengths[i])
-                    input_ids[r, sl] = torch.tensor(ids[i])
-                    mask[r, sl] = True
+                    first = width - lengths[i] if left else 0
+                    input_ids[r, first : first + lengths[i]] = torch.tensor(ids[i])
+                    mask[r, first : first + lengths[i]] = True
+                    pool_mask[r, first + pre : first + lengths[i] - suf] = True
                 offset = torch.tensor([width - lengths[i] if left else 0 for i in batch])
                 counts = torch.tensor([ends[i] - starts[i] for i in batch])
                 b_idx = torch.arange(len(batch)).repeat_interleave(counts)  # batch row of each
-                state.update(batch_idx=b_idx.to(run_on), mask=mask.to(run_on),
+                state.update(batch_idx=b_idx.to(run_on), pool_mask=pool_mask.to(run_on),
                              seq_idx=(row_pos[dest] + offset[b_idx]).to(run_on))
                 position_ids = (mask.long().cumsum(1) - 1).clamp(min=0)  # real tokens at 0..len-1
                 store.clear()
@@ -206,7 +233,9 @@ def capture(model: torch.nn.Module, tokenizer, texts: Sequence[str],
             "vocab_size": len(tokenizer), "vocab_hash": vocab_hash(tokenizer),
             "add_special_tokens": add_special_tokens, "max_rows": max_rows, "seed": seed,
             "dtype": str(dtype)}
-    if pooling != "mean":
+    if pooling == "question":
+        meta["template_tokens"] = [pre, suf]
+    if pooling not in ("mean", "question"):
         meta["row_pos"] = row_pos.tolist()
     return Activations(acts=acts, hook_points=list(names), pooling=pooling, meta=meta)
 

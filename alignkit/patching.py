@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 COMPONENTS = KINDS  # ("resid", "attn", "mlp")
 DIRECTIONS = ("denoise", "noise")
 POSITIONS = ("all", "prompt", "answer")
+WEIGHT_KINDS = ("revert", "graft", "mean_diff")  # weight_sweep's results
 Positions = Union[str, Sequence[int]]
 
 
@@ -431,8 +432,10 @@ def cross_layer_sweep(base: torch.nn.Module, tuned: torch.nn.Module, tokenizer,
 def weight_sweep(base: torch.nn.Module, tuned: torch.nn.Module, tokenizer,
                  examples: Sequence[Mapping], layers: Sequence[int] | None = None,
                  mean_positions: Positions = "all", batch_size: int = 16, min_gap: float = 0.1,
-                 tuned_tokenizer=None, progress: bool = True) -> dict[str, PatchResult]:
-    """Per layer ``i``: revert its weights, graft them, and mean-ablate the residual difference.
+                 tuned_tokenizer=None, progress: bool = True,
+                 kinds: Sequence[str] = WEIGHT_KINDS) -> dict[str, PatchResult]:
+    """Per layer ``i``: revert its weights, graft them, and mean-ablate the residual difference
+    (``kinds``: which of the three to run; the mean difference is computed only when asked for).
 
     No model is modified: a swapped decoder layer is the other model's module run on the
     receiver's cached input and call arguments (one config: the same arguments), then the
@@ -449,37 +452,44 @@ def weight_sweep(base: torch.nn.Module, tuned: torch.nn.Module, tokenizer,
       constant shift (a steering vector) carries the change. With ``"all"`` the mean includes the
       first tokens, whose residuals can be far larger than the rest.
     """
+    kinds = tuple(kinds)
+    if not kinds or set(kinds) - set(WEIGHT_KINDS):
+        raise ValueError(f"kinds must be a non-empty subset of {WEIGHT_KINDS}, got {kinds}")
     sess = _Session(base, tuned, tokenizer, examples, mean_positions, batch_size, tuned_tokenizer)
     layers = _check_layers(layers, n_layers(base))
-    diff_sum, count = 0.0, 0  # pass 1: the tuned - base residuals' sum, [n_layers, d_model] float64
-    with sess.running("mean residual difference", 1, progress) as bar:
-        for batch in sess.batches:
-            sums = [torch.stack([r[batch.patch].double().sum(0) for r in _forward(m, batch).resid])
-                    for m in (base, tuned)]
-            diff_sum += sums[1] - sums[0]
-            count += int(batch.patch.sum())
-            bar.update()
-    mean_d = diff_sum / count
-    revert, graft, mean_diff = (_Scores(len(sess.spans), len(layers)) for _ in range(3))
+    if "mean_diff" in kinds:
+        diff_sum, count = 0.0, 0  # pass 1: tuned - base residuals' sum, [n_layers, d_model] f64
+        with sess.running("mean residual difference", 1, progress) as bar:
+            for batch in sess.batches:
+                sums = [torch.stack([r[batch.patch].double().sum(0)
+                                     for r in _forward(m, batch).resid]) for m in (base, tuned)]
+                diff_sum += sums[1] - sums[0]
+                count += int(batch.patch.sum())
+                bar.update()
+        mean_d = diff_sum / count
+    scores = {k: _Scores(len(sess.spans), len(layers)) for k in kinds}
     with sess.running("weight ablation", len(layers), progress) as bar:
         for batch in sess.batches:
             cb, ct = _forward(base, batch), _forward(tuned, batch)
-            revert.unpatched(batch, ct, cb)  # receiver tuned, donor base
-            graft.unpatched(batch, cb, ct)  # receiver base, donor tuned
-            mean_diff.unpatched(batch, ct, cb)
+            for k, s in scores.items():  # receiver tuned, donor base; graft the other way
+                s.unpatched(batch, cb, ct) if k == "graft" else s.unpatched(batch, ct, cb)
             for c, i in enumerate(layers):
-                h = cb.layers[i](ct.resid_in(i), **ct.kwargs[i])  # base's layer i inside tuned
-                revert.patched(batch, (c,), _finish(ct, i + 1, h, batch), cb)
-                h = ct.layers[i](cb.resid_in(i), **cb.kwargs[i])  # tuned's layer i inside base
-                graft.patched(batch, (c,), _finish(cb, i + 1, h, batch), ct)
-                shifted = (cb.resid[i].double() + mean_d[i]).to(ct.resid[i].dtype)
-                h = _mix(batch.patch, shifted, ct.resid[i])
-                mean_diff.patched(batch, (c,), _finish(ct, i + 1, h, batch), cb)
+                if "revert" in scores:  # base's layer i inside tuned
+                    h = cb.layers[i](ct.resid_in(i), **ct.kwargs[i])
+                    scores["revert"].patched(batch, (c,), _finish(ct, i + 1, h, batch), cb)
+                if "graft" in scores:  # tuned's layer i inside base
+                    h = ct.layers[i](cb.resid_in(i), **cb.kwargs[i])
+                    scores["graft"].patched(batch, (c,), _finish(cb, i + 1, h, batch), ct)
+                if "mean_diff" in scores:
+                    shifted = (cb.resid[i].double() + mean_d[i]).to(ct.resid[i].dtype)
+                    h = _mix(batch.patch, shifted, ct.resid[i])
+                    scores["mean_diff"].patched(batch, (c,), _finish(ct, i + 1, h, batch), cb)
                 bar.update()
     weights = dict(component="weights", positions="all", layers=layers)
     noise = dict(receiver="tuned", donor="base", direction="noise")
-    return {"revert": revert.result(min_gap, sweep="weight_revert", **weights, **noise),
-            "graft": graft.result(min_gap, sweep="weight_graft", **weights, receiver="base",
-                                  donor="tuned", direction="denoise"),
-            "mean_diff": mean_diff.result(min_gap, sweep="mean_diff", component="resid",
-                                          positions=sess.positions, layers=layers, **noise)}
+    make = {"revert": lambda s: s.result(min_gap, sweep="weight_revert", **weights, **noise),
+            "graft": lambda s: s.result(min_gap, sweep="weight_graft", **weights,
+                                        receiver="base", donor="tuned", direction="denoise"),
+            "mean_diff": lambda s: s.result(min_gap, sweep="mean_diff", component="resid",
+                                            positions=sess.positions, layers=layers, **noise)}
+    return {k: make[k](s) for k, s in scores.items()}

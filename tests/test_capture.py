@@ -21,6 +21,7 @@ from alignkit.capture import (
     capture,
     capture_cached,
     check_comparable,
+    template_span,
     texts_hash,
     varying_points,
 )
@@ -84,6 +85,37 @@ def test_padding_and_batching_do_not_change_the_result(any_model, tok, tok_left,
     resid = base.acts[POINTS.index("layers.2.resid")].double()
     dist = torch.cdist(resid, resid).fill_diagonal_(1e9)
     assert resid.abs().mean() > 0.3 and (dist.min() > 1e-2 if pooling != "tokens" else dist.median() > 1)
+
+
+PROMPTS = [f"Question : {t}\nAnswer :" for t in TEXTS]
+
+
+def test_question_pooling_leaves_the_shared_template_out(any_model, tok, tok_left):
+    """``"question"``: the mean over the tokens between the prefix and suffix every probe shares,
+    against the texts run one at a time; any batch size and padding side alike."""
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in PROMPTS]
+    pre, suf = template_span(ids)
+    assert pre >= 2 and suf >= 2  # "Question :" and "\nAnswer :" at least
+    base = capture(any_model, tok, PROMPTS, POINTS, pooling="question", batch_size=1)
+    assert base.meta["template_tokens"] == [pre, suf] and "row_pos" not in base.meta
+    for t in (tok, tok_left):
+        torch.testing.assert_close(capture(any_model, t, PROMPTS, POINTS, pooling="question", batch_size=4).acts,
+                                   base.acts, **TOL)
+    for p, name in enumerate(POINTS):
+        for i, text in enumerate(PROMPTS):
+            h = reference(any_model, tok, text, name)
+            torch.testing.assert_close(base.acts[p, i].double(), h[pre : len(h) - suf].mean(0), **TOL)
+    mean = capture(any_model, tok, PROMPTS, POINTS, pooling="mean")
+    assert (base.acts - mean.acts).abs().max() > 1e-2  # the template rows did count under "mean"
+
+
+def test_template_span():
+    assert template_span([[1, 2, 5, 9], [1, 2, 6, 7, 9]]) == (2, 1)
+    assert template_span([[1, 5, 2], [3, 5, 4]]) == (0, 0)  # nothing shared at either end
+    with pytest.raises(ValueError, match="at least 2 texts"):
+        template_span([[1, 2, 3]])
+    with pytest.raises(ValueError, match="text 0 has no token besides the shared template"):
+        template_span([[1, 9], [1, 4, 9]])
 
 
 def test_shapes_and_meta(qwen3, tok):

@@ -253,6 +253,39 @@ def test_weight_sweep_matches_copied_weights(tok, pairs, examples):
     assert res["graft"].meta["receiver"] == "base" and res["revert"].meta["receiver"] == "tuned"
 
 
+def test_position_specific_mean_ablation_and_kinds(tok, pairs, examples):
+    """``mean_positions="answer"``: the mean difference over the answer-predicting rows only, put
+    back at those rows only; ``kinds`` runs a subset without changing it."""
+    base, tuned = pairs["qwen3"]
+    ex = examples[:3]
+    full = patching.weight_sweep(base, tuned, tok, ex, mean_positions="answer", batch_size=2, progress=False)
+    only = patching.weight_sweep(base, tuned, tok, ex, mean_positions="answer", batch_size=2, progress=False,
+                                 kinds=("mean_diff",))
+    assert list(only) == ["mean_diff"] and list(full) == list(patching.WEIGHT_KINDS)
+    np.testing.assert_array_equal(only["mean_diff"].lp_patched, full["mean_diff"].lp_patched)
+    ids = [tok(e["prompt"] + " " + e["answer"], add_special_tokens=False)["input_ids"] for e in ex]
+    rows = [positions_of(tok, e, "answer", len(i))[2] for e, i in zip(ex, ids)]
+    for layer in range(L):
+        diffs = [(capture(tuned, i, tuned.model.layers[layer])[0] - capture(base, i, base.model.layers[layer])[0])[r]
+                 for i, r in zip(ids, rows)]
+        mean_d = torch.cat(diffs).double().mean(0)
+        lp = []
+        for k, i in enumerate(ids):
+            b, t, r = capture(base, i, base.model.layers[layer]), capture(tuned, i, tuned.model.layers[layer]), rows[k]
+
+            def edit(out, b=b, t=t, r=r):
+                mixed = t.clone()
+                mixed[0, r] = (b[0, r].double() + mean_d).float()
+                return mixed
+
+            logp = run_logp(tuned, i, (tuned.model.layers[layer], edit))
+            _, answer, _ = positions_of(tok, ex[k], "all", len(i))
+            lp.append(metric(logp, logp, i, answer)[0])
+        np.testing.assert_allclose(full["mean_diff"].lp_patched[:, layer], lp, rtol=0, atol=TOL)
+    with pytest.raises(ValueError, match="kinds must be a non-empty subset"):
+        patching.weight_sweep(base, tuned, tok, ex, kinds=("steer",))
+
+
 # ------------------------------------------------------------------------------------------
 # Exact invariants
 # ------------------------------------------------------------------------------------------
