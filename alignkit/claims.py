@@ -87,8 +87,9 @@ class Verdict:
         return "disagrees" if "disagrees" in v else "cannot tell"
 
     def sentence(self, fmt: str = "{:+.3f}") -> str:
-        """One Markdown sentence: the claim, the quantity, each item with its interval and
-        verdict, the overall verdict and the number of seeds behind it."""
+        """One Markdown sentence: the claim, the quantity, each item (the mean over seeds and the
+        envelope of the seeds' intervals, ``stats.envelope``) with its verdict, the context
+        numbers, the overall verdict and the number of seeds behind it."""
         parts = []
         for item, b in self.items.items():
             if np.isnan(float(b.point)):
@@ -102,7 +103,7 @@ class Verdict:
                          f"{self.verdicts[item]})")
         seeds = (f"{self.n_seeds} training seeds" if self.n_seeds > 1 else
                  "one training seed, which cannot decide")
-        ctx = "".join(f"; {k}: {fmt.format(float(b.point))}" for k, b in self.context.items())
+        ctx = "".join(f"; {k}: {float(b.point):.3f}" for k, b in self.context.items())
         return (f"*{self.claim}* ({self.source}) — {self.quantity}: " + "; ".join(parts)
                 + f"{ctx}. Verdict over {seeds}: **{self.verdict}**.")
 

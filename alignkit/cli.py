@@ -99,6 +99,10 @@ def _add_common(p: argparse.ArgumentParser, suppress: bool) -> None:
                    help="local GSM8K-format .jsonl for evaluation and probes (default: --data)")
     g.add_argument("--root", default=d(None), metavar="DIR",
                    help="where runs live (default: $ALIGNKIT_HOME, else the repository's runs/)")
+    g.add_argument("--seeds", type=int, default=d(None), metavar="N",
+                   help="training seeds: every stage runs once per seed and the summaries say "
+                        "what holds in how many (default: the preset's n_seeds, 3 for tiny, 2 "
+                        "with --smoke, 1 for the real presets); same as --set n_seeds=N")
     g.add_argument("-v", "--verbose", action="store_true", default=d(False),
                    help="debug logging, and tracebacks on errors")
 
@@ -129,8 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "train":
             p.add_argument("method", choices=METHODS, help="post-training method")
         elif name == "capture":
-            p.add_argument("--pooling", nargs="+", choices=("mean", "last"),
-                           default=["mean", "last"], help="poolings (default: mean last)")
+            p.add_argument("--pooling", nargs="+", choices=("question", "mean", "last"),
+                           default=["question", "mean", "last"],
+                           help="poolings (default: question mean last; question: the mean over "
+                                "the question's own tokens, the shared template left out)")
         elif name == "figures":
             p.add_argument("--notebooks", nargs="+", metavar="NN", default=None,
                            help="notebook numbers or names to run, e.g. 02 03 (default: all)")
@@ -224,6 +230,10 @@ def config_from_args(args: argparse.Namespace):
         overrides["data_source"] = str(check_data_file(args.data, "--data"))
     if args.eval_data is not None:
         overrides["eval_source"] = str(check_data_file(args.eval_data, "--eval-data"))
+    if args.seeds is not None:
+        if args.seeds < 1:
+            raise UsageError(f"--seeds must be at least 1, got {args.seeds}")
+        overrides["n_seeds"] = args.seeds
     if args.root is not None:
         overrides["root"] = str(Path(args.root).expanduser().resolve())
     for key in ("data_source", "eval_source"):  # a local file given through --set
@@ -241,48 +251,60 @@ def config_from_args(args: argparse.Namespace):
     return cfg, overrides
 
 
-def stage_train(cfg, method: str) -> Path:
-    """Train (cached) and log the checkpoints."""
+def stage_train(cfg, method: str) -> list[Path]:
+    """Train every seed's run (cached) and log the checkpoints."""
+    from alignkit.config import seed_configs
     from alignkit.runs import list_checkpoints
     from alignkit.train import train
 
-    run_dir = train(cfg, method)
-    steps = [s for s, _ in list_checkpoints(run_dir)]
-    logger.info("train %s: %d checkpoints (steps %s) in %s", method, len(steps), steps,
-                run_dir / "checkpoints")
-    return run_dir
+    out = []
+    for c in seed_configs(cfg):
+        run_dir = train(c, method)
+        steps = [s for s, _ in list_checkpoints(run_dir)]
+        logger.info("train %s (seed %d): %d checkpoints (steps %s) in %s", method,
+                    getattr(c, method).seed, len(steps), steps, run_dir / "checkpoints")
+        out.append(run_dir)
+    return out
 
 
 def stage_evaluate(cfg, method: str):
-    """Evaluate every checkpoint (cached), write the flip table, log what notebook 01 says."""
+    """Evaluate every seed's checkpoints (cached), write the flip tables, log notebook 01's text."""
     from alignkit.report import summarize_sft
-    from alignkit.stages import ensure_results
+    from alignkit.stages import ensure_results, over_seeds
 
-    res = ensure_results(cfg, method)
-    logger.info("evaluate %s: wrote eval-*.json in each checkpoint and %s\n%s", method,
-                res.run_dir / "flips.json", summarize_sft(res))
+    res = over_seeds(ensure_results, cfg, method)
+    logger.info("evaluate %s: wrote eval-*.json in each checkpoint and flips.json in %s\n%s",
+                method, ", ".join(str(r.run_dir) for r in res), summarize_sft(res))
     return res
 
 
-def stage_capture(cfg, method: str, poolings: Sequence[str] = ("mean", "last")):
-    """Capture (cached) what notebooks 02-04 read."""
-    from alignkit.stages import ensure_captures
+def stage_capture(cfg, method: str, poolings: Sequence[str] = ("question", "mean", "last")):
+    """Capture (cached) what notebooks 02-04 read, for every seed."""
+    from alignkit.stages import ensure_captures, over_seeds
 
-    caps = ensure_captures(cfg, method, tuple(poolings))
-    for p, by_step in caps.items():
+    out = over_seeds(ensure_captures, cfg, method, tuple(poolings))
+    for p, by_step in out[0].items():
         a = next(iter(by_step.values()))
-        logger.info("capture %s (%s pooling): %d checkpoints x %d hook points x %d probes x width "
-                    "%d", method, p, len(by_step), len(a.hook_points), *a.acts.shape[1:])
-    return caps
+        logger.info("capture %s (%s pooling, %d seeds): %d checkpoints x %d hook points x %d "
+                    "probes x width %d", method, p, len(out), len(by_step), len(a.hook_points),
+                    *a.acts.shape[1:])
+    return out
 
 
 def stage_analysis(stage: str, cfg, method: str):
     """``stages.ensure_<stage>`` (cached) of cka, spectral, patching or compare (which compares
-    every method, whatever ``method``), logging its ``report.summarize_<stage>``."""
+    every method, whatever ``method``) for every seed, logging ``report.summarize_<stage>`` of
+    all of them."""
     from alignkit import report, stages
 
-    res = getattr(stages, f"ensure_{stage}")(cfg, METHODS if stage == "compare" else method)
-    logger.info("%s %s:\n%s", stage, method, getattr(report, f"summarize_{stage}")(res))
+    res = stages.over_seeds(getattr(stages, f"ensure_{stage}"), cfg,
+                            METHODS if stage == "compare" else method)
+    if stage == "compare":
+        n_boot = stages.compare_defaults(cfg.smoke)["n_boot"]
+        text = report.summarize_compare(res, stages.claims_over_seeds(res, n_boot=n_boot))
+    else:
+        text = getattr(report, f"summarize_{stage}")(res)
+    logger.info("%s %s (%d seeds):\n%s", stage, method, len(res), text)
     return res
 
 

@@ -174,20 +174,31 @@ def eval_key(cfg: Config, ds) -> str:
 def evaluate_checkpoint(ckpt: str | Path, cfg: Config, ds=None) -> CheckpointEval:
     """Accuracy, outputs and answer log-probs of one checkpoint, cached beside it in
     ``eval-<key>.json`` (keyed by the evaluation settings and set; recomputed when the weights
-    differ from the hash it records)."""
+    differ from the hash it records) and in ``<root>/evals/<weights hash>-<key>.json``, so the
+    same weights in another run (every seed's step 0 is the base; DPO's and GRPO's step 0 is the
+    final SFT model) are evaluated once."""
     ckpt = Path(ckpt)
     ds = ds if ds is not None else eval_set(cfg)
     key = eval_key(cfg, ds)
     path = ckpt / f"eval-{key}.json"
     whash = runs.weights_hash(ckpt)
-    if path.is_file():
+    manifest_path = ckpt / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    shared = cfg.run_root / "evals" / f"{whash}-{key}.json"
+    for where in (path, shared):
+        if not where.is_file():
+            continue
         try:
-            res = CheckpointEval.load(path)
-            if res.weights_hash == whash and len(res.correct) == len(ds):
+            res = CheckpointEval.load(where)
+            if res.weights_hash == whash and len(res.correct) == len(ds) and res.key == key:
+                if where == shared:  # the same weights evaluated in another run: this one's names
+                    res = dataclasses.replace(res, checkpoint=str(ckpt), step=manifest.get("step"),
+                                              train_loss=manifest.get("train_loss"))
+                    res.save(path)
                 return res
         except (ValueError, KeyError, TypeError):
             pass
-        logger.warning("stale or damaged evaluation cache %s: recomputing", path)
+        logger.warning("stale or damaged evaluation cache %s: recomputing", where)
     model, tokenizer = load_model(ckpt, dtype=cfg.dtype, device=device_for(cfg))
     prompts = prompts_for(cfg, tokenizer, ds["question"], few_shot=True)
     outputs = generate(model, tokenizer, prompts, cfg.eval.max_new_tokens, cfg.eval.batch_size,
@@ -195,14 +206,13 @@ def evaluate_checkpoint(ckpt: str | Path, cfg: Config, ds=None) -> CheckpointEva
     preds = [extract_answer(o) for o in outputs]
     correct = [p is not None and p == g for p, g in zip(preds, ds["final_answer"])]
     lp = answer_logprob(model, tokenizer, prompts, ds["answer"], cfg.eval.batch_size, cfg.chat)
-    manifest_path = ckpt / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     res = CheckpointEval(
         checkpoint=str(ckpt), step=manifest.get("step"), weights_hash=whash, key=key,
         accuracy=float(np.mean(correct)), n=len(correct), correct=correct, predictions=preds,
         outputs=outputs, answer_logprob=lp.tolist(), mean_answer_logprob=float(lp.mean()),
         train_loss=manifest.get("train_loss"))
     res.save(path)
+    res.save(shared)
     return res
 
 

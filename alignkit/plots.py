@@ -53,11 +53,32 @@ def save_figure(fig, name: str, out_dir: str | Path | None = None) -> Path:
     return path
 
 
-def plot_loss(loss: Sequence[tuple[int, float]], ax=None, checkpoint_steps: Sequence[int] = ()):
-    """Training loss against step, with checkpoint steps marked."""
+def _per_seed(x: Sequence) -> list:
+    """``x`` as a list of per-seed entries: a list of lists stays, one seed's list is wrapped."""
+    return list(x) if x and isinstance(x[0], list) else [x]
+
+
+def _seed_style(k: int) -> dict:
+    """Training seed ``k``'s line: the first thick with markers, the others thin."""
+    return {"marker": "o" if k == 0 else None, "lw": 1.6 if k == 0 else 0.9,
+            "alpha": 1.0 if k == 0 else 0.8}
+
+
+def _seed_legend(ax, n: int) -> None:
+    if n > 1:
+        ax.plot([], [], "-", color="0.4", lw=0.9, label=f"thin: training seeds 2–{n}")
+
+
+def plot_loss(loss: Sequence, ax=None, checkpoint_steps: Sequence[int] = ()):
+    """Training loss against step (``loss``: ``[(step, value)]``, or one such list per training
+    seed), with checkpoint steps marked."""
     fig, ax = _ax(ax)
-    if loss:
-        ax.plot(*zip(*loss), color="C0", lw=1.2, label="train loss (completion tokens)")
+    seeds = _per_seed(list(loss))
+    for k, one in enumerate(seeds):
+        if one:
+            ax.plot(*zip(*one), color="C0", lw=1.2 if k == 0 else 0.7, alpha=1 if k == 0 else 0.6,
+                    label="train loss (completion tokens)" if k == 0 else None)
+    _seed_legend(ax, len(seeds))
     for s in checkpoint_steps:
         ax.axvline(s, color="0.6", lw=0.8, ls=":")
     ax.set(xlabel="SFT step", ylabel="cross-entropy (nats / token)", title="Training loss")
@@ -65,39 +86,55 @@ def plot_loss(loss: Sequence[tuple[int, float]], ax=None, checkpoint_steps: Sequ
     return fig
 
 
-def plot_accuracy(rows: Sequence[dict], ax=None):
-    """Greedy exact-match accuracy per checkpoint with its 95 % Wilson interval; base dashed."""
+def plot_accuracy(rows: Sequence, ax=None):
+    """Greedy exact-match accuracy per checkpoint with its 95 % Wilson interval (``rows``: one
+    seed's ``RunResults.summary()``, or one per training seed: a line and interval each); the
+    base dashed."""
     fig, ax = _ax(ax)
-    steps = [r["step"] for r in rows]
-    acc, lo, hi = (100 * np.array([r[k] for r in rows]) for k in ("accuracy", "acc_lo", "acc_hi"))
-    ax.fill_between(steps, lo, hi, color="C1", alpha=0.25, label="95 % Wilson interval")
-    ax.plot(steps, acc, "o-", color="C1", label="accuracy")
-    ax.axhline(acc[0], color="0.3", ls="--", lw=1, label=f"base ({acc[0]:.1f} %)")
+    seeds = _per_seed(list(rows))
+    for k, one in enumerate(seeds):
+        steps = [r["step"] for r in one]
+        acc, lo, hi = (100 * np.array([r[f] for r in one])
+                       for f in ("accuracy", "acc_lo", "acc_hi"))
+        ax.fill_between(steps, lo, hi, color="C1", alpha=0.25 if k == 0 else 0.08,
+                        label="95 % Wilson interval" if k == 0 else None)
+        ax.plot(steps, acc, "-", color="C1", ms=4, label="accuracy" if k == 0 else None,
+                **_seed_style(k))
+    _seed_legend(ax, len(seeds))
+    base = 100 * seeds[0][0]["accuracy"]
+    ax.axhline(base, color="0.3", ls="--", lw=1, label=f"base ({base:.1f} %)")
     ax.set(xlabel="SFT step", ylabel="exact-match accuracy (%)", ylim=(0, 100),
            title="Held-out accuracy")
     ax.legend(loc="upper left", fontsize=8)
     return fig
 
 
-def plot_answer_logprob(rows: Sequence[dict], ax=None):
-    """Mean log-prob of the gold final answer per checkpoint, ± 1.96 standard errors."""
+def plot_answer_logprob(rows: Sequence, ax=None):
+    """Mean log-prob of the gold final answer per checkpoint, ± 1.96 standard errors (one line
+    per training seed when given one ``summary()`` per seed)."""
     fig, ax = _ax(ax)
-    steps = [r["step"] for r in rows]
-    m, se = (np.array([r[k] for r in rows]) for k in ("answer_logprob", "answer_logprob_se"))
-    ax.fill_between(steps, m - 1.96 * se, m + 1.96 * se, color="C2", alpha=0.25,
-                    label="95 % interval of the mean")
-    ax.plot(steps, m, "o-", color="C2", label="mean log P(answer)")
-    ax.axhline(m[0], color="0.3", ls="--", lw=1, label="base")
+    seeds = _per_seed(list(rows))
+    for k, one in enumerate(seeds):
+        steps = [r["step"] for r in one]
+        m, se = (np.array([r[f] for r in one]) for f in ("answer_logprob", "answer_logprob_se"))
+        ax.fill_between(steps, m - 1.96 * se, m + 1.96 * se, color="C2",
+                        alpha=0.25 if k == 0 else 0.08,
+                        label="95 % interval of the mean" if k == 0 else None)
+        ax.plot(steps, m, "-", color="C2", ms=4, label="mean log P(answer)" if k == 0 else None,
+                **_seed_style(k))
+    _seed_legend(ax, len(seeds))
+    ax.axhline(seeds[0][0]["answer_logprob"], color="0.3", ls="--", lw=1, label="base")
     ax.set(xlabel="SFT step", ylabel="log-prob of gold answer (nats)", title="Answer log-prob")
     ax.legend(loc="lower right", fontsize=8)
     return fig
 
 
-def plot_sft_training(rows: Sequence[dict], loss: Sequence[tuple[int, float]], axes=None):
-    """Three panels: training loss, accuracy and answer log-prob against SFT step."""
+def plot_sft_training(rows: Sequence, loss: Sequence, axes=None):
+    """Three panels: training loss, accuracy and answer log-prob against SFT step; ``rows`` and
+    ``loss`` are one seed's or lists with one entry per training seed."""
     if axes is None:
         _, axes = plt.subplots(1, 3, figsize=(15, 4))
-    plot_loss(loss, ax=axes[0], checkpoint_steps=[r["step"] for r in rows])
+    plot_loss(loss, ax=axes[0], checkpoint_steps=[r["step"] for r in _per_seed(list(rows))[0]])
     plot_accuracy(rows, ax=axes[1])
     plot_answer_logprob(rows, ax=axes[2])
     axes[0].figure.tight_layout()
@@ -113,18 +150,29 @@ def plot_layer_curves(curves: dict, ax=None, ylabel: str = "", title: str = "",
                       has_embed: bool = True, cmap: str = "viridis"):
     """One line per entry of ``curves`` (``{label: {"point", "lo"?, "hi"?}}`` over layers, e.g.
     a ``Band`` or a bootstrap dict) with its interval, and an optional grey control ``band``
-    (``{"lo", "hi"}``, e.g. CKA's noise floor); ``has_embed``: index 0 is the embedding."""
+    (``{"lo", "hi"}``, e.g. CKA's noise floor); ``has_embed``: index 0 is the embedding.
+
+    An entry may be a list of such curves, one per training seed: the first drawn thick with
+    markers, the others thin in the same colour, each with its own (lighter) interval."""
     fig, ax = _ax(ax, figsize=(7, 4))
     colors = sns.color_palette(cmap, n_colors=max(1, len(curves)))
+    n_seeds = 1
     for (label, c), color in zip(curves.items(), colors):
-        x = np.arange(len(c["point"]))
-        if "lo" in c and "hi" in c:
-            ax.fill_between(x, c["lo"], c["hi"], color=color, alpha=0.2, lw=0)
-        ax.plot(x, c["point"], "o-", ms=3, color=color, label=label)
+        seeds = list(c) if isinstance(c, (list, tuple)) else [c]
+        n_seeds = max(n_seeds, len(seeds))
+        for k, ci in enumerate(seeds):
+            x = np.arange(len(ci["point"]))
+            if "lo" in ci and "hi" in ci:
+                ax.fill_between(x, ci["lo"], ci["hi"], color=color, alpha=0.2 if k == 0 else 0.07,
+                                lw=0)
+            ax.plot(x, ci["point"], "-", ms=3, color=color, label=label if k == 0 else None,
+                    **_seed_style(k))
+    _seed_legend(ax, n_seeds)
     if band is not None:
         ax.fill_between(np.arange(len(band["lo"])), band["lo"], band["hi"], color="0.5",
                         alpha=0.25, hatch="//", lw=0, label=band_label)
-    n = len(next(iter(curves.values()))["point"])
+    first = next(iter(curves.values()))
+    n = len((first[0] if isinstance(first, (list, tuple)) else first)["point"])
     ax.set_xticks(range(n))
     ax.set_xticklabels(_layer_labels(n, has_embed), fontsize=8)
     ax.set(xlabel="layer (residual stream after it)", ylabel=ylabel, title=title)
@@ -152,11 +200,13 @@ def plot_heatmap(mat: np.ndarray, ax=None, path=None, xlabel: str = "", ylabel: 
 
 
 def plot_scatter(x: np.ndarray, y: np.ndarray, ax=None, labels=None, xlabel: str = "",
-                 ylabel: str = "", title: str = "", xerr=None, yerr=None):
-    """Per-layer scatter (e.g. ΔCKA vs Δ effective rank) with optional error bars and labels."""
+                 ylabel: str = "", title: str = "", xerr=None, yerr=None, color: str = "C0",
+                 label: str | None = None):
+    """Per-layer scatter (e.g. ΔCKA vs Δ effective rank) with optional error bars and point
+    labels; ``label`` names the series in a legend (one call per training seed)."""
     fig, ax = _ax(ax)
-    ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="o", ms=4, color="C0", ecolor="0.6",
-                elinewidth=0.8)
+    ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="o", ms=4, color=color, ecolor="0.6",
+                elinewidth=0.8, label=label)
     for xi, yi, lab in zip(x, y, labels or []):
         ax.annotate(lab, (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.axhline(0, color="0.4", lw=0.8)
@@ -244,22 +294,30 @@ def plot_drift_layers(tables: dict, metric: str = "rel_change", ax=None, styles:
 
     Args:
         tables: ``{label: weights.summarize_drift(df, "layer")}`` (index: layer, −1 = embedding,
-            L = after the stack).
+            L = after the stack), or a list of such tables per label, one per training seed
+            (the first thick with its control, the others thin).
         styles, colors: optional ``{label: format string}`` and ``{label: colour}``.
     """
     _check_metric(metric)
     control, control_label = _DRIFT_METRICS[metric][1:3]
     fig, ax = _ax(ax, figsize=(7, 4))
     n_layers = 0
-    for i, (label, t) in enumerate(tables.items()):
-        t = t[t[metric].notna()]
-        layers = np.asarray(t.index, dtype=float)
-        n_layers = max(n_layers, int(layers.max()))
+    n_seeds = 1
+    for i, (label, seeds) in enumerate(tables.items()):
+        seeds = list(seeds) if isinstance(seeds, (list, tuple)) else [seeds]
+        n_seeds = max(n_seeds, len(seeds))
         color = (colors or {}).get(label, f"C{i}")
-        ax.plot(layers, t[metric], (styles or {}).get(label, "o-"), ms=3, lw=1.2, color=color,
-                label=label)
-        if isinstance(control, str):
-            ax.plot(layers, t[control], ":", lw=0.9, color=color, alpha=0.8)
+        for k, t in enumerate(seeds):
+            t = t[t[metric].notna()]
+            layers = np.asarray(t.index, dtype=float)
+            n_layers = max(n_layers, int(layers.max()))
+            style = (styles or {}).get(label, "o-")
+            ax.plot(layers, t[metric], style if k == 0 else style.replace("o", ""), ms=3,
+                    lw=1.2 if k == 0 else 0.7, alpha=1 if k == 0 else 0.7, color=color,
+                    label=label if k == 0 else None)
+            if isinstance(control, str) and k == 0:
+                ax.plot(layers, t[control], ":", lw=0.9, color=color, alpha=0.8)
+    _seed_legend(ax, n_seeds)
     if isinstance(control, str):
         ax.plot([], [], ":", color="0.4", label=f"{control_label} (dotted)")
     _drift_axis(ax, metric, n_layers, title)
@@ -272,7 +330,9 @@ def plot_grouped_bars(values: dict, ax=None, ylabel: str = "", title: str = "",
     """Bars grouped on the x axis, one colour per series, with interval whiskers.
 
     Args:
-        values: ``{group: {series: {"point", "lo"?, "hi"?}}}``.
+        values: ``{group: {series: {"point", "lo"?, "hi"?}}}``; a series' entry may be a list
+            of such dicts, one per training seed: the bar is their mean, a dot marks each seed
+            and the whisker spans every seed's interval.
         controls: optional ``{group: value}`` drawn as a dashed bar across the group (chance
             level, a dense-noise value, the base model's score ...).
     """
@@ -280,14 +340,27 @@ def plot_grouped_bars(values: dict, ax=None, ylabel: str = "", title: str = "",
     groups = list(values)
     series = list(dict.fromkeys(s for g in groups for s in values[g]))
     width = 0.8 / max(1, len(series))
+    n_seeds = 1
     for j, s in enumerate(series):
         x = np.arange(len(groups)) - 0.4 + width * (j + 0.5)
         pts = [values[g].get(s, {}) for g in groups]
-        y = np.array([p.get("point", np.nan) for p in pts], dtype=float)
-        lo = np.array([p.get("lo", p.get("point", np.nan)) for p in pts], dtype=float)
-        hi = np.array([p.get("hi", p.get("point", np.nan)) for p in pts], dtype=float)
+        pts = [list(p) if isinstance(p, (list, tuple)) else [p] for p in pts]
+        n_seeds = max(n_seeds, *(len(p) for p in pts))
+
+        def field(p, f):
+            return np.array([q.get(f, q.get("point", np.nan)) for q in p], dtype=float)
+
+        y = np.array([np.mean(field(p, "point")) for p in pts])
+        lo = np.array([np.min(field(p, "lo")) for p in pts])
+        hi = np.array([np.max(field(p, "hi")) for p in pts])
         ax.bar(x, y, width=width * 0.92, color=f"C{j}", alpha=0.85, label=s)
         ax.errorbar(x, y, yerr=[y - lo, hi - y], fmt="none", ecolor="0.2", elinewidth=1, capsize=2)
+        if n_seeds > 1:
+            for xi, p in zip(x, pts):
+                ax.plot([xi] * len(p), field(p, "point"), "o", ms=3, color="k", zorder=3)
+    if n_seeds > 1:
+        ax.plot([], [], "o", ms=3, color="k", label=f"each of {n_seeds} training seeds (bar: "
+                "mean; whisker: all seeds' intervals)")
     labelled = False
     for i, g in enumerate(groups):
         if controls and controls.get(g) is not None:
@@ -301,85 +374,117 @@ def plot_grouped_bars(values: dict, ax=None, ylabel: str = "", title: str = "",
     return fig
 
 
-def plot_compare_accuracy(res: CompareResult, ax=None):
-    """Accuracy of each method's final model with its Wilson interval; the base as the control."""
-    acc = res.accuracy
-    vals = {"held-out accuracy": {m: {k: 100 * acc[m][f] for k, f in (
-        ("point", "accuracy"), ("lo", "acc_lo"), ("hi", "acc_hi"))} for m in res.methods}}
-    base = 100 * acc["base"]["accuracy"]
+def _seeds(res) -> list[CompareResult]:
+    return list(res) if isinstance(res, (list, tuple)) else [res]
+
+
+def plot_compare_accuracy(res: CompareResult | Sequence[CompareResult], ax=None):
+    """Accuracy of each method's final model with its Wilson interval (one per training seed
+    when given a list); the base as the control."""
+    rs = _seeds(res)
+    vals = {"held-out accuracy": {m: [{k: 100 * r.accuracy[m][f] for k, f in (
+        ("point", "accuracy"), ("lo", "acc_lo"), ("hi", "acc_hi"))} for r in rs]
+        for m in rs[0].methods}}
+    base = 100 * rs[0].accuracy["base"]["accuracy"]
     return plot_grouped_bars(vals, ax=ax, ylabel="exact-match accuracy (%)",
-                             title=f"Accuracy (n = {res.n_eval})",
+                             title=f"Accuracy (n = {rs[0].n_eval})",
                              controls={"held-out accuracy": base},
                              control_label=f"base ({base:.1f} %)")
 
 
-def plot_compare_cka(res: CompareResult, ax=None):
-    """CKA(base, final) per layer for each method, bootstrap bands, the widest noise floor."""
-    return plot_layer_curves(res.cka, ax=ax, ylabel="linear CKA (base, final)", cmap="deep",
-                             title=f"Layerwise CKA vs base ({res.pooling} pooling)",
-                             has_embed=res.labels[0] == "embed",
-                             band={"lo": 1 - res.cka_floor, "hi": np.ones(len(res.labels))},
+def plot_compare_cka(res: CompareResult | Sequence[CompareResult], ax=None):
+    """CKA(base, final) per layer for each method (a line per training seed), bootstrap bands,
+    the widest noise floor."""
+    rs = _seeds(res)
+    floor = np.max([r.cka_floor for r in rs], axis=0)
+    return plot_layer_curves({m: [r.cka[m] for r in rs] for m in rs[0].methods}, ax=ax,
+                             ylabel="linear CKA (base, final)", cmap="deep",
+                             title=f"Layerwise CKA vs base ({rs[0].pooling} pooling)",
+                             has_embed=rs[0].labels[0] == "embed",
+                             band={"lo": 1 - floor, "hi": np.ones(len(rs[0].labels))},
                              band_label="noise floor (split-half, 95 %)")
 
 
-def plot_compare_rank(res: CompareResult, ax=None, own: bool = False):
-    """Paired Δ RankMe per layer: final − base, or final − the method's own init (``own``)."""
-    deltas = ({f"{m} (vs {res.init[m]})": d for m, d in res.rank_vs_init.items()} if own
-              else res.rank_vs_base)
+def plot_compare_rank(res: CompareResult | Sequence[CompareResult], ax=None, own: bool = False):
+    """Paired Δ RankMe per layer (a line per training seed): final − base, or final − the
+    method's own init (``own``)."""
+    rs = _seeds(res)
+    r0 = rs[0]
+    deltas = ({f"{m} (vs {r0.init[m]})": [r.rank_vs_init[m] for r in rs] for m in r0.methods}
+              if own else {m: [r.rank_vs_base[m] for r in rs] for m in r0.methods})
     fig = plot_layer_curves(deltas, ax=ax, ylabel="Δ effective rank (RankMe)", cmap="deep",
                             title="Δ RankMe, final − " + ("own init" if own else "base"),
-                            has_embed=res.labels[0] == "embed")
+                            has_embed=r0.labels[0] == "embed")
     (ax or fig.axes[0]).axhline(0, color="0.3", lw=1, ls="--", label="no change")
     return fig
 
 
-def plot_compare_patching(res: CompareResult, ax=None):
-    """Resid denoise (final → base) on SFT's flips: mean Δ with intervals, each method's gap."""
-    n = res.patches[res.methods[0]].delta.shape[0]
-    fig = plot_layer_curves(res.patch_curves, ax=ax, ylabel="Δ answer log-prob (nats)",
-                            has_embed=False, cmap="deep",
-                            title=f"Resid denoise (final → base) on SFT's {res.patch_set} (n={n})")
+def plot_compare_patching(res: CompareResult | Sequence[CompareResult], ax=None):
+    """Resid denoise (final → base) on SFT's flips: mean Δ with intervals, each method's gap
+    (a line each per training seed: every seed has its own flips)."""
+    rs = _seeds(res)
+    n = [r.patches[r.methods[0]].delta.shape[0] for r in rs]
+    fig = plot_layer_curves({m: [r.patch_curves[m] for r in rs] for m in rs[0].methods}, ax=ax,
+                            ylabel="Δ answer log-prob (nats)", has_embed=False, cmap="deep",
+                            title=f"Resid denoise (final → base) on SFT's {rs[0].patch_set} "
+                                  f"(n={', '.join(map(str, n))})")
     ax = ax or fig.axes[0]
-    for i, m in enumerate(res.methods):
-        ax.axhline(res.gap(m), color=f"C{i}", ls="--", lw=1)
+    for k, r in enumerate(rs):
+        for i, m in enumerate(r.methods):
+            ax.axhline(r.gap(m), color=sns.color_palette("deep")[i], ls="--",
+                       lw=1 if k == 0 else 0.6)
     ax.axhline(0, color="0.4", lw=0.8)
     ax.plot([], [], "--", color="0.4", label="full gap of each method")
     ax.legend(fontsize=8, loc="best")
     return fig
 
 
-def plot_compare_drift(res: CompareResult, ax=None, metric: str = "rel_change"):
-    """Per-layer weight drift vs base (solid) and of each own update (dashed)."""
-    tables = res.drift_by_layer()
-    colors = {k: f"C{res.methods.index(k.split()[0])}" for k in tables}
+def plot_compare_drift(res: CompareResult | Sequence[CompareResult], ax=None,
+                       metric: str = "rel_change"):
+    """Per-layer weight drift vs base (solid) and of each own update (dashed), a line per
+    training seed."""
+    rs = _seeds(res)
+    by_seed = [r.drift_by_layer() for r in rs]
+    tables = {k: [t[k] for t in by_seed] for k in by_seed[0]}
+    colors = {k: f"C{rs[0].methods.index(k.split()[0])}" for k in tables}
     styles = {k: ("o--" if "own" in k else "o-") for k in tables}
     return plot_drift_layers(tables, metric, ax=ax, styles=styles, colors=colors,
                              title="Weight change per layer")
 
 
-def plot_drift_modules(res: CompareResult, ax=None):
-    """Heatmap of log10 ‖ΔW‖/‖W‖ of each method's own update per module type."""
-    table = res.own_by_module()
-    table = table.loc[[m for m in _MODULE_ORDER if m in table.index]]
-    mat = table.to_numpy(dtype=float)
+def plot_drift_modules(res: CompareResult | Sequence[CompareResult], ax=None):
+    """Heatmap of log10 ‖ΔW‖/‖W‖ of each method's own update per module type (a column per
+    method and training seed)."""
+    rs = _seeds(res)
+    tables = [r.own_by_module() for r in rs]
+    index = [m for m in _MODULE_ORDER if m in tables[0].index]
+    cols = [(m, k) for m in rs[0].methods for k in range(len(rs))]
+    mat = np.array([[tables[k].loc[i, m] for m, k in cols] for i in index], dtype=float)
+    seed = (lambda k: f", seed {k + 1}") if len(rs) > 1 else (lambda k: "")
     fig = plot_heatmap(np.log10(np.where(mat > 0, mat, np.nan)), ax=ax, cmap="viridis",
-                       xticklabels=[f"{m} (vs {res.init[m]})" for m in res.methods],
-                       yticklabels=list(table.index), cbar_label="log10 ‖ΔW‖/‖W‖ (own update)",
+                       xticklabels=[f"{m} (vs {rs[0].init[m]}){seed(k)}" for m, k in cols],
+                       yticklabels=index, cbar_label="log10 ‖ΔW‖/‖W‖ (own update)",
                        title="Relative change per module type")
-    (ax or fig.axes[0]).set(xlabel="method", ylabel="module")
+    ax = ax or fig.axes[0]
+    ax.set(xlabel="method", ylabel="module")
+    ax.tick_params(axis="x", labelrotation=45 if len(rs) > 1 else 0)
     return fig
 
 
-def plot_compare_structure(res: CompareResult, ax=None):
-    """Own-update sparsity and alignment with W against a dense Gaussian update and chance."""
-    return plot_grouped_bars(res.structure, ax=ax, ylabel="mean over weight matrices",
-                             controls=res.structure_controls, ylim=(0, 1.05),
+def plot_compare_structure(res: CompareResult | Sequence[CompareResult], ax=None):
+    """Own-update sparsity and alignment with W against a dense Gaussian update and chance (a
+    dot per training seed)."""
+    rs = _seeds(res)
+    values = {g: {m: [r.structure[g][m] for r in rs] for m in rs[0].structure[g]}
+              for g in rs[0].structure}
+    return plot_grouped_bars(values, ax=ax, ylabel="mean over weight matrices",
+                             controls=rs[0].structure_controls, ylim=(0, 1.05),
                              control_label="dense Gaussian update / chance k/d",
                              title="Own update: sparsity and alignment with W")
 
 
-def plot_atlas(res: CompareResult, axes=None, title: str = ""):
-    """The six panels (a)-(f) of notebook 05 in one figure."""
+def plot_atlas(res: CompareResult | Sequence[CompareResult], axes=None, title: str = ""):
+    """The six panels (a)-(f) of notebook 05 in one figure (every training seed in each)."""
     if axes is None:
         fig, axes = plt.subplots(2, 3, figsize=(21, 10))
     panels = (plot_compare_accuracy, plot_compare_cka, plot_compare_rank, plot_compare_patching,

@@ -3,6 +3,12 @@ every number in a closing cell comes from tested code (``tests/test_report.py``)
 
 from __future__ import annotations
 
+import os
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Sequence
+
 import numpy as np
 import pandas as pd
 
@@ -18,12 +24,12 @@ def _lines(lines: list[str], smoke: bool) -> str:
     return "\n".join(lines + ([SMOKE_NOTE] if smoke else []))
 
 
-def summarize_sft(res: RunResults, smoke: bool = False) -> str:
-    """Notebook 01: base and final accuracy, best checkpoint, answer log-prob, flips."""
+def _sft_lines(res: RunResults) -> list[str]:
+    """One seed of notebook 01: base and final accuracy, best checkpoint, answer log-prob, flips."""
     rows = res.summary()
     first, last = rows[0], rows[-1]
     best = max(rows, key=lambda r: r["accuracy"])
-    return _lines([
+    return [
         f"- Base accuracy **{100 * first['accuracy']:.1f} %** (95 % CI {100 * first['acc_lo']:.1f}"
         f"–{100 * first['acc_hi']:.1f}) on {res.evals[0].n} held-out problems; after "
         f"{last['step']} steps **{100 * last['accuracy']:.1f} %** ({100 * last['acc_lo']:.1f}–"
@@ -33,18 +39,18 @@ def summarize_sft(res: RunResults, smoke: bool = False) -> str:
         f"- Mean answer log-prob moved from {first['answer_logprob']:.2f} to "
         f"{last['answer_logprob']:.2f} nats.",
         f"- {len(res.table.flips)} flip examples and {len(res.table.controls)} controls were saved "
-        f"to `{res.run_dir.name}/flips.json` for notebooks 02–04."], smoke)
+        f"to `{res.run_dir.name}/flips.json` for notebooks 02–04."]
 
 
-def summarize_cka(res: CKAResult, smoke: bool = False) -> str:
-    """Notebook 02: drift at the final checkpoint, transition, remapping, departures."""
+def _cka_lines(res: CKAResult) -> list[str]:
+    """One seed of notebook 02: drift at the final checkpoint, transition, remapping, departures."""
     final = res.steps[-1]
     lw, lw_deb = res.classic[final].point, res.debiased[final].point
     above = [lab for lab, v, hw in zip(res.labels, lw, res.noise_classic) if v < 1 - hw]
     least = int(np.argmin(lw))
     point, lo, hi = res.transition
     alt = res.alt_curve
-    return _lines([
+    return [
         f"- **Drift at the final checkpoint (step {final})**, {res.pooling} pooling: classic CKA "
         f"ranges from {lw.max():.3f} to {lw.min():.3f}; the largest drift is at layer "
         f"**{res.labels[least]}** (CKA {lw[least]:.3f}, debiased {lw_deb[least]:.3f}). "
@@ -61,7 +67,50 @@ def summarize_cka(res: CKAResult, smoke: bool = False) -> str:
                     for lab, s in zip(res.labels, res.departure)) + ".",
         f"- With **{res.alt_pooling}** pooling the final layerwise CKA runs from {alt.max():.3f} "
         f"(layer {res.alt_labels[int(np.argmax(alt))]}) down to {alt.min():.3f} (layer "
-        f"{res.alt_labels[int(np.argmin(alt))]})."], smoke)
+        f"{res.alt_labels[int(np.argmin(alt))]})."]
+
+
+def heatmap_contrast(mat: np.ndarray, far: int = 3) -> float:
+    """Mean diagonal of a cross-layer CKA matrix minus the mean of its cells ``far`` or more
+    layers off the diagonal: 0 for a flat heatmap, large when layers match only themselves."""
+    mat = np.asarray(mat, dtype=np.float64)
+    i, j = np.indices(mat.shape)
+    off = np.abs(i - j) >= far
+    if not off.any():
+        raise ValueError(f"a {mat.shape} matrix has no cell {far} or more layers off the diagonal")
+    return float(np.diag(mat).mean() - mat[off].mean())
+
+
+def pooling_effect(res: CKAResult) -> dict:
+    """What the template-in-the-pooling question asks of one CKA result: ``embed_best`` (decoder
+    layers of the base whose best tuned match is the embedding; None without an embedding row),
+    ``contrast`` (``heatmap_contrast`` of the matrix minus its permutation baseline) and
+    ``remap`` (the remapping index)."""
+    embed = res.labels[0] == "embed"
+    return {"embed_best": int(sum(int(b) == 0 for b in res.best[1:])) if embed else None,
+            "contrast": heatmap_contrast(res.matrix - res.chance), "remap": float(res.remap)}
+
+
+def summarize_pooling(new: Sequence[CKAResult], old: Sequence[CKAResult]) -> str:
+    """Notebook 02, section 5: per seed, the embedding-as-best-match count and the heatmap's
+    contrast under the question pooling (``new``) and the old mean pooling (``old``)."""
+    if len(new) != len(old) or not new:
+        raise ValueError(f"one result per seed under each pooling, got {len(new)} and {len(old)}")
+    a, b = [pooling_effect(r) for r in new], [pooling_effect(r) for r in old]
+    n, pn, po = len(new), new[0].pooling, old[0].pooling
+    lines = []
+    if a[0]["embed_best"] is not None:
+        lines.append(
+            f"- Decoder layers whose best tuned match is the embedding: {po} pooling "
+            + ", ".join(str(x["embed_best"]) for x in b) + f"; {pn} pooling "
+            + ", ".join(str(x["embed_best"]) for x in a)
+            + f" (per seed, of {len(new[0].labels) - 1}).")
+    flatter = sum(x["contrast"] < y["contrast"] for x, y in zip(b, a))
+    lines.append(f"- Heatmap contrast (diagonal minus far-off-diagonal CKA above chance): {po} "
+                 f"{seed_values([x['contrast'] for x in b], '{:.3f}')}; {pn} "
+                 f"{seed_values([x['contrast'] for x in a], '{:.3f}')}: the {po}-pooled heatmap is "
+                 f"flatter than the {pn}-pooled one {k_of_n(flatter, n)}.")
+    return "\n".join(lines)
 
 
 def rank_stability(res: SpectralResult) -> float:
@@ -79,8 +128,9 @@ def rank_drift_correlation(res: SpectralResult) -> float:
     return float(pd.Series(res.cka_drift).rank().corr(pd.Series(drank).rank()))
 
 
-def summarize_spectral(res: SpectralResult, smoke: bool = False) -> str:
-    """Notebook 03: RankMe base → final, separated layers, halves, Rényi deltas, stability."""
+def _spectral_lines(res: SpectralResult) -> list[str]:
+    """One seed of notebook 03: RankMe base → final, separated layers, halves, Rényi deltas,
+    stability."""
     b0, b1 = res.band("rankme", res.steps[0]), res.band("rankme", res.steps[-1])
     paired = res.delta("rankme", res.steps[-1])  # the same probe rows in both: paired intervals
     d = paired.point
@@ -105,7 +155,7 @@ def summarize_spectral(res: SpectralResult, smoke: bool = False) -> str:
     lines.append(f"- Δ sign at smaller probe sizes equals the sign at the full size in "
                  f"{100 * rank_stability(res):.0f} % of (n, layer) cells; Spearman correlation "
                  f"of CKA drift with Δ RankMe across layers: {rank_drift_correlation(res):.2f}.")
-    return _lines(lines, smoke)
+    return lines
 
 
 def curve(values: np.ndarray, n_boot: int = 1000, seed: int = 0) -> Band:
@@ -135,16 +185,17 @@ def half_depth(frac: Band) -> tuple[int | None, int | None]:
     return first, sure
 
 
-def summarize_patching(res: PatchingResult, n_boot: int = 1000, seed: int = 0,
-                       min_gap: float = 0.1, smoke: bool = False) -> str:
-    """Notebook 04: gap, peaks per component, sufficiency depth, specificity, cross-layer,
+def _patching_lines(res: PatchingResult, n_boot: int = 1000, seed: int = 0,
+                    min_gap: float = 0.1) -> list[str]:
+    """One seed of notebook 04: gap, peaks per component, sufficiency depth, specificity,
+    cross-layer,
     weight ablation and the mean-ablated difference."""
     def peak(values):
         c = curve(values, n_boot, seed)
         i = int(np.nanargmax(np.abs(c.point)))
         return i, c.point[i], c.lo[i], c.hi[i]
 
-    res_d, res_n = res.sweep("flips", "resid", "denoise"), res.sweep("flips", "resid", "noise")
+    res_d = res.sweep("flips", "resid", "denoise")
     gap = curve((res_d.lp_donor - res_d.lp_receiver)[:, None], n_boot, seed)
     n_flips, n_controls = len(res.sets["flips"]), len(res.sets["controls"])
     lines = [f"- **Sets**: {n_flips} {res.labels['flips']}, {n_controls} "
@@ -201,16 +252,40 @@ def summarize_patching(res: PatchingResult, n_boot: int = 1000, seed: int = 0,
                  f"log-prob most ({p_rev:+.3f} [{lo_rev:+.3f}, {hi_rev:+.3f}] nats); grafting "
                  f"layer {i_gr} into the base changes it most ({p_gr:+.3f} [{lo_gr:+.3f}, "
                  f"{hi_gr:+.3f}]).")
-    md = curve(res.ablation["flips/mean_diff"].delta, n_boot, seed).point
-    full = curve(res_n.delta, n_boot, seed).point
-    j = int(np.nanargmax(np.abs(full)))
-    lines.append(
-        f"- **Mean-ablated difference**: at layer {j}, where removing the tuned − base residual "
-        f"difference changes the tuned model's answer log-prob most ({full[j]:+.3f} nats), keeping "
-        f"only its mean changes it by {md[j]:+.3f} nats ({100 * md[j] / full[j]:.0f} % of the full "
-        "effect)." if abs(full[j]) > 1e-12 else
-        "- **Mean-ablated difference**: removing the residual difference changes nothing here.")
-    return _lines(lines, smoke)
+    for q, (j, full, md) in mean_ablation(res).items():
+        rows = "all rows, one global mean" if q == "all" else f"the {POSITION_NAMES[q]} only"
+        lines.append(
+            f"- **Mean-ablated difference** ({rows}): at layer {j}, where removing the tuned − "
+            f"base residual difference there changes the tuned model's answer log-prob most "
+            f"({full:+.3f} nats), keeping only its mean changes it by {md:+.3f} nats "
+            f"({100 * md / full:.0f} % of the full effect; near 0 %, a constant shift carries the "
+            "change)." if abs(full) > 1e-12 else
+            f"- **Mean-ablated difference** ({rows}): removing the residual difference changes "
+            "nothing here.")
+    return lines
+
+
+POSITION_NAMES = {"prompt": "prompt rows", "answer": "answer-predicting rows"}
+
+
+def mean_ablation(res: PatchingResult) -> dict[str, tuple[int, float, float]]:
+    """``{"all" | "prompt" | "answer": (layer, full, kept)}`` on the flips: the layer where
+    removing the tuned − base residual difference at those rows (the resid noise patch) changes
+    the tuned model's mean answer log-prob most, that change, and the change when only the
+    example-specific part is removed there (the rows' mean difference kept). ``kept / full`` near
+    0: a constant shift at those rows (a steering vector) carries the change."""
+    out = {}
+    for q in ("all", "prompt", "answer"):
+        md_key, full_key = ("flips/mean_diff", None) if q == "all" else (
+            f"flips/mean_diff@{q}", f"flips/noise@{q}")
+        if md_key not in res.ablation:
+            continue
+        full_r = (res.sweep("flips", "resid", "noise") if full_key is None
+                  else res.ablation[full_key])
+        full = np.nanmean(full_r.delta, 0)
+        j = int(np.nanargmax(np.abs(full)))
+        out[q] = (j, float(full[j]), float(np.nanmean(res.ablation[md_key].delta, 0)[j]))
+    return out
 
 
 def _sign_counts(d: Band) -> tuple[int, int]:  # layers whose interval is above / below zero
@@ -237,8 +312,9 @@ def accuracy_tests(res: CompareResult) -> dict[str, dict]:
     return out
 
 
-def summarize_compare(res: CompareResult, smoke: bool = False) -> str:
-    """Notebook 05: per method accuracy (McNemar against base and own init), CKA, Δ RankMe,
+def _compare_lines(res: CompareResult, claims: list | None = None) -> list[str]:
+    """One seed of notebook 05: per method accuracy (McNemar against base and own init), CKA,
+    Δ RankMe,
     patching depth (fraction of the mean gap) and own update, then the published claims, each
     computed as its paper defines it (``alignkit.claims``)."""
     whole = {m: whole_model(res, m) for m in res.methods}
@@ -281,5 +357,311 @@ def summarize_compare(res: CompareResult, smoke: bool = False) -> str:
     lines += ["", "**Published claims, each with its paper's own quantity** (items: value [95 % "
               "interval]; a verdict needs every seed's interval on one side of 0, and ≥ 2 seeds):",
               ""]
-    lines += [f"{i}. " + v.sentence() for i, v in enumerate(res.claims, 1)]
+    lines += [f"{i}. " + v.sentence() for i, v in enumerate(res.claims if claims is None
+                                                            else claims, 1)]
+    return lines
+
+
+# ---- across training seeds: what the notebooks and the README state ----------------------------
+
+def k_of_n(k: int, n: int) -> str:
+    """``"in all 3 seeds"``, ``"in 2 of 3 seeds"`` (``"in the one seed"`` when n is 1)."""
+    if n == 1:
+        return "in the one seed"
+    return f"in all {n} seeds" if k == n else f"in {k} of {n} seeds"
+
+
+def mode_sentence(values: Sequence, fmt=str) -> str:
+    """The most common of the seeds' ``values`` in bold with how many seeds give it, and the
+    other seeds' values: ``"**11** in 2 of 3 seeds (other seeds: 4)"`` (ties: the first seen)."""
+    values = list(values)
+    counts = Counter(values)
+    top = max(counts, key=lambda v: (counts[v], -values.index(v)))
+    others = [fmt(v) for v in values if v != top]
+    return f"**{fmt(top)}** {k_of_n(counts[top], len(values))}" + (
+        f" (other seeds: {', '.join(others)})" if others else "")
+
+
+def seed_values(values: Sequence[float], fmt: str = "{:.2f}") -> str:
+    """``"0.52 (seeds: 0.48, 0.55, 0.53)"``: the mean over seeds and every seed's value."""
+    values = [float(v) for v in values]
+    if len(values) == 1:
+        return fmt.format(values[0])
+    return (f"{fmt.format(np.mean(values))} (mean of {len(values)} seeds: "
+            + ", ".join(fmt.format(v) for v in values) + ")")
+
+
+def _each_seed(results: Sequence, one, **kw) -> list[str]:
+    """Every seed's own summary in a collapsed HTML block under the across-seed lines."""
+    out = ["", "<details><summary>Each seed on its own</summary>", ""]
+    for i, r in enumerate(results):
+        out += [f"**Training seed {i + 1}**", "", *one(r, **kw), ""]
+    return out + ["</details>"]
+
+
+def _summary(results, one, across, smoke: bool, **kw) -> str:
+    rs = list(results) if isinstance(results, (list, tuple)) else [results]
+    if not rs:
+        raise ValueError("nothing to summarise: no results given")
+    lines = one(rs[0], **kw) if len(rs) == 1 else across(rs, **kw) + _each_seed(rs, one, **kw)
     return _lines(lines, smoke)
+
+
+def _sft_seeds(rs: Sequence[RunResults]) -> list[str]:
+    n, first = len(rs), rs[0].summary()[0]
+    finals = [r.summary()[-1] for r in rs]
+    acc = [100 * f["accuracy"] for f in finals]
+    tests = [mcnemar(r.evals[0].correct, r.evals[-1].correct) for r in rs]
+    up = sum(t["p"] < 0.05 and t["diff"] > 0 for t in tests)
+    down = sum(t["p"] < 0.05 and t["diff"] < 0 for t in tests)
+    same_base = len({r.evals[0].weights_hash for r in rs}) == 1
+    return [
+        f"- Base accuracy **{100 * first['accuracy']:.1f} %** (95 % CI "
+        f"{100 * first['acc_lo']:.1f}–{100 * first['acc_hi']:.1f}) on {rs[0].evals[0].n} held-out "
+        "problems" + (" (the same base for every seed)" if same_base else
+                      " (seed 1's base: the seeds start from different bases)") + f"; after "
+        f"{finals[0]['step']} SFT steps **{seed_values(acc, '{:.1f} %')}"
+        f"**, from {100 * min(f['accuracy'] for f in finals):.1f} to "
+        f"{100 * max(f['accuracy'] for f in finals):.1f} % across {n} training seeds.",
+        f"- Above the base by McNemar's paired test (p < 0.05) {k_of_n(up, n)}"
+        + (f", below it {k_of_n(down, n)}" if down else "") + "; p per seed: "
+        + ", ".join(f"{t['p']:.2g}" for t in tests) + ".",
+        "- Best checkpoint: step " + mode_sentence([max(r.summary(), key=lambda x: x["accuracy"])
+                                                    ["step"] for r in rs]) + ".",
+        f"- Mean answer log-prob moved from {first['answer_logprob']:.2f} to "
+        f"{seed_values([f['answer_logprob'] for f in finals])} nats.",
+        "- Flips per seed: " + ", ".join(str(len(r.table.flips)) for r in rs) + "; controls: "
+        + ", ".join(str(len(r.table.controls)) for r in rs) + " (each seed's `flips.json`)."]
+
+
+def summarize_sft(res: RunResults | Sequence[RunResults], smoke: bool = False) -> str:
+    """Notebook 01: base and final accuracy, best checkpoint, answer log-prob, flips; across
+    seeds (a list) what holds in how many, each seed's own lines collapsed below."""
+    return _summary(res, _sft_lines, _sft_seeds, smoke)
+
+
+def _cka_seeds(rs: Sequence[CKAResult]) -> list[str]:
+    labels = rs[0].labels
+    final = [r.classic[r.steps[-1]].point for r in rs]
+    beyond = [int(sum(v < 1 - hw for v, hw in zip(f, r.noise_classic))) for f, r in zip(final, rs)]
+    first_ckpt = [int(sum(0 <= d <= r.steps[1] for d in r.departure)) for r in rs]
+    lines = [
+        f"- **Largest drift at the final checkpoint** ({rs[0].pooling} pooling, classic CKA): "
+        f"layer {mode_sentence([labels[int(np.argmin(f))] for f in final])}; lowest CKA "
+        f"{seed_values([f.min() for f in final], '{:.3f}')}. Hook points beyond the noise floor "
+        f"per seed: {', '.join(map(str, beyond))} of {len(labels)}.",
+        "- **Transition** (steepest drop in layerwise CKA): into layer "
+        + mode_sentence([labels[r.transition[0]] for r in rs]) + ".",
+        f"- **Remapping index** {seed_values([r.remap for r in rs])}; base layers whose best tuned "
+        "match is another layer, per seed: "
+        + ", ".join(str(sum(int(b) != i for i, b in enumerate(r.best))) for r in rs)
+        + f" of {len(labels)}."]
+    if labels[0] == "embed":
+        lines.append("- Base layers whose best tuned match is the **embedding**, per seed: "
+                     + ", ".join(str(sum(int(b) == 0 for b in r.best[1:])) for r in rs)
+                     + f" of {len(labels) - 1} decoder layers.")
+    lines += [
+        f"- **Over training**: hook points outside the noise band by the first checkpoint after "
+        f"the base (step {rs[0].steps[1]}), per seed: {', '.join(map(str, first_ckpt))}.",
+        f"- With **{rs[0].alt_pooling}** pooling the final layerwise CKA is lowest at layer "
+        + mode_sentence([r.alt_labels[int(np.argmin(r.alt_curve))] for r in rs])
+        + f"; lowest CKA {seed_values([r.alt_curve.min() for r in rs], '{:.3f}')}."]
+    return lines
+
+
+def summarize_cka(res: CKAResult | Sequence[CKAResult], smoke: bool = False) -> str:
+    """Notebook 02: drift at the final checkpoint, transition, remapping, departures (across
+    seeds when given a list)."""
+    return _summary(res, _cka_lines, _cka_seeds, smoke)
+
+
+def _spectral_seeds(rs: Sequence[SpectralResult]) -> list[str]:
+    n, labels = len(rs), rs[0].labels
+    half = len(labels) // 2
+    deltas = [r.delta("rankme", r.steps[-1]) for r in rs]
+    up = np.array([d.lo > 0 for d in deltas])
+    down = np.array([d.hi < 0 for d in deltas])
+    all_down = ", ".join(lab for i, lab in enumerate(labels) if down[:, i].all())
+    both = [lab for i, lab in enumerate(labels) if up[:, i].any() and down[:, i].any()]
+    lines = [
+        f"- **RankMe, base → final** (mean over layers): {rs[0].band('rankme', 0).point.mean():.2f}"
+        f" → {seed_values([r.band('rankme', r.steps[-1]).point.mean() for r in rs])}.",
+        "- Paired Δ RankMe interval above 0 in every seed at "
+        f"{', '.join(lab for i, lab in enumerate(labels) if up[:, i].all()) or 'no layer'}; below "
+        f"0 in every seed at {all_down or 'no layer'}; "
+        f"above in one seed and below in another at {', '.join(both) or 'no layer'}. Layers "
+        "above 0 "
+        f"per seed: {', '.join(str(int(u.sum())) for u in up)}; below: "
+        f"{', '.join(str(int(d.sum())) for d in down)} of {len(labels)}.",
+        "- Mean Δ RankMe, upper half of the stack: "
+        f"{seed_values([d.point[half:].mean() for d in deltas], '{:+.2f}')}"
+        f", positive {k_of_n(sum(d.point[half:].mean() > 0 for d in deltas), n)}; lower half: "
+        f"{seed_values([d.point[:half].mean() for d in deltas], '{:+.2f}')} (the study's "
+        "hypothesis: a rise in mid-to-late layers)."]
+    for alpha in rs[0].alphas:
+        key = spectral.metric_key(alpha)
+        upper = [r.delta(key, r.steps[-1]).point[half:].mean() for r in rs]
+        lines.append(f"- Rényi α = {alpha:g}, upper half: mean Δ {seed_values(upper, '{:+.2f}')}, "
+                     f"positive {k_of_n(sum(u > 0 for u in upper), n)}.")
+    lines.append(f"- Δ sign at smaller probe sizes equals the full-size sign in "
+                 f"{seed_values([100 * rank_stability(r) for r in rs], '{:.0f} %')} of (n, layer) "
+                 f"cells; Spearman correlation of CKA drift with Δ RankMe across layers "
+                 f"{seed_values([rank_drift_correlation(r) for r in rs])}.")
+    return lines
+
+
+def summarize_spectral(res: SpectralResult | Sequence[SpectralResult], smoke: bool = False) -> str:
+    """Notebook 03: RankMe base → final, separated layers, halves, Rényi deltas, stability
+    (across seeds when given a list)."""
+    return _summary(res, _spectral_lines, _spectral_seeds, smoke)
+
+
+def _peak_layer(delta: np.ndarray) -> int:
+    """The layer of the largest |mean Δ| over examples (a selected maximum)."""
+    return int(np.nanargmax(np.abs(np.nanmean(delta, 0))))
+
+
+def _patching_seeds(rs: Sequence[PatchingResult], n_boot: int = 1000, seed: int = 0,
+                    min_gap: float = 0.1) -> list[str]:
+    sweeps = [r.sweep("flips", "resid", "denoise") for r in rs]
+    fracs = [patch_fraction(s, n_boot, seed) for s in sweeps]
+    depth = [half_depth(f) for f in fracs]
+    lines = [
+        "- **Sets** per seed: "
+        + "; ".join(f"{len(r.sets['flips'])} {r.labels['flips']}" for r in rs)
+        + f". Mean gap (tuned − base answer log-prob on the flips): "
+        f"{seed_values([np.mean(s.lp_donor - s.lp_receiver) for s in sweeps], '{:.3f}')} nats.",
+        "- **Sufficiency depth** (first layer where the resid denoise patch recovers half the mean "
+        "gap, mean Δ / mean gap as plotted): layer "
+        + mode_sentence([d[0] if d[0] is not None else "never" for d in depth])
+        + "; its fraction per seed: " + ", ".join(
+            f"{f.point[d[0]]:.2f} [{f.lo[d[0]]:.2f}, {f.hi[d[0]]:.2f}]" if d[0] is not None else "—"
+            for f, d in zip(fracs, depth))
+        + "; first layer whose interval lies above one half: "
+        + ", ".join(str(d[1]) if d[1] is not None else "none" for d in depth) + "."]
+    components = sorted({k.split("/")[1] for k in rs[0].sweeps}, key=["resid", "attn", "mlp"].index)
+    for direction in ("denoise", "noise"):
+        parts = []
+        for comp in components:
+            peaks = [_peak_layer(r.sweep("flips", comp, direction).delta) for r in rs]
+            parts.append(f"{comp} at layer {mode_sentence(peaks)}")
+        lines.append(f"- **{direction}**: the layer of the largest mean |Δ| on the flips — "
+                     + "; ".join(parts) + " (maxima over layers: selected, not corrected).")
+    ratio = [np.nanmean(np.abs(r.sweep("flips", "resid", "denoise").delta))
+             / np.nanmean(np.abs(r.sweep("controls", "resid", "denoise").delta)) for r in rs]
+    lines.append(f"- **Specificity**: mean |Δ| of the resid denoise sweep, flips / controls "
+                 f"{seed_values(ratio)}.")
+    own = []
+    for r in rs:
+        _, ties = best_donors(r, "flips", n_boot, seed)
+        own.append(f"{int(np.diag(ties).sum())} of {len(ties)}")
+    lines.append("- **Cross-layer**: base layers whose own tuned layer is among the donors tied "
+                 "with the best one, per seed: " + ", ".join(own) + ".")
+    rev = [_peak_layer(r.ablation["flips/revert"].delta) for r in rs]
+    gr = [_peak_layer(r.ablation["flips/graft"].delta) for r in rs]
+    lines.append(f"- **Weights**: reverting one layer changes the tuned model's answer log-prob "
+                 f"most at layer {mode_sentence(rev)}; grafting one tuned layer into the base at "
+                 f"layer {mode_sentence(gr)}.")
+    ablations = [mean_ablation(r) for r in rs]
+    for q in ablations[0]:
+        share = [100 * a[q][2] / a[q][1] if abs(a[q][1]) > 1e-12 else float("nan")
+                 for a in ablations]
+        rows = "all rows, one global mean" if q == "all" else f"the {POSITION_NAMES[q]} only"
+        lines.append(f"- **Mean-ablated difference** ({rows}): at the layer where removing the "
+                     "difference there matters most, keeping only its mean still changes the "
+                     f"answer log-prob by {seed_values(share, '{:.0f} %')} of the full removal "
+                     "(near 0 %: a constant shift carries the change).")
+    return lines
+
+
+def summarize_patching(res: PatchingResult | Sequence[PatchingResult], n_boot: int = 1000,
+                       seed: int = 0, min_gap: float = 0.1, smoke: bool = False) -> str:
+    """Notebook 04: gap, peaks per component, sufficiency depth, specificity, cross-layer,
+    weight ablation and the mean-ablated difference (across seeds when given a list)."""
+    return _summary(res, _patching_lines, _patching_seeds, smoke, n_boot=n_boot, seed=seed,
+                    min_gap=min_gap)
+
+
+def _compare_seeds(rs: Sequence[CompareResult], claims: list | None = None) -> list[str]:
+    n, methods, fmt = len(rs), rs[0].methods, "{:+.2f}"
+    whole = [{m: whole_model(r, m) for m in methods} for r in rs]
+    lines = [f"- Base accuracy {100 * rs[0].accuracy['base']['accuracy']:.1f} % (the same base "
+             f"in every seed: {len({r.accuracy['base']['accuracy'] for r in rs}) == 1})."]
+    for m in methods:
+        tests = [accuracy_tests(r) for r in rs]
+        sig = []
+        for key in tests[0]:
+            if not key.endswith(f"→ {m}"):
+                continue
+            ts = [t[key] for t in tests]
+            hi = sum(t["p"] < 0.05 and t["diff"] > 0 for t in ts)
+            lo = sum(t["p"] < 0.05 and t["diff"] < 0 for t in ts)
+            sig.append(f"vs {_name(key.split(' → ')[0])} higher {k_of_n(hi, n)}, lower "
+                       f"{k_of_n(lo, n)}")
+        depth = [half_depth(patch_fraction(r.patches[m]))[0] for r in rs]
+        lines.append(
+            f"- **{m.upper()}** (from {rs[0].init[m]}): accuracy "
+            f"{seed_values([100 * r.accuracy[m]['accuracy'] for r in rs], '{:.1f} %')}; McNemar "
+            f"p < 0.05 " + "; ".join(sig) + ". CKA vs base lowest at layer "
+            + mode_sentence([r.labels[int(np.argmin(r.cka[m].point))] for r in rs])
+            + f"; mean CKA {seed_values([r.cka[m].point.mean() for r in rs], '{:.3f}')}. Mean Δ "
+            f"RankMe vs base {seed_values([r.rank_vs_base[m].point.mean() for r in rs], fmt)}."
+            " Resid denoise reaches half the mean gap at layer "
+            + mode_sentence([d if d is not None else "never" for d in depth])
+            + f". Own update ‖ΔW‖/‖W‖ {seed_values([w[m]['rel_change'] for w in whole], '{:.2e}')}"
+            "; largest in module "
+            + mode_sentence([r.own_by_module()[m].idxmax() for r in rs]) + ".")
+    lines.append("- Largest own weight update: " + mode_sentence(
+        [max(methods, key=lambda m: w[m]["rel_change"]).upper() for w in whole])
+        + "; lowest mean CKA vs base: " + mode_sentence(
+        [min(methods, key=lambda m: r.cka[m].point.mean()).upper() for r in rs]) + ".")
+    lines += ["", f"**Published claims, each with its paper's own quantity**, over {n} training "
+              "seeds (items: the mean over seeds [the lowest and the highest bound of the seeds' "
+              "95 % intervals]; a verdict needs every seed's interval on one side of 0; the "
+              "numbers after the items frame the test without entering it, e.g. the size "
+              "control of the sparsity claim):", ""]
+    lines += [f"{i}. " + v.sentence() for i, v in enumerate(claims or [], 1)]
+    return lines
+
+
+def summarize_compare(res: CompareResult | Sequence[CompareResult], claims: list | None = None,
+                      smoke: bool = False) -> str:
+    """Notebook 05: per method accuracy (McNemar against base and own init), CKA, Δ RankMe,
+    patching depth (fraction of the mean gap) and own update, then the published claims, each
+    computed as its paper defines it (``alignkit.claims``). Given a list (one result per seed),
+    pass ``claims`` from ``stages.claims_over_seeds``; one result states its own one-seed claims."""
+    return _summary(res, _compare_lines, _compare_seeds, smoke, claims=claims)
+
+
+# ---- the README quotes the summaries, never types them -----------------------------------------
+
+SUMMARY_BLOCK = re.compile(r"(<!-- summary: (?P<path>[^ ]+) -->\n)(?P<body>.*?)(<!-- /summary -->)",
+                           re.S)
+
+
+def save_summary(text: str, name: str, out_dir: str | Path) -> Path:
+    """Write a notebook's closing summary as ``<out_dir>/<name>.md`` (atomically), beside its
+    figures: what the README's results section quotes (``fill_readme``)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.md"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text.rstrip("\n") + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def fill_readme(text: str, root: str | Path) -> str:
+    """``text`` with every ``<!-- summary: PATH -->`` … ``<!-- /summary -->`` block holding the
+    file at ``root/PATH`` (written by ``save_summary``); FileNotFoundError naming a missing one.
+    ``make readme`` runs it; ``tests/test_readme.py`` fails when the README differs."""
+    root = Path(root)
+
+    def body(m: re.Match) -> str:
+        path = root / m["path"]
+        if not path.is_file():
+            raise FileNotFoundError(f"the README quotes {m['path']}, which does not exist: run "
+                                    "make reproduce (the default run writes images/*.md)")
+        return m.group(1) + path.read_text() + m.group(4)
+
+    return SUMMARY_BLOCK.sub(body, text)

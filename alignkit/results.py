@@ -203,8 +203,11 @@ class PatchingResult:
         sweeps: ``{"<set>/<component>/<direction>": PatchResult [n, L]}`` (``sweep()``).
         by_pos: ``{"all" | "prompt" | "answer": PatchResult [n, L]}`` flips, resid, denoise.
         cross: ``{set: PatchResult [n_cross, L, L]}`` cross-layer denoise.
-        ablation: ``{"<set>/<revert|graft|mean_diff>": PatchResult [n, L]}`` weight ablation.
-        cka_matrix: ``[L, L]`` CKA of base x tuned decoder layers (mean pooling), for the path.
+        ablation: ``{"<set>/<revert|graft|mean_diff>": PatchResult [n, L]}`` weight ablation,
+            and on the flips ``"flips/mean_diff@<prompt|answer>"`` (the mean difference of those
+            rows put back there) with ``"flips/noise@<prompt|answer>"`` (all of it removed there).
+        cka_matrix: ``[L, L]`` CKA of base x tuned decoder layers (question pooling), for the
+            path.
     """
 
     sets: dict[str, list[dict]]

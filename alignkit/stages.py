@@ -17,7 +17,7 @@ from transformers import AutoTokenizer
 
 from alignkit import cka, claims, controls, layers, patching, runs, spectral, weights
 from alignkit.capture import Activations, capture_cached, capture_run, varying_points
-from alignkit.config import Config
+from alignkit.config import Config, seed_configs
 from alignkit.data import dataset_hash, eval_set, probe_texts
 from alignkit.evaluate import evaluate_run, flip_table
 from alignkit.models import device_for, load_model
@@ -27,33 +27,35 @@ from alignkit.train import train
 
 logger = logging.getLogger(__name__)
 
-ANALYSIS_VERSION = 4
-CAPTURE_POOLINGS = ("mean", "last")  # what notebooks 02 (both), 03 and 04 (mean) capture
+ANALYSIS_VERSION = 5
+# what notebooks 02 (all three), 03, 04 and 05 (question) capture; "question": the mean over the
+# question's own tokens, the template every probe shares left out (capture.template_span)
+CAPTURE_POOLINGS = ("question", "mean", "last")
 
 
 def cka_defaults(smoke: bool) -> dict:
     """Notebook 02's parameters (``POOLINGS``, ``N_BOOT``, ``N_PERM``)."""
-    return {"pooling": "mean", "alt_pooling": "last", "n_boot": 20 if smoke else 200,
+    return {"pooling": "question", "alt_pooling": "last", "n_boot": 20 if smoke else 200,
             "n_perm": 5 if smoke else 50, "n_splits": 20, "seed": 0}
 
 
 def spectral_defaults(smoke: bool) -> dict:
     """Notebook 03's parameters (``POOLING``, ``ALPHAS``, ``N_BOOT``)."""
-    return {"pooling": "mean", "alphas": (0.5, 1.0, 2.0, float("inf")),
+    return {"pooling": "question", "alphas": (0.5, 1.0, 2.0, float("inf")),
             "n_boot": 20 if smoke else 200, "seed": 0}
 
 
 def patching_defaults(smoke: bool) -> dict:
     """Notebook 04's parameters (``N_EXAMPLES`` ... ``MIN_SET``)."""
-    return {"n_examples": 8 if smoke else 128, "n_cross": 4 if smoke else 64,
+    return {"n_examples": 8 if smoke else 64, "n_cross": 4 if smoke else 32,
             "components": ("resid", "attn", "mlp"), "positions": "all",
             "batch_size": 8 if smoke else 32, "min_gap": 0.1, "min_set": 2}
 
 
 def compare_defaults(smoke: bool) -> dict:
     """Notebook 05's parameters (``POOLING`` ... ``SEED``)."""
-    return {"pooling": "mean", "n_boot": 20 if smoke else 200, "n_splits": 20,
-            "n_examples": 8 if smoke else 128, "min_set": 2, "batch_size": 8 if smoke else 32,
+    return {"pooling": "question", "n_boot": 20 if smoke else 200, "n_splits": 20,
+            "n_examples": 8 if smoke else 64, "min_set": 2, "batch_size": 8 if smoke else 32,
             "min_gap": 0.1, "n_boot_patch": 50 if smoke else 1000, "tol": 1e-5, "k": 8, "seed": 0}
 
 
@@ -221,8 +223,11 @@ def _set_key(sets: dict) -> dict:
 
 def ensure_patching(cfg: Config, method: str = "sft", **given) -> PatchingResult:
     """Notebook 04: every set x component x direction sweep, resid denoise by positions,
-    cross-layer patching, weight ablation (base = first checkpoint, tuned = last) and the CKA
-    matrix of their decoder layers. Parameters: ``patching_defaults``."""
+    cross-layer patching, weight ablation (base = first checkpoint, tuned = last), the
+    mean-ablated difference with one global mean and with the mean of the prompt rows and of the
+    answer-predicting rows alone (``ablation["flips/mean_diff@<q>"]`` against the resid noise
+    patch there, ``"flips/noise@<q>"``) and the CKA matrix of their decoder layers. Parameters:
+    ``patching_defaults``."""
     p = _params(patching_defaults(cfg.smoke), given)
     res = ensure_results(cfg, method)
     ds = eval_set(cfg)
@@ -250,9 +255,18 @@ def ensure_patching(cfg: Config, method: str = "sft", **given) -> PatchingResult
                  for s, exs in examples.items()}
         ablation = {f"{s}/{k}": r for s, exs in examples.items()
                     for k, r in patching.weight_sweep(base, tuned, tokenizer, exs, **kw).items()}
+        for q in ("prompt", "answer"):  # the mean difference of those rows only, put back there,
+            # against removing the whole difference there (the resid noise patch at q)
+            ablation[f"flips/mean_diff@{q}"] = patching.weight_sweep(
+                base, tuned, tokenizer, examples["flips"], mean_positions=q, kinds=("mean_diff",),
+                **kw)["mean_diff"]
+            ablation[f"flips/noise@{q}"] = patching.layer_sweep(
+                base, tuned, tokenizer, examples["flips"], component="resid", positions=q,
+                direction="noise", **kw)
         texts = run_probes(cfg, res.run_dir)
-        caps = [capture_cached(d, None, texts, None, "mean", cache_dir=res.run_dir / "activations",
-                               **run_on(cfg)) for d in (base_dir, tuned_dir)]
+        caps = [capture_cached(d, None, texts, None, "question",
+                               cache_dir=res.run_dir / "activations", **run_on(cfg))
+                for d in (base_dir, tuned_dir)]
         decoder_points = [i for i, n in enumerate(caps[0].hook_points) if n != "embed"]
         return PatchingResult(
             sets=sets, labels=labels, base_step=res.evals[0].step, final_step=res.evals[-1].step,
@@ -277,17 +291,41 @@ def _structure(own: dict, n_boot: int, seed: int, tol: float):
     return values, controls_
 
 
-def compare_claims(cmp: dict, init: dict, n_boot: int = 200, seed: int = 0) -> list:
-    """The three published claims on one comparison (one training seed: each cannot tell).
-    ``cmp``: ``{"last_states", "own", "matched_unchanged"}`` as in ``CompareResult``."""
-    methods = list(cmp["own"])
-    out = [claims.effective_rank_claim([cmp["last_states"]], init, n_boot=n_boot, seed=seed)]
+def compare_claims(last_states: list[dict], own: list[dict], matched: list[dict], init: dict,
+                   n_boot: int = 200, seed: int = 0) -> list:
+    """The three published claims over training seeds (one entry per seed in each list, as in
+    ``CompareResult``'s ``last_states``, ``own`` and ``matched_unchanged``): one seed cannot
+    tell."""
+    methods = list(own[0])
+    out = [claims.effective_rank_claim(last_states, init, n_boot=n_boot, seed=seed)]
     if "sft" in methods and len(methods) > 1:
-        out.append(claims.sparsity_claim([cmp["own"]], rl=[m for m in methods if m != "sft"],
-                                         matched=[cmp["matched_unchanged"]], seed=seed))
+        out.append(claims.sparsity_claim(own, rl=[m for m in methods if m != "sft"],
+                                         matched=matched, seed=seed))
     if {"sft", "grpo"} <= set(methods):
-        out.append(claims.principal_claim([cmp["own"]], seed=seed))
+        out.append(claims.principal_claim(own, seed=seed))
     return out
+
+
+def claims_over_seeds(results: list[CompareResult], n_boot: int = 200, seed: int = 0) -> list:
+    """``compare_claims`` on every seed's ``ensure_compare`` result together: the verdicts the
+    notebook and the README state (each seed's own ``claims`` saw one seed and cannot tell; with
+    one result, those stored claims are returned)."""
+    if not results:
+        raise ValueError("claims_over_seeds needs at least one comparison, got none")
+    if len(results) == 1:
+        return list(results[0].claims)
+    if any(r.methods != results[0].methods or r.init != results[0].init for r in results):
+        raise ValueError("the seeds' comparisons differ in methods or inits: "
+                         f"{[(r.methods, r.init) for r in results]}")
+    return compare_claims([r.last_states for r in results], [r.own for r in results],
+                          [r.matched_unchanged for r in results], results[0].init, n_boot, seed)
+
+
+def over_seeds(ensure, cfg: Config, *args, n_seeds: int | None = None, **given) -> list:
+    """``[ensure(c, *args, **given) for c in seed_configs(cfg, n_seeds)]``: one result per training
+    seed (``cfg.n_seeds`` by default), the first for ``cfg`` itself; each cached as usual."""
+    cfgs = seed_configs(cfg, n_seeds)
+    return [ensure(c, *args, **given) for c in tqdm(cfgs, desc="seeds", disable=len(cfgs) < 2)]
 
 
 def _matched_unchanged(base, sft, own: dict) -> dict[str, float]:
@@ -397,8 +435,7 @@ def ensure_compare(cfg: Config, methods=runs.METHODS, **given) -> CompareResult:
             correct={"base": list(sft.evals[0].correct)}
             | {m: list(r.evals[-1].correct) for m, r in res.items()},
             last_states=last_states, matched_unchanged=matched,
-            claims=compare_claims({"last_states": last_states, "own": own,
-                                   "matched_unchanged": matched}, init, n_boot, seed))
+            claims=compare_claims([last_states], [own], [matched], init, n_boot, seed))
 
     smoke = "-smoke" if cfg.smoke else ""
     return _cached(cfg.run_root / "compare" / f"{cfg.preset}{smoke}", "compare", key, compute,

@@ -42,6 +42,7 @@ import os
 PRESET = "tiny"  # "tiny" (offline, CPU), "qwen3-0.6b-base" or "qwen3-0.6b" (real path, GPU)
 SMOKE = os.environ.get("ALIGNKIT_SMOKE") == "1"  # CI: tiny sizes; only the default run writes images/
 OVERRIDES: dict = {}  # e.g. {"model": "/data/Qwen3-0.6B", "data_source": "/data/gsm8k/train.jsonl"}
+N_SEEDS = None  # training seeds; None: the preset's (tiny 3, smoke 2, real presets 1: GPU hours)
 N_SHOWN = 5  # flip examples printed below
 
 # %%
@@ -53,12 +54,12 @@ from IPython.display import Markdown, display
 
 from alignkit.config import get_config
 from alignkit.plots import figure_dir, plot_sft_training, save_figure
-from alignkit.report import summarize_sft
-from alignkit.stages import ensure_results
+from alignkit.report import save_summary, summarize_sft
+from alignkit.stages import ensure_results, over_seeds
 from alignkit.tiny import ensure_base
 
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-cfg = get_config(PRESET, smoke=SMOKE, overrides=OVERRIDES)
+cfg = get_config(PRESET, smoke=SMOKE, overrides=OVERRIDES | ({"n_seeds": N_SEEDS} if N_SEEDS else {}))
 cfg
 
 # %% [markdown]
@@ -77,32 +78,39 @@ if manifest_path.is_file():
           f"{base_manifest['final_train_loss']:.3f}, {base_manifest['wall_time_s']:.0f} s to build")
 
 # %% [markdown]
-# ## 2 · SFT with scheduled checkpoints, each evaluated
+# ## 2 · SFT with scheduled checkpoints, each evaluated, for every training seed
 # Loss is on the solution only (TRL masks the prompt). `ensure_results` trains (resuming from the
 # last complete checkpoint after an interruption; a finished run returns at once), then evaluates
 # every checkpoint on held-out problems (cached next to each checkpoint, keyed by the evaluation
-# settings and the weights) and saves the flip table.
+# settings and the weights) and saves the flip table. One run is one sample of training noise (the
+# same seed on another machine of the same kind gave other numbers), so `over_seeds` repeats it
+# for `cfg.n_seeds` training seeds: the same base, data and knobs, another order of the training
+# examples (`config.with_seed`). Every figure below draws each seed.
 
 # %%
-res = ensure_results(cfg, "sft")
-print(f"run: {res.run_dir}\ncheckpoints at steps: {res.steps}")
-pd.DataFrame(res.summary()).round(4)
+results = over_seeds(ensure_results, cfg, "sft")
+res = results[0]
+print(f"{len(results)} training seeds; runs: {[r.run_dir.name for r in results]}\n"
+      f"checkpoints at steps: {res.steps}")
+pd.concat({f"seed {i + 1}": pd.DataFrame(r.summary()).set_index("step") for i, r in enumerate(results)},
+          axis=1).round(3).filter(like="accuracy")
 
 # %% [markdown]
 # ### How to read the figure
 # Left: training loss on solution tokens (dotted lines mark checkpoints). Middle: greedy
 # exact-match accuracy with its 95 % Wilson interval; the dashed line is the base, the control
 # every checkpoint is compared with. Right: mean log-probability of the gold final answer given the
-# gold solution prefix, with a 95 % interval of the mean.
+# gold solution prefix, with a 95 % interval of the mean. The thick line is the first training
+# seed, thin lines the others: the spread between them is training noise.
 
 # %%
-fig = plot_sft_training(res.summary(), res.loss())
+fig = plot_sft_training([r.summary() for r in results], [r.loss() for r in results])
 save_figure(fig, "sft_training", figure_dir(cfg))
 
 # %% [markdown]
 # ## 3 · Flip examples
-# Wrong in the base, right after SFT — the examples whose improvement notebook 04 localises.
-# Controls are right in both.
+# Wrong in the base, right after SFT — the examples whose improvement notebook 04 localises
+# (first seed shown). Controls are right in both.
 
 # %%
 print(f"{len(res.table.flips)} flips and {len(res.table.controls)} controls out of "
@@ -115,11 +123,14 @@ for row in res.table.flips[:N_SHOWN]:
     print("gold  :", row["final_answer"])
 
 # %% [markdown]
-# ## 4 · What this run shows
-# Computed from the results above by `alignkit.report.summarize_sft` (not typed in):
+# ## 4 · What these runs show
+# Computed from the results above by `alignkit.report.summarize_sft` (not typed in): what holds in
+# how many training seeds, each seed's own numbers below it.
 
 # %%
-display(Markdown(summarize_sft(res, smoke=SMOKE)))
+summary = summarize_sft(results, smoke=SMOKE)
+save_summary(summary, "01_sft_train", figure_dir(cfg))  # beside the figures: what the README quotes
+display(Markdown(summary))
 
 # %% [markdown]
 # ## The real path: Qwen3-0.6B on GSM8K

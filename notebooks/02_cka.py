@@ -2,7 +2,7 @@
 # # 02 · Representation drift: layerwise and cross-layer CKA
 #
 # Where does SFT move the model's internal representations? For each held-out prompt we take the
-# residual stream after every layer (pooled over the prompt's tokens) in the base and in every
+# residual stream after every layer (pooled over the question's own tokens) in the base and in every
 # SFT checkpoint, and compare the two with **linear CKA** (centred kernel alignment; Kornblith et
 # al. 2019): 1 means the two layers hold the same representation up to rotation and scale.
 #
@@ -45,7 +45,11 @@ SMOKE = os.environ.get("ALIGNKIT_SMOKE") == "1"
 # (nbclient can hang on widget output, jupyter/nbclient#312)
 INTERACTIVE = os.environ.get("ALIGNKIT_STATIC") != "1"
 OVERRIDES: dict = {}
-POOLINGS = ("mean", "last")  # the first is used for the saved figures
+N_SEEDS = None  # training seeds; None: the preset's (tiny 3, smoke 2, real presets 1)
+POOLINGS = ("question", "last")  # the first is used for the saved figures
+# "question": the mean over the question's own tokens, the template every probe shares left out;
+# "mean" (over every prompt token, template included) was the default before: section 5 compares
+OLD_POOLING = "mean"
 N_BOOT = 20 if SMOKE else 200
 N_PERM = 5 if SMOKE else 50
 
@@ -61,11 +65,11 @@ from alignkit import cka, controls
 from alignkit.capture import varying_points
 from alignkit.config import get_config
 from alignkit.plots import figure_dir, plot_heatmap, plot_layer_curves, save_figure
-from alignkit.report import summarize_cka
-from alignkit.stages import ensure_captures, ensure_cka
+from alignkit.report import pooling_effect, save_summary, summarize_cka, summarize_pooling
+from alignkit.stages import ensure_captures, ensure_cka, over_seeds
 
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-cfg = get_config(PRESET, smoke=SMOKE, overrides=OVERRIDES)
+cfg = get_config(PRESET, smoke=SMOKE, overrides=OVERRIDES | ({"n_seeds": N_SEEDS} if N_SEEDS else {}))
 
 # %% [markdown]
 # ## 1 · Activations and every CKA result
@@ -75,27 +79,30 @@ cfg = get_config(PRESET, smoke=SMOKE, overrides=OVERRIDES)
 # prompt (the embedding output under last-token pooling: every prompt ends with the same token)
 # have zero variance, where CKA is undefined: they are dropped and named. `ensure_cka` computes
 # every result of this notebook once and caches it in the run's `analysis/` (`python -m alignkit
-# cka` writes the same file).
+# cka` writes the same file), for each training seed (`over_seeds`; notebook 01 says why).
 
 # %%
-captures = ensure_captures(cfg, "sft", POOLINGS)
-res = ensure_cka(cfg, "sft", pooling=POOLINGS[0], alt_pooling=POOLINGS[1], n_boot=N_BOOT,
-                 n_perm=N_PERM)
+captures = ensure_captures(cfg, "sft", POOLINGS + (OLD_POOLING,))  # the first seed's, for section 7
+results = over_seeds(ensure_cka, cfg, "sft", pooling=POOLINGS[0], alt_pooling=POOLINGS[1],
+                     n_boot=N_BOOT, n_perm=N_PERM)
+res = results[0]
 steps, labels, has_embed = res.steps, res.labels, res.labels[0] == "embed"
-print(f"{len(labels)} hook points, checkpoints at steps {steps}"
+print(f"{len(results)} training seeds, {len(labels)} hook points, checkpoints at steps {steps}"
       + (f"; dropped (zero variance across prompts): {res.dropped}" if res.dropped else ""))
 
 # %% [markdown]
 # ## 2 · Layerwise CKA, base vs every checkpoint
 # Left: classic (biased) CKA; right: debiased CKA. Shaded: bootstrap 95 % intervals over prompts.
 # Grey hatched: the noise floor of the base-vs-final comparison (1.96 standard errors from
-# split-half resampling, drawn below 1): drift inside it cannot be told apart from the probe set.
+# split-half resampling, the widest over seeds, drawn below 1): drift inside it cannot be told
+# apart from the probe set. Thick lines: the first training seed; thin: the others.
 
 # %%
 fig, axes = plt.subplots(1, 2, figsize=(14, 4.5))
-for ax, curves, noise, name in ((axes[0], res.classic, res.noise_classic, "Classic"),
-                                (axes[1], res.debiased, res.noise_debiased, "Debiased")):
-    plot_layer_curves({f"step {s}": c for s, c in curves.items()}, ax=ax, has_embed=has_embed,
+for ax, kind, name in ((axes[0], "classic", "Classic"), (axes[1], "debiased", "Debiased")):
+    noise = np.max([getattr(r, f"noise_{kind}") for r in results], axis=0)
+    plot_layer_curves({f"step {s}": [getattr(r, kind)[s] for r in results] for s in steps[1:]}, ax=ax,
+                      has_embed=has_embed,
                       ylabel=f"{name.lower()} linear CKA (base, checkpoint)",
                       title=f"{name} CKA per layer ({res.pooling} pooling)",
                       band={"lo": 1 - noise, "hi": np.ones(len(labels))},
@@ -105,18 +112,21 @@ save_figure(fig, "layerwise_CKA", figure_dir(cfg))
 
 # %% [markdown]
 # ## 3 · Cross-layer CKA, base × final checkpoint
-# Left: CKA between base layer *i* (rows) and final-checkpoint layer *j* (columns), with the
-# monotone alignment path (dynamic time warping on 1 − CKA). Right: the same minus the
-# permutation baseline (rows of the tuned model shuffled; the chance level of each cell).
+# Top: CKA between base layer *i* (rows) and final-checkpoint layer *j* (columns), with the
+# monotone alignment path (dynamic time warping on 1 − CKA). Bottom: the same minus the
+# permutation baseline (rows of the tuned model shuffled; the chance level of each cell). One
+# column per training seed.
 
 # %%
-fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+fig, axes = plt.subplots(2, len(results), figsize=(5.5 * len(results), 9), squeeze=False)
 xlabel = f"SFT layer (step {steps[-1]})"
-plot_heatmap(res.matrix, ax=axes[0], path=res.path, xlabel=xlabel, ylabel="base layer",
-             title="Cross-layer CKA", cbar_label="linear CKA", vmin=0, vmax=1, has_embed=has_embed)
-plot_heatmap(res.matrix - res.chance, ax=axes[1], xlabel=xlabel, ylabel="base layer",
-             title="CKA above chance (− permutation baseline)", cbar_label="CKA − shuffled CKA",
-             has_embed=has_embed, cmap="viridis")
+for k, r in enumerate(results):
+    plot_heatmap(r.matrix, ax=axes[0, k], path=r.path, xlabel=xlabel, ylabel="base layer",
+                 title=f"Cross-layer CKA, seed {k + 1}", cbar_label="linear CKA", vmin=0, vmax=1,
+                 has_embed=has_embed)
+    plot_heatmap(r.matrix - r.chance, ax=axes[1, k], xlabel=xlabel, ylabel="base layer",
+                 title=f"Above chance (− permutation baseline), seed {k + 1}",
+                 cbar_label="CKA − shuffled CKA", has_embed=has_embed, cmap="viridis")
 fig.tight_layout()
 save_figure(fig, "CKA_heatmap", figure_dir(cfg))
 
@@ -124,36 +134,71 @@ save_figure(fig, "CKA_heatmap", figure_dir(cfg))
 # ## 4 · Layer correspondence and the transition
 # For each base layer, the tuned layer it matches best; the remapping index is the mean distance
 # of that match from the diagonal (0 = every layer still matches itself). The transition layer is
-# the layer after the steepest drop in layerwise CKA, with a bootstrap interval.
+# the layer after the steepest drop in layerwise CKA, with a bootstrap interval. One column per
+# training seed.
 
 # %%
-pd.DataFrame({"base layer": labels, "best tuned layer": [labels[j] for j in res.best],
-              "CKA same layer": res.classic[steps[-1]].point.round(3),
-              "debiased same layer": res.debiased[steps[-1]].point.round(3),
-              "noise half-width": res.noise_classic.round(4)})
+pd.concat({f"seed {k + 1}": pd.DataFrame({
+    "best tuned layer": [labels[j] for j in r.best], "CKA same layer": r.classic[steps[-1]].point.round(3),
+    "debiased": r.debiased[steps[-1]].point.round(3), "noise half-width": r.noise_classic.round(4)},
+    index=pd.Index(labels, name="base layer")) for k, r in enumerate(results)}, axis=1)
 
 # %% [markdown]
-# ## 5 · Drift over training
-# Layerwise CKA (base, checkpoint) for every checkpoint step; a dot marks, for each layer, the
-# first checkpoint at which its CKA leaves the noise band.
+# ## 5 · Does the flat heatmap survive without the template?
+# Mean pooling over every prompt token includes the fixed `Question:` … `Answer:` template,
+# weighted by 1/length: a length-driven direction every layer shares, which could make the
+# cross-layer heatmap flat and the embedding the best match of many layers. Top: the question
+# pooling used above; bottom: the old mean pooling; each minus its permutation baseline, one
+# column per training seed. The table counts, per seed and pooling, the decoder layers whose best
+# tuned match is the embedding and the heatmap's contrast (mean diagonal CKA minus the mean CKA
+# of cells three or more layers off it; 0 = flat).
 
 # %%
-by_step = res.by_step()
-fig, ax = plt.subplots(figsize=(8, 4.5))
-plot_heatmap(by_step.T, ax=ax, xlabel="SFT step", ylabel="layer", title="Layerwise CKA over training",
-             cbar_label="linear CKA (base, checkpoint)", vmin=float(by_step.min()), vmax=1,
-             cmap="magma", xticklabels=[str(s) for s in steps], yticklabels=labels)
-for layer, s in enumerate(res.departure):
-    if s >= 0:
-        ax.plot(steps.index(int(s)), layer, "o", color="cyan", ms=5)
-ax.plot([], [], "o", color="cyan", label="first step outside the noise band")
-ax.legend(loc="upper right", fontsize=8)
+old = over_seeds(ensure_cka, cfg, "sft", pooling=OLD_POOLING, alt_pooling=POOLINGS[1], n_boot=N_BOOT,
+                 n_perm=N_PERM)
+fig, axes = plt.subplots(2, len(results), figsize=(5.5 * len(results), 9), squeeze=False)
+for row, rs in enumerate((results, old)):
+    for k, r in enumerate(rs):
+        plot_heatmap(r.matrix - r.chance, ax=axes[row, k], xlabel=xlabel, ylabel="base layer", vmin=0, vmax=1,
+                     title=f"{r.pooling} pooling, seed {k + 1}", cbar_label="CKA − shuffled CKA",
+                     has_embed=r.labels[0] == "embed", cmap="viridis")
+fig.tight_layout()
+save_figure(fig, "CKA_pooling", figure_dir(cfg))
+pd.DataFrame([pooling_effect(r) | {"pooling": r.pooling, "seed": k + 1}
+              for rs in (results, old) for k, r in enumerate(rs)]).set_index(["pooling", "seed"]).round(3)
+
+# %%
+pooling_summary = summarize_pooling(results, old)
+save_summary(pooling_summary, "02_cka_pooling", figure_dir(cfg))
+display(Markdown(pooling_summary))
+
+# %% [markdown]
+# ## 6 · Drift over training
+# Layerwise CKA (base, checkpoint) for every checkpoint step; a dot marks, for each layer, the
+# first checkpoint at which its CKA leaves the noise band. One panel per training seed, on one
+# colour scale.
+
+# %%
+low = min(float(r.by_step().min()) for r in results)
+fig, axes = plt.subplots(1, len(results), figsize=(6.5 * len(results), 4.5), squeeze=False)
+for k, (ax, r) in enumerate(zip(axes[0], results)):
+    plot_heatmap(r.by_step().T, ax=ax, xlabel="SFT step", ylabel="layer", vmin=low, vmax=1,
+                 title=f"Layerwise CKA over training, seed {k + 1}", cmap="magma",
+                 cbar_label="linear CKA (base, checkpoint)", xticklabels=[str(s) for s in steps],
+                 yticklabels=labels)
+    for layer, s in enumerate(r.departure):
+        if s >= 0:
+            ax.plot(steps.index(int(s)), layer, "o", color="cyan", ms=5)
+    ax.plot([], [], "o", color="cyan", label="first step outside the noise band")
+    ax.legend(loc="upper right", fontsize=8)
+fig.tight_layout()
 save_figure(fig, "cka_over_training", figure_dir(cfg))
 
 # %% [markdown]
-# ## 6 · Explore: checkpoint and pooling
-# With a live kernel, the dropdowns redraw the layerwise curve and the heatmap; without one (CI,
-# a static export) the figure below is drawn once with the defaults.
+# ## 7 · Explore: checkpoint and pooling
+# With a live kernel, the dropdowns redraw the layerwise curve and the heatmap of the first
+# training seed; without one (CI, a static export) the figure below is drawn once with the
+# defaults.
 
 # %%
 def show(step=steps[-1], pooling=POOLINGS[0]):
@@ -174,13 +219,16 @@ if INTERACTIVE:
     import ipywidgets as widgets
 
     widgets.interact(show, step=widgets.Dropdown(options=steps[1:], value=steps[-1]),
-                     pooling=widgets.Dropdown(options=list(POOLINGS), value=POOLINGS[0]))
+                     pooling=widgets.Dropdown(options=list(captures), value=POOLINGS[0]))
 else:
     show()
 
 # %% [markdown]
-# ## 7 · What this run shows
-# Computed from the result above by `alignkit.report.summarize_cka`:
+# ## 8 · What these runs show
+# Computed from the results above by `alignkit.report.summarize_cka`: what holds in how many
+# training seeds, each seed's own numbers below it.
 
 # %%
-display(Markdown(summarize_cka(res, smoke=SMOKE)))
+summary = summarize_cka(results, smoke=SMOKE)
+save_summary(summary, "02_cka", figure_dir(cfg))  # beside the figures: what the README quotes
+display(Markdown(summary))

@@ -42,7 +42,8 @@ SMOKE = os.environ.get("ALIGNKIT_SMOKE") == "1"
 # (nbclient can hang on widget output, jupyter/nbclient#312)
 INTERACTIVE = os.environ.get("ALIGNKIT_STATIC") != "1"
 OVERRIDES: dict = {}
-POOLING = "mean"  # "mean" over prompt tokens, "last" prompt token, or "tokens"
+N_SEEDS = None  # training seeds; None: the preset's (tiny 3, smoke 2, real presets 1)
+POOLING = "question"  # "question" (mean over the question's own tokens), "mean" (every prompt token), "last", "tokens"
 ALPHAS = (0.5, 1.0, 2.0, float("inf"))
 N_BOOT = 20 if SMOKE else 200
 
@@ -56,36 +57,44 @@ from IPython.display import Markdown, display
 
 from alignkit.config import get_config
 from alignkit.plots import figure_dir, plot_layer_curves, plot_scatter, save_figure
-from alignkit.report import rank_drift_correlation, rank_stability, summarize_spectral
+from alignkit.report import rank_drift_correlation, rank_stability, save_summary, summarize_spectral
 from alignkit.spectral import metric_key
-from alignkit.stages import ensure_spectral
+from alignkit.stages import ensure_spectral, over_seeds
 
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-cfg = get_config(PRESET, smoke=SMOKE, overrides=OVERRIDES)
+cfg = get_config(PRESET, smoke=SMOKE, overrides=OVERRIDES | ({"n_seeds": N_SEEDS} if N_SEEDS else {}))
 
 # %% [markdown]
 # ## 1 · Activations and effective ranks
 # One capture path for the whole project (`alignkit.capture`): the residual stream after every
-# decoder layer (and the embedding output) for each held-out prompt, pooled per prompt, cached by
+# decoder layer (and the embedding output) for each held-out prompt, pooled per prompt (over the
+# question's own tokens, the shared template left out: `POOLING`), cached by
 # checkpoint content hash, probe set, hook points and pooling. `ensure_spectral` computes every
 # result of this notebook once (bootstrap metrics with the same subsamples for every checkpoint,
 # rank vs probe size, the CKA drift per layer) and caches it in the run's `analysis/`
-# (`python -m alignkit spectral` writes the same file); it trains what is missing.
+# (`python -m alignkit spectral` writes the same file); it trains what is missing. Once per
+# training seed (`over_seeds`; notebook 01 says why); the table: RankMe of the base and of each
+# seed's final checkpoint.
 
 # %%
-res = ensure_spectral(cfg, "sft", pooling=POOLING, alphas=ALPHAS, n_boot=N_BOOT)
+results = over_seeds(ensure_spectral, cfg, "sft", pooling=POOLING, alphas=ALPHAS, n_boot=N_BOOT)
+res = results[0]
 steps, labels, has_embed = res.steps, res.labels, res.labels[0] == "embed"
-print(f"{res.n} probe prompts, {len(steps)} checkpoints, hook points kept: {len(labels)}"
+print(f"{len(results)} training seeds, {res.n} probe prompts, {len(steps)} checkpoints, hook points "
+      f"kept: {len(labels)}"
       + (f"; skipped (constant across prompts, rank undefined): {res.dropped}" if res.dropped else ""))
-pd.DataFrame({f"step {s}": res.band("rankme", s).point for s in steps}, index=labels).round(2)
+pd.DataFrame({"base": res.band("rankme", 0).point}
+             | {f"seed {k + 1}, step {steps[-1]}": r.band("rankme", steps[-1]).point
+                for k, r in enumerate(results)}, index=labels).round(2)
 
 # %% [markdown]
 # ## 2 · RankMe per layer, base and every checkpoint
-# A line per checkpoint with its 80 %-subsampling bootstrap interval. Above the base line means the
-# checkpoint spreads that layer's variance over more directions.
+# A line per checkpoint with its 80 %-subsampling bootstrap interval (thick: the first training
+# seed; thin: the others). Above the base line means the checkpoint spreads that layer's variance
+# over more directions.
 
 # %%
-curves = {f"step {s}" + (" (base)" if s == 0 else ""): res.band("rankme", s) for s in steps}
+curves = {f"step {s}" + (" (base)" if s == 0 else ""): [r.band("rankme", s) for r in results] for s in steps}
 fig = plot_layer_curves(curves, ylabel="RankMe (effective rank)", title="Effective rank per layer",
                         has_embed=has_embed)
 save_figure(fig, "layerwise_effective_rank", figure_dir(cfg))
@@ -95,13 +104,13 @@ save_figure(fig, "layerwise_effective_rank", figure_dir(cfg))
 # One panel per α: checkpoint minus base per layer, with the bootstrap interval of the difference
 # (the same resamples for both models, so the interval is of the paired difference). Positive:
 # the checkpoint uses more directions than the base at that layer. Small α weighs the many weak
-# directions, large α the few strongest.
+# directions, large α the few strongest. Thick: the first training seed; thin: the others.
 
 # %%
 fig, axes = plt.subplots(1, len(ALPHAS), figsize=(4.2 * len(ALPHAS), 4), sharex=True)
 for ax, alpha in zip(np.atleast_1d(axes), ALPHAS):
     key = metric_key(alpha)
-    plot_layer_curves({f"step {s}": res.delta(key, s) for s in steps[1:]}, ax=ax,
+    plot_layer_curves({f"step {s}": [r.delta(key, s) for r in results] for s in steps[1:]}, ax=ax,
                       ylabel="Δ effective rank (checkpoint − base)", title=f"α = {alpha:g}",
                       has_embed=has_embed)
     ax.axhline(0, color="0.3", lw=1, ls="--")
@@ -115,37 +124,42 @@ save_figure(fig, "renyi_effective_rank", figure_dir(cfg))
 # ## 4 · Is the conclusion stable as n grows?
 # Effective rank cannot exceed min(n − 1, d). RankMe of base and final checkpoint on nested
 # subsets of the probe set: if the sign of the difference holds at every n, it is not an
-# artefact of the probe size.
+# artefact of the probe size. One line per training seed for the final checkpoint.
 
 # %%
 fig, ax = plt.subplots(figsize=(6, 4))
-for rank, s, style in zip(res.rank_vs_n, (steps[0], steps[-1]), ("--", "-")):
-    ax.plot(res.ns, rank.mean(axis=1), style, marker="o",
-            label=f"step {s}" + (" (base)" if s == steps[0] else ""))
+ax.plot(res.ns, res.rank_vs_n[0].mean(axis=1), "--", marker="o", color="0.3", label="step 0 (base)")
+for k, r in enumerate(results):
+    ax.plot(r.ns, r.rank_vs_n[1].mean(axis=1), "-", marker="o", color="C0", lw=1.6 if k == 0 else 0.9,
+            ms=4 if k == 0 else 2, label=f"step {steps[-1]}, seed {k + 1}")
 ax.plot(res.ns, [min(n - 1, res.width) for n in res.ns], ":", color="0.5", label="cap min(n − 1, d)")
 ax.set(xlabel="probe prompts n", ylabel="RankMe, mean over layers",
        title="Effective rank vs probe-set size")
 ax.set_xscale("log", base=2)
 ax.legend(fontsize=8)
-print(f"share of (n, layer) cells whose Δ RankMe sign equals the sign at n = {res.ns[-1]}: "
-      f"{rank_stability(res):.2f}")
+print(f"share of (n, layer) cells whose Δ RankMe sign equals the sign at n = {res.ns[-1]}, per seed: "
+      + ", ".join(f"{rank_stability(r):.2f}" for r in results))
 
 # %% [markdown]
 # ## 5 · CKA and effective rank are different signals
 # Per layer: drift in CKA (1 − CKA(base, final)) against the change of RankMe. If the two were
-# the same signal the points would lie on one monotone curve.
+# the same signal the points would lie on one monotone curve. One colour per training seed.
 
 # %%
-drank = res.point["rankme"][-1] - res.point["rankme"][0]
-fig = plot_scatter(res.cka_drift, drank, labels=labels, ylabel="Δ RankMe (final − base)",
-                   xlabel="1 − CKA(base, final)  (representation drift)",
-                   title="Drift vs change of effective rank per layer")
-print(f"Spearman correlation across layers: {rank_drift_correlation(res):.2f}")
+fig, ax = plt.subplots(figsize=(6, 4.5))
+for k, r in enumerate(results):
+    plot_scatter(r.cka_drift, r.point["rankme"][-1] - r.point["rankme"][0], ax=ax,
+                 labels=labels if k == 0 else None, ylabel="Δ RankMe (final − base)",
+                 xlabel="1 − CKA(base, final)  (representation drift)", color=f"C{k}",
+                 title="Drift vs change of effective rank per layer", label=f"seed {k + 1}")
+ax.legend(fontsize=8)
+print("Spearman correlation across layers, per seed: "
+      + ", ".join(f"{rank_drift_correlation(r):.2f}" for r in results))
 
 # %% [markdown]
 # ## 6 · Explore: α and checkpoint
-# With a live kernel, the sliders redraw one α and one checkpoint against the base; without one
-# the default is drawn once.
+# With a live kernel, the sliders redraw one α and one checkpoint of the first training seed
+# against the base; without one the default is drawn once.
 
 # %%
 def show(step=steps[-1], alpha_index=1):
@@ -165,8 +179,11 @@ else:
     show()
 
 # %% [markdown]
-# ## 7 · What this run shows
-# Computed from the result above by `alignkit.report.summarize_spectral`:
+# ## 7 · What these runs show
+# Computed from the results above by `alignkit.report.summarize_spectral`: what holds in how many
+# training seeds, each seed's own numbers below it.
 
 # %%
-display(Markdown(summarize_spectral(res, smoke=SMOKE)))
+summary = summarize_spectral(results, smoke=SMOKE)
+save_summary(summary, "03_spectral", figure_dir(cfg))  # beside the figures: what the README quotes
+display(Markdown(summary))

@@ -54,8 +54,9 @@ SMOKE = os.environ.get("ALIGNKIT_SMOKE") == "1"
 # (nbclient can hang on widget output, jupyter/nbclient#312)
 INTERACTIVE = os.environ.get("ALIGNKIT_STATIC") != "1"
 OVERRIDES: dict = {}
-N_EXAMPLES = 8 if SMOKE else 128  # flips (and controls) patched, at most
-N_CROSS = 4 if SMOKE else 64  # examples per set for the L x L cross-layer grid
+N_SEEDS = None  # training seeds; None: the preset's (tiny 3, smoke 2, real presets 1)
+N_EXAMPLES = 8 if SMOKE else 64  # flips (and controls) patched, at most, per training seed
+N_CROSS = 4 if SMOKE else 32  # examples per set for the L x L cross-layer grid
 COMPONENTS = ("resid", "attn", "mlp")
 POSITIONS = "all"  # "all", "prompt", "answer" (answer-predicting positions) or token indices
 BATCH_SIZE = 8 if SMOKE else 32
@@ -78,12 +79,12 @@ from alignkit import patching
 from alignkit.config import get_config
 from alignkit.layers import alignment_path, best_match
 from alignkit.plots import figure_dir, plot_heatmap, plot_layer_curves, save_figure
-from alignkit.report import best_donors, patch_fraction, summarize_patching
+from alignkit.report import best_donors, patch_fraction, save_summary, summarize_patching
 from alignkit.report import curve as report_curve
-from alignkit.stages import ensure_patching, ensure_results
+from alignkit.stages import ensure_patching, ensure_results, over_seeds
 
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-cfg = get_config(PRESET, smoke=SMOKE, overrides=OVERRIDES)
+cfg = get_config(PRESET, smoke=SMOKE, overrides=OVERRIDES | ({"n_seeds": N_SEEDS} if N_SEEDS else {}))
 
 # %% [markdown]
 # ## 1 · Models, examples and every sweep
@@ -93,13 +94,18 @@ cfg = get_config(PRESET, smoke=SMOKE, overrides=OVERRIDES)
 # ranking for flips, smallest change for controls), and labelled as a substitute.
 # `ensure_patching` runs every sweep of this notebook once (sections 2–5; donor activations are
 # captured once per batch and a patch at layer *l* reruns only layers *l+1…L−1*) and caches the
-# result in the run's `analysis/` (`python -m alignkit patching` writes the same file).
+# result in the run's `analysis/` (`python -m alignkit patching` writes the same file). Every
+# training seed has its own tuned model, flips and sweeps (`over_seeds`; notebook 01 says why);
+# the table and the single examples are the first seed's.
 
 # %%
 run = ensure_results(cfg, "sft")  # builds notebook 01's artifacts if missing
-pat = ensure_patching(cfg, "sft", n_examples=N_EXAMPLES, n_cross=N_CROSS, components=COMPONENTS,
-                      positions=POSITIONS, batch_size=BATCH_SIZE, min_gap=MIN_GAP, min_set=MIN_SET)
+pats = over_seeds(ensure_patching, cfg, "sft", n_examples=N_EXAMPLES, n_cross=N_CROSS,
+                  components=COMPONENTS, positions=POSITIONS, batch_size=BATCH_SIZE, min_gap=MIN_GAP,
+                  min_set=MIN_SET)
+pat = pats[0]
 sets, labels, L = pat.sets, pat.labels, pat.cka_matrix.shape[0]
+print(f"{len(pats)} training seeds; flips patched per seed: {[len(p.sets['flips']) for p in pats]}")
 lp = {k: np.array(e.answer_logprob) for k, e in (("base", run.evals[0]), ("tuned", run.evals[-1]))}
 pd.DataFrame([{"set": labels[k], "n patched": len(sets[k]), "n in flip table": len(getattr(run.table, k)),
                **{f"mean LP {m}": lp[m][[r["index"] for r in sets[k]]].mean() for m in lp}}
@@ -114,7 +120,8 @@ pd.DataFrame([{"set": labels[k], "n patched": len(sets[k]), "n in flip table": l
 # dashed: the full gap LP(donor) − LP(receiver) of the flips, which a resid patch at the last layer
 # reaches when the two models share the head. Where the resid curve of the flips rises (denoise)
 # is where the tuned model's advantage has been written into the residual stream; a component
-# whose curve stands out names which sublayer wrote it.
+# whose curve stands out names which sublayer wrote it. Thick: the first training seed; thin: the
+# others (each with its own flips and gap).
 
 # %%
 def curve(values):
@@ -126,11 +133,13 @@ for row, direction in enumerate(("denoise", "noise")):
     for col, comp in enumerate(COMPONENTS):
         ax = axes[row, col]
         arrow = "tuned → base" if direction == "denoise" else "base → tuned"
-        plot_layer_curves({f"{labels[s]} (n={len(sets[s])})": curve(pat.sweep(s, comp, direction).delta)
-                           for s in sets}, ax=ax, ylabel="Δ answer log-prob (nats)", has_embed=False,
-                          cmap="tab10", title=f"{direction} ({arrow}): {comp}")
-        r = pat.sweep("flips", comp, direction)
-        ax.axhline(np.mean(r.lp_donor - r.lp_receiver), color="C0", ls="--", lw=1, label="full gap (flips)")
+        plot_layer_curves({labels[s]: [curve(p.sweep(s, comp, direction).delta) for p in pats] for s in sets},
+                          ax=ax, ylabel="Δ answer log-prob (nats)", has_embed=False, cmap="tab10",
+                          title=f"{direction} ({arrow}): {comp}")
+        for k, p in enumerate(pats):
+            r = p.sweep("flips", comp, direction)
+            ax.axhline(np.mean(r.lp_donor - r.lp_receiver), color="C0", ls="--", lw=1 if k == 0 else 0.6,
+                       label="full gap (flips)" if k == 0 else None)
         ax.axhline(0, color="0.4", lw=0.8)
         ax.set_xlabel("layer" + (" (residual stream after it)" if comp == "resid" else f" ({comp} output)"))
         ax.legend(fontsize=8, loc="best")
@@ -143,17 +152,22 @@ save_figure(fig, "activation_patching", figure_dir(cfg))
 # bootstrap interval (`report.patch_fraction`). This is the summary every sentence of this project
 # uses. The mean of per-example ratios (NPE, masked where a gap is below `MIN_GAP`) is
 # heavy-tailed where gaps are small; its median is shown beside it for the resid denoise sweep.
+# One block of columns per training seed.
 
 # %%
-frac = {f"{comp} {d}": patch_fraction(pat.sweep("flips", comp, d), N_BOOT, SEED)
-        for comp in COMPONENTS for d in ("denoise", "noise")}
-table = pd.DataFrame({k: [f"{p:.2f} [{lo:.2f}, {hi:.2f}]" for p, lo, hi in zip(b.point, b.lo, b.hi)]
-                      for k, b in frac.items()})
-table["resid denoise, median NPE"] = np.nanmedian(pat.sweep("flips", "resid", "denoise").npe, 0).round(2)
-table.index.name = "layer"
-print(f"NPE masked for {pat.sweep('flips', 'resid', 'denoise').meta['n_npe_masked']} of "
-      f"{len(sets['flips'])} flips (|gap| < {MIN_GAP} nats)")
-table
+def fraction_table(p):
+    frac = {f"{comp} {d}": patch_fraction(p.sweep("flips", comp, d), N_BOOT, SEED)
+            for comp in COMPONENTS for d in ("denoise", "noise")}
+    table = pd.DataFrame({k: [f"{v:.2f} [{lo:.2f}, {hi:.2f}]" for v, lo, hi in zip(b.point, b.lo, b.hi)]
+                          for k, b in frac.items()})
+    table["resid denoise, median NPE"] = np.nanmedian(p.sweep("flips", "resid", "denoise").npe, 0).round(2)
+    return table
+
+
+print("NPE masked per seed: " + ", ".join(
+    f"{p.sweep('flips', 'resid', 'denoise').meta['n_npe_masked']} of {len(p.sets['flips'])} flips" for p in pats)
+      + f" (|gap| < {MIN_GAP} nats)")
+pd.concat({f"seed {k + 1}": fraction_table(p) for k, p in enumerate(pats)}, axis=1).rename_axis("layer")
 
 # %% [markdown]
 # ## 3 · Which positions? (resid, flips)
@@ -161,11 +175,11 @@ table
 # (the inputs whose outputs are the logits the metric reads: the last token of `#### ` up to the
 # answer's second-to-last token). If the prompt positions alone carry the effect in early layers
 # and the answer positions in late ones, the information moves from the question to the answer
-# position across depth.
+# position across depth. Thick: the first training seed; thin: the others.
 
 # %%
 fig, ax = plt.subplots(figsize=(7.5, 4.2))
-plot_layer_curves({f"{p} positions": curve(r.delta) for p, r in pat.by_pos.items()}, ax=ax,
+plot_layer_curves({f"{q} positions": [curve(p.by_pos[q].delta) for p in pats] for q in pat.by_pos}, ax=ax,
                   has_embed=False, ylabel="Δ answer log-prob (nats)", cmap="tab10",
                   title=f"Resid denoise by patched positions ({labels['flips']})")
 ax.axhline(0, color="0.4", lw=0.8)
@@ -180,26 +194,29 @@ fig.tight_layout()
 # tuned layer whose patch raises the answer log-prob most, and the small black dots every donor
 # **tied** with it (paired bootstrap interval of the difference reaching 0: `stats.near_best`) —
 # an argmax among ties is not a finding. The cyan line is the CKA alignment path (dynamic time
-# warping on 1 − CKA, mean-pooled prompt states, as in notebook 02). Tied sets on the cyan line:
-# the causal and the representational correspondence agree.
+# warping on 1 − CKA, question-pooled prompt states, as in notebook 02). Tied sets on the cyan line:
+# the causal and the representational correspondence agree. Rows: flips and controls; one column
+# per training seed; the table below is the first seed's.
 
 # %%
-cka_path = alignment_path(pat.cka_matrix)
-mean_cross = {s: curve(r.delta).point for s, r in pat.cross.items()}
-vmax = max(float(np.nanmax(np.abs(m))) for m in mean_cross.values())
-fig, axes = plt.subplots(1, len(pat.cross), figsize=(6.5 * len(pat.cross), 5.2), squeeze=False)
-for ax, (s, m) in zip(axes[0], mean_cross.items()):
-    plot_heatmap(m, ax=ax, path=cka_path, xlabel=f"tuned layer j (donor, step {pat.final_step})",
-                 ylabel="base layer i (receiver)", cbar_label="mean Δ answer log-prob (nats)",
-                 vmin=-vmax, vmax=vmax, has_embed=False, cmap="RdBu_r",
-                 title=f"Cross-layer Δ, {labels[s]} (n={pat.cross[s].lp_patched.shape[0]})")
-    best, ties = best_donors(pat, s, N_BOOT, SEED)
-    ti, tj = np.nonzero(ties)
-    ax.plot(tj, ti, ".", color="black", ms=3, label="tied with the best")
-    ax.plot(best, np.arange(L), "o", color="white", mec="black", ms=5, label="best donor layer")
-    ax.legend(loc="upper left", fontsize=8)
+vmax = max(float(np.nanmax(np.abs(curve(r.delta).point))) for p in pats for r in p.cross.values())
+fig, axes = plt.subplots(len(pat.cross), len(pats), figsize=(6.5 * len(pats), 5.2 * len(pat.cross)),
+                         squeeze=False)
+for k, p in enumerate(pats):
+    for row, (s, r) in enumerate(p.cross.items()):
+        ax = axes[row, k]
+        plot_heatmap(curve(r.delta).point, ax=ax, path=alignment_path(p.cka_matrix), has_embed=False,
+                     xlabel=f"tuned layer j (donor, step {p.final_step})", ylabel="base layer i (receiver)",
+                     cbar_label="mean Δ answer log-prob (nats)", vmin=-vmax, vmax=vmax, cmap="RdBu_r",
+                     title=f"Cross-layer Δ, {p.labels[s]} (n={r.lp_patched.shape[0]}), seed {k + 1}")
+        best, ties = best_donors(p, s, N_BOOT, SEED)
+        ti, tj = np.nonzero(ties)
+        ax.plot(tj, ti, ".", color="black", ms=3, label="tied with the best")
+        ax.plot(best, np.arange(L), "o", color="white", mec="black", ms=5, label="best donor layer")
+        ax.legend(loc="upper left", fontsize=8)
 fig.tight_layout()
 save_figure(fig, "cross_layer_patching", figure_dir(cfg))
+cka_path = alignment_path(pat.cka_matrix)
 best, ties = best_donors(pat, "flips", N_BOOT, SEED)
 pd.DataFrame({"best tuned donor (patching, flips)": best,
               "donors tied with it": [np.flatnonzero(t).tolist() for t in ties],
@@ -217,24 +234,29 @@ pd.DataFrame({"best tuned donor (patching, flips)": best,
 # * **graft** (sufficiency): the base with that one tuned layer. A rise means this layer's new
 #   weights alone carry part of the gain (in a base context).
 # * **mean-ablated difference**: the tuned model with its residual after layer *l* replaced by the
-#   base's plus the *mean* tuned − base difference (over all tokens of the set), against the full
-#   noise patch (the base's residual, difference removed entirely). Close to 0: a constant shift
-#   (a steering vector) carries the change; close to the full noise patch: the change is
-#   input-specific.
+#   base's plus the *mean* tuned − base difference, against the full noise patch (the base's
+#   residual, difference removed entirely) at the same rows. Close to 0: a constant shift (a
+#   steering vector) carries the change; close to the full noise patch: the change is
+#   input-specific. Three versions (right): one global mean over every token of the set (template
+#   tokens included), and position-specific means over the prompt rows only and over the
+#   answer-predicting rows only, each put back at its own rows.
 #
-# Intervals: bootstrap 95 % over examples; flips and controls.
+# Intervals: bootstrap 95 % over examples; flips and controls. Thick: the first training seed;
+# thin: the others.
 
 # %%
 fig, axes = plt.subplots(1, 3, figsize=(18, 4.6))
 for ax, kind, title in ((axes[0], "revert", "Revert one layer to base, in tuned (necessity)"),
                         (axes[1], "graft", "Graft one tuned layer into base (sufficiency)")):
-    plot_layer_curves({f"{labels[s]} (n={len(sets[s])})": curve(pat.ablation[f"{s}/{kind}"].delta)
-                       for s in sets}, ax=ax, ylabel="Δ answer log-prob (nats)", title=title,
-                      has_embed=False, cmap="tab10")
+    plot_layer_curves({labels[s]: [curve(p.ablation[f"{s}/{kind}"].delta) for p in pats] for s in sets},
+                      ax=ax, ylabel="Δ answer log-prob (nats)", title=title, has_embed=False, cmap="tab10")
     ax.axhline(0, color="0.4", lw=0.8)
     ax.set_xlabel("decoder layer whose weights are swapped")
-plot_layer_curves({"mean-ablated difference (tuned)": curve(pat.ablation["flips/mean_diff"].delta),
-                   "difference removed (resid noise patch)": curve(pat.sweep("flips", "resid", "noise").delta)},
+plot_layer_curves({"all rows: mean kept": [curve(p.ablation["flips/mean_diff"].delta) for p in pats],
+                   "all rows: difference removed": [curve(p.sweep("flips", "resid", "noise").delta) for p in pats]}
+                  | {f"{q} rows: {what}": [curve(p.ablation[f"flips/{key}@{q}"].delta) for p in pats]
+                     for q in ("prompt", "answer") for what, key in (("mean kept", "mean_diff"),
+                                                                     ("difference removed", "noise"))},
                   ax=axes[2], ylabel="Δ answer log-prob (nats)", has_embed=False, cmap="tab10",
                   title=f"Residual difference ablated, {labels['flips']}")
 axes[2].axhline(0, color="0.4", lw=0.8)
@@ -243,7 +265,8 @@ save_figure(fig, "weight_ablation", figure_dir(cfg))
 
 # %% [markdown]
 # ## 6 · Browse single examples
-# With a live kernel the dropdown picks a flip: its prompt, the answer tokens the metric reads,
+# With a live kernel the dropdown picks a flip of the first training seed: its prompt, the answer
+# tokens the metric reads,
 # and its per-layer Δ for every component in both directions (grey: the flip set's resid
 # interval, for scale). Without a frontend (CI, a static export) the first flip is drawn once.
 
@@ -280,8 +303,11 @@ else:
     show_example(0)
 
 # %% [markdown]
-# ## 7 · What this run shows
-# Computed from the result above by `alignkit.report.summarize_patching`:
+# ## 7 · What these runs show
+# Computed from the results above by `alignkit.report.summarize_patching`: what holds in how many
+# training seeds, each seed's own numbers below it.
 
 # %%
-display(Markdown(summarize_patching(pat, n_boot=N_BOOT, seed=SEED, min_gap=MIN_GAP, smoke=SMOKE)))
+summary = summarize_patching(pats, n_boot=N_BOOT, seed=SEED, min_gap=MIN_GAP, smoke=SMOKE)
+save_summary(summary, "04_patching", figure_dir(cfg))  # beside the figures: what the README quotes
+display(Markdown(summary))

@@ -25,8 +25,9 @@
 # al. 2025); **(3)** RLVR updates avoid the principal directions of the pretrained weights, SFT's
 # target them (Zhu et al. 2025; overlap / chance per matrix). All three are about what a stage
 # does, so each is measured against the model the stage started from (DPO and GRPO: the final SFT
-# checkpoint). A verdict needs every training seed's interval on one side: this notebook runs one
-# seed, so its verdicts say "cannot tell" and show that seed's values.
+# checkpoint). A verdict needs every training seed's interval on one side of 0 and at least two
+# seeds: this notebook runs `cfg.n_seeds` training seeds (3 on the embedded model; each seed
+# retrains SFT, DPO and GRPO), and every figure draws each of them.
 
 # %%
 # Colab only: fetch align-drift and install what Colab lacks; anywhere else this cell does nothing.
@@ -55,11 +56,12 @@ SMOKE = os.environ.get("ALIGNKIT_SMOKE") == "1"
 # (nbclient can hang on widget output, jupyter/nbclient#312)
 INTERACTIVE = os.environ.get("ALIGNKIT_STATIC") != "1"
 OVERRIDES: dict = {}
+N_SEEDS = None  # training seeds; None: the preset's (tiny 3, smoke 2, real presets 1)
 METHODS = ("sft", "dpo", "grpo")
-POOLING = "mean"  # probe pooling, as in notebooks 02 and 03
+POOLING = "question"  # probe pooling, as in notebooks 02 and 03 (the question's own tokens)
 N_BOOT = 20 if SMOKE else 200  # CKA and effective-rank bootstraps
 N_SPLITS = 20  # split halves for the CKA noise floor
-N_EXAMPLES = 8 if SMOKE else 128  # SFT flips patched, at most
+N_EXAMPLES = 8 if SMOKE else 64  # SFT flips patched, at most, per training seed
 MIN_SET = 2  # fewer flips than this: substitute examples (smoke runs have none), as in notebook 04
 BATCH_SIZE = 8 if SMOKE else 32
 MIN_GAP = 0.1  # nats: NPE masked where |LP(donor) - LP(receiver)| is smaller
@@ -77,15 +79,18 @@ from IPython.display import Markdown, display
 
 from alignkit import plots
 from alignkit.config import get_config
-from alignkit.report import patch_fraction, summarize_compare
-from alignkit.stages import ensure_compare
+from alignkit.report import patch_fraction, save_summary, summarize_compare
+from alignkit.stages import claims_over_seeds, ensure_compare, over_seeds
 
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-cfg = get_config(PRESET, smoke=SMOKE, overrides=OVERRIDES)
-# trains and evaluates what is missing, then every measure below, cached (`python -m alignkit compare`)
-res = ensure_compare(cfg, METHODS, pooling=POOLING, n_boot=N_BOOT, n_splits=N_SPLITS,
+cfg = get_config(PRESET, smoke=SMOKE, overrides=OVERRIDES | ({"n_seeds": N_SEEDS} if N_SEEDS else {}))
+# trains and evaluates what is missing, then every measure below, cached (`python -m alignkit compare`),
+# once per training seed; the verdicts pool the seeds
+results = over_seeds(ensure_compare, cfg, METHODS, pooling=POOLING, n_boot=N_BOOT, n_splits=N_SPLITS,
                      n_examples=N_EXAMPLES, min_set=MIN_SET, batch_size=BATCH_SIZE, min_gap=MIN_GAP,
                      n_boot_patch=N_BOOT_PATCH, tol=TOL, k=K, seed=SEED)
+res = results[0]
+verdicts = claims_over_seeds(results, n_boot=N_BOOT, seed=SEED)
 
 # %% [markdown]
 # ## 0 · The models
@@ -99,12 +104,13 @@ pd.DataFrame([{"method": m, "starts from": res.init[m], "final step": res.accura
 
 # %% [markdown]
 # ## 1 · Accuracy
-# Greedy exact-match accuracy on the held-out problems with 95 % Wilson intervals; the dashed line
-# is the base.
+# Greedy exact-match accuracy on the held-out problems: bars the mean over training seeds, dots each
+# seed, whiskers spanning every seed's 95 % Wilson interval; the dashed line is the base.
 
 # %%
-plots.plot_compare_accuracy(res)
-pd.DataFrame(res.accuracy).T[["step", "accuracy", "acc_lo", "acc_hi", "answer_logprob"]].round(3)
+plots.plot_compare_accuracy(results)
+pd.DataFrame({f"seed {k + 1}": {m: r.accuracy[m]["accuracy"] for m in ("base", *r.methods)}
+              for k, r in enumerate(results)}).round(3)
 
 # %% [markdown]
 # ## 2 · Representations: layerwise CKA against the base
@@ -112,23 +118,26 @@ pd.DataFrame(res.accuracy).T[["step", "accuracy", "acc_lo", "acc_hi", "answer_lo
 # (`POOLING`), through the project's one cached capture path. Hook points constant across prompts
 # (zero variance) are dropped and named. One curve per method: CKA(base layer *l*, final layer *l*)
 # with its bootstrap 95 % band; hatched grey: the split-half noise floor (the widest of the three
-# comparisons) — drift inside it cannot be told from the choice of probe prompts.
+# comparisons and seeds) — drift inside it cannot be told from the choice of probe prompts. Thick:
+# the first training seed; thin: the others.
 
 # %%
 print(f"{len(res.labels)} hook points" + (f"; dropped (zero variance): {res.dropped}" if res.dropped else ""))
-plots.plot_compare_cka(res)
-pd.DataFrame({m: c.point for m, c in res.cka.items()}, index=res.labels).round(3).T
+plots.plot_compare_cka(results)
+pd.concat({f"seed {k + 1}": pd.DataFrame({m: c.point for m, c in r.cka.items()}, index=r.labels).T
+           for k, r in enumerate(results)}).round(3)
 
 # %% [markdown]
 # ## 3 · Effective rank: change of RankMe per layer
 # RankMe (notebook 03) of every model's probe activations, with the same 80 % row subsamples for all
 # models, so each difference has a paired interval. Left: final − base. Right: final − the method's
-# own init (for SFT the two are the same comparison): the change made by the stage itself.
+# own init (for SFT the two are the same comparison): the change made by the stage itself. Thick:
+# the first training seed; thin: the others.
 
 # %%
 fig, axes = plt.subplots(1, 2, figsize=(14, 4.2), sharey=True)
-plots.plot_compare_rank(res, ax=axes[0])
-plots.plot_compare_rank(res, ax=axes[1], own=True)
+plots.plot_compare_rank(results, ax=axes[0])
+plots.plot_compare_rank(results, ax=axes[1], own=True)
 fig.tight_layout()
 
 # %% [markdown]
@@ -139,11 +148,13 @@ fig.tight_layout()
 # Δ answer log-prob with bootstrap 95 % intervals; dashed: each method's full gap LP(final) − LP(base)
 # on these examples. Where a curve reaches its gap is where that method's advantage has been written
 # into the residual stream. The table: the fraction of each method's mean gap recovered per layer,
-# mean Δ / mean gap (1 = the whole gap; `report.patch_fraction`, as in notebook 04).
+# mean Δ / mean gap (1 = the whole gap; `report.patch_fraction`, as in notebook 04). Every training
+# seed has its own SFT flips (thick: the first seed; thin: the others).
 
 # %%
-plots.plot_compare_patching(res)
-pd.DataFrame({m: patch_fraction(r).point for m, r in res.patches.items()}).round(2).T
+plots.plot_compare_patching(results)
+pd.concat({f"seed {k + 1}": pd.DataFrame({m: patch_fraction(p).point for m, p in r.patches.items()}).T
+           for k, r in enumerate(results)}).round(2)
 
 # %% [markdown]
 # ## 5 · Weights: how far, how sparsely, in which directions
@@ -152,25 +163,31 @@ pd.DataFrame({m: patch_fraction(r).point for m, r in res.patches.items()}).round
 # sparsity; a dense Gaussian update gives 0.44); RankMe of ΔW; and the overlap (mean squared
 # cosine of principal angles) of ΔW's top-`K` singular subspaces with W's, with its chance level
 # K/d. Two comparisons per method: **vs base** (what the notebook compares everywhere) and **own
-# update** (final − own init: what claims about a stage's update are about).
+# update** (final − own init: what claims about a stage's update are about). Every training seed
+# drawn: a heatmap column each, thin lines, dots on the bars.
 
 # %%
-fig, axes = plt.subplots(1, 2, figsize=(14, 4.5), gridspec_kw={"width_ratios": [1, 2]})
-plots.plot_drift_modules(res, ax=axes[0])
-plots.plot_compare_drift(res, ax=axes[1])
+fig, axes = plt.subplots(1, 2, figsize=(16, 4.8), gridspec_kw={"width_ratios": [1, 1.6]})
+plots.plot_drift_modules(results, ax=axes[0])
+plots.plot_compare_drift(results, ax=axes[1])
 fig.tight_layout()
+
+# %% [markdown]
+# Per tensor, for the first training seed (the module-level figure above shows every seed):
 
 # %%
 fig, axes = plt.subplots(2, len(res.methods), figsize=(6.5 * len(res.methods), 8.5), squeeze=False)
 for j, m in enumerate(res.methods):
-    plots.plot_weight_drift(res.own[m], "frac_mass", ax=axes[0, j], title=f"{m}: 90 %-mass share of its own update")
+    plots.plot_weight_drift(res.own[m], "frac_mass", ax=axes[0, j],
+                            title=f"{m}: 90 %-mass share of its own update, seed 1")
     plots.plot_weight_drift(res.own[m], "overlap_right", ax=axes[1, j],
-                            title=f"{m}: overlap with W's top-{K}, input space")
+                            title=f"{m}: overlap with W's top-{K}, input space, seed 1")
 fig.tight_layout()
 
 # %%
-plots.plot_compare_structure(res)
-pd.DataFrame({g: {m: v.point for m, v in d.items()} for g, d in res.structure.items()}).round(4)
+plots.plot_compare_structure(results)
+pd.concat({f"seed {k + 1}": pd.DataFrame({g: {m: float(v.point) for m, v in d.items()}
+                                          for g, d in r.structure.items()}) for k, r in enumerate(results)}).round(4)
 
 # %% [markdown]
 # ## 6 · The atlas
@@ -179,16 +196,18 @@ pd.DataFrame({g: {m: v.point for m, v in d.items()} for g, d in res.structure.it
 # bands and the noise floor; (c) Δ RankMe vs base with paired intervals; (d) resid denoise patching
 # on SFT's flips with bootstrap intervals and each method's full gap; (e) relative weight change
 # per layer vs base (solid) and of the own update (dashed), float32 round-off dotted; (f) structure
-# of each method's own update against a dense Gaussian update and chance.
+# of each method's own update against a dense Gaussian update and chance. Every training seed is in
+# every panel (thin lines, dots).
 
 # %%
-fig = plots.plot_atlas(res, title=f"Post-training atlas: SFT, DPO and GRPO against one base "
-                                  f"({cfg.preset} preset{', smoke sizes' if SMOKE else ''})")
+fig = plots.plot_atlas(results, title=f"Post-training atlas: SFT, DPO and GRPO against one base "
+                                  f"({cfg.preset} preset, {len(results)} training seeds{', smoke sizes' if SMOKE else ''})")
 plots.save_figure(fig, "post_training_atlas", plots.figure_dir(cfg))
 
 # %% [markdown]
 # ## 7 · Explore: one method, one weight metric
-# With a live kernel, pick a method, a comparison and a metric; without one the default is drawn.
+# With a live kernel, pick a method, a comparison and a metric (first training seed); without one
+# the default is drawn.
 
 # %%
 def show(method=METHODS[-1], comparison="own update", metric="rel_change"):
@@ -206,9 +225,12 @@ else:
     show()
 
 # %% [markdown]
-# ## 8 · What this run shows
-# Computed from the result above by `alignkit.report.summarize_compare` (per method, then the three
-# published claims with their verdicts).
+# ## 8 · What these runs show
+# Computed from the results above by `alignkit.report.summarize_compare` (per method what holds in
+# how many training seeds, then the three published claims with their verdicts over the seeds,
+# `stages.claims_over_seeds`; each seed's own numbers below).
 
 # %%
-display(Markdown(summarize_compare(res, smoke=SMOKE)))
+summary = summarize_compare(results, verdicts, smoke=SMOKE)
+save_summary(summary, "05_post_training_compare", plots.figure_dir(cfg))  # what the README quotes
+display(Markdown(summary))

@@ -16,6 +16,7 @@ import pytest
 from conftest import smoke_config
 
 from alignkit import cli, results
+from alignkit import report as report_mod
 from alignkit import stages as pipeline
 from alignkit.runs import METHODS, list_checkpoints
 from alignkit.stages import ensure_results
@@ -172,7 +173,7 @@ def _no_compute(monkeypatch):
 @pytest.fixture(scope="module")
 def staged(smoke_root, smoke_run):
     """Every stage through ``cli.main`` on the session's smoke run; returns the argv prefix."""
-    argv = ["--smoke", "--root", str(smoke_root)]
+    argv = ["--smoke", "--root", str(smoke_root), "--seeds", "1"]  # the seed loop: test_seeds_flag
     for stage in (["train", "sft"], ["evaluate"], ["capture"], ["cka"], ["spectral"], ["patching"]):
         assert cli.main(argv + stage) == 0, stage
     return argv
@@ -204,14 +205,14 @@ def test_capture_stage_fills_the_notebooks_cache(staged, smoke_cfg, smoke_run, m
     texts = probe_texts(smoke_cfg)
     _no_compute(monkeypatch)
     steps = [s for s, _ in list_checkpoints(smoke_run)]
-    for pooling in ("mean", "last"):  # notebook 02 (both), 03 (mean)
+    for pooling in ("question", "mean", "last"):  # notebook 02 (all three), 03-05 (question)
         caps = capture_run(smoke_run, texts, pooling=pooling)
         assert sorted(caps) == steps
         a = caps[steps[-1]]
         assert a.acts.shape == (smoke_cfg.tiny.num_hidden_layers + 1, len(texts), smoke_cfg.tiny.hidden_size)
     # notebook 04's call for base and tuned hits the same entries
     ckpts = dict(list_checkpoints(smoke_run))
-    capture_cached(ckpts[steps[0]], None, texts, None, "mean", cache_dir=smoke_run / "activations")
+    capture_cached(ckpts[steps[0]], None, texts, None, "question", cache_dir=smoke_run / "activations")
 
 
 def test_cka_stage_matches_a_direct_computation(staged, smoke_cfg, smoke_run, monkeypatch):
@@ -219,7 +220,7 @@ def test_cka_stage_matches_a_direct_computation(staged, smoke_cfg, smoke_run, mo
     from alignkit.capture import capture_run
     from alignkit.data import probe_texts
 
-    caps = capture_run(smoke_run, probe_texts(smoke_cfg), pooling="mean")
+    caps = capture_run(smoke_run, probe_texts(smoke_cfg), pooling="question")
     steps = sorted(caps)
     keep = [i for i, n in enumerate(caps[steps[0]].hook_points)
             if not any(n in a.meta["constant_points"] for a in caps.values())]
@@ -267,7 +268,7 @@ def test_spectral_stage_matches_a_direct_computation(staged, smoke_cfg, smoke_ru
     from alignkit.capture import capture_run
     from alignkit.data import probe_texts
 
-    caps = capture_run(smoke_run, probe_texts(smoke_cfg), pooling="mean")
+    caps = capture_run(smoke_run, probe_texts(smoke_cfg), pooling="question")
     steps = sorted(caps)
     boot = {s: spectral.bootstrap_layer_metrics(caps[s].acts, alphas=(0.5, 1.0, 2.0, float("inf")),
                                                 n_boot=20, seed=0) for s in (steps[0], steps[-1])}
@@ -310,7 +311,8 @@ def test_patching_stage_round_trips_exactly(staged, smoke_cfg, smoke_run, monkey
     assert got.meta == direct.meta
     assert list(res.by_pos) == ["all", "prompt", "answer"]
     assert res.cross["flips"].delta.shape == (4, L, L) and res.cka_matrix.shape == (L, L)
-    assert set(res.ablation) == {f"{s}/{k}" for s in ("flips", "controls") for k in ("revert", "graft", "mean_diff")}
+    assert set(res.ablation) == {f"{s}/{k}" for s in ("flips", "controls") for k in ("revert", "graft", "mean_diff")} | {
+        f"flips/{k}@{q}" for k in ("mean_diff", "noise") for q in ("prompt", "answer")}
 
 
 def test_notebook_parameters_match_pipeline_defaults(monkeypatch):
@@ -426,3 +428,23 @@ def test_compare_stage_then_every_stage_is_cached(staged, smoke_cfg, monkeypatch
         assert res.own[m].equals(first.own[m]) and res.own[m].attrs == first.own[m].attrs
     assert res.structure_controls == first.structure_controls
     assert cli.main(staged + ["all", "--skip", "figures"]) == 0  # every stage cached: nothing recomputed
+
+
+def test_seeds_flag_runs_every_stage_once_per_training_seed(capsys, monkeypatch, tmp_path):
+    import alignkit.stages as stages_mod
+    import alignkit.train as train_mod
+
+    args = cli.build_parser().parse_args(["--smoke", "--seeds", "3", "train", "sft"])
+    cfg, overrides = cli.config_from_args(args)
+    assert cfg.n_seeds == 3 and overrides["n_seeds"] == 3  # figures pass it to the notebooks
+    trained = []
+    monkeypatch.setattr(train_mod, "train", lambda c, m: trained.append((m, c.sft.seed)) or tmp_path)
+    cli.stage_train(cfg, "sft")
+    assert trained == [("sft", 0), ("sft", 1), ("sft", 2)]
+    seen = []
+    monkeypatch.setattr(stages_mod, "ensure_cka", lambda c, m: seen.append(c.sft.seed) or c.sft.seed)
+    monkeypatch.setattr(report_mod, "summarize_cka", lambda res: f"{len(res)} results")
+    assert cli.stage_analysis("cka", cfg, "sft") == [0, 1, 2] and seen == [0, 1, 2]
+    capsys.readouterr()  # the seeds' progress bar
+    rc, err = _error(capsys, ["--seeds", "0", "train", "sft"])
+    assert (rc, err) == (2, PROG + "--seeds must be at least 1, got 0\n")

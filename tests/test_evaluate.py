@@ -127,3 +127,27 @@ def test_flip_table_logic(smoke_cfg):
     assert [r["index"] for r in t.controls] == [i for i in range(n) if i % 6 == 0]
     with pytest.raises(ValueError, match="do not match"):
         flip_table([SimpleNamespace(correct=[True]), last], smoke_cfg, ds)
+
+
+def test_same_weights_are_evaluated_once(smoke_cfg, smoke_run, tmp_path, monkeypatch):
+    """A copy of a checkpoint in another run (a seed's step 0 is the base, DPO's is SFT's final)
+    reads the shared store under its own name; damaged everywhere, it is recomputed."""
+    import shutil
+
+    import alignkit.evaluate as evaluate_mod
+
+    ckpt = list_checkpoints(smoke_run)[-1][1]
+    first = evaluate_checkpoint(ckpt, smoke_cfg)
+    twin = tmp_path / "other-run" / "checkpoints" / ckpt.name
+    shutil.copytree(ckpt, twin)
+    for f in twin.glob("eval-*.json"):
+        f.unlink()
+    real_generate = evaluate_mod.generate
+    monkeypatch.setattr(evaluate_mod, "generate", lambda *a, **k: pytest.fail("generated again"))
+    again = evaluate_checkpoint(twin, smoke_cfg)
+    assert again.checkpoint == str(twin) and again.correct == first.correct
+    assert again.answer_logprob == first.answer_logprob and len(list(twin.glob("eval-*.json"))) == 1
+    for f in [*twin.glob("eval-*.json"), *(smoke_cfg.run_root / "evals").glob("*.json")]:
+        f.write_text("{not json")
+    monkeypatch.setattr(evaluate_mod, "generate", real_generate)
+    assert evaluate_checkpoint(twin, smoke_cfg).correct == first.correct

@@ -121,8 +121,7 @@ def test_compare_result_round_trip(tmp_path):
         correct={k: [True, False, True] for k in ("base", *methods)},
         last_states={k: RNG.random((6, 4)) for k in ("base", *methods)},
         matched_unchanged={"grpo": 0.25}, claims=[])
-    res.claims = stages.compare_claims({"last_states": res.last_states, "own": res.own,
-                                        "matched_unchanged": res.matched_unchanged}, res.init,
+    res.claims = stages.compare_claims([res.last_states], [res.own], [res.matched_unchanged], res.init,
                                        n_boot=10)
     res.save(tmp_path / "r")
     back = CompareResult.load(tmp_path / "r")
