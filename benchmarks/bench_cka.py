@@ -5,12 +5,17 @@ correlated across depth and between the stacks, the size of a Qwen3-0.6B compari
 implementation runs in this one process with ``torch.set_num_threads(2)``: other jobs may share
 the machine, so the ratios within one run are what count, not the absolute seconds.
 
-For each implementation: time (best of 3 after a warm-up on a 2-layer slice, ``time.perf_counter``),
-time relative to ours for the same estimator, and max |error| against a float64 reference matrix
-computed once with an independent direct formula (explicit centring matrix ``H K H`` for the
-biased estimator; Song et al.'s unbiased HSIC written out for the debiased one). Then small
-checks of each peer's known defects: scale invariance, clamping of negative debiased values, and
-what the object-style APIs do with several batches.
+Timing: after a warm-up of every implementation on a 2-layer slice, ``--repeats`` (default 7)
+interleaved rounds, each running every implementation once in an order shuffled with a fixed-seed
+RNG (``time.perf_counter``), so that load from other jobs falls on a whole round alike. Reported
+for each implementation: time = median of N interleaved rounds (min–max); time relative to ours
+for the same estimator = median over rounds of the per-round ratio (min–max); and max |error|
+against a float64 reference matrix computed once with an independent direct formula (explicit
+centring matrix ``H K H`` for the biased estimator; Song et al.'s unbiased HSIC written out for
+the debiased one). A target counts as met only when the whole min–max range of the per-round
+ratio clears it ("not shown met (range a–b)" otherwise). Then small checks of each peer's known
+defects: scale invariance, clamping of negative debiased values, and what the object-style APIs
+do with several batches.
 
 Peers (benchmark-only extras, see benchmarks/requirements.txt): ``pytorch-cka`` (module ``cka``),
 ``torch-cka`` (module ``torch_cka``), ``ckatorch``. The object-style APIs want models and
@@ -19,9 +24,11 @@ activations of layer ``i`` for the example indices in the batch.
 
 Usage (from the repository root)::
 
-    OMP_NUM_THREADS=2 OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_cka.py
+    OMP_NUM_THREADS=2 OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_cka.py [--repeats 7]
 
 It prints a markdown report and writes it to benchmarks/RESULTS_cka.md (``--no-write`` to skip).
+``--quick`` shrinks the problem to L = 3, n = 64, d = 32 on one thread (a check that the script
+runs, not a measurement; it never writes the file).
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import contextlib
 import io
 import os
 import platform
+import random
 import sys
 import time
 import warnings
@@ -45,6 +53,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from alignkit import cka as ak
 
 L, N, D = 28, 512, 1024
+QUICK = 3, 64, 32  # --quick: L, n, d
 RESULTS = Path(__file__).with_name("RESULTS_cka.md")
 KEPT = "\n## Measured by hand"
 
@@ -223,14 +232,42 @@ def available(module: str) -> bool:
 # ------------------------------------------------------------------------------------------
 
 
-def best_of(fn: Callable, a, b, repeats: int = 3) -> tuple[float, np.ndarray]:
-    fn(a[:2], b[:2])  # warm-up on a 2-layer slice (allocator, kernels, lazy imports)
-    times, out = [], None
+def interleaved(fns: dict, repeats: int, seed: int = 0) -> tuple[dict, dict]:
+    """Seconds of every ``fns[key]()`` in each of ``repeats`` rounds, and its last output.
+
+    A round runs every function once, in an order shuffled with a fixed-seed RNG, so that load from
+    other jobs falls on all implementations of a round alike (per-round ratios cancel it)."""
+    rng = random.Random(seed)
+    order = list(fns)
+    times: dict = {key: [] for key in fns}
+    outs: dict = {}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn(a, b)
-        times.append(time.perf_counter() - t0)
-    return min(times), np.asarray(out, dtype=np.float64)
+        rng.shuffle(order)
+        for key in order:
+            t0 = time.perf_counter()
+            outs[key] = fns[key]()
+            times[key].append(time.perf_counter() - t0)
+    return times, outs
+
+
+def median(xs: list[float]) -> float:
+    return float(np.median(xs))
+
+
+def per_round(times: list[float], ref: list[float]) -> list[float]:
+    """Ratio of two implementations' times round by round."""
+    return [t / r for t, r in zip(times, ref)]
+
+
+def fmt_spread(xs: list[float], spec: str = ".3f") -> str:
+    """``median (min–max)`` of per-round values."""
+    return f"{median(xs):{spec}} ({min(xs):{spec}}–{max(xs):{spec}})"
+
+
+def verdict(ratios: list[float], threshold: float) -> str:
+    """'met' only when every round's ratio is at least ``threshold``, with the range either way."""
+    met = "met" if min(ratios) >= threshold else "not shown met"
+    return f"{met} (range {min(ratios):.2f}–{max(ratios):.2f})"
 
 
 def fmt_err(e: float) -> str:
@@ -240,12 +277,16 @@ def fmt_err(e: float) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-write", action="store_true", help="do not write RESULTS_cka.md")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=7, help="interleaved timing rounds")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"L, n, d = {QUICK} on one thread, to check that it runs (no write)")
     args = parser.parse_args()
 
-    torch.set_num_threads(2)
+    threads = 1 if args.quick else 2
+    n_layers, n, d = QUICK if args.quick else (L, N, D)
+    torch.set_num_threads(threads)
     load0 = os.getloadavg()
-    a, b = make_acts()
+    a, b = make_acts(n_layers, n, d)
     t0 = time.perf_counter()
     ref = {False: reference_matrix(a, b, False), True: reference_matrix(a, b, True)}
     t_ref = time.perf_counter() - t0
@@ -276,23 +317,10 @@ def main() -> None:
          peer_torch_cka, have["torch_cka"]),
         ("ckatorch", "debiased", "`ckatorch.CKA(m1, m2, layers)(loader, epochs=1)` (1 batch)",
          peer_ckatorch_object, have["ckatorch"]),
-        ("ckatorch", "biased", "`ckatorch.cka_base(x, y)` in a 28 x 28 loop",
+        ("ckatorch", "biased", f"`ckatorch.cka_base(x, y)` in a {n_layers} x {n_layers} loop",
          peer_ckatorch_base_loop, have["ckatorch"]),
     ]
-    rows = []
-    ours_time = {}
-    for name, est, entry, fn, run in impls:
-        if not run:
-            rows.append((name, est, entry, None, None, None, None))
-            continue
-        t, out = best_of(fn, a, b, args.repeats)
-        if name == "alignkit `cka_matrix`":
-            ours_time[est] = t
-        r = ref[est == "debiased"]
-        err = float(np.abs(out - r).max())
-        err_pos = float(np.abs(out - r)[r >= 0].max())
-        rows.append((name, est, entry, t, t / ours_time[est], err, err_pos))
-        print(f"  {name} [{est}]: {t:.3f} s, err {err:.1e}", file=sys.stderr)
+    rows = time_all(impls, a, b, ref, args.repeats)
 
     targets = summarise_targets(rows)
     defects = defect_checks(have)
@@ -302,62 +330,89 @@ def main() -> None:
         "# CKA benchmark: alignkit vs a naive loop vs PyPI peers",
         "",
         f"Produced by `benchmarks/bench_cka.py` on {platform.processor() or platform.machine()}, "
-        f"torch {torch.__version__}, `torch.set_num_threads(2)`, Python "
+        f"torch {torch.__version__}, `torch.set_num_threads({threads})`, Python "
         f"{platform.python_version()}. Peers: "
         + (", ".join(f"{k} {v}" for k, v in versions.items()) or "none installed") + ".",
         f"Load average {load0[0]:.1f} at start, {load1[0]:.1f} at end (other jobs share the "
         "2 cores: read the ratios, not the seconds).",
         "",
-        f"Problem: L = {L} layers x n = {N} examples x d = {D} features, two correlated float32 "
-        "stacks, full 28 x 28 CKA matrix. Time = best of "
-        f"{args.repeats} after a warm-up; 'x ours' = time / alignkit's time for the same "
-        "estimator; "
-        "error = max |CKA - float64 reference| over the 784 entries (reference: explicit "
+        f"Problem: L = {n_layers} layers x n = {n} examples x d = {d} features, two correlated "
+        f"float32 stacks, full {n_layers} x {n_layers} CKA matrix. Time = median of "
+        f"{args.repeats} interleaved rounds (min–max) after a warm-up; each round runs every "
+        "implementation once, in a shuffled order. 'x ours' = median over rounds of time / "
+        "alignkit's time for the same estimator in the same round (min–max): load that hits a "
+        "whole round cancels. A target counts as met only when the whole min–max range clears "
+        "it. Error = max |CKA - float64 reference| over the "
+        f"{n_layers * n_layers} entries (reference: explicit "
         f"`H K H` / Song et al. formula in numpy float64, computed once in {t_ref:.1f} s).",
         "",
         f"The debiased reference has {int((ref[True] < 0).sum())} of {ref[True].size} entries "
         f"below 0 (min {ref[True].min():.4f}: distant layers are nearly unrelated), hence the "
         "last column, which leaves them out.",
         "",
-        "| implementation | estimator | entry point | time (s) | x ours | max abs error "
-        "| max abs error where ref >= 0 |",
+        "| implementation | estimator | entry point | time (s), median (min–max) "
+        "| x ours, median (min–max) | max abs error | max abs error where ref >= 0 |",
         "|---|---|---|---:|---:|---:|---:|",
     ]
     for name, est, entry, t, ratio, err, err_pos in rows:
         if t is None:
             lines.append(f"| {name} | {est} | {entry} | not installed | | | |")
         else:
-            lines.append(f"| {name} | {est} | {entry} | {t:.3f} | {ratio:.2f} | {fmt_err(err)} "
-                         f"| {fmt_err(err_pos)} |")
+            lines.append(f"| {name} | {est} | {entry} | {fmt_spread(t)} | "
+                         f"{fmt_spread(ratio, '.2f')} | {fmt_err(err)} | {fmt_err(err_pos)} |")
     lines += [""] + targets + ["", "## Defect checks", ""] + defects
     report = "\n".join(lines) + "\n"
     print(report)
-    if not args.no_write:  # sections from KEPT on were written by hand: keep them
+    if not (args.no_write or args.quick):  # sections from KEPT on were written by hand: keep them
         old = RESULTS.read_text() if RESULTS.exists() else ""
         RESULTS.write_text(report + NOTES + (old[old.index(KEPT):] if KEPT in old else ""))
 
 
+def time_all(impls: list, a, b, ref: dict, repeats: int) -> list[tuple]:
+    """Rows ``(name, estimator, entry, times, ratios, err, err_pos)`` of every implementation:
+    per-round seconds, per-round time / ours for the same estimator, and the errors of the last
+    round's output against the reference (``None`` fields for peers that are not installed)."""
+    fns = {i: (lambda fn=fn: fn(a, b)) for i, (*_, fn, run) in enumerate(impls) if run}
+    for i in fns:
+        impls[i][3](a[:2], b[:2])  # warm-up on a 2-layer slice (allocator, kernels, lazy imports)
+    times, outs = interleaved(fns, repeats)
+    ours = {impls[i][1]: times[i] for i in fns if impls[i][0] == "alignkit `cka_matrix`"}
+    rows = []
+    for i, (name, est, entry, _, run) in enumerate(impls):
+        if not run:
+            rows.append((name, est, entry, None, None, None, None))
+            continue
+        out, r = np.asarray(outs[i], dtype=np.float64), ref[est == "debiased"]
+        err = float(np.abs(out - r).max())
+        err_pos = float(np.abs(out - r)[r >= 0].max())
+        rows.append((name, est, entry, times[i], per_round(times[i], ours[est]), err, err_pos))
+        print(f"  {name} [{est}]: {fmt_spread(times[i])} s, err {err:.1e}", file=sys.stderr)
+    return rows
+
+
 def summarise_targets(rows: list) -> list[str]:
-    """The brief's targets, checked on this run's numbers."""
+    """The brief's targets, checked on this run's per-round numbers: a target is met only when
+    every round's ratio clears it; a peer 'fastest' by its median time."""
     ours = {r[1]: r for r in rows if r[0] == "alignkit `cka_matrix`"}
     naive = next((r for r in rows if r[0] == "naive double loop"), None)
     peers = [r for r in rows if r[3] is not None and not r[0].startswith(("alignkit", "naive"))
              and "diagnostic" not in r[0]]
     correct = [r for r in peers if r[5] <= 1e-6]
-    out = ["**Targets on this run.**", ""]
+    out = ["**Targets on this run** (ratios: median over rounds (min–max)).", ""]
     if naive is not None:
-        speedup = naive[3] / ours["biased"][3]
-        out.append(f"- ours vs the naive loop (biased): {speedup:.1f}x faster "
-                   f"({'meets' if speedup >= 2 else 'misses'} the >= 2x target).")
+        speedup = naive[4]  # naive / ours (biased), round by round
+        out.append(f"- ours vs the naive loop (biased): median {median(speedup):.2f}x faster; "
+                   f">= 2x target: {verdict(speedup, 2.0)}.")
     if correct:
-        best = min(correct, key=lambda r: r[3])
+        best = min(correct, key=lambda r: median(r[3]))
         out.append(f"- fastest correct peer (max error <= 1e-6): {best[0]} ({best[1]}, "
-                   f"{best[2]}) at {best[3]:.3f} s = {best[4]:.1f}x our time for that estimator.")
+                   f"{best[2]}) at {fmt_spread(best[3])} s = {fmt_spread(best[4], '.1f')}x our "
+                   "time for that estimator.")
     if peers:
-        fastest = min(peers, key=lambda r: r[3])
+        fastest = min(peers, key=lambda r: median(r[3]))
         out.append(f"- fastest peer regardless of error: {fastest[0]} ({fastest[2]}) at "
-                   f"{fastest[3]:.3f} s = {fastest[4]:.2f}x our time, max error "
-                   f"{fmt_err(fastest[5])}.")
+                   f"{fmt_spread(fastest[3])} s = {fmt_spread(fastest[4], '.2f')}x our time, max "
+                   f"error {fmt_err(fastest[5])}.")
     worst = max(r[5] for r in ours.values())
     out.append(f"- our max error against the float64 reference: {fmt_err(worst)} "
                f"({'meets' if worst <= 1e-6 else 'misses'} the <= 1e-6 target).")

@@ -27,14 +27,22 @@ length, right padding, attention mask):
   which nnsight batches into a single forward (its activation-patching idiom). Logits are read at
   the answer rows inside the trace.
 
-Time = best of 3 after one warm-up (``time.perf_counter``), at batch sizes 32 and 8; max |Δ| =
-largest difference of the per-example, per-layer answer log-prob (and KL) from the naive loop's.
+Timing (``time.perf_counter``), at batch sizes 32, 16 and 8: one warm-up of every implementation
+(its output is the result), then ``--repeats`` (default 7) interleaved rounds, each running every
+implementation once in an order shuffled with a fixed-seed RNG, so that load from other jobs falls
+on a whole round alike. Time = median of N interleaved rounds (min–max); 'x naive' and
+'x alignkit' = median over rounds of the per-round ratio of times (min–max). A target counts as
+met only when the whole min–max range of the per-round ratio clears it ("not shown met
+(range a–b)" otherwise). Max |Δ| = largest difference of the per-example, per-layer answer
+log-prob (and KL) from the naive loop's.
 
 Usage (from the repository root, on an otherwise idle machine)::
 
-    OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_patching.py [--threads 1] [--batch-sizes 32 8] [--no-write]
+    OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_patching.py [--threads 1] [--batch-sizes 32 8] [--repeats 7] [--no-write]
 
-It prints a markdown report and writes it to benchmarks/RESULTS_patching.md.
+It prints a markdown report and writes it to benchmarks/RESULTS_patching.md. ``--quick`` runs
+random 4-layer models (the smoke preset's shape) on 2 examples in one batch of 2, to check that
+the script runs (not a measurement; it never writes the file).
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ import copy
 import json
 import os
 import platform
+import random
 import sys
 import time
 import warnings
@@ -62,7 +71,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).with_name("RESULTS_patching.md")
 N_EXAMPLES = 32
 BATCH_SIZE = 32  # the first of the batch sizes timed (then 16, layer_sweep's default, and 8)
-REPEATS = 3
+REPEATS = 7  # interleaved timing rounds
+QUICK_N = 2  # --quick: examples (one batch of them)
 
 
 # ------------------------------------------------------------------------------------------
@@ -80,9 +90,9 @@ def find_run() -> Path | None:
     return None
 
 
-def load_problem(n: int):
-    """(base, tuned, tokenizer, examples, description)."""
-    run = find_run()
+def load_problem(n: int, quick: bool = False):
+    """(base, tuned, tokenizer, examples, description); random smoke-sized models when ``quick``."""
+    run = None if quick else find_run()
     if run is not None:
         from alignkit.models import load_model
 
@@ -96,7 +106,7 @@ def load_problem(n: int):
         return base, tuned, tok, patching.examples_from_table(rows), desc
     from alignkit.tiny import build_model, train_tokenizer
 
-    tcfg = get_config("tiny").tiny
+    tcfg = get_config("tiny", smoke=quick).tiny
     probs = generate_problems(400, "train")
     tok = train_tokenizer([p["question"] + " " + p["answer"] for p in probs], tcfg.vocab_size)
     base = build_model(tcfg, len(tok), tok.eos_token_id).eval()
@@ -106,7 +116,8 @@ def load_problem(n: int):
         for p in tuned.parameters():
             p.add_(0.02 * torch.randn(p.shape, generator=g))
     examples = [{"prompt": format_prompt(p["question"]), "answer": p["answer"]} for p in generate_problems(n, "test")]
-    desc = "random models built from `get_config('tiny').tiny` (tuned = base + N(0, 0.02²) noise), generated problems"
+    desc = (f"random models built from `get_config('tiny'{', smoke=True' if quick else ''}).tiny` "
+            "(tuned = base + N(0, 0.02²) noise), generated problems")
     return base, tuned, tok, examples, desc
 
 
@@ -214,37 +225,65 @@ def run_nnsight(nbase, ntuned, tok, examples, bs, L, batched_invokes):
 # ------------------------------------------------------------------------------------------
 
 
-def best_of(fn, repeats=REPEATS):
-    out = fn()  # warm-up (also the result)
-    times = []
+def interleaved(fns: dict, repeats: int, seed: int = 0) -> dict:
+    """Seconds of every ``fns[key]()`` in each of ``repeats`` rounds.
+
+    A round runs every function once, in an order shuffled with a fixed-seed RNG, so that load from
+    other jobs falls on all implementations of a round alike (per-round ratios cancel it)."""
+    rng = random.Random(seed)
+    order = list(fns)
+    times: dict = {key: [] for key in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times), out
+        rng.shuffle(order)
+        for key in order:
+            t0 = time.perf_counter()
+            fns[key]()
+            times[key].append(time.perf_counter() - t0)
+    return times
 
 
-def bench(base, tuned, tok, examples, bs, L):
-    """Rows (name, seconds, (lp, kl)) of every implementation at one batch size; the naive loop first."""
-    rows = []
-    t, ref = best_of(lambda: run_naive(base, tuned, tok, examples, bs))
-    rows.append(("naive loop: full forward + full logits per layer", t, ref))
-    t, out = best_of(lambda: run_naive(base, tuned, tok, examples, bs, lean=True))
-    rows.append(("naive loop, lean: decoder forward per layer, head at answer rows", t, out))
-    t, out = best_of(lambda: run_alignkit(base, tuned, tok, examples, bs))
-    rows.append(("**alignkit `layer_sweep`**", t, out))
+def per_round(times, ref) -> list[float]:
+    """Ratio of two implementations' times round by round."""
+    return [t / r for t, r in zip(times, ref)]
+
+
+def fmt_spread(xs, spec=".3f") -> str:
+    """``median (min–max)`` of per-round values."""
+    return f"{np.median(xs):{spec}} ({min(xs):{spec}}–{max(xs):{spec}})"
+
+
+def verdict(ratios, threshold, at_least: bool) -> str:
+    """'met' only when every round's ratio is at least (``at_least``) or at most ``threshold``,
+    with the range either way."""
+    ok = min(ratios) >= threshold if at_least else max(ratios) <= threshold
+    return f"{'met' if ok else 'not shown met'} (range {min(ratios):.2f}–{max(ratios):.2f})"
+
+
+def bench(base, tuned, tok, examples, bs, L, repeats=REPEATS):
+    """Rows (name, per-round seconds, (lp, kl)) of every implementation at one batch size; the
+    naive loop first. Each one is warmed up once (that output is its result), then timed in
+    ``repeats`` interleaved rounds."""
+    fns = {
+        "naive loop: full forward + full logits per layer":
+            lambda: run_naive(base, tuned, tok, examples, bs),
+        "naive loop, lean: decoder forward per layer, head at answer rows":
+            lambda: run_naive(base, tuned, tok, examples, bs, lean=True),
+        "**alignkit `layer_sweep`**": lambda: run_alignkit(base, tuned, tok, examples, bs),
+    }
     try:
         import nnsight
         from nnsight import TransformersModel
     except ImportError as e:  # benchmark-only extra, see requirements.txt
         print(f"nnsight could not be imported ({e}); install benchmarks/requirements.txt", file=sys.stderr)
-        return rows
-    nb, nt = TransformersModel(base, tokenizer=tok), TransformersModel(tuned, tokenizer=tok)
-    t, out = best_of(lambda: run_nnsight(nb, nt, tok, examples, bs, L, batched_invokes=False))
-    rows.append((f"nnsight {nnsight.__version__}: one trace per layer", t, out))
-    t, out = best_of(lambda: run_nnsight(nb, nt, tok, examples, bs, L, batched_invokes=True))
-    rows.append((f"nnsight {nnsight.__version__}: one trace, {L + 1} invokes batched", t, out))
-    return rows
+    else:
+        nb, nt = TransformersModel(base, tokenizer=tok), TransformersModel(tuned, tokenizer=tok)
+        fns[f"nnsight {nnsight.__version__}: one trace per layer"] = \
+            lambda: run_nnsight(nb, nt, tok, examples, bs, L, batched_invokes=False)
+        fns[f"nnsight {nnsight.__version__}: one trace, {L + 1} invokes batched"] = \
+            lambda: run_nnsight(nb, nt, tok, examples, bs, L, batched_invokes=True)
+    outs = {name: fn() for name, fn in fns.items()}  # warm-ups (also the results)
+    times = interleaved(fns, repeats)
+    return [(name, times[name], outs[name]) for name in fns]
 
 
 def table(rows, bs) -> list[str]:
@@ -252,18 +291,24 @@ def table(rows, bs) -> list[str]:
     t_naive = rows[0][1]
     t_ours = next(t for name, t, _ in rows if "alignkit" in name)
     lines = [f"### Batches of {bs} examples", "",
-             "| implementation | time (s) | x naive | x alignkit | max abs Δ log-prob | max abs Δ KL |",
+             "| implementation | time (s), median (min–max) | x naive, median (min–max) "
+             "| x alignkit, median (min–max) | max abs Δ log-prob | max abs Δ KL |",
              "|---|---:|---:|---:|---:|---:|"]
     for name, t, (lp, kl) in rows:
-        lines.append(f"| {name} | {t:.3f} | {t / t_naive:.2f} | {t / t_ours:.2f} | "
+        lines.append(f"| {name} | {fmt_spread(t)} | {fmt_spread(per_round(t, t_naive), '.2f')} | "
+                     f"{fmt_spread(per_round(t, t_ours), '.2f')} | "
                      f"{np.abs(lp - ref[0]).max():.1e} | {np.abs(kl - ref[1]).max():.1e} |")
-    lines += ["", f"- alignkit / naive loop: **{t_ours / t_naive:.2f}x** the time (target <= 0.5x: "
-                  f"{'met' if t_ours / t_naive <= 0.5 else 'not met'})."]
+    ours_naive = per_round(t_ours, t_naive)
+    lines += ["", f"- alignkit / naive loop: median **{np.median(ours_naive):.2f}x** the time; "
+                  f"target <= 0.5x: {verdict(ours_naive, 0.5, at_least=False)}."]
     nns = [(name, t) for name, t, _ in rows if name.startswith("nnsight")]
     if nns:
-        fastest = min(nns, key=lambda x: x[1])
-        lines.append(f"- fastest nnsight variant ({fastest[0].split(': ')[1]}) / alignkit: **{fastest[1] / t_ours:.2f}x** "
-                     f"(target >= 2x: {'met' if fastest[1] / t_ours >= 2 else 'not met'}).")
+        fastest = min(nns, key=lambda x: np.median(x[1]))
+        # per round, the fastest variant of that round against alignkit
+        best = [min(ts) / o for ts, o in zip(zip(*(t for _, t in nns)), t_ours)]
+        lines.append(f"- fastest nnsight variant (by median: {fastest[0].split(': ')[1]}) / alignkit, "
+                     f"taking the fastest variant in each round: median **{np.median(best):.2f}x**; "
+                     f"target >= 2x: {verdict(best, 2.0, at_least=True)}.")
     else:
         lines.append("- nnsight was not installed: no comparison.")
     ak = next(out for name, _, out in rows if "alignkit" in name)
@@ -277,17 +322,22 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--n", type=int, default=N_EXAMPLES)
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[BATCH_SIZE, 16, 8])
+    ap.add_argument("--repeats", type=int, default=REPEATS, help="interleaved timing rounds")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--quick", action="store_true",
+                    help=f"random smoke-sized models, {QUICK_N} examples in one batch, no write")
     args = ap.parse_args()
+    if args.quick:
+        args.n, args.batch_sizes = QUICK_N, [QUICK_N]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=FutureWarning)
     load0 = os.getloadavg()[0]
 
-    base, tuned, tok, examples, desc = load_problem(args.n)
+    base, tuned, tok, examples, desc = load_problem(args.n, args.quick)
     L = n_layers(base)
     lengths = [len(s["input_ids"]) for s in patching.tokenize_examples(tok, examples)]
-    results = {bs: bench(base, tuned, tok, examples, bs, L) for bs in args.batch_sizes}
+    results = {bs: bench(base, tuned, tok, examples, bs, L, args.repeats) for bs in args.batch_sizes}
     ref = results[args.batch_sizes[0]][0][2]
     r0 = patching.layer_sweep(base, tuned, tok, examples, batch_size=args.batch_sizes[0], progress=False)
     lines = [
@@ -302,7 +352,10 @@ def main() -> None:
         f"over all {L} layers of a Qwen3 {L} x {base.config.hidden_size} (vocabulary {base.config.vocab_size}), "
         f"{len(examples)} examples of {min(lengths)}-{max(lengths)} tokens; per example and layer the answer "
         f"log-prob and KL(P_tuned || P_patched) at the answer rows. Models: {desc}. "
-        f"Time = best of {REPEATS} after a warm-up; 'x naive' = time / the naive loop's time; max |Δ| against the "
+        f"Time = median of {args.repeats} interleaved rounds (min–max) after a warm-up; each round runs every "
+        "implementation once, in a shuffled order. 'x naive' (and 'x alignkit') = median over rounds of time / the "
+        "naive loop's (alignkit's) time in the same round (min–max): load that hits a whole round cancels. A target "
+        "counts as met only when the whole min–max range clears it. Max |Δ| against the "
         f"naive loop's values at the same batch size. The patches matter: mean |Δ answer log-prob| over examples "
         f"and layers {np.abs(ref[0] - r0.lp_receiver[:, None]).mean():.2f} nats (lp_receiver "
         f"{r0.lp_receiver.mean():.2f}, lp_donor {r0.lp_donor.mean():.2f} on average).",
@@ -312,7 +365,7 @@ def main() -> None:
         lines += table(rows, bs) + [""]
     report = "\n".join(lines)
     print(report)
-    if not args.no_write:
+    if not (args.no_write or args.quick):
         RESULTS.write_text(report + NOTES)
         print(f"wrote {RESULTS}", file=sys.stderr)
 
@@ -355,9 +408,11 @@ NOTES = """
   Re-measured on 2026-11-30 (stacks of 1, 2, 4, 8, 16 runs, best of 5): slower at every batch size
   on this machine (batch 8: 0.81 s unstacked vs 0.83-0.93 s; batch 32: 1.14 s vs 1.18-1.67 s).
 - **Variance.** Ratios move by about 10 % between runs on this shared 2-core machine and between
-  machines: an earlier run on another machine of the same kind measured nnsight / alignkit at
-  2.20x (batch 32) and 1.90x (batch 8); this run 2.11x, 2.15x (batch 16) and 2.08x. The margin
-  over the 2x target is thin; the structural bound is about 2x (see "Where the time goes").
+  machines: with the former best-of-3 timing, one run on another machine of the same kind
+  measured nnsight / alignkit at 2.20x (batch 32) and 1.90x (batch 8), and a later run 2.11x,
+  2.15x (batch 16) and 2.08x. The margin over the 2x target is thin; the structural bound is
+  about 2x (see "Where the time goes"). Hence the interleaved rounds and the per-round ranges
+  above: a target counts as met only when the whole range clears it.
 """
 
 
