@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_CPU := torch==2.13.0
 
-.PHONY: setup lint test unit notebooks reproduce sync gpu-check clean
+.PHONY: setup lint test unit notebooks reproduce readme sync gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -30,9 +30,23 @@ test: setup lint
 unit: setup
 	$(BIN)/python -m pytest tests -q
 
-# full-size runs of the notebooks in order; they write images/
+# full-size runs of the notebooks in order; they write images/. First the embedded base (both
+# cores), then each of the three training seeds' runs and analyses as its own one-thread process
+# (the tiny models use a second thread poorly, so three one-thread processes keep both cores
+# busy), then the notebooks draw the figures from the cached results
 reproduce: setup
+	$(BIN)/python -c "from alignkit.config import get_config; from alignkit.tiny import ensure_base; \
+	ensure_base(get_config())"
+	printf '0\n1\n2\n' | xargs -P 3 -I{} env OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE \
+	$(BIN)/python -m alignkit --seeds 1 --set sft.seed={} --set dpo.seed={} --set grpo.seed={} \
+	all --skip figures
 	ALIGNKIT_STATIC=1 $(BIN)/python -m pytest --nbmake --nbmake-timeout=7200 notebooks -q
+
+# copy the default run's summaries (images/NN_*.md, written by make reproduce) into the README's
+# results section; tests/test_readme.py fails while the two differ
+readme: setup
+	$(BIN)/python -c "from pathlib import Path; from alignkit.report import fill_readme; \
+	p = Path('README.md'); p.write_text(fill_readme(p.read_text(), '.'))"
 
 # the real path on a CUDA GPU with random weights of Qwen3-0.6B's shape (no internet): every stage,
 # peak GPU memory and time per stage (benchmarks/RESULTS_gpu.md)
