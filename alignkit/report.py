@@ -585,8 +585,10 @@ def summarize_patching(res: PatchingResult | Sequence[PatchingResult], n_boot: i
 def _compare_seeds(rs: Sequence[CompareResult], claims: list | None = None) -> list[str]:
     n, methods, fmt = len(rs), rs[0].methods, "{:+.2f}"
     whole = [{m: whole_model(r, m) for m in methods} for r in rs]
-    lines = [f"- Base accuracy {100 * rs[0].accuracy['base']['accuracy']:.1f} % (the same base "
-             f"in every seed: {len({r.accuracy['base']['accuracy'] for r in rs}) == 1})."]
+    same = len({r.accuracy["base"]["accuracy"] for r in rs}) == 1
+    lines = [f"- Base accuracy {100 * rs[0].accuracy['base']['accuracy']:.1f} % ("
+             + ("the same base in every seed)." if same else "the first seed's: the seeds' bases "
+                "differ, so the vs-base comparisons do not share a reference).")]
     for m in methods:
         tests = [accuracy_tests(r) for r in rs]
         sig = []

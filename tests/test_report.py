@@ -275,6 +275,7 @@ def test_summarize_compare_across_seeds():
     verdicts = stages.claims_over_seeds(results, n_boot=50)
     text = report.summarize_compare(results, verdicts)
     assert "accuracy 40.0 % (mean of 2 seeds: 50.0 %, 30.0 %)" in text
+    assert text.startswith("- Base accuracy 10.0 % (the same base in every seed).")
     assert "CKA vs base lowest at layer **1** in all 2 seeds" in text
     assert "Largest own weight update: **SFT** in all 2 seeds" in text
     claims_text = text.split("**Published claims")[1]
