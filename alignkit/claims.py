@@ -217,13 +217,17 @@ def sparsity_claim(own: Sequence[Mapping[str, pd.DataFrame]], rl: Sequence[str] 
     compared at bf16 precision (the checkpoints as released). Here: the share of all weight
     entries with ``bf16(W_final) == bf16(W_init)`` (``weight_drift``'s ``frac_unchanged_bf16``,
     pooled over entries), for each method's own update; each RL method against ``reference``
-    with a paired bootstrap over weight tensors. Claimed: RL share − SFT share > 0. A seed where
-    either update is zero gives NaN (untestable), never a vacuous agreement.
+    with a paired bootstrap over weight tensors. Claimed: RL share − SFT share > 0. The claim is
+    about the update's shape, so a second item per RL method matches the size: SFT's update
+    rescaled to that method's whole-model norm (the column ``unchanged_bf16_at_<method>`` of the
+    reference's table, ``stages._matched_unchanged``), claimed RL share − that share > 0 (an RL
+    update sparser than an SFT update of the same size); without the column that item is left
+    out. A seed where either update is zero gives NaN (untestable), never a vacuous agreement.
 
     Args:
         own: per seed, ``{method: weight_drift(own init, final)}``.
         matched: per seed, ``{rl method: unchanged share of SFT's update rescaled to that
-            method's update norm}`` (context: how much of the difference is update size).
+            method's update norm}`` (context numbers).
     """
     per_seed: dict[str, list[Band]] = {}
     context: dict[str, list[float]] = {}
@@ -234,16 +238,26 @@ def sparsity_claim(own: Sequence[Mapping[str, pd.DataFrame]], rl: Sequence[str] 
         for m in methods:
             context.setdefault(f"{m.upper()} unchanged share", []).append(full[m])
         for m in methods[1:]:
+            moved = _moved(tables[m]) and _moved(tables[reference])
             per_seed.setdefault(f"{m.upper()} − {reference.upper()}", []).append(
-                _diff_band(full, boots, m, reference)
-                if _moved(tables[m]) and _moved(tables[reference]) else _UNTESTABLE)
+                _diff_band(full, boots, m, reference) if moved else _UNTESTABLE)
+            col = f"unchanged_bf16_at_{m}"
+            if col in tables[reference]:
+                numel = tables[reference]["numel"].to_numpy(np.float64)
+                size = {m: _unchanged_parts(tables[m]),
+                        "matched": (tables[reference][col].to_numpy(np.float64) * numel, numel)}
+                full_m, boots_m = _ratio_bootstrap(size, n_boot, seed)
+                per_seed.setdefault(f"{m.upper()} − {reference.upper()} at {m.upper()}'s norm",
+                                    []).append(_diff_band(full_m, boots_m, m, "matched")
+                                               if moved else _UNTESTABLE)
             if matched is not None:
                 context.setdefault(f"{reference.upper()} at {m.upper()}'s update norm",
                                    []).append(matched[i][m])
     return _verdict(
         "RL updates leave most parameters unchanged, SFT updates do not", MUKHERJEE_2025,
         "share of weight entries unchanged at bf16 precision in each stage's own update, RL "
-        "minus SFT, paired bootstrap over weight tensors", per_seed,
+        "minus SFT and RL minus SFT's update rescaled to the RL update's norm (the claim is about "
+        "the update's shape, not its size), paired bootstrap over weight tensors", per_seed,
         dict.fromkeys(per_seed, +1),
         {k: Band(*(np.float64(np.mean(v)),) * 3) for k, v in context.items()})
 

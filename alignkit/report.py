@@ -619,9 +619,8 @@ def _compare_seeds(rs: Sequence[CompareResult], claims: list | None = None) -> l
         [min(methods, key=lambda m: r.cka[m].point.mean()).upper() for r in rs]) + ".")
     lines += ["", f"**Published claims, each with its paper's own quantity**, over {n} training "
               "seeds (items: the mean over seeds [the lowest and the highest bound of the seeds' "
-              "95 % intervals]; a verdict needs every seed's interval on one side of 0; the "
-              "numbers after the items frame the test without entering it, e.g. the size "
-              "control of the sparsity claim):", ""]
+              "95 % intervals]; a verdict needs every seed's interval on one side of 0 for every "
+              "item; the numbers after the items frame the test without entering it):", ""]
     lines += [f"{i}. " + v.sentence() for i, v in enumerate(claims or [], 1)]
     return lines
 

@@ -27,7 +27,7 @@ from alignkit.train import train
 
 logger = logging.getLogger(__name__)
 
-ANALYSIS_VERSION = 5
+ANALYSIS_VERSION = 6
 # what notebooks 02 (all three), 03, 04 and 05 (question) capture; "question": the mean over the
 # question's own tokens, the template every probe shares left out (capture.template_span)
 CAPTURE_POOLINGS = ("question", "mean", "last")
@@ -331,18 +331,21 @@ def over_seeds(ensure, cfg: Config, *args, n_seeds: int | None = None, **given) 
 def _matched_unchanged(base, sft, own: dict) -> dict[str, float]:
     """``{method: share of entries unchanged at bf16}`` of SFT's own update (from the base)
     rescaled to each other method's own-update norm (whole model): how sparse SFT's update would
-    look at that size."""
+    look at that size. Per tensor, the same share goes into ``own["sft"]`` as the column
+    ``unchanged_bf16_at_<method>`` (``claims.sparsity_claim`` bootstraps it over tensors)."""
     wb, ws = dict(base.named_parameters()), dict(sft.named_parameters())
     norm = {m: float(np.sqrt((t["norm_delta"] ** 2).sum())) for m, t in own.items()}
     out = {}
     for m in own:
         if m == "sft" or norm["sft"] == 0:
             continue
-        c, kept, total = norm[m] / norm["sft"], 0.0, 0
+        c, kept, total, by_name = norm[m] / norm["sft"], 0.0, 0, {}
         for n, w in wb.items():
-            kept += weights.bf16_unchanged_share(w.detach(), (ws[n] - w).detach(), c) * w.numel()
+            by_name[n] = weights.bf16_unchanged_share(w.detach(), (ws[n] - w).detach(), c)
+            kept += by_name[n] * w.numel()
             total += w.numel()
         out[m] = kept / total
+        own["sft"][f"unchanged_bf16_at_{m}"] = own["sft"]["name"].map(by_name).astype(float)
     return out
 
 

@@ -123,3 +123,28 @@ def test_a_zero_update_cannot_confirm_a_claim():
         assert v.verdict == "cannot tell"
         assert all(np.isnan(float(b.point)) for b in v.items.values())
         assert "untestable (an update is zero in some seed)" in v.sentence()
+
+
+def test_sparsity_at_matched_update_size_separates_shape_from_size():
+    """A tiny dense update looks 'sparse' at bf16 (its changes round away), and so would SFT's
+    update shrunk to the same norm: the raw item agrees, the size-matched one does not. A planted
+    5 %-dense update stays sparser than SFT's update at its size."""
+    own = []
+    for s in range(2):
+        g = torch.Generator().manual_seed(s)
+        base = _model(g, SHAPES)
+        finals = {m: _update(base, kind, g) for m, kind in (("sft", "dense"), ("dpo", "sparse"),
+                                                            ("grpo", "tiny"))}
+        tables = {m: weight_drift(base, f, k=2, progress=False) for m, f in finals.items()}
+        norm = {m: float(np.sqrt((t["norm_delta"] ** 2).sum())) for m, t in tables.items()}
+        for m in ("dpo", "grpo"):  # the definition stages._matched_unchanged computes
+            share = {n: bf16_unchanged_share(w, finals["sft"][n] - w, norm[m] / norm["sft"])
+                     for n, w in base.items()}
+            tables["sft"][f"unchanged_bf16_at_{m}"] = tables["sft"]["name"].map(share)
+        own.append(tables)
+    v = sparsity_claim(own, n_boot=200)
+    assert v.verdicts["GRPO − SFT"] == "agrees"  # raw: the tiny update leaves entries unchanged
+    assert v.verdicts["GRPO − SFT at GRPO's norm"] != "agrees"  # ... as SFT's would at its size
+    assert abs(float(v.items["GRPO − SFT at GRPO's norm"].point)) < 0.05
+    assert v.verdicts["DPO − SFT at DPO's norm"] == "agrees"  # sparse in shape, not only small
+    assert v.verdict != "agrees"

@@ -422,6 +422,9 @@ def test_compare_stage_then_every_stage_is_cached(staged, smoke_cfg, monkeypatch
     res = pipeline.ensure_compare(smoke_cfg)  # notebook 05's call: read, not computed
     assert isinstance(res, results.CompareResult) and res.methods == ["sft", "dpo", "grpo"]
     assert res.init == {"sft": "base", "dpo": "sft", "grpo": "sft"}
+    for m in ("dpo", "grpo"):  # the size control of the sparsity claim, per tensor
+        shares = res.own["sft"][f"unchanged_bf16_at_{m}"]
+        assert shares.notna().all() and shares.between(0, 1).all()
     for m in res.methods:
         np.testing.assert_array_equal(res.cka[m].point, first.cka[m].point)
         np.testing.assert_array_equal(res.patches[m].delta, first.patches[m].delta)
