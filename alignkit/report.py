@@ -567,10 +567,12 @@ def _patching_seeds(rs: Sequence[PatchingResult], n_boot: int = 1000, seed: int 
         share = [100 * a[q][2] / a[q][1] if abs(a[q][1]) > 1e-12 else float("nan")
                  for a in ablations]
         rows = "all rows, one global mean" if q == "all" else f"the {POSITION_NAMES[q]} only"
+        full = [a[q][1] for a in ablations]
         lines.append(f"- **Mean-ablated difference** ({rows}): at the layer where removing the "
-                     "difference there matters most, keeping only its mean still changes the "
-                     f"answer log-prob by {seed_values(share, '{:.0f} %')} of the full removal "
-                     "(near 0 %: a constant shift carries the change).")
+                     "difference there matters most (a change of "
+                     f"{seed_values(full, '{:+.2f}')} nats), keeping only its mean still changes "
+                     f"the answer log-prob by {seed_values(share, '{:.0f} %')} of that (near 0 %: "
+                     "a constant shift carries the change; a ratio of small changes is noisy).")
     return lines
 
 

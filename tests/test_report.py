@@ -266,8 +266,8 @@ def test_summarize_patching_across_seeds():
     assert "flips / controls 4.00 (mean of 2 seeds: 4.00, 4.00)" in text
     assert "own tuned layer is among the donors tied with the best one, per seed: 1 of 5, 1 of 5" in text
     assert ("(the answer-predicting rows only): at the layer where removing the difference there matters "
-            "most, keeping only its mean still changes the answer log-prob by 10 % (mean of 2 seeds: 10 %, "
-            "10 %) of the full removal") in text
+            "most (a change of -2.00 (mean of 2 seeds: -2.00, -2.00) nats), keeping only its mean still "
+            "changes the answer log-prob by 10 % (mean of 2 seeds: 10 %, 10 %) of that") in text
 
 
 def test_summarize_compare_across_seeds():
