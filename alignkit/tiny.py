@@ -11,6 +11,7 @@ solution first.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import random
@@ -20,9 +21,9 @@ from pathlib import Path
 
 import datasets
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import (
-    PreTrainedTokenizerFast,
+    Qwen2Tokenizer,
     Qwen3Config,
     Qwen3ForCausalLM,
     Trainer,
@@ -37,11 +38,14 @@ from alignkit.data import format_prompt, generate_problems, iter_problems
 logger = logging.getLogger(__name__)
 
 EOS = "<|endoftext|>"
-SPECIAL = [EOS, "<|im_start|>", "<|im_end|>"]
+SPECIAL = [EOS, "<|im_start|>", "<|im_end|>"]  # Qwen's ChatML tokens
+THINKING = ["<think>", "</think>"]  # Qwen3's thinking tokens (added, not special, as in Qwen3)
+# ChatML with Qwen3's enable_thinking switch: False pre-fills an empty thinking block
 CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n"
+    "{% endif %}{% endif %}")
 
 
 def pretraining_corpus(tcfg: TinyModelConfig, gcfg: GeneratorConfig) -> list[str]:
@@ -69,21 +73,28 @@ def pretraining_corpus(tcfg: TinyModelConfig, gcfg: GeneratorConfig) -> list[str
     return docs
 
 
-def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """Byte-level BPE splitting digits one by one (as Qwen's), wrapped for transformers."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tok.train_from_iterator(texts, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS,
-                                   bos_token=None)
-    fast.chat_template = CHAT_TEMPLATE
-    fast.padding_side = "right"
-    return fast
+def train_tokenizer(texts: list[str], vocab_size: int) -> Qwen2Tokenizer:
+    """Byte-level BPE trained on ``texts`` with Qwen2/Qwen3's own pre-tokenisation, so the embedded
+    path meets the real tokenizer's quirks: ``transformers.Qwen2Tokenizer`` builds the public split
+    regex (single digits; `` ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*`` punctuation runs, so ``"#### -10"``
+    -> ``####``, `` -``, ``1``, ``0`` and ``".\\n"`` is one piece; newline runs), its NFC normaliser
+    and byte-level decoder. ChatML and thinking tokens, the chat template with ``enable_thinking``;
+    ``<|endoftext|>`` ends and pads. ``vocab_size`` counts every token (the specials included)."""
+    template = Qwen2Tokenizer()
+    bpe = Tokenizer(models.BPE())
+    bpe.normalizer = template._tokenizer.normalizer
+    bpe.pre_tokenizer = template._tokenizer.pre_tokenizer
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL + THINKING, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    state = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
+    tok = Qwen2Tokenizer(vocab=state["vocab"], merges=merges, eos_token=EOS, pad_token=EOS)
+    tok.add_special_tokens({"additional_special_tokens": SPECIAL[1:]})
+    tok.add_tokens(THINKING)  # already in the vocabulary: matched whole, never split
+    tok.chat_template = CHAT_TEMPLATE
+    tok.padding_side = "right"
+    return tok
 
 
 def build_model(tcfg: TinyModelConfig, vocab_size: int, eos_id: int) -> Qwen3ForCausalLM:
@@ -110,7 +121,7 @@ def _blocks(tokenizer, docs: list[str], block_size: int) -> dict[str, list[list[
     return {"input_ids": blocks, "labels": [list(b) for b in blocks]}
 
 
-RECIPE_VERSION = 1  # bump when this module's corpus or tokenizer recipe changes: no stale bases
+RECIPE_VERSION = 2  # bump when this module's corpus or tokenizer recipe changes: no stale bases
 
 
 def base_key(cfg: Config) -> str:

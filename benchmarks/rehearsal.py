@@ -1,8 +1,8 @@
 """The real path without weights or internet: a Qwen-like tokenizer, real-shaped random models and
 GSM8K-format data with GSM8K's quirks, for the rehearsal benchmarks and the GPU check.
 
-* ``qwen_like_tokenizer``: byte-level BPE trained here on GSM8K-format text with Qwen2/Qwen3's own
-  pre-tokenisation (``transformers.Qwen2Tokenizer`` builds the public split regex: single digits,
+* ``qwen_like_tokenizer``: the embedded base's recipe (``alignkit.tiny.train_tokenizer``), a
+  byte-level BPE trained here on GSM8K-format text with Qwen2/Qwen3's own pre-tokenisation (``transformers.Qwen2Tokenizer`` builds the public split regex: single digits,
   `` ?[^\\s\\p{L}\\p{N}]+`` punctuation runs, so ``"#### -10"`` -> ``####``, `` -``, ``1``, ``0``),
   the ChatML and thinking tokens, and a chat template of our own with Qwen3's ``enable_thinking``
   switch (``False`` pre-fills an empty ``<think>\\n\\n</think>\\n\\n`` block). Saved, it loads with
@@ -21,11 +21,11 @@ import random
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import Qwen2Tokenizer, Qwen3Config, Qwen3ForCausalLM
 
 from alignkit.config import GeneratorConfig
 from alignkit.data import generate_problems
+from alignkit.tiny import train_tokenizer
 
 # Qwen/Qwen3-0.6B's config.json, field for field (special-token ids come from our tokenizer)
 QWEN3_06B = dict(
@@ -33,13 +33,6 @@ QWEN3_06B = dict(
     num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
     rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, hidden_act="silu",
     attention_bias=False, initializer_range=0.02, max_window_layers=28, use_sliding_window=False)
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
-    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n"
-    "{% endif %}{% endif %}")
-SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-THINKING = ["<think>", "</think>"]
 
 
 def quirky_rows(n: int, split: str = "train", seed: int = 0, share: float = 0.1) -> list[dict]:
@@ -80,21 +73,9 @@ def write_jsonl(rows: list[dict], path: Path) -> Path:
 
 
 def qwen_like_tokenizer(texts: list[str], vocab_size: int = 4096) -> Qwen2Tokenizer:
-    """A byte-level BPE trained on ``texts`` with Qwen2/Qwen3's pre-tokenisation and tokens."""
-    template = Qwen2Tokenizer()  # its pre-tokenizer, normalizer and decoder are Qwen's
-    bpe = Tokenizer(models.BPE())
-    bpe.normalizer = template._tokenizer.normalizer
-    bpe.pre_tokenizer = template._tokenizer.pre_tokenizer
-    bpe.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    state = json.loads(bpe.to_str())["model"]
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
-    tok = Qwen2Tokenizer(vocab=state["vocab"], merges=merges)
-    tok.add_special_tokens({"additional_special_tokens": SPECIAL[1:]})
-    tok.add_tokens(THINKING)
-    tok.chat_template = CHAT_TEMPLATE
-    return tok
+    """A byte-level BPE trained on ``texts`` with Qwen2/Qwen3's pre-tokenisation and tokens: the
+    embedded base's own recipe (``alignkit.tiny.train_tokenizer``) at a larger vocabulary."""
+    return train_tokenizer(texts, vocab_size)
 
 
 def real_shaped_model(tokenizer, layers: int | None = None, seed: int = 0,

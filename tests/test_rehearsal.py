@@ -52,3 +52,30 @@ def test_real_shaped_model(qwen_tok):
             c.num_key_value_heads, c.head_dim, c.num_hidden_layers) == (151936, 1024, 3072, 16, 8, 128, 1)
     assert c.tie_word_embeddings and model.lm_head.weight is model.model.embed_tokens.weight
     assert model.generation_config.eos_token_id == qwen_tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+
+
+QUIRKS = ["#### -10", "It costs $1,250.50.\n#### 1,250.5", "Answer: 12\n\nQuestion: (a) x?\nAnswer:",
+          "<<3*4=12>>12 apples.\nThen", "it's 5%.", "  two  spaces\r\n\tand a tab"]
+
+
+def test_embedded_tokenizer_splits_like_qwen(smoke_base):
+    """The embedded base's tokenizer (alignkit.tiny.train_tokenizer) pre-tokenises exactly as
+    Qwen2/Qwen3's rule does, so the daily path meets the real one's quirks (``" -"`` is one piece,
+    ``".\\n"`` too), and carries the ChatML and thinking tokens and the enable_thinking switch."""
+    from transformers import AutoTokenizer, Qwen2Tokenizer
+
+    tok = AutoTokenizer.from_pretrained(smoke_base)
+    qwen = Qwen2Tokenizer()._tokenizer.pre_tokenizer
+    for text in QUIRKS:
+        assert tok.backend_tokenizer.pre_tokenizer.pre_tokenize_str(text) == qwen.pre_tokenize_str(text), text
+        assert tok.decode(tok(text)["input_ids"]) == text
+    pieces = [p for p, _ in qwen.pre_tokenize_str("#### -10.\nQuestion")]
+    assert pieces == ["####", "Ġ-", "1", "0", ".Ċ", "Question"]
+    assert type(tok).__name__ == "Qwen2Tokenizer"
+    assert tok.eos_token == tok.pad_token == "<|endoftext|>" and tok.padding_side == "right"
+    for t in ("<|im_start|>", "<|im_end|>", "<think>", "</think>"):
+        assert tok.convert_ids_to_tokens(tok(t)["input_ids"]) == [t]
+        assert tok.convert_tokens_to_ids(t) < len(tok)
+    off = tok.apply_chat_template([{"role": "user", "content": "2+2?"}], tokenize=False,
+                                  add_generation_prompt=True, enable_thinking=False)
+    assert off.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
