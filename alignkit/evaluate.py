@@ -29,7 +29,7 @@ from alignkit.data import (
     prompts_for,
     split_solution,
 )
-from alignkit.models import decoder, device_for, load_model, part
+from alignkit.models import decoder, device_for, head_logits, load_model, part
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ def answer_logprob(model, tokenizer, prompts: Sequence[str], answers: Sequence[s
         raise ValueError("answer_logprob needs at least one example, got none")
     spans = answer_spans(tokenizer, prompts, answers, chat)
     device = next(model.parameters()).device
-    head = part(model, "head")
+    part(model, "head")  # a bare decoder (no LM head) cannot be scored
     result = np.zeros(len(spans), dtype=np.float64)
     for i in range(0, len(spans), batch_size):
         chunk = spans[i : i + batch_size]
@@ -133,7 +133,8 @@ def answer_logprob(model, tokenizer, prompts: Sequence[str], answers: Sequence[s
                                 use_cache=False).last_hidden_state  # after the final norm
         rows = torch.tensor([r for r, s in enumerate(chunk) for _ in s["answer_positions"]])
         pos = torch.tensor([p for s in chunk for p in s["answer_positions"]])
-        logp = torch.log_softmax(head(hidden[rows.to(device), (pos - 1).to(device)]).double(), -1)
+        logits = head_logits(model, hidden[rows.to(device), (pos - 1).to(device)])
+        logp = torch.log_softmax(logits.double(), -1)
         tok = logp.gather(1, ids[rows, pos].to(device)[:, None])[:, 0].cpu()
         result[i : i + len(chunk)] = torch.zeros(len(chunk), dtype=torch.float64).index_add_(
             0, rows, tok).numpy()

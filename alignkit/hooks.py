@@ -1,12 +1,14 @@
 """Context managers that read or overwrite module outputs by hook-point name.
 
-Hook points (TransformerLens-style), all ``[batch, seq, d_model]``: ``embed``,
+Hook points (TransformerLens-style), all ``[batch, seq, d_model]``: ``embed`` (the residual
+entering layer 0: layer 0's input, so Gemma's scaled and GPT-2's positional embeddings count),
 ``layers.{l}.resid`` (the residual stream after decoder layer ``l``, before the final norm) and
-``layers.{l}.attn`` / ``layers.{l}.mlp`` (sublayer outputs before the residual add), so
-``resid(l) = resid(l-1) + attn(l) + mlp(l)`` for pre-norm blocks. Hooks read and replace element 0
-of a tuple output (attention returns ``(output, weights)``). Overwrite hooks are *prepended*, so
-``record`` and transformers' own capturing hooks see the edited value; every context manager
-removes exactly the hooks it added, also on error.
+``layers.{l}.attn`` / ``layers.{l}.mlp`` (what the attention and the MLP add to the residual: the
+sublayer output, after its own norm where the family has one, e.g. Gemma's and OLMo 2's), so
+``resid(l) = resid(l-1) + attn(l) + mlp(l)`` in every supported family. Hooks read and replace
+element 0 of a tuple output (attention returns ``(output, weights)``). Overwrite hooks are
+*prepended*, so ``record`` and transformers' own capturing hooks see the edited value; every
+context manager removes exactly the hooks it added, also on error.
 """
 
 from __future__ import annotations
@@ -50,11 +52,12 @@ def parse_hook_point(name: str) -> tuple[int | None, str]:
 
 
 def module_for(model: torch.nn.Module, name: str) -> torch.nn.Module:
-    """The module whose output is hook point ``name`` (ValueError for a layer out of range)."""
+    """The module whose output is hook point ``name``, or for ``embed`` layer 0, whose *input* it
+    is (ValueError for a layer out of range)."""
     layer, kind = parse_hook_point(name)
-    if kind == "embed":
-        return part(model, "embed")
     layers = decoder_layers(model)
+    if kind == "embed":
+        return layers[0]
     if layer >= len(layers):
         raise ValueError(f"{name}: model has {len(layers)} layers (0..{len(layers) - 1})")
     return layers[layer] if kind == "resid" else part(model, kind, layers[layer])
@@ -81,6 +84,31 @@ def _main(output):
     return output[0] if isinstance(output, tuple) else output
 
 
+def _hook(model: torch.nn.Module, name: str, fn: Callable[[torch.Tensor], torch.Tensor | None],
+          prepend: bool = False):
+    """Register ``fn`` on hook point ``name``: it gets the value, and what it returns (unless
+    None) replaces it. ``embed`` is layer 0's input (a pre-hook), the rest module outputs."""
+    module = module_for(model, name)
+    if name == "embed":
+        def pre(_mod, args, kwargs):
+            new = fn(args[0] if args else kwargs["hidden_states"])
+            if new is None:
+                return None
+            if args:
+                return (new,) + tuple(args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": new}
+
+        return module.register_forward_pre_hook(pre, with_kwargs=True, prepend=prepend)
+
+    def post(_mod, _inp, out):
+        new = fn(_main(out))
+        if new is None:
+            return None
+        return (new,) + tuple(out[1:]) if isinstance(out, tuple) else new
+
+    return module.register_forward_hook(post, prepend=prepend)
+
+
 @contextlib.contextmanager
 def record(model: torch.nn.Module, names: Names,
            reduce: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
@@ -101,11 +129,11 @@ def record(model: torch.nn.Module, names: Names,
     handles = []
     try:
         for name in select(model, names):
-            def hook(_mod, _inp, out, name=name):
-                t = _main(out).detach() if detach else _main(out)
+            def read(t, name=name):
+                t = t.detach() if detach else t
                 store[name] = reduce(name, t) if reduce is not None else t
 
-            handles.append(module_for(model, name).register_forward_hook(hook))
+            handles.append(_hook(model, name, read))
         yield store
     finally:
         for h in handles:
@@ -124,13 +152,12 @@ def overwrite(model: torch.nn.Module, edits: dict[str, Edit]) -> Iterator[None]:
     handles = []
     try:
         for name, edit in edits.items():
-            module = module_for(model, name)
+            module_for(model, name)  # validates
             if not callable(edit) and not isinstance(edit, torch.Tensor):
                 raise TypeError(f"{name}: edit must be a tensor or a callable, "
                                 f"got {type(edit).__name__}")
 
-            def hook(_mod, _inp, out, name=name, edit=edit):
-                main = _main(out)
+            def apply(main, name=name, edit=edit):
                 new = edit if isinstance(edit, torch.Tensor) else edit(main)
                 what = "replacement" if isinstance(edit, torch.Tensor) else "edit function output"
                 if not isinstance(new, torch.Tensor):
@@ -139,10 +166,9 @@ def overwrite(model: torch.nn.Module, edits: dict[str, Edit]) -> Iterator[None]:
                 if new.shape != main.shape:
                     raise ValueError(f"{name}: {what} has shape {tuple(new.shape)}, "
                                      f"the module output has {tuple(main.shape)}")
-                new = new.to(device=main.device, dtype=main.dtype)
-                return (new,) + tuple(out[1:]) if isinstance(out, tuple) else new
+                return new.to(device=main.device, dtype=main.dtype)
 
-            handles.append(module.register_forward_hook(hook, prepend=True))
+            handles.append(_hook(model, name, apply, prepend=True))
         yield
     finally:
         for h in handles:

@@ -1,12 +1,26 @@
 """Loading any checkpoint, choosing its device, and the one table of supported architectures.
 
-``ARCHITECTURES`` maps a model class to the attribute paths of the parts alignkit touches (patching
-recomputes a pre-norm block ``h = x + attn(norm1(x)); out = h + mlp(norm2(h))`` from them); any
-other class raises ``NotImplementedError`` naming it and the supported list.
+``ARCHITECTURES`` maps a model class to the attribute paths of the parts alignkit touches: the
+decoder stack, its layers, the final norm and LM head, and inside a layer the modules whose outputs
+the attention and the MLP add to the residual stream (``attn``, ``mlp``) and the MLP branch
+(``mlp_branch``, the modules that turn the mid-layer residual into the MLP's contribution), which
+patching reruns after an attention patch. Block layouts covered:
+
+* pre-norm ``h = x + attn(norm1(x)); out = h + mlp(norm2(h))`` (Qwen2/2.5, Qwen3, Llama 3.x,
+  Mistral, Phi-3, GPT-2, GPT-NeoX with ``use_parallel_residual=False``);
+* sandwich norms ``h = x + norm_a(attn(norm1(x))); out = h + norm_m(mlp(norm2(h)))`` (Gemma 2
+  and 3, whose embedding is scaled by sqrt(d) and whose logits may be soft-capped);
+* norms after the sublayers ``h = x + norm_a(attn(x)); out = h + norm_m(mlp(h))`` (OLMo 2);
+* parallel ``out = mlp(norm2(x)) + attn(norm1(x)) + x`` (GPT-NeoX/Pythia by default).
+
+The residual entering layer 0 (hook point ``embed``) is read at layer 0's input, so scaled and
+positional embeddings (Gemma, GPT-2's ``wpe``) are included. Any other class raises
+``NotImplementedError`` naming it, its ``model_type`` and the supported list.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -16,26 +30,60 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from alignkit.config import Config
 
-_CAUSAL = {"decoder": "model", "embed": "model.embed_tokens", "layers": "model.layers",
-           "norm": "model.norm", "head": "lm_head", "attn": "self_attn", "mlp": "mlp",
-           "post_attn_norm": "post_attention_layernorm"}
-_BARE = dict(_CAUSAL, decoder=None, embed="embed_tokens", layers="layers", norm="norm", head=None)
-ARCHITECTURES: dict[str, dict[str, str | None]] = {
-    "Qwen3ForCausalLM": _CAUSAL, "Qwen2ForCausalLM": _CAUSAL, "LlamaForCausalLM": _CAUSAL,
-    "Qwen3Model": _BARE, "Qwen2Model": _BARE, "LlamaModel": _BARE,
+_PRE_NORM = dict(attn="self_attn", mlp="mlp", mlp_branch=("post_attention_layernorm", "mlp"))
+_SANDWICH = dict(attn="post_attention_layernorm", mlp="post_feedforward_layernorm",
+                 mlp_branch=("pre_feedforward_layernorm", "mlp", "post_feedforward_layernorm"))
+_POST_NORM = dict(attn="post_attention_layernorm", mlp="post_feedforward_layernorm",
+                  mlp_branch=("mlp", "post_feedforward_layernorm"))
+
+
+def _family(causal: str, bare: str, block: dict, decoder: str = "model",
+            embed: str = "embed_tokens", layers: str = "layers", norm: str = "norm",
+            head: str = "lm_head", parallel: str | None = None,
+            softcap: str | None = None) -> dict[str, dict]:
+    """Table entries of one family: its causal LM class and its bare decoder class."""
+    full = dict(decoder=decoder, embed=f"{decoder}.{embed}", layers=f"{decoder}.{layers}",
+                norm=f"{decoder}.{norm}", head=head, parallel=parallel, softcap=softcap, **block)
+    return {causal: full, bare: dict(full, decoder=None, embed=embed, layers=layers, norm=norm,
+                                     head=None)}
+
+
+ARCHITECTURES: dict[str, dict] = {
+    **_family("Qwen3ForCausalLM", "Qwen3Model", _PRE_NORM),
+    **_family("Qwen2ForCausalLM", "Qwen2Model", _PRE_NORM),
+    **_family("LlamaForCausalLM", "LlamaModel", _PRE_NORM),
+    **_family("MistralForCausalLM", "MistralModel", _PRE_NORM),
+    **_family("Phi3ForCausalLM", "Phi3Model", _PRE_NORM),
+    **_family("Gemma2ForCausalLM", "Gemma2Model", _SANDWICH, softcap="final_logit_softcapping"),
+    **_family("Gemma3ForCausalLM", "Gemma3TextModel", _SANDWICH,
+              softcap="final_logit_softcapping"),
+    **_family("Olmo2ForCausalLM", "Olmo2Model", _POST_NORM),
+    **_family("GPTNeoXForCausalLM", "GPTNeoXModel",
+              dict(attn="attention", mlp="mlp", mlp_branch=("post_attention_layernorm", "mlp")),
+              decoder="gpt_neox", embed="embed_in", norm="final_layer_norm",
+              parallel="use_parallel_residual"),
+    **_family("GPT2LMHeadModel", "GPT2Model", dict(attn="attn", mlp="mlp",
+                                                   mlp_branch=("ln_2", "mlp")),
+              decoder="transformer", embed="wte", layers="h", norm="ln_f"),
 }
 # config fields that must agree for one model's activations (and layers) to fit the other
 SHAPE_FIELDS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
                 "num_key_value_heads", "head_dim", "vocab_size", "rope_parameters", "rope_theta",
-                "layer_types", "sliding_window", "use_sliding_window")
+                "layer_types", "sliding_window", "use_sliding_window", "use_parallel_residual",
+                "final_logit_softcapping")
+
+
+def _unsupported(name: str, model_type: str | None) -> NotImplementedError:
+    return NotImplementedError(
+        f"alignkit does not support {name} (model_type {model_type!r}); supported: "
+        f"{', '.join(sorted(ARCHITECTURES))}")
 
 
 def architecture(model: torch.nn.Module) -> dict[str, str | None]:
     """The table entry (attribute paths) of ``model``'s class; NotImplementedError otherwise."""
     name = type(model).__name__
     if name not in ARCHITECTURES:
-        raise NotImplementedError(
-            f"alignkit does not support {name}; supported: {', '.join(sorted(ARCHITECTURES))}")
+        raise _unsupported(name, getattr(getattr(model, "config", None), "model_type", None))
     return ARCHITECTURES[name]
 
 
@@ -65,9 +113,31 @@ def n_layers(model: torch.nn.Module) -> int:
     return len(part(model, "layers"))
 
 
+def parallel(model: torch.nn.Module) -> bool:
+    """Whether the MLP reads the layer's input rather than the mid-layer residual (GPT-NeoX)."""
+    field = architecture(model)["parallel"]
+    return bool(field and getattr(model.config, field, False))
+
+
+def mlp_branch(model: torch.nn.Module, layer: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """The MLP's contribution to the residual of ``layer`` computed from its input ``h``."""
+    for name in architecture(model)["mlp_branch"]:
+        h = getattr(layer, name)(h)
+    return h[0] if isinstance(h, tuple) else h
+
+
+def head_logits(model: torch.nn.Module, normed: torch.Tensor) -> torch.Tensor:
+    """Logits ``[..., vocab]`` from final-norm outputs: the LM head, soft-capped where the model's
+    config caps its logits (Gemma 2: ``cap * tanh(logits / cap)``), as its own forward does."""
+    logits = part(model, "head")(normed)
+    field = architecture(model)["softcap"]
+    cap = getattr(model.config, field, None) if field else None
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
 def unembed(model: torch.nn.Module, resid: torch.Tensor) -> torch.Tensor:
     """Logits ``[..., vocab]`` from the residual after the last layer (before the final norm)."""
-    return part(model, "head")(part(model, "norm")(resid))
+    return head_logits(model, part(model, "norm")(resid))
 
 
 def device_for(cfg: Config, rank: int | None = None) -> torch.device:
@@ -127,9 +197,8 @@ def preflight(path: str | Path, chat: bool) -> None:
     config = AutoConfig.from_pretrained(str(path))
     arch = (getattr(config, "architectures", None) or ["?"])[0]
     if arch not in ARCHITECTURES:
-        raise NotImplementedError(f"{path}: alignkit does not support {arch} (model_type "
-                                  f"{config.model_type!r}); supported: "
-                                  f"{', '.join(sorted(ARCHITECTURES))}")
+        err = _unsupported(arch, config.model_type)
+        raise NotImplementedError(f"{path}: {err}")
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     if tokenizer.pad_token is None:
         raise ValueError(f"the tokenizer of {path} has no pad token (batched training and "
@@ -159,8 +228,18 @@ def special_tokens(tokenizer) -> dict[str, str]:
     return {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())}
 
 
+def _merges(tokenizer) -> list | None:
+    """The BPE merges of a fast tokenizer (None for other models or slow tokenizers)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    merges = json.loads(backend.to_str())["model"].get("merges")
+    return None if merges is None else [m if isinstance(m, str) else " ".join(m) for m in merges]
+
+
 def check_same_tokenizer(tok_a, tok_b) -> None:
-    """ValueError unless two tokenizers have the same vocabulary and special tokens."""
+    """ValueError unless two tokenizers have the same vocabulary, BPE merges (one vocabulary can
+    split text differently) and special tokens: the condition for pairing token positions."""
     va, vb = tok_a.get_vocab(), tok_b.get_vocab()
     if va != vb:
         diff = sorted(t for t in set(va) | set(vb) if va.get(t) != vb.get(t))
@@ -168,6 +247,13 @@ def check_same_tokenizer(tok_a, tok_b) -> None:
         raise ValueError(f"tokenizers differ: vocabularies of {len(va)} and {len(vb)} tokens, "
                          f"{len(diff)} entries differ (e.g. {t!r}: {va.get(t, 'absent')} vs "
                          f"{vb.get(t, 'absent')})")
+    ma, mb = _merges(tok_a), _merges(tok_b)
+    if ma != mb:
+        k = next((i for i, (a, b) in enumerate(zip(ma or [], mb or [])) if a != b),
+                 min(len(ma or []), len(mb or [])))
+        raise ValueError(f"tokenizers differ in their BPE merges ({len(ma or [])} vs "
+                         f"{len(mb or [])}; first difference at merge {k}): the same vocabulary "
+                         "splits text differently, so token positions do not pair up")
     sa, sb = special_tokens(tok_a), special_tokens(tok_b)
     if sa != sb:
         k = sorted(k for k in set(sa) | set(sb) if sa.get(k) != sb.get(k))[0]

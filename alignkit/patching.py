@@ -34,7 +34,15 @@ from alignkit import runs
 from alignkit.data import format_prompt
 from alignkit.evaluate import answer_spans
 from alignkit.hooks import KINDS, record
-from alignkit.models import check_same_shape, check_same_tokenizer, n_layers, part, unembed
+from alignkit.models import (
+    check_same_shape,
+    check_same_tokenizer,
+    mlp_branch,
+    n_layers,
+    parallel,
+    part,
+    unembed,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -242,7 +250,8 @@ class _Cache:
 
     model: torch.nn.Module
     layers: torch.nn.ModuleList
-    kwargs: list[dict]  # [L] what the model passed to each decoder layer (mask, rotary, ...)
+    calls: list[tuple[tuple, dict]]  # [L] each decoder layer's call arguments besides its
+    # input (mask, rotary embeddings, ...), positional and keyword
     embed: torch.Tensor  # [b, T, d]
     resid: list[torch.Tensor]  # [L] x [b, T, d], output of layer i
     attn: list[torch.Tensor] | None
@@ -252,17 +261,26 @@ class _Cache:
     def resid_in(self, layer: int) -> torch.Tensor:
         return self.embed if layer == 0 else self.resid[layer - 1]
 
+    def run(self, layer: int, h: torch.Tensor, module: torch.nn.Module | None = None):
+        """Decoder layer ``layer`` (or ``module``, the other model's) on ``h`` with this
+        model's call arguments."""
+        args, kwargs = self.calls[layer]
+        out = (self.layers[layer] if module is None else module)(h, *args, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
 
 @contextlib.contextmanager
-def _layer_call_args(model) -> Iterator[list[dict]]:
-    """Each decoder layer's keyword arguments (mask, rotary embeddings ...), for partial reruns."""
+def _layer_call_args(model) -> Iterator[list[tuple[tuple, dict]]]:
+    """Each decoder layer's call arguments besides its input (mask, rotary embeddings ...;
+    GPT-2 passes some positionally), for partial reruns."""
     layers = part(model, "layers")
-    store: list[dict] = [{} for _ in layers]
+    store: list[tuple[tuple, dict]] = [((), {}) for _ in layers]
     handles = []
     try:
         for i, layer in enumerate(layers):
             def pre(_mod, args, kwargs, i=i):
-                store[i] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+                store[i] = (tuple(args[1:]),
+                            {k: v for k, v in kwargs.items() if k != "hidden_states"})
             handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
         yield store
     finally:
@@ -275,12 +293,12 @@ def _forward(model, batch: _Batch, kinds: Sequence[str] = ("resid",)) -> _Cache:
     kinds = [k for k in KINDS if k in set(kinds) | {"resid"}]
     names = ["embed"] + [f"layers.{i}.{k}" for i in range(n) for k in kinds]
     position_ids = torch.arange(batch.ids.shape[1], device=batch.ids.device).expand_as(batch.ids)
-    with _layer_call_args(model) as kwargs, record(model, names) as store:
+    with _layer_call_args(model) as calls, record(model, names) as store:
         # right padding: no padding mask needed (see the module docstring)
         part(model, "decoder")(input_ids=batch.ids, attention_mask=None,
                                position_ids=position_ids, use_cache=False)
     per_layer = {k: [store[f"layers.{i}.{k}"] for i in range(n)] for k in kinds}
-    return _Cache(model=model, layers=part(model, "layers"), kwargs=kwargs, embed=store["embed"],
+    return _Cache(model=model, layers=part(model, "layers"), calls=calls, embed=store["embed"],
                   resid=per_layer["resid"], attn=per_layer.get("attn"), mlp=per_layer.get("mlp"),
                   logp=_answer_logp(model, per_layer["resid"][-1], batch))
 
@@ -305,7 +323,7 @@ def _score(logp: torch.Tensor, donor_logp: torch.Tensor, batch: _Batch) -> tuple
 def _finish(cache: _Cache, start: int, h: torch.Tensor, batch: _Batch) -> torch.Tensor:
     """Answer log-probs ``[k, vocab]`` after the cached model's layers ``start ..`` on ``h``."""
     for i in range(start, len(cache.layers)):
-        h = cache.layers[i](h, **cache.kwargs[i])
+        h = cache.run(i, h)
     return _answer_logp(cache.model, h, batch)
 
 
@@ -318,12 +336,15 @@ def _patched_output(recv: _Cache, donor: _Cache, layer: int, component: str,
     """The receiver's residual after ``layer`` with the donor's ``component`` output patched in."""
     if component == "resid":
         return _mix(patch, donor.resid[layer], recv.resid[layer])
-    block = recv.layers[layer]
+    x, attn, mlp = recv.resid_in(layer), recv.attn[layer], recv.mlp[layer]
     if component == "attn":
-        h = recv.resid_in(layer) + _mix(patch, donor.attn[layer], recv.attn[layer])
-        return h + part(recv.model, "mlp", block)(part(recv.model, "post_attn_norm", block)(h))
-    h = recv.resid_in(layer) + recv.attn[layer]  # the layer's own mid-residual, bit for bit
-    return h + _mix(patch, donor.mlp[layer], recv.mlp[layer])
+        attn = _mix(patch, donor.attn[layer], attn)
+    else:
+        mlp = _mix(patch, donor.mlp[layer], mlp)
+    if parallel(recv.model):  # GPT-NeoX adds both to the input, in this order
+        return mlp + attn + x
+    h = x + attn  # the layer's own mid-residual, bit for bit
+    return h + (mlp_branch(recv.model, recv.layers[layer], h) if component == "attn" else mlp)
 
 
 class _Session:
@@ -383,7 +404,7 @@ def layer_sweep(base: torch.nn.Module, tuned: torch.nn.Module, tokenizer,
     receiver, donor_model, rname, dname = _roles(base, tuned, direction)
     sess = _Session(base, tuned, tokenizer, examples, positions, batch_size, tuned_tokenizer)
     layers = _check_layers(layers, n_layers(base))
-    kinds = (component, "attn") if component == "mlp" else (component,)  # mlp reads recv.attn
+    kinds = ("attn", "mlp") if component != "resid" else ("resid",)  # a block needs both
     scores = _Scores(len(sess.spans), len(layers))
     with sess.running(f"patch {component} ({direction})", len(layers), progress) as bar:
         for batch in sess.batches:
@@ -475,10 +496,10 @@ def weight_sweep(base: torch.nn.Module, tuned: torch.nn.Module, tokenizer,
                 s.unpatched(batch, cb, ct) if k == "graft" else s.unpatched(batch, ct, cb)
             for c, i in enumerate(layers):
                 if "revert" in scores:  # base's layer i inside tuned
-                    h = cb.layers[i](ct.resid_in(i), **ct.kwargs[i])
+                    h = ct.run(i, ct.resid_in(i), module=cb.layers[i])
                     scores["revert"].patched(batch, (c,), _finish(ct, i + 1, h, batch), cb)
                 if "graft" in scores:  # tuned's layer i inside base
-                    h = ct.layers[i](cb.resid_in(i), **cb.kwargs[i])
+                    h = cb.run(i, cb.resid_in(i), module=ct.layers[i])
                     scores["graft"].patched(batch, (c,), _finish(cb, i + 1, h, batch), ct)
                 if "mean_diff" in scores:
                     shifted = (cb.resid[i].double() + mean_d[i]).to(ct.resid[i].dtype)

@@ -26,7 +26,10 @@ equal to, ``embed_tokens.weight`` is dropped). Columns and their controls:
   Controls ``chance_left = k_base / d_out``, ``chance_right = k_base / d_in``: the expectation for
   random directions (a random unit vector puts ``k/d`` of its length^2 in a ``k``-dim subspace).
 
-A zero update gets 0 in every column, never NaN (the rank of the zero matrix is 0).
+A zero update gets 0 in every column, never NaN (the rank of the zero matrix is 0). GPT-2's
+``Conv1D`` stores ``[d_in, d_out]``: given modules, its weights are transposed to ``nn.Linear``'s
+``[d_out, d_in]``, so ``left`` is the output space in every family (state dicts are taken as they
+are). Layers are found as ``layers.{i}`` or GPT-2's ``h.{i}``.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ MATRIX_METRICS = ("eff_rank", "rank_delta", "eff_rank_dense", "eff_rank_max", "o
 _SHORT = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate",
           "up_proj": "up", "down_proj": "down", "input_layernorm": "input_norm",
           "post_attention_layernorm": "post_attn_norm", "q_norm": "q_norm", "k_norm": "k_norm"}
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.(.+)$")
+_LAYER = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.(.+)$")
 _SAME_ARCH = "weight_drift compares two models of the same architecture"
 _DENSE_RANK: dict[tuple, float] = {}  # (shape, eps) -> eff_rank_dense, computed once per process
 
@@ -76,14 +79,18 @@ def module_name(name: str, n_layers: int) -> tuple[int, str]:
         path = m.group(2)
         return int(m.group(1)), _SHORT.get(path.rsplit(".", 1)[-1], path) + suffix
     last = stem.rsplit(".", 1)[-1]
-    short = {"embed_tokens": "embed", "norm": "final_norm", "lm_head": "lm_head"}.get(last, stem)
+    short = {"embed_tokens": "embed", "wte": "embed", "embed_in": "embed", "norm": "final_norm",
+             "ln_f": "final_norm", "final_layer_norm": "final_norm", "lm_head": "lm_head"}.get(
+                 last, stem)
     return (-1 if short == "embed" else n_layers), short + suffix
 
 
 def _params(model: ModelLike, side: str) -> dict[str, torch.Tensor]:
     """Floating parameters by name; tied duplicates (shared storage) once, first name kept."""
     if isinstance(model, torch.nn.Module):  # named_parameters already drops tied copies
-        return {n: p.detach() for n, p in model.named_parameters()}
+        conv = {f"{m}.weight" for m, mod in model.named_modules()
+                if type(mod).__name__ == "Conv1D"}  # GPT-2: [d_in, d_out]
+        return {n: p.detach().T if n in conv else p.detach() for n, p in model.named_parameters()}
     if not isinstance(model, Mapping):
         raise TypeError(f"{side} must be a torch.nn.Module or a state dict (Mapping[str, Tensor]), "
                         f"got {type(model).__name__}; load directories with "

@@ -9,8 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import smoke_config
-from tiny_models import make_model, make_tokenizer
-from transformers import GPT2Config, GPT2LMHeadModel
+from tiny_models import make_model, make_tokenizer, make_unsupported
 
 from alignkit import cka, patching, train
 from alignkit import runs as cache
@@ -90,7 +89,7 @@ TRIGGERS = {
     "models of different shapes": lambda tmp, mp: patching.layer_sweep(
         make_model("qwen3"), make_model("qwen3", hidden_size=48), make_tokenizer(), _examples(), progress=False),
     "unsupported architecture": lambda tmp, mp: patching.layer_sweep(
-        *[GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100))] * 2, make_tokenizer(),
+        *[make_unsupported()] * 2, make_tokenizer(),
         _examples(), progress=False),
     "different tokenizers": lambda tmp, mp: check_same_tokenizer(make_tokenizer(), make_tokenizer(
         corpus=["entirely different words here", "and more of them"])),

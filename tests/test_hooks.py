@@ -6,11 +6,7 @@ relative test, not a comparison of near-zero numbers.
 
 import pytest
 import torch
-from tiny_models import CORPUS, make_model
-from transformers import (
-    GPT2Config,
-    GPT2LMHeadModel,
-)
+from tiny_models import CORPUS, make_model, make_unsupported
 
 from alignkit.hooks import hook_points, module_for, overwrite, parse_hook_point, record
 from alignkit.models import ARCHITECTURES, decoder, n_layers, part, unembed
@@ -46,7 +42,7 @@ def test_hook_point_names(qwen3):
     assert len(hook_points(qwen3, ("resid", "attn", "mlp"))) == 1 + 3 * 3
     assert parse_hook_point("embed") == (None, "embed")
     assert parse_hook_point("layers.11.attn") == (11, "attn")
-    assert module_for(qwen3, "embed") is qwen3.model.embed_tokens
+    assert module_for(qwen3, "embed") is qwen3.model.layers[0]  # the residual entering layer 0: its input
     assert module_for(qwen3, "layers.1.resid") is qwen3.model.layers[1]
     assert module_for(qwen3, "layers.1.attn") is qwen3.model.layers[1].self_attn
     assert module_for(qwen3, "layers.2.mlp") is qwen3.model.layers[2].mlp
@@ -77,15 +73,16 @@ def test_bad_hook_points(qwen3, name, message):
 
 
 def test_unsupported_architecture():
-    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
-    msg = r"alignkit does not support GPT2LMHeadModel; supported: .*LlamaForCausalLM.*Qwen3ForCausalLM"
-    for call in (lambda: hook_points(gpt2), lambda: n_layers(gpt2), lambda: module_for(gpt2, "embed")):
+    bloom = make_unsupported(50)
+    msg = (r"alignkit does not support BloomForCausalLM \(model_type 'bloom'\); supported: "
+           r".*GPT2LMHeadModel.*LlamaForCausalLM.*Qwen3ForCausalLM")
+    for call in (lambda: hook_points(bloom), lambda: n_layers(bloom), lambda: module_for(bloom, "embed")):
         with pytest.raises(NotImplementedError, match=msg):
             call()
-    with pytest.raises(NotImplementedError, match="GPT2LMHeadModel"):
-        with record(gpt2, ["embed"]):
+    with pytest.raises(NotImplementedError, match="BloomForCausalLM"):
+        with record(bloom, ["embed"]):
             pass
-    assert all(not m._forward_hooks for m in gpt2.modules())
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in bloom.modules())
 
 
 def test_bare_decoder_class(qwen3, tok):
@@ -102,25 +99,30 @@ def test_bare_decoder_class(qwen3, tok):
         lm_head(bare)
 
 
+def n_hooks(module):
+    """Forward hooks and pre-hooks (``embed`` is read at layer 0's input) on one module."""
+    return len(module._forward_hooks) + len(module._forward_pre_hooks)
+
+
 def test_hooks_removed_on_exit_and_error(tok):
     model = make_model("qwen3")  # never run: no transformers hooks yet
     names = hook_points(model, ("resid", "attn", "mlp"))
-    assert all(not m._forward_hooks for m in model.modules())
+    assert all(not n_hooks(m) for m in model.modules())
     with record(model, names):
-        assert sum(len(m._forward_hooks) for m in model.modules()) == len(names)
+        assert sum(n_hooks(m) for m in model.modules()) == len(names)
     with overwrite(model, {n: (lambda x: x) for n in names}):
-        assert sum(len(m._forward_hooks) for m in model.modules()) == len(names)
-    assert all(not m._forward_hooks for m in model.modules())
+        assert sum(n_hooks(m) for m in model.modules()) == len(names)
+    assert all(not n_hooks(m) for m in model.modules())
     for ctx in (lambda: record(model, names), lambda: overwrite(model, {"layers.0.resid": lambda x: x})):
         with pytest.raises(RuntimeError, match="boom"):
             with ctx():
                 raise RuntimeError("boom")
-        assert all(not m._forward_hooks for m in model.modules())
+        assert all(not n_hooks(m) for m in model.modules())
     # a bad name after good ones: the good ones' hooks are removed too
     with pytest.raises(ValueError):
         with overwrite(model, {"layers.0.resid": lambda x: x, "layers.9.resid": lambda x: x}):
             pass
-    assert all(not m._forward_hooks for m in model.modules())
+    assert all(not n_hooks(m) for m in model.modules())
     # an error raised inside a hook during the forward
     with pytest.raises(ValueError, match="replacement has shape"):
         with overwrite(model, {"layers.1.resid": torch.zeros(1, 1, 32)}), record(model, names):

@@ -12,9 +12,8 @@ import logging
 import numpy as np
 import pytest
 import torch
+from tiny_models import make_unsupported
 from transformers import (
-    GPT2Config,
-    GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
     Qwen2Config,
@@ -368,9 +367,9 @@ def test_mismatched_architectures(tok, pairs, examples):
     wider = make_model("qwen3", len(tok), intermediate_size=96)
     with pytest.raises(ValueError, match="intermediate_size"):
         patching.weight_sweep(base, wider, tok, examples)
-    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2))
-    with pytest.raises(NotImplementedError, match="GPT2LMHeadModel"):
-        patching.layer_sweep(gpt2, gpt2, tok, examples)
+    bloom = make_unsupported(len(tok))
+    with pytest.raises(NotImplementedError, match="BloomForCausalLM"):
+        patching.layer_sweep(bloom, bloom, tok, examples)
 
 
 def test_mismatched_tokenizers(tok, pairs, examples):

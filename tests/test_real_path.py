@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoConfig, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+from transformers import AutoConfig, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 import rehearsal  # noqa: E402
-from tiny_models import make_model  # noqa: E402
+from tiny_models import make_model, make_unsupported  # noqa: E402
 
 from alignkit import data, evaluate, models, train  # noqa: E402
 from alignkit.config import get_config  # noqa: E402
@@ -245,13 +245,12 @@ def test_named_errors_before_long_work(tmp_path, small_qwen, qwen_tok):
     empty.mkdir()
     with pytest.raises(ValueError, match="is missing config.json, weights"):
         models.preflight(empty, chat=False)
-    gpt2 = tmp_path / "gpt2"
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=len(qwen_tok))) \
-        .save_pretrained(gpt2)
-    qwen_tok.save_pretrained(gpt2)
-    with pytest.raises(NotImplementedError, match="does not support GPT2LMHeadModel "
-                                                  r"\(model_type 'gpt2'\)"):
-        models.preflight(gpt2, chat=False)
+    bloom = tmp_path / "bloom"
+    make_unsupported(len(qwen_tok)).save_pretrained(bloom)
+    qwen_tok.save_pretrained(bloom)
+    with pytest.raises(NotImplementedError, match="does not support BloomForCausalLM "
+                                                  r"\(model_type 'bloom'\)"):
+        models.preflight(bloom, chat=False)
     nopad = tmp_path / "nopad"
     make_model("qwen3", vocab_size=len(qwen_tok)).save_pretrained(nopad)
     tok = AutoTokenizer.from_pretrained(small_qwen)
