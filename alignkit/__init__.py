@@ -16,6 +16,7 @@ before it here (``tests/test_layout.py`` enforces it, and forbids cycles).
                best candidates, McNemar, the across-seed verdict rule)
     cka, controls, layers, spectral, weights, patching
                the measures: functions of arrays (and, for patching and weights, of two models)
+    lens       what changed: the activation-difference lens and per-token KL of two models
     claims     verdicts on published claims, each computing the paper's own quantity
     results    what each stage returns: small classes with save/load
     stages     one cached ``ensure_*`` per notebook
@@ -25,7 +26,7 @@ before it here (``tests/test_layout.py`` enforces it, and forbids cycles).
 """
 
 LAYERS = ("config", "data", "models", "hooks", "runs", "tiny", "evaluate", "train", "capture",
-          "stats", "cka", "controls", "layers", "spectral", "weights", "patching", "claims",
+          "stats", "cka", "controls", "layers", "spectral", "weights", "patching", "lens", "claims",
           "results", "stages", "report", "plots", "cli", "__main__")
 
 __version__ = "0.1.0"

@@ -20,7 +20,8 @@ from typing import Any, Sequence
 logger = logging.getLogger("alignkit.cli")
 
 METHODS = ("sft", "dpo", "grpo")  # alignkit.runs.METHODS, spelled out: --help imports no torch
-STAGES = ("train", "evaluate", "capture", "cka", "spectral", "patching", "compare", "figures")
+STAGES = ("train", "evaluate", "capture", "cka", "spectral", "patching", "lens", "compare",
+          "figures")
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 
 
@@ -61,6 +62,9 @@ COMMANDS = {  # command: (what it does, an example, what it writes; under ROOT)
     "patching": ("activation patching, cross-layer patching and weight ablation (notebook 04)",
                  "patching --method dpo",
                  "<run>/analysis/patching-<key>/ (alignkit.stages.ensure_patching)"),
+    "lens": ("what changed: the difference lens (tokens the mean activation difference promotes, "
+             "steering with it against a shuffled control) and per-token KL (notebook 04)",
+             "lens --method dpo", "<run>/analysis/lens-<key>/ (alignkit.stages.ensure_lens)"),
     "compare": ("SFT, DPO and GRPO against one base and their own inits (notebook 05)",
                 "compare --smoke", "compare/<preset>/compare-<key>/ (alignkit.stages."
                 "ensure_compare), after training and evaluating what is missing"),
@@ -292,9 +296,9 @@ def stage_capture(cfg, method: str, poolings: Sequence[str] = ("question", "mean
 
 
 def stage_analysis(stage: str, cfg, method: str):
-    """``stages.ensure_<stage>`` (cached) of cka, spectral, patching or compare (which compares
-    every method, whatever ``method``) for every seed, logging ``report.summarize_<stage>`` of
-    all of them."""
+    """``stages.ensure_<stage>`` (cached) of cka, spectral, patching, lens or compare (which
+    compares every method, whatever ``method``) for every seed, logging
+    ``report.summarize_<stage>`` of all of them."""
     from alignkit import report, stages
 
     res = stages.over_seeds(getattr(stages, f"ensure_{stage}"), cfg,

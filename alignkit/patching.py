@@ -49,7 +49,9 @@ logger = logging.getLogger(__name__)
 COMPONENTS = KINDS  # ("resid", "attn", "mlp")
 DIRECTIONS = ("denoise", "noise")
 POSITIONS = ("all", "prompt", "answer")
-WEIGHT_KINDS = ("revert", "graft", "mean_diff")  # weight_sweep's results
+WEIGHT_KINDS = ("revert", "graft", "mean_diff", "steer", "steer_shuffled")  # weight_sweep's
+MEAN_KINDS = ("mean_diff", "steer", "steer_shuffled")  # those that need the mean difference
+SUFFICIENCY = ("graft", "steer", "steer_shuffled")  # receiver base, donor tuned
 Positions = Union[str, Sequence[int]]
 
 
@@ -450,13 +452,48 @@ def cross_layer_sweep(base: torch.nn.Module, tuned: torch.nn.Module, tokenizer,
                          donor_layers=cols)
 
 
+def _mean_difference(sess: _Session, progress: bool) -> torch.Tensor:
+    """``[n_layers, d_model]`` float64: mean tuned - base residual after each layer over the
+    session's positions (every example's selected tokens pooled)."""
+    base, tuned = sess.models
+    diff_sum, count = 0.0, 0
+    with sess.running("mean residual difference", 1, progress) as bar:
+        for batch in sess.batches:
+            sums = [torch.stack([r[batch.patch].double().sum(0)
+                                 for r in _forward(m, batch).resid]) for m in (base, tuned)]
+            diff_sum += sums[1] - sums[0]
+            count += int(batch.patch.sum())
+            bar.update()
+    return diff_sum / count
+
+
+def mean_difference(base: torch.nn.Module, tuned: torch.nn.Module, tokenizer,
+                    examples: Sequence[Mapping], positions: Positions = "all",
+                    batch_size: int = 16, tuned_tokenizer=None,
+                    progress: bool = True) -> np.ndarray:
+    """The mean activation difference: ``[n_layers, d_model]`` float64, tuned - base residual
+    after each decoder layer, averaged over the ``positions`` of every example (the
+    difference lens reads it, ``weight_sweep``'s steering adds it back)."""
+    sess = _Session(base, tuned, tokenizer, examples, positions, batch_size, tuned_tokenizer)
+    return _mean_difference(sess, progress).cpu().numpy()
+
+
+def shuffled(diff: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """``diff [n_layers, d]`` with each row's coordinates permuted (one seeded permutation per
+    row): the same norm and values in a random direction, the steering control."""
+    g = torch.Generator().manual_seed(seed)
+    perms = torch.stack([torch.randperm(diff.shape[-1], generator=g) for _ in range(len(diff))])
+    return torch.gather(diff, 1, perms.to(diff.device))
+
+
 def weight_sweep(base: torch.nn.Module, tuned: torch.nn.Module, tokenizer,
                  examples: Sequence[Mapping], layers: Sequence[int] | None = None,
                  mean_positions: Positions = "all", batch_size: int = 16, min_gap: float = 0.1,
                  tuned_tokenizer=None, progress: bool = True,
-                 kinds: Sequence[str] = WEIGHT_KINDS) -> dict[str, PatchResult]:
-    """Per layer ``i``: revert its weights, graft them, and mean-ablate the residual difference
-    (``kinds``: which of the three to run; the mean difference is computed only when asked for).
+                 kinds: Sequence[str] = WEIGHT_KINDS[:3], seed: int = 0) -> dict[str, PatchResult]:
+    """Per layer ``i``: revert its weights, graft them, mean-ablate the residual difference, or
+    steer the base with it (``kinds``: which to run; the mean difference is computed only when
+    one of ``MEAN_KINDS`` is asked for).
 
     No model is modified: a swapped decoder layer is the other model's module run on the
     receiver's cached input and call arguments (one config: the same arguments), then the
@@ -472,28 +509,27 @@ def weight_sweep(base: torch.nn.Module, tuned: torch.nn.Module, tokenizer,
       (``layer_sweep(component="resid", direction="noise")`` removes all of it); near 0, a
       constant shift (a steering vector) carries the change. With ``"all"`` the mean includes the
       first tokens, whose residuals can be far larger than the rest.
+    * ``"steer"`` (sufficiency of a constant shift): base with the mean tuned − base difference
+      after layer ``i`` added at ``mean_positions`` (receiver base, donor tuned): ``npe`` is the
+      fraction of the gain the steering vector alone brings, ``kl`` the next-token KL to tuned.
+    * ``"steer_shuffled"``: the control, the same vector with its coordinates permuted
+      (``shuffled``, ``seed``): same norm, random direction.
     """
     kinds = tuple(kinds)
     if not kinds or set(kinds) - set(WEIGHT_KINDS):
         raise ValueError(f"kinds must be a non-empty subset of {WEIGHT_KINDS}, got {kinds}")
     sess = _Session(base, tuned, tokenizer, examples, mean_positions, batch_size, tuned_tokenizer)
     layers = _check_layers(layers, n_layers(base))
-    if "mean_diff" in kinds:
-        diff_sum, count = 0.0, 0  # pass 1: tuned - base residuals' sum, [n_layers, d_model] f64
-        with sess.running("mean residual difference", 1, progress) as bar:
-            for batch in sess.batches:
-                sums = [torch.stack([r[batch.patch].double().sum(0)
-                                     for r in _forward(m, batch).resid]) for m in (base, tuned)]
-                diff_sum += sums[1] - sums[0]
-                count += int(batch.patch.sum())
-                bar.update()
-        mean_d = diff_sum / count
+    vectors: dict[str, torch.Tensor] = {}
+    if set(kinds) & set(MEAN_KINDS):  # pass 1: the mean difference, [n_layers, d_model] f64
+        mean_d = _mean_difference(sess, progress)
+        vectors = {"steer": mean_d, "steer_shuffled": shuffled(mean_d, seed)}
     scores = {k: _Scores(len(sess.spans), len(layers)) for k in kinds}
     with sess.running("weight ablation", len(layers), progress) as bar:
         for batch in sess.batches:
             cb, ct = _forward(base, batch), _forward(tuned, batch)
-            for k, s in scores.items():  # receiver tuned, donor base; graft the other way
-                s.unpatched(batch, cb, ct) if k == "graft" else s.unpatched(batch, ct, cb)
+            for k, s in scores.items():  # receiver tuned, donor base; graft, steer the other way
+                s.unpatched(batch, cb, ct) if k in SUFFICIENCY else s.unpatched(batch, ct, cb)
             for c, i in enumerate(layers):
                 if "revert" in scores:  # base's layer i inside tuned
                     h = ct.run(i, ct.resid_in(i), module=cb.layers[i])
@@ -505,6 +541,10 @@ def weight_sweep(base: torch.nn.Module, tuned: torch.nn.Module, tokenizer,
                     shifted = (cb.resid[i].double() + mean_d[i]).to(ct.resid[i].dtype)
                     h = _mix(batch.patch, shifted, ct.resid[i])
                     scores["mean_diff"].patched(batch, (c,), _finish(ct, i + 1, h, batch), cb)
+                for k in set(scores) & set(vectors):  # base plus the (shuffled) mean difference
+                    shifted = (cb.resid[i].double() + vectors[k][i]).to(cb.resid[i].dtype)
+                    h = _mix(batch.patch, shifted, cb.resid[i])
+                    scores[k].patched(batch, (c,), _finish(cb, i + 1, h, batch), ct)
                 bar.update()
     weights = dict(component="weights", positions="all", layers=layers)
     noise = dict(receiver="tuned", donor="base", direction="noise")
@@ -513,4 +553,8 @@ def weight_sweep(base: torch.nn.Module, tuned: torch.nn.Module, tokenizer,
                                         receiver="base", donor="tuned", direction="denoise"),
             "mean_diff": lambda s: s.result(min_gap, sweep="mean_diff", component="resid",
                                             positions=sess.positions, layers=layers, **noise)}
+    for k in ("steer", "steer_shuffled"):
+        make[k] = lambda s, k=k: s.result(min_gap, sweep=k, component="resid", seed=seed,
+                                          positions=sess.positions, layers=layers,
+                                          receiver="base", donor="tuned", direction="denoise")
     return {k: make[k](s) for k, s in scores.items()}

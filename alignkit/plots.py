@@ -497,3 +497,78 @@ def plot_atlas(res: CompareResult | Sequence[CompareResult], axes=None, title: s
     fig.suptitle(title, y=1.0)
     fig.tight_layout()
     return fig
+
+
+def plot_steering(curves: Sequence[dict], ax=None, title: str = ""):
+    """Steering with the mean activation difference against its shuffled control, as fractions
+    of the gap over layers: ``curves`` holds one ``report.steering`` dict per training seed
+    (``{"steer", "control"}`` Bands)."""
+    curves = list(curves)
+    fig = plot_layer_curves({"mean difference added to base": [c["steer"] for c in curves],
+                             "same vector, coordinates shuffled": [c["control"] for c in curves]},
+                            ax=ax, ylabel="fraction of the gap (mean Δ / mean gap)",
+                            title=title, has_embed=False, cmap="deep")
+    ax = ax or fig.axes[0]
+    ax.axhline(1, color="0.4", ls="--", lw=0.8)
+    ax.axhline(0, color="0.4", lw=0.8)
+    return fig
+
+
+def plot_lens_tokens(tokens: Sequence[dict], ax=None, k: int = 5, title: str = ""):
+    """The difference lens as a table: per layer (rows), the ``k`` tokens the mean difference
+    promotes (left) and suppresses (right), coloured by their z-score (``lens.top_tokens``)."""
+    fig, ax = _ax(ax, figsize=(10, 0.32 * len(tokens) + 1))
+    cmap = plt.get_cmap("RdBu_r")
+    for layer, row in enumerate(tokens):
+        for side, sign, x0 in (("promoted", 1, 0), ("suppressed", -1, k + 0.5)):
+            for j, (tok, z) in enumerate(row[side][:k]):
+                ax.text(x0 + j, layer, repr(tok)[1:-1][:10], ha="center", va="center", fontsize=7,
+                        family="monospace", bbox=dict(boxstyle="round,pad=0.2", lw=0,
+                                                      facecolor=cmap(0.5 + sign * min(abs(z), 8)
+                                                                     / 16)))
+    ax.set(xlim=(-0.6, 2 * k + 0.1), ylim=(len(tokens) - 0.5, -0.5), title=title)
+    ax.set_yticks(range(len(tokens)))
+    ax.set_yticklabels([f"layer {i}" for i in range(len(tokens))], fontsize=8)
+    ax.set_xticks([(k - 1) / 2, k + 0.5 + (k - 1) / 2])
+    ax.set_xticklabels(["promoted (red: higher z)", "suppressed (blue)"], fontsize=8)
+    ax.grid(False)
+    return fig
+
+
+def plot_token_kl(tokens: Sequence[str], kl: Sequence[float], ax=None, n_prompt: int | None = None,
+                  width: float = 10.0, vmax: float | None = None, title: str = ""):
+    """A text as highlighted tokens: each token's background is the per-token KL at its position
+    (how differently the two models predict the *next* token there), white 0 to dark red
+    ``vmax``; newlines are drawn as ``⏎`` and break the line; a bar marks where the prompt ends
+    (``n_prompt``). ``width``: the line length in inches."""
+    kl = np.asarray(kl, dtype=np.float64)
+    if len(tokens) != len(kl):
+        raise ValueError(f"{len(tokens)} tokens but {len(kl)} KL values")
+    vmax = float(vmax if vmax is not None else max(kl.max(), 1e-12))
+    cmap = plt.get_cmap("Reds")
+    n_lines = 1 + sum("\n" in t for t in tokens) + sum(len(t) for t in tokens) // 90
+    fig, ax = _ax(ax, figsize=(width + 1.2, 0.28 * n_lines + 0.8))
+    ax.set(xlim=(0, width), ylim=(n_lines + 0.5, -0.7), title=title)
+    ax.axis("off")
+    renderer = fig.canvas.get_renderer()
+    to_data = ax.transData.inverted()
+    x, y, line_h = 0.0, 0.0, 1.0
+    for i, tok in enumerate(tokens):
+        shade = min(kl[i] / vmax, 1.0)
+        t = ax.text(x, y, tok.replace("\n", "⏎"), family="monospace", fontsize=8, va="center",
+                    ha="left", color="white" if shade > 0.6 else "black",
+                    bbox=dict(boxstyle="square,pad=0.05", lw=0, facecolor=cmap(shade)))
+        right = to_data.transform(t.get_window_extent(renderer).get_points())[1, 0]
+        if right > width and x > 0:  # wrap: move the token to the next line
+            x, y = 0.0, y + line_h
+            t.set_position((x, y))
+            right = to_data.transform(t.get_window_extent(renderer).get_points())[1, 0]
+        if n_prompt is not None and i == n_prompt:
+            ax.plot([x, x], [y - 0.45, y + 0.45], color="k", lw=1.5)
+        x = right
+        if "\n" in tok:
+            x, y = 0.0, y + line_h
+    ax.set_ylim(y + 0.7, -0.7)
+    sm = matplotlib.cm.ScalarMappable(cmap=cmap, norm=matplotlib.colors.Normalize(0, vmax))
+    fig.colorbar(sm, ax=ax, fraction=0.025, pad=0.01, label="KL(tuned ‖ base), nats")
+    return fig

@@ -14,7 +14,14 @@ import pandas as pd
 
 from alignkit import spectral, weights
 from alignkit.layers import alignment_path, best_match
-from alignkit.results import CKAResult, CompareResult, PatchingResult, RunResults, SpectralResult
+from alignkit.results import (
+    CKAResult,
+    CompareResult,
+    LensResult,
+    PatchingResult,
+    RunResults,
+    SpectralResult,
+)
 from alignkit.stats import Band, bootstrap_mean, gap_fraction, mcnemar, near_best
 
 SMOKE_NOTE = "- *Smoke mode: tiny sizes, the numbers mean nothing.*"
@@ -582,6 +589,95 @@ def summarize_patching(res: PatchingResult | Sequence[PatchingResult], n_boot: i
     weight ablation and the mean-ablated difference (across seeds when given a list)."""
     return _summary(res, _patching_lines, _patching_seeds, smoke, n_boot=n_boot, seed=seed,
                     min_gap=min_gap)
+
+
+LENS_NAMES = {"first": "first tokens", "answer": "answer-predicting positions"}
+
+
+def steering(res: LensResult, name: str, n_boot: int = 1000, seed: int = 0) -> dict:
+    """The steering curves of one position set as gap fractions (mean Δ / mean gap, paired
+    bootstrap): ``steer``, ``control`` (shuffled) and ``excess`` (steer - control, one resample),
+    Bands over layers, and ``peak``, the layer where steering carries the most."""
+    s, c = res.steer[name], res.control[name]
+    gap = s.lp_donor - s.lp_receiver
+    out = {k: gap_fraction(d, gap, n_boot, seed) for k, d in
+           (("steer", s.delta), ("control", c.delta), ("excess", s.delta - c.delta))}
+    out["peak"] = int(np.nanargmax(out["steer"].point))
+    return out
+
+
+def kl_split(res: LensResult) -> tuple[float, float]:
+    """Mean per-token KL (nats) over the prompt tokens and over the solution tokens, pooled."""
+    prompt = np.concatenate([k[:n] for k, n in zip(res.token_kl, res.n_prompt)])
+    solution = np.concatenate([k[n:] for k, n in zip(res.token_kl, res.n_prompt)])
+    return float(prompt.mean()), float(solution.mean())
+
+
+def _tokens(items, n: int = 5) -> str:
+    return ", ".join(f"`{t!r}`" for t, _ in items[:n])
+
+
+def _lens_lines(res: LensResult, n_boot: int = 1000, seed: int = 0) -> list[str]:
+    """One seed of notebook 04's difference lens and per-token KL."""
+    lines = [f"- Examples: the {res.label} ({len(res.steer['answer'].lp_receiver)}); the mean "
+             "tuned − base difference added to the base at the positions it was measured on."]
+    for name in res.positions:
+        st = steering(res, name, n_boot, seed)
+        i = st["peak"]
+        tops = res.tokens[name]["base"][i]
+        lines.append(
+            f"- **Steering at the {LENS_NAMES[name]}**: largest at layer {i}, "
+            f"{st['steer'].point[i]:.2f} of the gap (95 % CI {st['steer'].lo[i]:.2f}–"
+            f"{st['steer'].hi[i]:.2f}; the maximum over layers, not corrected); the shuffled "
+            f"control {st['control'].point[i]:.2f} there; steer − control "
+            f"{st['excess'].point[i]:.2f} ({st['excess'].lo[i]:.2f}–{st['excess'].hi[i]:.2f}). "
+            f"Read through the base's head there it promotes {_tokens(tops['promoted'])} and "
+            f"suppresses {_tokens(tops['suppressed'])}.")
+    p, s = kl_split(res)
+    top = res.ranked[:5]
+    lines.append(f"- **Per-token KL** (tuned ‖ base) on {len(res.texts)} texts: mean {p:.3f} nats "
+                 f"on the prompt tokens, {s:.3f} on the solution tokens; the largest at "
+                 + "; ".join(f"`{r['token']!r}` before `{r['next']!r}` ({r['kl']:.2f})"
+                             for r in top) + ".")
+    return lines
+
+
+def _lens_seeds(rs: Sequence[LensResult], n_boot: int = 1000, seed: int = 0) -> list[str]:
+    n = len(rs)
+    lines = [f"- Examples: the {rs[0].label}, per seed; the mean tuned − base difference added to "
+             "the base at the positions it was measured on, against the same vector with its "
+             "coordinates shuffled."]
+    for name in rs[0].positions:
+        sts = [steering(r, name, n_boot, seed) for r in rs]
+        peaks = [st["peak"] for st in sts]
+        above = sum(st["excess"].lo[st["peak"]] > 0 for st in sts)
+        promoted = [{t for t, _ in r.tokens[name]["base"][st["peak"]]["promoted"]}
+                    for r, st in zip(rs, sts)]
+        common = sorted(set.intersection(*promoted))
+        lines.append(
+            f"- **Steering at the {LENS_NAMES[name]}**: largest at layer {mode_sentence(peaks)}, "
+            f"carrying {seed_values([st['steer'].point[st['peak']] for st in sts])} of the gap "
+            f"(maxima over layers, not corrected; the shuffled control "
+            f"{seed_values([st['control'].point[st['peak']] for st in sts])}); steer − control "
+            f"{seed_values([st['excess'].point[st['peak']] for st in sts], '{:.3f}')}, its "
+            f"interval above 0 {k_of_n(above, n)}. Tokens among the top 10 promoted there "
+            f"(base's head) {k_of_n(n, n)}: "
+            + (", ".join(f"`{t!r}`" for t in common) if common else "none") + ".")
+    splits = [kl_split(r) for r in rs]
+    more = sum(s > p for p, s in splits)
+    lines.append(f"- **Per-token KL** (tuned ‖ base): mean "
+                 f"{seed_values([s for _, s in splits], '{:.3f}')} nats on the solution tokens "
+                 f"against {seed_values([p for p, _ in splits], '{:.3f}')} on the prompt tokens; "
+                 f"higher on the solution {k_of_n(more, n)}.")
+    return lines
+
+
+def summarize_lens(res: LensResult | Sequence[LensResult], n_boot: int = 1000, seed: int = 0,
+                   smoke: bool = False) -> str:
+    """Notebook 04, what changed: steering with the mean difference against its shuffled
+    control, the tokens it promotes, and where the per-token KL is (across seeds when given a
+    list)."""
+    return _summary(res, _lens_lines, _lens_seeds, smoke, n_boot=n_boot, seed=seed)
 
 
 def _compare_seeds(rs: Sequence[CompareResult], claims: list | None = None) -> list[str]:

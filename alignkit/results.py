@@ -241,6 +241,61 @@ class PatchingResult:
         return cls(**meta, **groups, cka_matrix=np.load(path / "cka_matrix.npy"))
 
 
+@dataclasses.dataclass
+class LensResult:
+    """What changed between base (first checkpoint) and tuned (last), ``alignkit.lens``.
+
+    Attributes:
+        positions: ``{name: positions}``: ``"first"`` (the first tokens of every example, a list
+            of indices) and ``"answer"`` (the answer-predicting positions).
+        diff: ``{name: [L, d_model]}`` mean tuned - base residual after each decoder layer there.
+        tokens: ``{name: {"base" | "tuned": [L] x {"promoted" | "suppressed": [(token, z)]}}}``
+            the difference read through each model's final norm and head (``lens.top_tokens``).
+        steer, control: ``{name: PatchResult [n, L]}``: the difference added to base at those
+            positions, and the same with its coordinates shuffled (``weight_sweep``'s ``"steer"``
+            and ``"steer_shuffled"``).
+        texts: the probe texts (prompt + gold solution) of the per-token KL; ``n_prompt``: each
+            one's prompt length in tokens.
+        token_kl: ``[len(texts)]`` arrays ``[n_tokens]``, ``KL(P_tuned || P_base)`` per position.
+        ranked: ``lens.rank_positions`` over the texts.
+        label: which examples (``"flips"`` or its substitute).
+    """
+
+    positions: dict
+    diff: dict[str, np.ndarray]
+    tokens: dict
+    steer: dict[str, PatchResult]
+    control: dict[str, PatchResult]
+    texts: list[str]
+    n_prompt: list[int]
+    token_kl: list[np.ndarray]
+    ranked: list[dict]
+    label: str
+
+    def save(self, path: Path) -> None:
+        path.mkdir(parents=True)
+        for group in ("steer", "control"):
+            for name, r in getattr(self, group).items():
+                r.save(path / group / name)
+        lengths = np.array([len(k) for k in self.token_kl])
+        np.savez(path / "arrays.npz", token_kl=np.concatenate(self.token_kl), lengths=lengths,
+                 **{f"diff_{k}": v for k, v in self.diff.items()})
+        meta = {k: getattr(self, k) for k in ("positions", "tokens", "texts", "n_prompt",
+                                              "ranked", "label")}
+        runs.write_json_atomic(path / "result.json", meta, sort_keys=False)
+
+    @classmethod
+    def load(cls, path: Path) -> LensResult:
+        meta = json.loads((path / "result.json").read_text())
+        names = list(meta["positions"])
+        with np.load(path / "arrays.npz", allow_pickle=False) as f:
+            kl = np.split(f["token_kl"], np.cumsum(f["lengths"])[:-1])
+            diff = {k: f[f"diff_{k}"] for k in names}
+        groups = {g: {k: PatchResult.load(path / g / k) for k in names}
+                  for g in ("steer", "control")}
+        return cls(**meta, **groups, diff=diff, token_kl=kl)
+
+
 def _save_frame(df: pd.DataFrame) -> dict:
     """A ``weights.weight_drift`` table as JSON-able columns (its ``shape`` tuples as lists)."""
     columns = df.to_dict(orient="list")

@@ -15,13 +15,20 @@ import numpy as np
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from alignkit import cka, claims, controls, layers, patching, runs, spectral, weights
+from alignkit import cka, claims, controls, layers, lens, patching, runs, spectral, weights
 from alignkit.capture import Activations, capture_cached, capture_run, varying_points
 from alignkit.config import Config, seed_configs
 from alignkit.data import dataset_hash, eval_set, probe_texts
 from alignkit.evaluate import evaluate_run, flip_table
 from alignkit.models import device_for, load_model
-from alignkit.results import CKAResult, CompareResult, PatchingResult, RunResults, SpectralResult
+from alignkit.results import (
+    CKAResult,
+    CompareResult,
+    LensResult,
+    PatchingResult,
+    RunResults,
+    SpectralResult,
+)
 from alignkit.stats import Band, bootstrap_mean
 from alignkit.train import train
 
@@ -50,6 +57,13 @@ def patching_defaults(smoke: bool) -> dict:
     return {"n_examples": 8 if smoke else 64, "n_cross": 4 if smoke else 32,
             "components": ("resid", "attn", "mlp"), "positions": "all",
             "batch_size": 8 if smoke else 32, "min_gap": 0.1, "min_set": 2}
+
+
+def lens_defaults(smoke: bool) -> dict:
+    """Notebook 04's difference-lens parameters: examples steered (the flips), the first tokens,
+    tokens listed per layer, texts of the per-token KL and positions ranked."""
+    return {"n_examples": 8 if smoke else 64, "n_first": 5, "k": 10, "n_texts": 8 if smoke else 32,
+            "top": 20, "batch_size": 8 if smoke else 32, "min_gap": 0.1, "min_set": 2, "seed": 0}
 
 
 def compare_defaults(smoke: bool) -> dict:
@@ -182,6 +196,49 @@ def ensure_spectral(cfg: Config, method: str = "sft", **given) -> SpectralResult
             cka_drift=1 - cka.layerwise_cka(acts[steps[0]], acts[steps[-1]]))
 
     return _cached(analysis_dir(run_dir), "spectral", key, compute, SpectralResult)
+
+
+def ensure_lens(cfg: Config, method: str = "sft", **given) -> LensResult:
+    """Notebook 04, what changed: the mean tuned - base residual difference of the flips at their
+    first tokens and at their answer-predicting positions, read through each model's final norm
+    and head, added back to base (steering) against its shuffled control, and the per-token KL
+    of tuned against base on the flips' prompt + gold solution. Parameters: ``lens_defaults``."""
+    p = _params(lens_defaults(cfg.smoke), given)
+    res = ensure_results(cfg, method)
+    ds = eval_set(cfg)
+    sets, labels = patching_sets(cfg, res, p["n_examples"], p["min_set"], ds)
+    base_dir, tuned_dir = Path(res.evals[0].checkpoint), Path(res.evals[-1].checkpoint)
+    key = {"base": runs.weights_hash(base_dir), "tuned": runs.weights_hash(tuned_dir),
+           "eval": dataset_hash(ds), "sets": _set_key({"flips": sets["flips"]}),
+           "dtype": cfg.dtype, "chat": cfg.chat, "params": p}
+
+    def compute() -> LensResult:
+        device = device_for(cfg)
+        base, tokenizer = load_model(base_dir, dtype=cfg.dtype, device=device)
+        tuned, _ = load_model(tuned_dir, dtype=cfg.dtype, device=device)
+        exs = patching.examples_from_table(sets["flips"], tokenizer, chat=cfg.chat)
+        positions = {"first": list(range(p["n_first"])), "answer": "answer"}
+        kw = dict(batch_size=p["batch_size"], progress=False)
+        diff, tokens, steer, control = {}, {}, {}, {}
+        for name, q in positions.items():
+            diff[name] = patching.mean_difference(base, tuned, tokenizer, exs, positions=q, **kw)
+            tokens[name] = {who: lens.top_tokens(lens.lens_logits(m, diff[name]), tokenizer,
+                                                 p["k"]) for who, m in (("base", base),
+                                                                        ("tuned", tuned))}
+            r = patching.weight_sweep(base, tuned, tokenizer, exs, mean_positions=q,
+                                      kinds=("steer", "steer_shuffled"), min_gap=p["min_gap"],
+                                      seed=p["seed"], **kw)
+            steer[name], control[name] = r["steer"], r["steer_shuffled"]
+        spans = patching.tokenize_examples(tokenizer, exs[: p["n_texts"]])
+        texts = [tokenizer.decode(s["input_ids"]) for s in spans]
+        kls = lens.token_kl(base, tuned, tokenizer, texts, **kw)
+        return LensResult(positions=positions, diff=diff, tokens=tokens, steer=steer,
+                          control=control, texts=texts, n_prompt=[s["n_prompt"] for s in spans],
+                          token_kl=kls, ranked=lens.rank_positions(kls, tokenizer, texts,
+                                                                   p["top"]),
+                          label=labels["flips"])
+
+    return _cached(analysis_dir(res.run_dir), "lens", key, compute, LensResult)
 
 
 def patching_sets(cfg: Config, res: RunResults, n_examples: int, min_set: int,

@@ -25,7 +25,9 @@
 # into base layer *i*) tests causally the layer remapping that notebook 02's CKA heatmap suggests;
 # **weight ablation** reverts one layer's weights to the base inside the tuned model (necessity),
 # grafts one tuned layer into the base (sufficiency), and replaces the tuned − base residual
-# difference by its mean (is the change a constant shift or input-specific?).
+# difference by its mean (is the change a constant shift or input-specific?). Last, **what**
+# changed: the mean activation difference read as tokens (the difference lens), added back to the
+# base as a steering vector, and the per-token KL between the two models on whole texts.
 
 # %%
 # Colab only: fetch align-drift and install what Colab lacks; anywhere else this cell does nothing.
@@ -64,6 +66,8 @@ MIN_GAP = 0.1  # nats: NPE is masked where |LP(donor) - LP(receiver)| is smaller
 MIN_SET = 2  # a set with fewer examples is replaced by a labelled substitute (smoke runs have no flips)
 N_BOOT = 50 if SMOKE else 1000
 SEED = 0
+N_FIRST = 5  # the difference lens's first tokens (positions 0..N_FIRST-1 of every example)
+N_TEXTS = 8 if SMOKE else 32  # texts (prompt + gold solution) of the per-token KL
 
 # %%
 import logging
@@ -78,10 +82,26 @@ from transformers import AutoTokenizer
 from alignkit import patching
 from alignkit.config import get_config
 from alignkit.layers import alignment_path, best_match
-from alignkit.plots import figure_dir, plot_heatmap, plot_layer_curves, save_figure
-from alignkit.report import best_donors, patch_fraction, save_summary, summarize_patching
+from alignkit.lens import token_text
+from alignkit.plots import (
+    figure_dir,
+    plot_heatmap,
+    plot_layer_curves,
+    plot_lens_tokens,
+    plot_steering,
+    plot_token_kl,
+    save_figure,
+)
+from alignkit.report import (
+    best_donors,
+    patch_fraction,
+    save_summary,
+    steering,
+    summarize_lens,
+    summarize_patching,
+)
 from alignkit.report import curve as report_curve
-from alignkit.stages import ensure_patching, ensure_results, over_seeds
+from alignkit.stages import ensure_lens, ensure_patching, ensure_results, over_seeds
 
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 cfg = get_config(PRESET, smoke=SMOKE, overrides=OVERRIDES | ({"n_seeds": N_SEEDS} if N_SEEDS else {}))
@@ -303,11 +323,63 @@ else:
     show_example(0)
 
 # %% [markdown]
-# ## 7 · What these runs show
-# Computed from the results above by `alignkit.report.summarize_patching`: what holds in how many
-# training seeds, each seed's own numbers below it.
+# ## 7 · What changed: the difference lens and per-token KL
+# Sections 2–5 say *where* the gain lives; this one asks *what* SFT wrote there (after Minder et
+# al. 2025, who read narrow fine-tuning off the mean activation difference at the first tokens).
+# `ensure_lens` takes the flips and, per decoder layer, the **mean tuned − base residual
+# difference** at two position sets: the first `N_FIRST` tokens of every example (the `Question:`
+# template, the same tokens in every example) and the answer-predicting positions. Each mean is:
+#
+# * **read** through the base's final norm and LM head (the logit lens applied to the
+#   difference; RMSNorm makes it scale-free): the tokens it promotes and suppresses, as z-scores
+#   within the vocabulary;
+# * **added back** to the base at the same positions (a steering vector) and scored like a patch:
+#   the fraction of the base → tuned gap in answer log-prob it carries, against the **control**,
+#   the same vector with its coordinates shuffled (same norm, random direction).
+#
+# The **per-token KL**, KL(P_tuned ‖ P_base) of the next-token distributions at every position of
+# a prompt + gold solution, shows where in a text the two models disagree (a bar marks where the
+# prompt ends). Curves: every training seed (thick: the first); the token table and the texts are
+# the first seed's.
+
+# %%
+lenses = over_seeds(ensure_lens, cfg, "sft", n_examples=N_EXAMPLES, n_first=N_FIRST, n_texts=N_TEXTS,
+                    batch_size=BATCH_SIZE, min_gap=MIN_GAP, min_set=MIN_SET, seed=SEED)
+fig, axes = plt.subplots(1, 2, figsize=(15, 4.4), sharey=True)
+for ax, name in zip(axes, ("first", "answer")):
+    plot_steering([steering(r, name, N_BOOT, SEED) for r in lenses], ax=ax,
+                  title=f"Steering base with the mean difference at the {name} positions")
+    ax.set_xlabel("decoder layer where the vector is added")
+fig.tight_layout()
+save_figure(fig, "difference_lens", figure_dir(cfg))
+
+# %%
+fig, axes = plt.subplots(1, 2, figsize=(18, 0.32 * L + 1.2))
+for ax, name in zip(axes, ("first", "answer")):
+    plot_lens_tokens(lenses[0].tokens[name]["base"], ax=ax,
+                     title=f"Mean difference at the {name} positions, read by the base's head (seed 1)")
+fig.tight_layout()
+save_figure(fig, "difference_lens_tokens", figure_dir(cfg))
+
+# %%
+lz = lenses[0]
+ids = tokenizer(lz.texts[0], add_special_tokens=False)["input_ids"]
+fig = plot_token_kl([token_text(tokenizer, t) for t in ids], lz.token_kl[0], n_prompt=lz.n_prompt[0],
+                    title="Per-token KL(tuned ‖ base) on one flip (seed 1)")
+save_figure(fig, "token_kl", figure_dir(cfg))
+pd.DataFrame(lz.ranked[:10]).round(3)
+
+# %% [markdown]
+# ## 8 · What these runs show
+# Computed from the results above by `alignkit.report.summarize_patching` and
+# `summarize_lens`: what holds in how many training seeds, each seed's own numbers below it.
 
 # %%
 summary = summarize_patching(pats, n_boot=N_BOOT, seed=SEED, min_gap=MIN_GAP, smoke=SMOKE)
 save_summary(summary, "04_patching", figure_dir(cfg))  # beside the figures: what the README quotes
 display(Markdown(summary))
+
+# %%
+lens_summary = summarize_lens(lenses, n_boot=N_BOOT, seed=SEED, smoke=SMOKE)
+save_summary(lens_summary, "04_lens", figure_dir(cfg))
+display(Markdown(lens_summary))

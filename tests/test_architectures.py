@@ -211,3 +211,24 @@ def test_tokenizers_with_one_vocabulary_but_other_merges(tok, tmp_path):
     with pytest.raises(ValueError, match="differ in their BPE merges"):
         models.check_same_tokenizer(tok, other)
     models.check_same_tokenizer(tok, copy.deepcopy(tok))  # the same tokenizer passes
+
+
+def test_what_changed_runs_on_every_family(pair, tok, examples):
+    """Per-token KL equals the models' own full forwards (soft-cap included), and the mean
+    difference is read through the family's own final norm and head."""
+    from alignkit import lens
+
+    arch, base, tuned = pair
+    texts = [e["prompt"] + " " + e["answer"] for e in examples[:2]]
+    got = lens.token_kl(base, tuned, tok, texts, batch_size=2, progress=False)
+    for t, k in zip(texts, got):
+        ids = torch.tensor([tok(t, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            lq, lp = (torch.log_softmax(m(ids).logits[0].double(), -1) for m in (base, tuned))
+        np.testing.assert_allclose(k, (lp.exp() * (lp - lq)).sum(-1).numpy(), rtol=0, atol=TOL)
+    diff = patching.mean_difference(base, tuned, tok, examples, positions="answer", progress=False)
+    logits = lens.lens_logits(base, diff)
+    with torch.no_grad():
+        ref = models.unembed(base, torch.tensor(diff, dtype=torch.float32)).double().numpy()
+    np.testing.assert_allclose(logits, ref, rtol=0, atol=TOL)
+    assert logits.shape == (L, base.config.vocab_size)

@@ -174,7 +174,7 @@ def _no_compute(monkeypatch):
 def staged(smoke_root, smoke_run):
     """Every stage through ``cli.main`` on the session's smoke run; returns the argv prefix."""
     argv = ["--smoke", "--root", str(smoke_root), "--seeds", "1"]  # the seed loop: test_seeds_flag
-    for stage in (["train", "sft"], ["evaluate"], ["capture"], ["cka"], ["spectral"], ["patching"]):
+    for stage in (["train", "sft"], ["evaluate"], ["capture"], ["cka"], ["spectral"], ["patching"], ["lens"]):
         assert cli.main(argv + stage) == 0, stage
     return argv
 
@@ -315,6 +315,35 @@ def test_patching_stage_round_trips_exactly(staged, smoke_cfg, smoke_run, monkey
         f"flips/{k}@{q}" for k in ("mean_diff", "noise") for q in ("prompt", "answer")}
 
 
+def test_lens_stage_round_trips_exactly(staged, smoke_cfg, smoke_run, monkeypatch):
+    from alignkit import lens, patching
+    from alignkit.models import load_model
+    from alignkit.report import summarize_lens
+
+    run = ensure_results(smoke_cfg)
+    sets, labels = pipeline.patching_sets(smoke_cfg, run, 8, 2)
+    base, tok = load_model(run.evals[0].checkpoint)
+    tuned, _ = load_model(run.evals[-1].checkpoint)
+    exs = patching.examples_from_table(sets["flips"], tok)
+    direct = patching.weight_sweep(base, tuned, tok, exs, mean_positions="answer", kinds=("steer",), batch_size=8,
+                                   progress=False)["steer"]
+    diff = patching.mean_difference(base, tuned, tok, exs, positions=list(range(5)), batch_size=8, progress=False)
+    _no_compute(monkeypatch)
+    monkeypatch.setattr(lens, "token_kl", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
+    res = pipeline.ensure_lens(smoke_cfg)  # notebook 04's call, read from the CLI's cache
+    assert res.label == labels["flips"] and list(res.positions) == ["first", "answer"]
+    np.testing.assert_array_equal(res.steer["answer"].lp_patched, direct.lp_patched)
+    np.testing.assert_array_equal(res.diff["first"], diff)
+    L = smoke_cfg.tiny.num_hidden_layers
+    assert res.diff["answer"].shape == (L, smoke_cfg.tiny.hidden_size)
+    assert len(res.tokens["first"]["base"]) == L and len(res.tokens["answer"]["tuned"][0]["promoted"]) == 10
+    assert len(res.token_kl) == len(res.texts) == len(res.n_prompt) == min(8, len(exs))
+    assert all(len(k) == len(tok(t, add_special_tokens=False)["input_ids"]) for k, t in zip(res.token_kl, res.texts))
+    assert res.ranked[0]["kl"] == max(k.max() for k in res.token_kl)
+    text = summarize_lens([res, res], n_boot=20, smoke=True)
+    assert "Steering at the first tokens" in text and "Per-token KL" in text and "in all 2 seeds" in text
+
+
 def test_notebook_parameters_match_pipeline_defaults(monkeypatch):
     """A notebook run after the CLI must ask for exactly the CLI's results (same cache keys)."""
     import jupytext
@@ -337,6 +366,9 @@ def test_notebook_parameters_match_pipeline_defaults(monkeypatch):
         p = params("04_patching.py", smoke)
         d = pipeline.patching_defaults(smoke)
         assert {k: p[k.upper()] for k in d} == d
+        d = pipeline.lens_defaults(smoke)  # the lens's own knobs; the rest shared with patching
+        assert {k: p[k.upper()] for k in d if k not in ("k", "top")} == {k: v for k, v in d.items()
+                                                                        if k not in ("k", "top")}
         p = params("05_post_training_compare.py", smoke)
         d = pipeline.compare_defaults(smoke)
         assert {k: p[k.upper()] for k in d} == d and tuple(p["METHODS"]) == METHODS

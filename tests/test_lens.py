@@ -1,0 +1,161 @@
+"""The difference lens, steering with the mean difference, and per-token KL, each checked against a
+slow reference written here (plain hooks, full forwards, one text at a time) and against known
+answers and invariances."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import make_model
+
+from alignkit import lens, patching
+from alignkit.data import format_prompt, generate_problems
+from alignkit.tiny import train_tokenizer
+
+L = 3
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer([p["question"] + " " + p["answer"] for p in generate_problems(200, "train")], 300)
+
+
+@pytest.fixture(scope="module")
+def pair(tok):
+    base = make_model("qwen3", vocab_size=len(tok))
+    tuned = copy.deepcopy(base)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in tuned.model.layers.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return base, tuned
+
+
+@pytest.fixture(scope="module")
+def examples():
+    return [{"prompt": format_prompt(p["question"]), "answer": p["answer"]} for p in generate_problems(5, "test")]
+
+
+def resid_after(model, ids):
+    """[L, T, d] residual after each decoder layer, by plain hooks on a full forward."""
+    store = []
+    hs = [layer.register_forward_hook(lambda _m, _i, out: store.append(out[0] if isinstance(out, tuple) else out))
+          for layer in model.model.layers]
+    with torch.no_grad():
+        model(torch.tensor([ids]))
+    for h in hs:
+        h.remove()
+    return torch.stack([s[0] for s in store])
+
+
+def test_mean_difference_matches_reference(tok, pair, examples):
+    base, tuned = pair
+    spans = patching.tokenize_examples(tok, examples)
+    for positions in ("answer", [0, 1, 2], "all"):
+        got = patching.mean_difference(base, tuned, tok, examples, positions=positions, batch_size=2, progress=False)
+        total, count = 0.0, 0
+        for s in spans:
+            n = len(s["input_ids"])
+            pos = {"answer": [p - 1 for p in s["answer_positions"]], "all": list(range(n))}.get(
+                positions if isinstance(positions, str) else "", positions)
+            d = (resid_after(tuned, s["input_ids"]) - resid_after(base, s["input_ids"])).double()
+            total = total + d[:, pos].sum(1)
+            count += len(pos)
+        np.testing.assert_allclose(got, (total / count).numpy(), rtol=0, atol=TOL)
+        assert got.shape == (L, base.config.hidden_size) and got.dtype == np.float64
+
+
+def test_steering_matches_reference_and_control_keeps_the_norm(tok, pair, examples):
+    base, tuned = pair
+    spans = patching.tokenize_examples(tok, examples)
+    diff = patching.mean_difference(base, tuned, tok, examples, positions="answer", progress=False)
+    r = patching.weight_sweep(base, tuned, tok, examples, mean_positions="answer", kinds=("steer", "steer_shuffled"),
+                              batch_size=2, progress=False)
+    assert r["steer"].meta["receiver"] == "base" and r["steer"].meta["donor"] == "tuned"
+    shuffled = patching.shuffled(torch.tensor(diff)).numpy()
+    np.testing.assert_allclose(np.linalg.norm(shuffled, axis=1), np.linalg.norm(diff, axis=1), rtol=1e-12)
+    np.testing.assert_array_equal(np.sort(shuffled, axis=1), np.sort(diff, axis=1))
+    for kind, vec in (("steer", diff), ("steer_shuffled", shuffled)):
+        for k, s in enumerate(spans):
+            pos = torch.tensor(s["answer_positions"]) - 1
+            for layer in range(L):
+                def add(_m, _i, out, layer=layer, vec=vec, pos=pos):
+                    h = (out[0] if isinstance(out, tuple) else out).clone()
+                    h[0, pos] += torch.tensor(vec[layer], dtype=h.dtype)
+                    return (h,) + tuple(out[1:]) if isinstance(out, tuple) else h
+                hook = base.model.layers[layer].register_forward_hook(add)
+                with torch.no_grad():
+                    logp = torch.log_softmax(base(torch.tensor([s["input_ids"]])).logits[0].double(), -1)
+                hook.remove()
+                ref = logp[pos, torch.tensor(s["input_ids"])[s["answer_positions"]]].sum().item()
+                assert abs(r[kind].lp_patched[k, layer] - ref) < TOL, (kind, k, layer)
+    # a twin has no difference: steering changes nothing
+    twin = patching.weight_sweep(base, copy.deepcopy(base), tok, examples[:2], kinds=("steer",), progress=False)
+    assert (twin["steer"].delta == 0).all()
+
+
+def test_lens_reads_through_the_final_norm_and_head(tok, pair):
+    base, _ = pair
+    g = torch.Generator().manual_seed(0)
+    diff = torch.randn(4, base.config.hidden_size, generator=g, dtype=torch.float64)
+    got = lens.lens_logits(base, diff.numpy())
+    with torch.no_grad():
+        ref = base.lm_head(base.model.norm(diff.float())).double().numpy()
+    np.testing.assert_allclose(got, ref, rtol=0, atol=TOL)
+    # RMSNorm: the reading does not depend on the difference's scale
+    np.testing.assert_allclose(lens.lens_logits(base, 7.0 * diff.numpy()), got, rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="d_model"):
+        lens.lens_logits(base, np.zeros((2, 5)))
+    with pytest.raises(ValueError, match="NaN"):
+        lens.lens_logits(base, np.full((1, base.config.hidden_size), np.nan))
+
+
+def test_planted_direction_is_the_top_promoted_token(tok, pair):
+    """A difference along token x's unembedding (divided by the norm's gain) promotes x first and
+    its negative suppresses x first."""
+    base, _ = pair
+    x = tok.convert_tokens_to_ids("Ġapples") if "Ġapples" in tok.get_vocab() else 200
+    w = base.lm_head.weight[x].detach().double() / base.model.norm.weight.detach().double()
+    top = lens.top_tokens(lens.lens_logits(base, torch.stack([w, -w]).numpy()), tok, k=5)
+    assert top[0]["promoted"][0][0] == tok.decode([x]) and top[0]["promoted"][0][1] > 3
+    assert top[1]["suppressed"][0][0] == tok.decode([x])
+
+
+def test_token_kl_matches_reference(tok, pair, examples):
+    base, tuned = pair
+    texts = [e["prompt"] + " " + e["answer"] for e in examples]
+    got = lens.token_kl(base, tuned, tok, texts, batch_size=2, progress=False)
+    for t, k in zip(texts, got):
+        ids = torch.tensor([tok(t, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            lq = torch.log_softmax(base(ids).logits[0].double(), -1)
+            lp = torch.log_softmax(tuned(ids).logits[0].double(), -1)
+        ref = (lp.exp() * (lp - lq)).sum(-1).numpy()
+        assert k.shape == ref.shape and k.dtype == np.float64
+        np.testing.assert_allclose(k, ref, rtol=0, atol=TOL)
+        assert (k >= -1e-12).all() and k.max() > 1e-3
+    same = lens.token_kl(base, copy.deepcopy(base), tok, texts[:2], progress=False)
+    assert all((k == 0).all() for k in same)
+    ranked = lens.rank_positions(got, tok, texts, top=5)
+    assert [r["kl"] for r in ranked] == sorted((r["kl"] for r in ranked), reverse=True)
+    assert ranked[0]["kl"] == max(k.max() for k in got)
+    r0 = ranked[0]
+    assert r0["token"] == tok.decode([tok(texts[r0["text"]], add_special_tokens=False)["input_ids"][r0["pos"]]])
+
+
+def test_token_kl_bad_input(tok, pair):
+    base, tuned = pair
+    with pytest.raises(ValueError, match="at least one text"):
+        lens.token_kl(base, tuned, tok, [], progress=False)
+    with pytest.raises(ValueError, match="text 1 has no tokens"):
+        lens.token_kl(base, tuned, tok, ["a b", ""], progress=False)
+    with pytest.raises(ValueError, match="num_hidden_layers"):
+        lens.token_kl(base, make_model("qwen3", vocab_size=len(tok), num_hidden_layers=2), tok, ["a"], progress=False)
+    with pytest.raises(ValueError, match="do not match"):
+        lens.rank_positions([np.zeros(2)], tok, ["a b c d e"])
+
+
+def test_token_kl_memory_is_one_slice_of_the_vocabulary():
+    assert lens.chunk_rows(151_936) * 151_936 <= 2**25 and lens.chunk_rows(10**9) == 1
