@@ -65,9 +65,14 @@ COMMANDS = {  # command: (what it does, an example, what it writes; under ROOT)
     "lens": ("what changed: the difference lens (tokens the mean activation difference promotes, "
              "steering with it against a shuffled control) and per-token KL (notebook 04)",
              "lens --method dpo", "<run>/analysis/lens-<key>/ (alignkit.stages.ensure_lens)"),
-    "compare": ("SFT, DPO and GRPO against one base and their own inits (notebook 05)",
-                "compare --smoke", "compare/<preset>/compare-<key>/ (alignkit.stages."
-                "ensure_compare), after training and evaluating what is missing"),
+    "compare": ("SFT, DPO and GRPO against one base and their own inits (notebook 05); with "
+                "--models, any checkpoints (directories or hub ids) against the first, no "
+                "training",
+                "compare --models base=Qwen/Qwen3-0.6B-Base sft=Qwen/Qwen3-0.6B "
+                "--preset qwen3-0.6b-base",
+                "compare/<preset>/compare-<key>/ (alignkit.stages.ensure_compare), after training "
+                "and evaluating what is missing; with --models, models/compare/compare-<key>/ "
+                "(alignkit.stages.ensure_models_compare)"),
     "figures": ("execute the notebooks headless on the cached results (README figures)",
                 "figures --smoke --notebooks 02 03",
                 "reports/<preset>[-smoke]/NN_*.ipynb, the notebooks run with this command's "
@@ -141,6 +146,17 @@ def build_parser() -> argparse.ArgumentParser:
                            default=["question", "mean", "last"],
                            help="poolings (default: question mean last; question: the mean over "
                                 "the question's own tokens, the shared template left out)")
+        elif name == "compare":
+            p.add_argument("--models", nargs="+", metavar="NAME=MODEL", default=None,
+                           help="compare these checkpoints instead of training: NAME=directory or "
+                                "hub id, the first the reference, e.g. base=Qwen/Qwen3-0.6B-Base "
+                                "sft=Qwen/Qwen3-0.6B (the reference is reported as 'base')")
+            p.add_argument("--revision", action="append", default=[], metavar="NAME=REV",
+                           help="hub revision (branch, tag or commit) of one --models entry "
+                                "(repeatable)")
+            p.add_argument("--inits", choices=("series", "reference"), default="series",
+                           help="each model's own init: the model listed before it (a published "
+                                "series; default) or the reference for all")
         elif name == "figures":
             p.add_argument("--notebooks", nargs="+", metavar="NN", default=None,
                            help="notebook numbers or names to run, e.g. 02 03 (default: all)")
@@ -312,6 +328,30 @@ def stage_analysis(stage: str, cfg, method: str):
     return res
 
 
+def parse_pairs(items: Sequence[str], flag: str) -> dict[str, str]:
+    """``["base=Qwen/Qwen3-0.6B-Base", ...]`` -> ``{"base": "Qwen/Qwen3-0.6B-Base", ...}`` in order;
+    UsageError for an item without ``=`` or a repeated name."""
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip() or not value.strip():
+            raise UsageError(f"{flag} expects NAME=VALUE, got {item!r}")
+        if name.strip() in out:
+            raise UsageError(f"{flag}: {name.strip()!r} given twice")
+        out[name.strip()] = value.strip()
+    return out
+
+
+def stage_models_compare(cfg, models: dict[str, str], revisions: dict[str, str], inits: str):
+    """``stages.ensure_models_compare`` (cached), logging ``report.summarize_compare``."""
+    from alignkit import report, stages
+
+    res = stages.ensure_models_compare(cfg, models, revisions, inits)
+    logger.info("compare --models %s:\n%s", ", ".join(models),
+                report.summarize_compare([res], list(res.claims)))
+    return res
+
+
 def stage(name: str, cfg, method: str):
     """Run one stage other than ``figures``."""
     if name in ("train", "evaluate", "capture"):
@@ -387,7 +427,10 @@ def run(args: argparse.Namespace) -> None:
                          f"run `{cmd}` in one process: python -m alignkit ...")
     cfg, overrides = config_from_args(args)
     method = getattr(args, "method", "sft")
-    if cmd == "capture":
+    if cmd == "compare" and args.models:
+        stage_models_compare(cfg, parse_pairs(args.models, "--models"),
+                             parse_pairs(args.revision, "--revision"), args.inits)
+    elif cmd == "capture":
         stage_capture(cfg, method, args.pooling)
     elif cmd == "figures":
         stage_figures(cfg, overrides, args.notebooks, args.notebook_dir)

@@ -172,12 +172,14 @@ def eval_key(cfg: Config, ds) -> str:
                           "generator": cfg.generator, "chat": cfg.chat, "data": dataset_hash(ds)})
 
 
-def evaluate_checkpoint(ckpt: str | Path, cfg: Config, ds=None) -> CheckpointEval:
+def evaluate_checkpoint(ckpt: str | Path, cfg: Config, ds=None,
+                        beside: bool = True) -> CheckpointEval:
     """Accuracy, outputs and answer log-probs of one checkpoint, cached beside it in
     ``eval-<key>.json`` (keyed by the evaluation settings and set; recomputed when the weights
     differ from the hash it records) and in ``<root>/evals/<weights hash>-<key>.json``, so the
     same weights in another run (every seed's step 0 is the base; DPO's and GRPO's step 0 is the
-    final SFT model) are evaluated once."""
+    final SFT model) are evaluated once. ``beside=False``: the shared store only (a published
+    model's directory is left as it is)."""
     ckpt = Path(ckpt)
     ds = ds if ds is not None else eval_set(cfg)
     key = eval_key(cfg, ds)
@@ -186,7 +188,7 @@ def evaluate_checkpoint(ckpt: str | Path, cfg: Config, ds=None) -> CheckpointEva
     manifest_path = ckpt / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     shared = cfg.run_root / "evals" / f"{whash}-{key}.json"
-    for where in (path, shared):
+    for where in (path, shared) if beside else (shared,):
         if not where.is_file():
             continue
         try:
@@ -195,7 +197,8 @@ def evaluate_checkpoint(ckpt: str | Path, cfg: Config, ds=None) -> CheckpointEva
                 if where == shared:  # the same weights evaluated in another run: this one's names
                     res = dataclasses.replace(res, checkpoint=str(ckpt), step=manifest.get("step"),
                                               train_loss=manifest.get("train_loss"))
-                    res.save(path)
+                    if beside:
+                        res.save(path)
                 return res
         except (ValueError, KeyError, TypeError):
             pass
@@ -212,7 +215,8 @@ def evaluate_checkpoint(ckpt: str | Path, cfg: Config, ds=None) -> CheckpointEva
         accuracy=float(np.mean(correct)), n=len(correct), correct=correct, predictions=preds,
         outputs=outputs, answer_logprob=lp.tolist(), mean_answer_logprob=float(lp.mean()),
         train_loss=manifest.get("train_loss"))
-    res.save(path)
+    if beside:
+        res.save(path)
     res.save(shared)
     return res
 

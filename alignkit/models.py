@@ -258,3 +258,53 @@ def check_same_tokenizer(tok_a, tok_b) -> None:
     if sa != sb:
         k = sorted(k for k in set(sa) | set(sb) if sa.get(k) != sb.get(k))[0]
         raise ValueError(f"tokenizers differ in special tokens: {k} {sa.get(k)!r} vs {sb.get(k)!r}")
+
+
+def resolve_model(spec: str | Path, revision: str | None = None) -> Path:
+    """A local ``from_pretrained`` directory for a model given as a directory or a hub id: a
+    directory is checked (``check_model_dir``); a hub id is fetched with
+    ``huggingface_hub.snapshot_download`` at ``revision`` (its cache's snapshot directory, named
+    after the commit). ValueError naming the problem otherwise."""
+    p = Path(spec).expanduser()
+    if p.exists() or str(spec).startswith((".", "/", "~")):
+        if revision is not None:
+            raise ValueError(f"{spec} is a local directory: a revision applies to hub ids only")
+        return check_model_dir(p).resolve()
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(spec)):
+        raise ValueError(f"model {spec!r} is neither a directory nor a hub id (owner/name)")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(spec), revision=revision))
+    except Exception as e:  # noqa: BLE001 - offline, unknown id or revision: one named error
+        raise ValueError(f"could not fetch {spec}@{revision or 'main'} from the hub "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                         "download it where the hub is reachable and pass the directory") from None
+
+
+def check_compatible(paths: dict[str, Path]) -> None:
+    """Before any long work: every model against the first (the reference) has a supported
+    architecture of the same class, the same shape (``SHAPE_FIELDS``: same-layer comparisons pair
+    layers and positions) and the same tokenizer (vocabulary, merges, special tokens); ValueError
+    or NotImplementedError naming the model and the difference."""
+    names = list(paths)
+    configs = {k: AutoConfig.from_pretrained(str(v)) for k, v in paths.items()}
+    for k, c in configs.items():
+        arch = (getattr(c, "architectures", None) or ["?"])[0]
+        if arch not in ARCHITECTURES:
+            raise NotImplementedError(f"{k} ({paths[k]}): {_unsupported(arch, c.model_type)}")
+    ref, tok = names[0], AutoTokenizer.from_pretrained(str(paths[names[0]]))
+    for k in names[1:]:
+        a, b = configs[ref], configs[k]
+        if a.architectures != b.architectures:
+            raise ValueError(f"{k} is a {b.architectures[0]} but the reference {ref} a "
+                             f"{a.architectures[0]}: compare needs one architecture")
+        for f in SHAPE_FIELDS:
+            va, vb = getattr(a, f, None), getattr(b, f, None)
+            if va != vb:
+                raise ValueError(f"{k} differs from the reference {ref} in config.{f}: {va!r} vs "
+                                 f"{vb!r}; same-layer comparisons need one shape")
+        try:
+            check_same_tokenizer(tok, AutoTokenizer.from_pretrained(str(paths[k])))
+        except ValueError as e:
+            raise ValueError(f"{k} and the reference {ref}: {e}") from None

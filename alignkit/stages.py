@@ -19,8 +19,8 @@ from alignkit import cka, claims, controls, layers, lens, patching, runs, spectr
 from alignkit.capture import Activations, capture_cached, capture_run, varying_points
 from alignkit.config import Config, seed_configs
 from alignkit.data import dataset_hash, eval_set, probe_texts
-from alignkit.evaluate import evaluate_run, flip_table
-from alignkit.models import device_for, load_model
+from alignkit.evaluate import evaluate_checkpoint, evaluate_run, flip_table, summary
+from alignkit.models import check_compatible, device_for, load_model, preflight, resolve_model
 from alignkit.results import (
     CKAResult,
     CompareResult,
@@ -406,6 +406,73 @@ def _matched_unchanged(base, sft, own: dict) -> dict[str, float]:
     return out
 
 
+def _compare_models(cfg: Config, p: dict, methods: list[str], paths: dict[str, Path],
+                    cache_of: dict[str, Path], init: dict[str, str], evals: dict,
+                    sets: dict, set_labels: dict, texts: list[str]) -> CompareResult:
+    """Notebook 05's measures of ``methods`` against the reference ``paths["base"]`` and each
+    against its ``init`` (a key of ``paths``): the one computation behind ``ensure_compare`` (this
+    project's runs) and ``ensure_models_compare`` (any checkpoints). ``evals``: a
+    ``CheckpointEval`` of the reference and of each method (accuracy, paired tests);
+    ``cache_of``: each model's activation cache root."""
+    caps = {k: capture_cached(v, None, texts, pooling=p["pooling"],
+                              cache_dir=cache_of[k] / "activations", **run_on(cfg))
+            for k, v in paths.items()}
+    keep, labels, dropped = varying_points(caps.values())
+    last_states = {  # claims.effective_rank_claim: the last decoder layer at the last token
+        k: capture_cached(v, None, texts, pooling="last", cache_dir=cache_of[k] / "activations",
+                          **run_on(cfg)).acts[-1].double().numpy() for k, v in paths.items()}
+    acts = {k: a.acts[keep] for k, a in caps.items()}
+    seed, n_boot = p["seed"], p["n_boot"]
+    cka_bands = {m: Band.of(controls.bootstrap_layerwise_cka(acts["base"], acts[m],
+                                                             n_boot=n_boot, seed=seed))
+                 for m in methods}
+    floor = np.max([controls.noise_floor(acts["base"], acts[m], n_splits=p["n_splits"],
+                                         seed=seed)["half_width"] for m in methods], axis=0)
+    boot = {k: spectral.bootstrap_layer_metrics(a.to(device_for(cfg)), n_boot=n_boot,
+                                                seed=seed)  # on the GPU, as in ensure_spectral
+            for k, a in acts.items()}
+    delta = {(m, ref): Band.of(spectral.paired_delta(boot[m], boot[ref])["rankme"])
+             for m in methods for ref in ("base", init[m])}
+    device = device_for(cfg)
+
+    def fp32(k):  # weight drift reads the fp32 checkpoints as saved (every update visible)
+        return load_model(paths[k], dtype="float32", device=device)[0]
+
+    base, tokenizer = load_model(paths["base"], dtype=cfg.dtype, device=device)
+    base32 = base if cfg.dtype == "float32" else fp32("base")
+    examples = patching.examples_from_table(sets["flips"], tokenizer, chat=cfg.chat)
+    patches, drift, own, sft32 = {}, {}, {}, None
+    for m in tqdm(methods, desc="compare", leave=False):
+        tuned, _ = load_model(paths[m], dtype=cfg.dtype, device=device)
+        patches[m] = patching.layer_sweep(
+            base, tuned, tokenizer, examples, component="resid", positions="all",
+            direction="denoise", batch_size=p["batch_size"], min_gap=p["min_gap"],
+            progress=False)
+        tuned = tuned if cfg.dtype == "float32" else fp32(m)
+        if m == "sft":
+            sft32 = tuned  # kept for the matched-norm control below
+        drift[m] = weights.weight_drift(base32, tuned, tol=p["tol"], k=p["k"], progress=False)
+        if init[m] == "base":
+            own[m] = drift[m]
+        else:
+            own[m] = weights.weight_drift(fp32(init[m]), tuned, tol=p["tol"], k=p["k"],
+                                          progress=False)
+    structure, structure_controls = _structure(own, p["n_boot_patch"], seed, p["tol"])
+    matched = _matched_unchanged(base32, sft32, own) if sft32 is not None else {}
+    return CompareResult(
+        methods=methods, init=init, accuracy={k: summary([e])[0] for k, e in evals.items()},
+        n_eval=evals["base"].n, pooling=p["pooling"], labels=labels, dropped=dropped,
+        cka=cka_bands, cka_floor=floor, rank_vs_base={m: delta[m, "base"] for m in methods},
+        rank_vs_init={m: delta[m, init[m]] for m in methods}, patch_set=set_labels["flips"],
+        patches=patches, drift=drift, own=own,
+        patch_curves={m: Band.of(bootstrap_mean(r.delta, n_boot=p["n_boot_patch"], seed=seed))
+                      for m, r in patches.items()},
+        structure=structure, structure_controls=structure_controls,
+        correct={k: list(e.correct) for k, e in evals.items()}, last_states=last_states,
+        matched_unchanged=matched,
+        claims=compare_claims([last_states], [own], [matched], init, n_boot, seed))
+
+
 def ensure_compare(cfg: Config, methods=runs.METHODS, **given) -> CompareResult:
     """Notebook 05: SFT, DPO and GRPO against one base (the SFT run's step 0) and against each
     method's own init: accuracy, layerwise CKA with bootstrap bands and noise floor, paired
@@ -421,6 +488,7 @@ def ensure_compare(cfg: Config, methods=runs.METHODS, **given) -> CompareResult:
     paths = {"base": Path(sft.evals[0].checkpoint)}
     paths |= {m: Path(r.evals[-1].checkpoint) for m, r in res.items()}
     run_of = {"base": sft.run_dir} | {m: r.run_dir for m, r in res.items()}
+    evals = {"base": sft.evals[0]} | {m: r.evals[-1] for m, r in res.items()}
     hashes = {k: runs.weights_hash(v) for k, v in paths.items()}
     init = {}
     for m, r in res.items():  # a method's init: its step 0, named after the model it equals
@@ -435,68 +503,55 @@ def ensure_compare(cfg: Config, methods=runs.METHODS, **given) -> CompareResult:
     key = {"models": hashes, "init": init, "probe_hash": runs.hash_obj(texts),
            "sets": _set_key({"flips": sets["flips"]}), "dtype": cfg.dtype, "chat": cfg.chat,
            "params": p}
-
-    def compute() -> CompareResult:
-        caps = {k: capture_cached(v, None, texts, pooling=p["pooling"],
-                                  cache_dir=run_of[k] / "activations", **run_on(cfg))
-                for k, v in paths.items()}
-        keep, labels, dropped = varying_points(caps.values())
-        last_states = {  # claims.effective_rank_claim: the last decoder layer at the last token
-            k: capture_cached(v, None, texts, pooling="last", cache_dir=run_of[k] / "activations",
-                              **run_on(cfg)).acts[-1].double().numpy() for k, v in paths.items()}
-        acts = {k: a.acts[keep] for k, a in caps.items()}
-        seed, n_boot = p["seed"], p["n_boot"]
-        cka_bands = {m: Band.of(controls.bootstrap_layerwise_cka(acts["base"], acts[m],
-                                                                 n_boot=n_boot, seed=seed))
-                     for m in methods}
-        floor = np.max([controls.noise_floor(acts["base"], acts[m], n_splits=p["n_splits"],
-                                             seed=seed)["half_width"] for m in methods], axis=0)
-        boot = {k: spectral.bootstrap_layer_metrics(a.to(device_for(cfg)), n_boot=n_boot,
-                                                    seed=seed)  # on the GPU, as in ensure_spectral
-                for k, a in acts.items()}
-        delta = {(m, ref): Band.of(spectral.paired_delta(boot[m], boot[ref])["rankme"])
-                 for m in methods for ref in ("base", init[m])}
-        device = device_for(cfg)
-
-        def fp32(k):  # weight drift reads the fp32 checkpoints as saved (every update visible)
-            return load_model(paths[k], dtype="float32", device=device)[0]
-
-        base, tokenizer = load_model(paths["base"], dtype=cfg.dtype, device=device)
-        base32 = base if cfg.dtype == "float32" else fp32("base")
-        examples = patching.examples_from_table(sets["flips"], tokenizer, chat=cfg.chat)
-        patches, drift, own = {}, {}, {}
-        for m in tqdm(methods, desc="compare", leave=False):
-            tuned, _ = load_model(paths[m], dtype=cfg.dtype, device=device)
-            patches[m] = patching.layer_sweep(
-                base, tuned, tokenizer, examples, component="resid", positions="all",
-                direction="denoise", batch_size=p["batch_size"], min_gap=p["min_gap"],
-                progress=False)
-            tuned = tuned if cfg.dtype == "float32" else fp32(m)
-            if m == "sft":
-                sft32 = tuned  # kept for the matched-norm control below
-            drift[m] = weights.weight_drift(base32, tuned, tol=p["tol"], k=p["k"], progress=False)
-            if init[m] == "base":
-                own[m] = drift[m]
-            else:
-                own[m] = weights.weight_drift(fp32(init[m]), tuned, tol=p["tol"], k=p["k"],
-                                              progress=False)
-        structure, structure_controls = _structure(own, p["n_boot_patch"], seed, p["tol"])
-        matched = _matched_unchanged(base32, sft32, own)
-        accuracy = {"base": sft.summary()[0]} | {m: r.summary()[-1] for m, r in res.items()}
-        return CompareResult(
-            methods=methods, init=init, accuracy=accuracy, n_eval=sft.evals[0].n,
-            pooling=p["pooling"], labels=labels, dropped=dropped, cka=cka_bands, cka_floor=floor,
-            rank_vs_base={m: delta[m, "base"] for m in methods},
-            rank_vs_init={m: delta[m, init[m]] for m in methods},
-            patch_set=set_labels["flips"], patches=patches, drift=drift, own=own,
-            patch_curves={m: Band.of(bootstrap_mean(r.delta, n_boot=p["n_boot_patch"], seed=seed))
-                          for m, r in patches.items()},
-            structure=structure, structure_controls=structure_controls,
-            correct={"base": list(sft.evals[0].correct)}
-            | {m: list(r.evals[-1].correct) for m, r in res.items()},
-            last_states=last_states, matched_unchanged=matched,
-            claims=compare_claims([last_states], [own], [matched], init, n_boot, seed))
-
     smoke = "-smoke" if cfg.smoke else ""
-    return _cached(cfg.run_root / "compare" / f"{cfg.preset}{smoke}", "compare", key, compute,
-                   CompareResult)
+    return _cached(cfg.run_root / "compare" / f"{cfg.preset}{smoke}", "compare", key,
+                   lambda: _compare_models(cfg, p, methods, paths, run_of, init, evals, sets,
+                                           set_labels, texts), CompareResult)
+
+
+def ensure_models_compare(cfg: Config, models: dict[str, str], revisions: dict | None = None,
+                          inits: str = "series", **given) -> CompareResult:
+    """Notebook 05 on any checkpoints, no training: ``models`` ``{label: directory or hub id}``,
+    the first the reference (stored as ``"base"``), the others compared with it and, for ``inits
+    = "series"``, each with the model listed before it as its own init (a published series: SFT,
+    then DPO, then RL); ``"reference"``: every model's init is the reference. Evaluated (shared
+    store, by weights), captured, measured and cached under ``<root>/models/`` by the models'
+    content hashes. The flips are the reference's wrong answers that the second model gets right.
+    Checks before any work: supported architecture, one shape, one tokenizer
+    (``models.check_compatible``). Parameters: ``compare_defaults``."""
+    p = _params(compare_defaults(cfg.smoke), given)
+    if len(models) < 2:
+        raise ValueError(f"compare --models needs a reference and at least one other model, got "
+                         f"{list(models)}")
+    if inits not in ("series", "reference"):
+        raise ValueError(f"inits must be 'series' or 'reference', got {inits!r}")
+    given_labels = list(models)
+    methods = given_labels[1:]
+    if "base" in methods:
+        raise ValueError("'base' names the reference: list it first")
+    revisions = revisions or {}
+    unknown = sorted(set(revisions) - set(models))
+    if unknown:
+        raise ValueError(f"revisions for unknown models {unknown}; models: {given_labels}")
+    paths = {("base" if i == 0 else k): resolve_model(v, revisions.get(k))
+             for i, (k, v) in enumerate(models.items())}
+    for path in paths.values():
+        preflight(path, cfg.chat)
+    check_compatible(paths)
+    init = {m: ("base" if inits == "reference" or i == 0 else methods[i - 1])
+            for i, m in enumerate(methods)}
+    ds = eval_set(cfg)
+    evals = {k: evaluate_checkpoint(v, cfg, ds, beside=False) for k, v in paths.items()}
+    root = cfg.run_root / "models"
+    pair = [evals["base"], evals[methods[0]]]
+    res = RunResults(root, pair, flip_table(pair, cfg, ds))
+    sets, set_labels = patching_sets(cfg, res, p["n_examples"], p["min_set"], ds)
+    tokenizer = AutoTokenizer.from_pretrained(str(paths["base"])) if cfg.chat else None
+    texts = probe_texts(cfg, tokenizer)
+    key = {"models": {k: runs.weights_hash(v) for k, v in paths.items()}, "init": init,
+           "order": methods, "eval": dataset_hash(ds), "probe_hash": runs.hash_obj(texts),
+           "sets": _set_key({"flips": sets["flips"]}), "dtype": cfg.dtype, "chat": cfg.chat,
+           "params": p}
+    return _cached(root / "compare", "compare", key,
+                   lambda: _compare_models(cfg, p, methods, paths, dict.fromkeys(paths, root),
+                                           init, evals, sets, set_labels, texts), CompareResult)

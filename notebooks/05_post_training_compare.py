@@ -28,6 +28,12 @@
 # checkpoint). A verdict needs every training seed's interval on one side of 0 and at least two
 # seeds: this notebook runs `cfg.n_seeds` training seeds (3 on the embedded model; each seed
 # retrains SFT, DPO and GRPO), and every figure draws each of them.
+#
+# **Any checkpoints instead**: set `MODELS` (below) to `{"base": dir or hub id, "sft": ..., ...}`,
+# the first the reference, and the same atlas is drawn for those models without training
+# (`stages.ensure_models_compare`, as `python -m alignkit compare --models ...`): each model's own
+# init is the one listed before it (`INITS = "series"`, a published series such as SFT → DPO →
+# RL) or the reference (`"reference"`); one "seed", so the verdicts cannot tell.
 
 # %%
 # Colab only: fetch align-drift and install what Colab lacks; anywhere else this cell does nothing.
@@ -58,6 +64,8 @@ INTERACTIVE = os.environ.get("ALIGNKIT_STATIC") != "1"
 OVERRIDES: dict = {}
 N_SEEDS = None  # training seeds; None: the preset's (tiny 3, smoke 2, real presets 1)
 METHODS = ("sft", "dpo", "grpo")
+MODELS: dict | None = None  # {"base": dir or hub id, "sft": ...}: compare these instead of our runs
+INITS = "series"  # with MODELS: each model's init is the one before it ("series") or "reference"
 POOLING = "question"  # probe pooling, as in notebooks 02 and 03 (the question's own tokens)
 N_BOOT = 20 if SMOKE else 200  # CKA and effective-rank bootstraps
 N_SPLITS = 20  # split halves for the CKA noise floor
@@ -80,16 +88,20 @@ from IPython.display import Markdown, display
 from alignkit import plots
 from alignkit.config import get_config
 from alignkit.report import patch_fraction, save_summary, summarize_compare
-from alignkit.stages import claims_over_seeds, ensure_compare, over_seeds
+from alignkit.stages import claims_over_seeds, ensure_compare, ensure_models_compare, over_seeds
 
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 cfg = get_config(PRESET, smoke=SMOKE, overrides=OVERRIDES | ({"n_seeds": N_SEEDS} if N_SEEDS else {}))
 # trains and evaluates what is missing, then every measure below, cached (`python -m alignkit compare`),
 # once per training seed; the verdicts pool the seeds
-results = over_seeds(ensure_compare, cfg, METHODS, pooling=POOLING, n_boot=N_BOOT, n_splits=N_SPLITS,
-                     n_examples=N_EXAMPLES, min_set=MIN_SET, batch_size=BATCH_SIZE, min_gap=MIN_GAP,
-                     n_boot_patch=N_BOOT_PATCH, tol=TOL, k=K, seed=SEED)
+params = dict(pooling=POOLING, n_boot=N_BOOT, n_splits=N_SPLITS, n_examples=N_EXAMPLES, min_set=MIN_SET,
+              batch_size=BATCH_SIZE, min_gap=MIN_GAP, n_boot_patch=N_BOOT_PATCH, tol=TOL, k=K, seed=SEED)
+if MODELS:  # any checkpoints, no training: one comparison
+    results = [ensure_models_compare(cfg, MODELS, inits=INITS, **params)]
+else:
+    results = over_seeds(ensure_compare, cfg, METHODS, **params)
 res = results[0]
+METHODS = tuple(res.methods)  # with MODELS: the given models' labels
 verdicts = claims_over_seeds(results, n_boot=N_BOOT, seed=SEED)
 
 # %% [markdown]

@@ -48,7 +48,7 @@ _FAMILY = {
                      rotary_pct=0.5, tie_word_embeddings=False),
     "gpt2": dict(head_dim=None, num_key_value_heads=None, hidden_size=None, intermediate_size=None,
                  num_hidden_layers=None, num_attention_heads=None, n_embd=32, n_inner=64, n_layer=3,
-                 n_head=4, n_positions=256, initializer_range=0.2, resid_pdrop=0.0, embd_pdrop=0.0,
+                 n_head=4, n_positions=1024, initializer_range=0.2, resid_pdrop=0.0, embd_pdrop=0.0,
                  attn_pdrop=0.0),
 }
 

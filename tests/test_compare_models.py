@@ -1,0 +1,135 @@
+"""``compare --models``: notebook 05's comparison of any checkpoints, without training. It must give
+the SFT run's own analysis when handed that run's base and final checkpoint, run on every
+supported decoder family, and refuse mismatched models before any work."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import ARCHS, make_model, make_unsupported
+
+from alignkit import cli
+from alignkit import stages as pipeline
+from alignkit.data import generate_problems
+from alignkit.tiny import train_tokenizer
+
+
+def test_own_checkpoints_reproduce_the_runs_analysis(smoke_cfg, smoke_run):
+    run = pipeline.ensure_results(smoke_cfg)
+    base, final = run.evals[0].checkpoint, run.evals[-1].checkpoint
+    res = pipeline.ensure_models_compare(smoke_cfg, {"base": base, "sft": final})
+    assert res.methods == ["sft"] and res.init == {"sft": "base"}
+    assert res.accuracy["sft"]["accuracy"] == run.summary()[-1]["accuracy"]
+    assert res.correct["base"] == list(run.evals[0].correct)
+    # CKA: the point of the final checkpoint's layerwise curve (the same probes and pooling)
+    cka = pipeline.ensure_cka(smoke_cfg)
+    idx = [cka.labels.index(lab) for lab in res.labels]
+    np.testing.assert_allclose(res.cka["sft"].point, cka.classic[run.steps[-1]].point[idx], rtol=0, atol=1e-6)
+    # effective rank: the paired Δ RankMe of the final checkpoint against the base
+    spec = pipeline.ensure_spectral(smoke_cfg)
+    d = spec.delta("rankme", run.steps[-1])
+    np.testing.assert_allclose(res.rank_vs_base["sft"].point, d["point"][idx], rtol=0, atol=1e-6)
+    # patching: the resid denoise sweep on the same flips
+    pat = pipeline.ensure_patching(smoke_cfg)
+    np.testing.assert_allclose(res.patches["sft"].delta, pat.sweep("flips", "resid", "denoise").delta, rtol=0,
+                               atol=1e-6)
+    again = pipeline.ensure_models_compare(smoke_cfg, {"base": base, "sft": final})  # from the cache
+    np.testing.assert_array_equal(again.cka["sft"].point, res.cka["sft"].point)
+
+
+@pytest.fixture(scope="module")
+def family_tok():
+    return train_tokenizer([p["question"] + "\n" + p["answer"] for p in generate_problems(300, "train")], 300)
+
+
+def save_pair(arch, tok, where, seed=1):
+    """A random model of ``arch`` and a perturbed copy (decoder layers only), saved with ``tok``."""
+    base = make_model(arch, vocab_size=len(tok))
+    tuned = copy.deepcopy(base)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in tuned.named_parameters():
+            if ".layers." in n or ".h." in n:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    out = {}
+    for name, m in (("base", base), ("tuned", tuned)):
+        m.generation_config.eos_token_id = tok.eos_token_id
+        m.generation_config.pad_token_id = tok.pad_token_id
+        m.save_pretrained(where / f"{arch}-{name}")
+        tok.save_pretrained(where / f"{arch}-{name}")
+        out[name] = where / f"{arch}-{name}"
+    return out
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_whole_comparison_on_every_family(arch, family_tok, tmp_path, smoke_cfg):
+    import dataclasses
+
+    cfg = dataclasses.replace(smoke_cfg, root=str(tmp_path / "runs"))
+    cfg.eval = dataclasses.replace(cfg.eval, n_eval=16, max_new_tokens=8)
+    pair = save_pair(arch, family_tok, tmp_path)
+    res = pipeline.ensure_models_compare(cfg, {"base": str(pair["base"]), "sft": str(pair["tuned"])},
+                                         n_boot=5, n_splits=2, n_boot_patch=5)
+    L = 3
+    assert res.cka["sft"].point.shape == (len(res.labels),) and np.isfinite(res.cka["sft"].point).all()
+    assert (res.cka["sft"].point < 1 - 1e-6).any()  # the perturbed layers moved
+    assert res.patches["sft"].delta.shape[1] == L and np.isfinite(res.patches["sft"].delta).all()
+    moved = res.drift["sft"][res.drift["sft"]["layer"].between(0, L - 1)]
+    assert (moved["rel_change"] > 0).all() and len(moved) > 0
+    assert np.isfinite(res.rank_vs_base["sft"].point).all()
+
+
+def test_mismatched_models_are_refused_before_any_work(family_tok, tmp_path, smoke_cfg, monkeypatch):
+    import dataclasses
+
+    from alignkit import evaluate
+
+    monkeypatch.setattr(evaluate, "generate", lambda *a, **k: (_ for _ in ()).throw(AssertionError("work began")))
+    cfg = dataclasses.replace(smoke_cfg, root=str(tmp_path / "runs"))
+    pair = save_pair("qwen3", family_tok, tmp_path)
+    other_tok = train_tokenizer([p["question"] for p in generate_problems(100, "train")], 300)
+    odd = tmp_path / "other-tok"
+    make_model("qwen3", vocab_size=len(other_tok)).save_pretrained(odd)
+    other_tok.save_pretrained(odd)
+    with pytest.raises(ValueError, match="sft and the reference base: tokenizers differ"):
+        pipeline.ensure_models_compare(cfg, {"base": str(pair["base"]), "sft": str(odd)})
+    deeper = tmp_path / "deeper"
+    make_model("qwen3", vocab_size=len(family_tok), num_hidden_layers=4).save_pretrained(deeper)
+    family_tok.save_pretrained(deeper)
+    with pytest.raises(ValueError, match="config.num_hidden_layers: 3 vs 4"):
+        pipeline.ensure_models_compare(cfg, {"base": str(pair["base"]), "sft": str(deeper)})
+    bloom = tmp_path / "bloom"
+    make_unsupported(len(family_tok)).save_pretrained(bloom)
+    family_tok.save_pretrained(bloom)
+    with pytest.raises(NotImplementedError, match=r"BloomForCausalLM \(model_type 'bloom'\)"):
+        pipeline.ensure_models_compare(cfg, {"base": str(pair["base"]), "sft": str(bloom)})
+    with pytest.raises(ValueError, match="could not fetch no-such/model@main"):
+        pipeline.ensure_models_compare(cfg, {"base": str(pair["base"]), "sft": "no-such/model"})
+    with pytest.raises(ValueError, match="at least one other model"):
+        pipeline.ensure_models_compare(cfg, {"base": str(pair["base"])})
+    assert cli.main(["--smoke", "--root", str(tmp_path), "compare", "--models", "base"]) == 2
+
+
+def test_notebook_05_draws_any_checkpoints(smoke_cfg, smoke_run):
+    """Notebook 05 with MODELS set: the same atlas for the given checkpoints, nothing trained."""
+    from pathlib import Path
+
+    import nbformat
+    from nbclient import NotebookClient
+
+    run = pipeline.ensure_results(smoke_cfg)
+    models = {"base": run.evals[0].checkpoint, "sft": run.evals[-1].checkpoint}
+    path = Path(__file__).resolve().parent.parent / "notebooks" / "05_post_training_compare.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    cli.inject_parameters(nb, "tiny", {"root": str(smoke_cfg.run_root)})
+    nb.cells.insert(3, nbformat.v4.new_code_cell(f"MODELS = {models!r}"))
+    assert "parameters" in nb.cells[1].metadata.get("tags", []) or "parameters" in nb.cells[2].metadata.get("tags", [])
+    NotebookClient(nb, timeout=900, kernel_name="python3",
+                   resources={"metadata": {"path": str(path.parent)}}).execute(
+        env={**__import__("os").environ, "ALIGNKIT_SMOKE": "1", "ALIGNKIT_STATIC": "1"})
+    errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors
+    pngs = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(pngs) >= 4
+    assert not (smoke_cfg.run_root / "dpo").exists()  # nothing trained
