@@ -343,13 +343,17 @@ def parse_pairs(items: Sequence[str], flag: str) -> dict[str, str]:
 
 
 def stage_models_compare(cfg, models: dict[str, str], revisions: dict[str, str], inits: str):
-    """``stages.ensure_models_compare`` (cached), logging ``report.summarize_compare``."""
+    """``stages.ensure_models_compare`` and ``ensure_models_lens`` (cached), logging
+    ``report.summarize_compare`` and each model's ``report.summarize_lens``."""
     from alignkit import report, stages
 
     res = stages.ensure_models_compare(cfg, models, revisions, inits)
     logger.info("compare --models %s:\n%s", ", ".join(models),
                 report.summarize_compare([res], list(res.claims)))
-    return res
+    lenses = stages.ensure_models_lens(cfg, models, revisions)
+    for name, lz in lenses.items():
+        logger.info("what changed, %s against the reference:\n%s", name, report.summarize_lens(lz))
+    return res, lenses
 
 
 def stage(name: str, cfg, method: str):

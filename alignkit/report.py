@@ -630,7 +630,9 @@ def _lens_lines(res: LensResult, n_boot: int = 1000, seed: int = 0) -> list[str]
             f"{st['steer'].point[i]:.2f} of the gap (95 % CI {st['steer'].lo[i]:.2f}–"
             f"{st['steer'].hi[i]:.2f}; the maximum over layers, not corrected); the shuffled "
             f"control {st['control'].point[i]:.2f} there; steer − control "
-            f"{st['excess'].point[i]:.2f} ({st['excess'].lo[i]:.2f}–{st['excess'].hi[i]:.2f}). "
+            f"{st['excess'].point[i]:.2f} ({st['excess'].lo[i]:.2f}–{st['excess'].hi[i]:.2f}); "
+            f"above 0 at {int((st['excess'].lo > 0).sum())} of {len(st['excess'].point)} layers, "
+            f"below at {int((st['excess'].hi < 0).sum())}. "
             f"Read through the base's head there it promotes {_tokens(tops['promoted'])} and "
             f"suppresses {_tokens(tops['suppressed'])}.")
     p, s = kl_split(res)
@@ -660,7 +662,11 @@ def _lens_seeds(rs: Sequence[LensResult], n_boot: int = 1000, seed: int = 0) -> 
             f"(maxima over layers, not corrected; the shuffled control "
             f"{seed_values([st['control'].point[st['peak']] for st in sts])}); steer − control "
             f"{seed_values([st['excess'].point[st['peak']] for st in sts], '{:.3f}')}, its "
-            f"interval above 0 {k_of_n(above, n)}. Tokens among the top 10 promoted there "
+            f"interval above 0 {k_of_n(above, n)}. Over all layers (no selection), the layers "
+            "where steer − control lies above / below 0, per seed: "
+            + ", ".join(f"{int((st['excess'].lo > 0).sum())} / "
+                        f"{int((st['excess'].hi < 0).sum())} of {len(st['excess'].point)}"
+                        for st in sts) + ". Tokens among the top 10 promoted there "
             f"(base's head) {k_of_n(n, n)}: "
             + (", ".join(f"`{t!r}`" for t in common) if common else "none") + ".")
     splits = [kl_split(r) for r in rs]

@@ -198,6 +198,33 @@ def ensure_spectral(cfg: Config, method: str = "sft", **given) -> SpectralResult
     return _cached(analysis_dir(run_dir), "spectral", key, compute, SpectralResult)
 
 
+def _lens(cfg: Config, p: dict, base_dir: Path, tuned_dir: Path, flips: list[dict],
+          label: str) -> LensResult:
+    """The difference lens, steering and per-token KL of ``tuned_dir`` against ``base_dir`` on
+    the ``flips`` rows: the one computation behind ``ensure_lens`` and ``ensure_models_lens``."""
+    device = device_for(cfg)
+    base, tokenizer = load_model(base_dir, dtype=cfg.dtype, device=device)
+    tuned, _ = load_model(tuned_dir, dtype=cfg.dtype, device=device)
+    exs = patching.examples_from_table(flips, tokenizer, chat=cfg.chat)
+    positions = {"first": list(range(p["n_first"])), "answer": "answer"}
+    kw = dict(batch_size=p["batch_size"], progress=False)
+    diff, tokens, steer, control = {}, {}, {}, {}
+    for name, q in positions.items():
+        diff[name] = patching.mean_difference(base, tuned, tokenizer, exs, positions=q, **kw)
+        tokens[name] = {who: lens.top_tokens(lens.lens_logits(m, diff[name]), tokenizer, p["k"])
+                        for who, m in (("base", base), ("tuned", tuned))}
+        r = patching.weight_sweep(base, tuned, tokenizer, exs, mean_positions=q,
+                                  kinds=("steer", "steer_shuffled"), min_gap=p["min_gap"],
+                                  seed=p["seed"], **kw)
+        steer[name], control[name] = r["steer"], r["steer_shuffled"]
+    spans = patching.tokenize_examples(tokenizer, exs[: p["n_texts"]])
+    texts = [tokenizer.decode(s["input_ids"]) for s in spans]
+    kls = lens.token_kl(base, tuned, tokenizer, texts, **kw)
+    return LensResult(positions=positions, diff=diff, tokens=tokens, steer=steer, control=control,
+                      texts=texts, n_prompt=[s["n_prompt"] for s in spans], token_kl=kls,
+                      ranked=lens.rank_positions(kls, tokenizer, texts, p["top"]), label=label)
+
+
 def ensure_lens(cfg: Config, method: str = "sft", **given) -> LensResult:
     """Notebook 04, what changed: the mean tuned - base residual difference of the flips at their
     first tokens and at their answer-predicting positions, read through each model's final norm
@@ -211,34 +238,9 @@ def ensure_lens(cfg: Config, method: str = "sft", **given) -> LensResult:
     key = {"base": runs.weights_hash(base_dir), "tuned": runs.weights_hash(tuned_dir),
            "eval": dataset_hash(ds), "sets": _set_key({"flips": sets["flips"]}),
            "dtype": cfg.dtype, "chat": cfg.chat, "params": p}
-
-    def compute() -> LensResult:
-        device = device_for(cfg)
-        base, tokenizer = load_model(base_dir, dtype=cfg.dtype, device=device)
-        tuned, _ = load_model(tuned_dir, dtype=cfg.dtype, device=device)
-        exs = patching.examples_from_table(sets["flips"], tokenizer, chat=cfg.chat)
-        positions = {"first": list(range(p["n_first"])), "answer": "answer"}
-        kw = dict(batch_size=p["batch_size"], progress=False)
-        diff, tokens, steer, control = {}, {}, {}, {}
-        for name, q in positions.items():
-            diff[name] = patching.mean_difference(base, tuned, tokenizer, exs, positions=q, **kw)
-            tokens[name] = {who: lens.top_tokens(lens.lens_logits(m, diff[name]), tokenizer,
-                                                 p["k"]) for who, m in (("base", base),
-                                                                        ("tuned", tuned))}
-            r = patching.weight_sweep(base, tuned, tokenizer, exs, mean_positions=q,
-                                      kinds=("steer", "steer_shuffled"), min_gap=p["min_gap"],
-                                      seed=p["seed"], **kw)
-            steer[name], control[name] = r["steer"], r["steer_shuffled"]
-        spans = patching.tokenize_examples(tokenizer, exs[: p["n_texts"]])
-        texts = [tokenizer.decode(s["input_ids"]) for s in spans]
-        kls = lens.token_kl(base, tuned, tokenizer, texts, **kw)
-        return LensResult(positions=positions, diff=diff, tokens=tokens, steer=steer,
-                          control=control, texts=texts, n_prompt=[s["n_prompt"] for s in spans],
-                          token_kl=kls, ranked=lens.rank_positions(kls, tokenizer, texts,
-                                                                   p["top"]),
-                          label=labels["flips"])
-
-    return _cached(analysis_dir(res.run_dir), "lens", key, compute, LensResult)
+    return _cached(analysis_dir(res.run_dir), "lens", key,
+                   lambda: _lens(cfg, p, base_dir, tuned_dir, sets["flips"], labels["flips"]),
+                   LensResult)
 
 
 def patching_sets(cfg: Config, res: RunResults, n_examples: int, min_set: int,
@@ -509,6 +511,58 @@ def ensure_compare(cfg: Config, methods=runs.METHODS, **given) -> CompareResult:
                                            set_labels, texts), CompareResult)
 
 
+def given_models(cfg: Config, models: dict[str, str],
+                 revisions: dict | None = None) -> dict[str, Path]:
+    """``{"base": reference dir, label: dir, ...}`` for ``models`` ``{label: directory or hub
+    id}`` (the first the reference), each resolved (``models.resolve_model`` at its revision) and
+    checked before any work: complete, supported, one shape and one tokenizer."""
+    if len(models) < 2:
+        raise ValueError(f"compare --models needs a reference and at least one other model, got "
+                         f"{list(models)}")
+    labels = list(models)
+    if "base" in labels[1:]:
+        raise ValueError("'base' names the reference: list it first")
+    revisions = revisions or {}
+    unknown = sorted(set(revisions) - set(models))
+    if unknown:
+        raise ValueError(f"revisions for unknown models {unknown}; models: {labels}")
+    paths = {("base" if i == 0 else k): resolve_model(v, revisions.get(k))
+             for i, (k, v) in enumerate(models.items())}
+    for path in paths.values():
+        preflight(path, cfg.chat)
+    check_compatible(paths)
+    return paths
+
+
+def _model_flips(cfg: Config, evals: dict, label: str, p: dict, ds) -> tuple[dict, dict]:
+    """``patching_sets`` between the reference's evaluation and ``label``'s."""
+    pair = [evals["base"], evals[label]]
+    res = RunResults(cfg.run_root / "models", pair, flip_table(pair, cfg, ds))
+    return patching_sets(cfg, res, p["n_examples"], p["min_set"], ds)
+
+
+def ensure_models_lens(cfg: Config, models: dict[str, str], revisions: dict | None = None,
+                       **given) -> dict[str, LensResult]:
+    """``ensure_lens`` for any checkpoints (``given_models``): ``{label: LensResult}`` of each
+    model against the reference on the reference's wrong answers that model gets right, cached
+    under ``<root>/models/`` by content hashes. Parameters: ``lens_defaults``."""
+    p = _params(lens_defaults(cfg.smoke), given)
+    paths = given_models(cfg, models, revisions)
+    ds = eval_set(cfg)
+    evals = {k: evaluate_checkpoint(v, cfg, ds, beside=False) for k, v in paths.items()}
+    out = {}
+    for m in (k for k in paths if k != "base"):
+        sets, labels = _model_flips(cfg, evals, m, p, ds)
+        key = {"base": runs.weights_hash(paths["base"]), "tuned": runs.weights_hash(paths[m]),
+               "eval": dataset_hash(ds), "sets": _set_key({"flips": sets["flips"]}),
+               "dtype": cfg.dtype, "chat": cfg.chat, "params": p}
+        out[m] = _cached(cfg.run_root / "models" / "lens", "lens", key,
+                         lambda m=m, sets=sets, labels=labels: _lens(
+                             cfg, p, paths["base"], paths[m], sets["flips"], labels["flips"]),
+                         LensResult)
+    return out
+
+
 def ensure_models_compare(cfg: Config, models: dict[str, str], revisions: dict | None = None,
                           inits: str = "series", **given) -> CompareResult:
     """Notebook 05 on any checkpoints, no training: ``models`` ``{label: directory or hub id}``,
@@ -520,32 +574,16 @@ def ensure_models_compare(cfg: Config, models: dict[str, str], revisions: dict |
     Checks before any work: supported architecture, one shape, one tokenizer
     (``models.check_compatible``). Parameters: ``compare_defaults``."""
     p = _params(compare_defaults(cfg.smoke), given)
-    if len(models) < 2:
-        raise ValueError(f"compare --models needs a reference and at least one other model, got "
-                         f"{list(models)}")
     if inits not in ("series", "reference"):
         raise ValueError(f"inits must be 'series' or 'reference', got {inits!r}")
-    given_labels = list(models)
-    methods = given_labels[1:]
-    if "base" in methods:
-        raise ValueError("'base' names the reference: list it first")
-    revisions = revisions or {}
-    unknown = sorted(set(revisions) - set(models))
-    if unknown:
-        raise ValueError(f"revisions for unknown models {unknown}; models: {given_labels}")
-    paths = {("base" if i == 0 else k): resolve_model(v, revisions.get(k))
-             for i, (k, v) in enumerate(models.items())}
-    for path in paths.values():
-        preflight(path, cfg.chat)
-    check_compatible(paths)
+    paths = given_models(cfg, models, revisions)
+    methods = [k for k in paths if k != "base"]
     init = {m: ("base" if inits == "reference" or i == 0 else methods[i - 1])
             for i, m in enumerate(methods)}
     ds = eval_set(cfg)
     evals = {k: evaluate_checkpoint(v, cfg, ds, beside=False) for k, v in paths.items()}
     root = cfg.run_root / "models"
-    pair = [evals["base"], evals[methods[0]]]
-    res = RunResults(root, pair, flip_table(pair, cfg, ds))
-    sets, set_labels = patching_sets(cfg, res, p["n_examples"], p["min_set"], ds)
+    sets, set_labels = _model_flips(cfg, evals, methods[0], p, ds)
     tokenizer = AutoTokenizer.from_pretrained(str(paths["base"])) if cfg.chat else None
     texts = probe_texts(cfg, tokenizer)
     key = {"models": {k: runs.weights_hash(v) for k, v in paths.items()}, "init": init,

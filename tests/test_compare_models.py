@@ -133,3 +133,23 @@ def test_notebook_05_draws_any_checkpoints(smoke_cfg, smoke_run):
     pngs = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(pngs) >= 4
     assert not (smoke_cfg.run_root / "dpo").exists()  # nothing trained
+
+
+def test_cli_compare_models_with_what_changed(smoke_cfg, smoke_run, caplog):
+    """``python -m alignkit compare --models``: the comparison and each model's difference lens,
+    equal to the run's own lens on the same checkpoints."""
+    import logging
+
+    run = pipeline.ensure_results(smoke_cfg)
+    argv = ["--smoke", "--root", str(smoke_cfg.run_root), "compare", "--models",
+            f"base={run.evals[0].checkpoint}", f"sft={run.evals[-1].checkpoint}"]
+    with caplog.at_level(logging.INFO, logger="alignkit.cli"):
+        assert cli.main(argv) == 0
+    assert "what changed, sft against the reference" in caplog.text and "Per-token KL" in caplog.text
+    lenses = pipeline.ensure_models_lens(smoke_cfg, {"base": run.evals[0].checkpoint,
+                                                     "sft": run.evals[-1].checkpoint})
+    own = pipeline.ensure_lens(smoke_cfg)
+    np.testing.assert_allclose(lenses["sft"].diff["answer"], own.diff["answer"], rtol=0, atol=1e-6)
+    for a, b in zip(lenses["sft"].token_kl, own.token_kl):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    assert cli.main(argv[:-1] + ["sft=no/such-model-here"]) == 1  # a named error, one line
