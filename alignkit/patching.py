@@ -52,6 +52,7 @@ POSITIONS = ("all", "prompt", "answer")
 WEIGHT_KINDS = ("revert", "graft", "mean_diff", "steer", "steer_shuffled")  # weight_sweep's
 MEAN_KINDS = ("mean_diff", "steer", "steer_shuffled")  # those that need the mean difference
 SUFFICIENCY = ("graft", "steer", "steer_shuffled")  # receiver base, donor tuned
+ABLATION_KINDS = ("revert", "graft", "mean_diff")  # weight_sweep's default: notebook 04's ablation
 Positions = Union[str, Sequence[int]]
 
 
@@ -490,7 +491,7 @@ def weight_sweep(base: torch.nn.Module, tuned: torch.nn.Module, tokenizer,
                  examples: Sequence[Mapping], layers: Sequence[int] | None = None,
                  mean_positions: Positions = "all", batch_size: int = 16, min_gap: float = 0.1,
                  tuned_tokenizer=None, progress: bool = True,
-                 kinds: Sequence[str] = WEIGHT_KINDS[:3], seed: int = 0) -> dict[str, PatchResult]:
+                 kinds: Sequence[str] = ABLATION_KINDS, seed: int = 0) -> dict[str, PatchResult]:
     """Per layer ``i``: revert its weights, graft them, mean-ablate the residual difference, or
     steer the base with it (``kinds``: which to run; the mean difference is computed only when
     one of ``MEAN_KINDS`` is asked for).

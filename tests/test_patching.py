@@ -260,7 +260,7 @@ def test_position_specific_mean_ablation_and_kinds(tok, pairs, examples):
     full = patching.weight_sweep(base, tuned, tok, ex, mean_positions="answer", batch_size=2, progress=False)
     only = patching.weight_sweep(base, tuned, tok, ex, mean_positions="answer", batch_size=2, progress=False,
                                  kinds=("mean_diff",))
-    assert list(only) == ["mean_diff"] and list(full) == list(patching.WEIGHT_KINDS)
+    assert list(only) == ["mean_diff"] and list(full) == list(patching.ABLATION_KINDS)
     np.testing.assert_array_equal(only["mean_diff"].lp_patched, full["mean_diff"].lp_patched)
     ids = [tok(e["prompt"] + " " + e["answer"], add_special_tokens=False)["input_ids"] for e in ex]
     rows = [positions_of(tok, e, "answer", len(i))[2] for e, i in zip(ex, ids)]
@@ -282,7 +282,7 @@ def test_position_specific_mean_ablation_and_kinds(tok, pairs, examples):
             lp.append(metric(logp, logp, i, answer)[0])
         np.testing.assert_allclose(full["mean_diff"].lp_patched[:, layer], lp, rtol=0, atol=TOL)
     with pytest.raises(ValueError, match="kinds must be a non-empty subset"):
-        patching.weight_sweep(base, tuned, tok, ex, kinds=("steer",))
+        patching.weight_sweep(base, tuned, tok, ex, kinds=("steering",))
 
 
 # ------------------------------------------------------------------------------------------
