@@ -125,7 +125,10 @@ def test_notebook_05_draws_any_checkpoints(smoke_cfg, smoke_run):
     cli.inject_parameters(nb, "tiny", {"root": str(smoke_cfg.run_root)})
     nb.cells.insert(3, nbformat.v4.new_code_cell(f"MODELS = {models!r}"))
     assert "parameters" in nb.cells[1].metadata.get("tags", []) or "parameters" in nb.cells[2].metadata.get("tags", [])
-    runs_before = sorted(p.name for p in smoke_cfg.run_root.glob("*/tiny*"))
+    def trained():
+        return sorted(str(p) for m in ("sft", "dpo", "grpo") for p in (smoke_cfg.run_root / m).glob("tiny*"))
+
+    runs_before = trained()
     NotebookClient(nb, timeout=900, kernel_name="python3",
                    resources={"metadata": {"path": str(path.parent)}}).execute(
         env={**__import__("os").environ, "ALIGNKIT_SMOKE": "1", "ALIGNKIT_STATIC": "1"})
@@ -133,7 +136,7 @@ def test_notebook_05_draws_any_checkpoints(smoke_cfg, smoke_run):
     assert not errors
     pngs = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(pngs) >= 4
-    assert sorted(p.name for p in smoke_cfg.run_root.glob("*/tiny*")) == runs_before  # nothing trained
+    assert trained() == runs_before  # nothing trained
 
 
 def test_cli_compare_models_with_what_changed(smoke_cfg, smoke_run, caplog):
