@@ -21,7 +21,6 @@ from alignkit.data import probe_texts
 from alignkit.runs import checkpoint_dir, list_checkpoints, run_dir
 from alignkit.stages import ensure_results
 from alignkit.tiny import base_dir, ensure_base
-from alignkit.train import train_sft
 
 
 def sft_dir(cfg):
@@ -105,6 +104,13 @@ def test_two_runs_with_one_seed_give_identical_numbers(killed_and_clean):
     np.testing.assert_allclose(rank["killed"], rank["clean"], rtol=0, atol=1e-6)
 
 
+def retrain(cfg):
+    """Rerun the clean run's training as it was built: in a one-thread process."""
+    proc = python(TRAIN, str(cfg.run_root))
+    out = proc.communicate()[0]
+    assert proc.returncode == 0, out[-3000:]
+
+
 def test_damaged_final_checkpoint_is_detected_and_rebuilt(killed_and_clean):
     cfg = killed_and_clean[0]["clean"]
     run = sft_dir(cfg)
@@ -114,7 +120,7 @@ def test_damaged_final_checkpoint_is_detected_and_rebuilt(killed_and_clean):
     with open(weights, "r+b") as f:  # truncate the weights
         f.truncate(weights.stat().st_size // 2)
     assert 60 not in dict(list_checkpoints(run))  # never read as valid
-    train_sft(cfg)
+    retrain(cfg)
     assert cache.manifest_matches(final) and cache.weights_hash(final) == good
 
 
@@ -125,7 +131,7 @@ def test_damaged_intermediate_checkpoint_is_detected_and_rebuilt(killed_and_clea
     good = cache.weights_hash(ckpt)
     (ckpt / "manifest.json").write_text("{")  # a damaged manifest
     assert 6 not in dict(list_checkpoints(run))
-    train_sft(cfg)
+    retrain(cfg)
     assert [s for s, _ in list_checkpoints(run)] == [0, 3, 6, 15, 30, 60]
     assert cache.weights_hash(ckpt) == good
 
