@@ -235,9 +235,7 @@ def ensure_lens(cfg: Config, method: str = "sft", **given) -> LensResult:
     ds = eval_set(cfg)
     sets, labels = patching_sets(cfg, res, p["n_examples"], p["min_set"], ds)
     base_dir, tuned_dir = Path(res.evals[0].checkpoint), Path(res.evals[-1].checkpoint)
-    key = {"base": runs.weights_hash(base_dir), "tuned": runs.weights_hash(tuned_dir),
-           "eval": dataset_hash(ds), "sets": _set_key({"flips": sets["flips"]}),
-           "dtype": cfg.dtype, "chat": cfg.chat, "params": p}
+    key = _pair_key(cfg, base_dir, tuned_dir, ds, {"flips": sets["flips"]}, p)
     return _cached(analysis_dir(res.run_dir), "lens", key,
                    lambda: _lens(cfg, p, base_dir, tuned_dir, sets["flips"], labels["flips"]),
                    LensResult)
@@ -280,6 +278,13 @@ def _set_key(sets: dict) -> dict:
     return {k: [(r["index"], r["question"], r["answer"]) for r in v] for k, v in sets.items()}
 
 
+def _pair_key(cfg: Config, base_dir: Path, tuned_dir: Path, ds, sets: dict, p: dict) -> dict:
+    """Cache key of an analysis of one base/tuned pair on ``sets`` (patching, the lens)."""
+    return {"base": runs.weights_hash(base_dir), "tuned": runs.weights_hash(tuned_dir),
+            "eval": dataset_hash(ds), "sets": _set_key(sets), "dtype": cfg.dtype,
+            "chat": cfg.chat, "params": p}
+
+
 def ensure_patching(cfg: Config, method: str = "sft", **given) -> PatchingResult:
     """Notebook 04: every set x component x direction sweep, resid denoise by positions,
     cross-layer patching, weight ablation (base = first checkpoint, tuned = last), the
@@ -292,9 +297,7 @@ def ensure_patching(cfg: Config, method: str = "sft", **given) -> PatchingResult
     ds = eval_set(cfg)
     sets, labels = patching_sets(cfg, res, p["n_examples"], p["min_set"], ds)
     base_dir, tuned_dir = Path(res.evals[0].checkpoint), Path(res.evals[-1].checkpoint)
-    key = {"base": runs.weights_hash(base_dir), "tuned": runs.weights_hash(tuned_dir),
-           "eval": dataset_hash(ds), "sets": _set_key(sets), "dtype": cfg.dtype, "chat": cfg.chat,
-           "params": p}
+    key = _pair_key(cfg, base_dir, tuned_dir, ds, sets, p)
 
     def compute() -> PatchingResult:
         device = device_for(cfg)
@@ -553,9 +556,7 @@ def ensure_models_lens(cfg: Config, models: dict[str, str], revisions: dict | No
     out = {}
     for m in (k for k in paths if k != "base"):
         sets, labels = _model_flips(cfg, evals, m, p, ds)
-        key = {"base": runs.weights_hash(paths["base"]), "tuned": runs.weights_hash(paths[m]),
-               "eval": dataset_hash(ds), "sets": _set_key({"flips": sets["flips"]}),
-               "dtype": cfg.dtype, "chat": cfg.chat, "params": p}
+        key = _pair_key(cfg, paths["base"], paths[m], ds, {"flips": sets["flips"]}, p)
         out[m] = _cached(cfg.run_root / "models" / "lens", "lens", key,
                          lambda m=m, sets=sets, labels=labels: _lens(
                              cfg, p, paths["base"], paths[m], sets["flips"], labels["flips"]),
