@@ -21,13 +21,13 @@ from typing import Literal
 import numpy as np
 import torch
 
-from alignkit.cka import centred_gram, hsic, prepare_pair
+from alignkit.cka import centred_gram, cka_matrix, hsic, prepare_pair
 from alignkit.stats import ArrayLike, centred_interval, zero_variance_error
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["bootstrap_layerwise_cka", "noise_floor", "permutation_baseline",
-           "transition_layer_bootstrap"]
+__all__ = ["bootstrap_cka_matrix", "bootstrap_layerwise_cka", "noise_floor",
+           "permutation_baseline", "transition_layer_bootstrap"]
 
 
 def _resampled_cka(a: torch.Tensor, b: torch.Tensor, weights: np.ndarray, debiased: bool,
@@ -117,6 +117,44 @@ def bootstrap_layerwise_cka(acts_a: ArrayLike, acts_b: ArrayLike, n_boot: int = 
     lo, hi = centred_interval(point, samples, ci, scale)
     return {"point": point, "mean": np.nanmean(samples, 0), "lo": lo, "hi": hi,
             "samples": samples, "scheme": scheme, "m": m, "ci": ci}
+
+
+def bootstrap_cka_matrix(acts_a: ArrayLike, acts_b: ArrayLike, n_boot: int = 200,
+                         seed: int = 0, ci: float = 0.95) -> dict:
+    """Cross-layer CKA (biased) between every layer of ``acts_a`` and every layer of ``acts_b``
+    (any depths and widths), with an ordinary bootstrap over the examples and, per layer of
+    ``acts_b``, the layers of ``acts_a`` tied for its best match.
+
+    Each resample draws ``n`` rows with replacement (the draws of ``bootstrap_layerwise_cka``'s
+    ``"resample"`` scheme for the same ``seed``, so its diagonal is that function's curves) and
+    recomputes ``cka.cka_matrix`` on those rows. Intervals are ``stats.centred_interval``s (as
+    in ``bootstrap_layerwise_cka``: duplicated rows shift resampled CKA up, so only the spread of
+    the resamples is used). Layer ``i`` of ``acts_a`` is tied with column ``j``'s best match
+    ``i*`` (largest full-sample CKA) when the interval of the paired difference
+    ``CKA[i*, j] - CKA[i, j]`` reaches 0: an argmax among ties is not a finding, the tied set is.
+
+    Returns:
+        dict with ``point`` ``[L_a, L_b]``, ``lo``/``hi`` ``[L_a, L_b]`` (the interval),
+        ``samples`` ``[n_boot, L_a, L_b]``, ``best`` ``[L_b]`` (int) and ``ties`` ``[L_a, L_b]``
+        (bool, the best included).
+    """
+    a, b, _ = prepare_pair(acts_a, acts_b, False)
+    if n_boot < 2:
+        raise ValueError(f"n_boot must be >= 2, got {n_boot}")
+    n = a.shape[1]
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, n, size=(n_boot, n))
+    point = cka_matrix(a, b)
+    samples = np.stack([cka_matrix(a[:, torch.from_numpy(np.sort(d)).to(a.device)],
+                                   b[:, torch.from_numpy(np.sort(d)).to(b.device)])
+                        for d in draws])
+    best = np.argmax(point, 0)
+    cols = np.arange(point.shape[1])
+    diff = samples[:, best, cols][:, None, :] - samples  # [n_boot, L_a, L_b]
+    ties = centred_interval(point[best, cols][None, :] - point, diff, ci)[0] <= 0
+    ties[best, cols] = True
+    lo, hi = centred_interval(point, samples, ci)
+    return {"point": point, "lo": lo, "hi": hi, "samples": samples, "best": best, "ties": ties}
 
 
 def noise_floor(acts_a: ArrayLike, acts_b: ArrayLike, n_splits: int = 20, seed: int = 0,

@@ -14,7 +14,7 @@ import numpy as np
 import seaborn as sns
 
 from alignkit.config import Config, get_config
-from alignkit.results import CompareResult
+from alignkit.results import CompareResult, CrossCKAResult
 from alignkit.runs import hash_obj
 
 logger = logging.getLogger(__name__)
@@ -496,6 +496,30 @@ def plot_atlas(res: CompareResult | Sequence[CompareResult], axes=None, title: s
     fig = np.ravel(axes)[0].figure
     fig.suptitle(title, y=1.0)
     fig.tight_layout()
+    return fig
+
+
+def plot_cross_cka(res: CrossCKAResult, model: str, ax=None, title: str = ""):
+    """Cross-layer CKA of ``model``'s layers (columns) against the reference's (rows), any
+    depths: white dots mark the reference layers tied for each column's best match (bootstrap),
+    the ring its best; grey crosses the cells whose bootstrap interval reaches the shuffled-rows
+    chance level (not told apart from unrelated examples)."""
+    mat, ties, best = res.cka[model], res.ties[model], res.best[model]
+    other = f" (differs in {', '.join(res.shape[model])})" if res.shape[model] else ""
+    fig = plot_heatmap(mat, ax=ax, xlabel=f"{model} layer{other}",
+                       ylabel="reference layer", cbar_label="CKA (biased)", vmin=0, vmax=1,
+                       xticklabels=res.labels[model], yticklabels=res.labels["base"],
+                       title=title or f"{model} against the reference: cross-layer CKA")
+    ax = ax or fig.axes[0]
+    ii, jj = np.nonzero(ties)
+    ax.scatter(jj, ii, s=14, color="white", edgecolor="k", lw=0.5, label="tied for best match")
+    ax.scatter(np.arange(len(best)), best, s=70, facecolor="none", edgecolor="cyan", lw=1.5,
+               label="best match")
+    ci, cj = np.nonzero(res.lo[model] <= res.chance[model])
+    if len(ci):
+        ax.scatter(cj, ci, marker="x", s=14, color="0.6", lw=0.8,
+                   label="interval reaches chance (shuffled rows)")
+    ax.legend(loc="upper left", fontsize=7, framealpha=0.8)
     return fig
 
 

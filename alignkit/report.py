@@ -17,6 +17,7 @@ from alignkit.layers import alignment_path, best_match
 from alignkit.results import (
     CKAResult,
     CompareResult,
+    CrossCKAResult,
     LensResult,
     PatchingResult,
     RunResults,
@@ -364,8 +365,9 @@ def _compare_lines(res: CompareResult, claims: list | None = None) -> list[str]:
     lines += ["", "**Published claims, each with its paper's own quantity** (items: value [95 % "
               "interval]; a verdict needs every seed's interval on one side of 0, and ≥ 2 seeds):",
               ""]
-    lines += [f"{i}. " + v.sentence() for i, v in enumerate(res.claims if claims is None
-                                                            else claims, 1)]
+    claims = res.claims if claims is None else claims
+    lines += [f"{i}. " + v.sentence() for i, v in enumerate(claims, 1)] or [
+        "None tested: each claim is about a named stage; label the models sft, dpo or grpo."]
     return lines
 
 
@@ -739,6 +741,32 @@ def summarize_compare(res: CompareResult | Sequence[CompareResult], claims: list
 
 
 # ---- the README quotes the summaries, never types them -----------------------------------------
+
+def summarize_cross(res: CrossCKAResult) -> str:
+    """``stages.ensure_models_cka`` in sentences: per model, its depth against the reference's,
+    the reference layers tied for the best match of its first, middle and last layer, CKA of the
+    two last layers with its interval, and how many cells reach the chance level."""
+    ref = res.labels["base"]
+    lines = []
+    for m in res.models:
+        labels, ties, mat = res.labels[m], res.ties[m], res.cka[m]
+        shape = (f"differs from the reference in {', '.join(res.shape[m])}" if res.shape[m]
+                 else "the reference's shape")
+        picks = sorted({0, len(labels) // 2, len(labels) - 1})
+        matched = "; ".join(
+            f"{labels[j]} → {{{', '.join(ref[i] for i in np.nonzero(ties[:, j])[0])}}}"
+            for j in picks)
+        at_chance = int((res.lo[m] <= res.chance[m]).sum())
+        lines.append(
+            f"- **{m}** ({len(labels)} hook points against the reference's {len(ref)}; {shape}): "
+            f"best-matching reference layers, ties included (its layer → reference layers): "
+            f"{matched}. CKA of the last layers {mat[-1, -1]:.3f} "
+            f"[{res.lo[m][-1, -1]:.3f}, {res.hi[m][-1, -1]:.3f}]; {at_chance} of {mat.size} "
+            f"cells have an interval reaching the shuffled-rows chance level (max chance "
+            f"{res.chance[m].max():.3f}).")
+    return "\n".join([f"Cross-layer CKA on {res.n_probes} probes ({res.pooling} pooling), "
+                      "bootstrap 95 % intervals:", *lines])
+
 
 SUMMARY_BLOCK = re.compile(r"(<!-- summary: (?P<path>[^ ]+) -->\n)(?P<body>.*?)(<!-- /summary -->)",
                            re.S)

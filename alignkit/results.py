@@ -410,3 +410,48 @@ class CompareResult:
         out |= {f"{m} own update": weights.summarize_drift(self.own[m], "layer")
                 for m in self.methods if self.init[m] != "base"}
         return out
+
+
+@dataclasses.dataclass
+class CrossCKAResult:
+    """Cross-layer CKA of given models against the reference, any depths and widths
+    (``stages.ensure_models_cka``).
+
+    Attributes:
+        models: the compared labels (the reference ``"base"`` not among them).
+        labels: ``{"base" | model: [L_m]}`` kept hook points of each model.
+        dropped: ``{"base" | model: [...]}`` hook points constant across the probes.
+        shape: ``{model: [config fields differing from the reference]}`` (empty: one shape).
+        pooling: probe pooling; n_probes: probe prompts.
+        cka: ``{model: [L_ref, L_m]}`` biased CKA of reference layer i and the model's layer j;
+            lo, hi: its bootstrap 95 % interval; chance: the shuffled-rows mean (unrelated
+            examples paired: what CKA gives by geometry alone).
+        best: ``{model: [L_m]}`` the best-matching reference layer of each of the model's layers;
+            ties: ``{model: [L_ref, L_m]}`` reference layers tied with it (bootstrap).
+    """
+
+    models: list[str]
+    labels: dict[str, list[str]]
+    dropped: dict[str, list[str]]
+    shape: dict[str, list[str]]
+    pooling: str
+    n_probes: int
+    cka: dict[str, np.ndarray]
+    lo: dict[str, np.ndarray]
+    hi: dict[str, np.ndarray]
+    chance: dict[str, np.ndarray]
+    best: dict[str, np.ndarray]
+    ties: dict[str, np.ndarray]
+
+    _ARRAYS = ("cka", "lo", "hi", "chance", "best", "ties")
+
+    def save(self, path: Path) -> None:
+        arrays = {f"{k}.{m}": getattr(self, k)[m] for k in self._ARRAYS for m in self.models}
+        meta = {k: getattr(self, k) for k in ("models", "labels", "dropped", "shape", "pooling",
+                                              "n_probes")}
+        runs.save_arrays(path, arrays, meta)
+
+    @classmethod
+    def load(cls, path: Path) -> CrossCKAResult:
+        a, meta = runs.load_arrays(path)
+        return cls(**meta, **{k: {m: a[f"{k}.{m}"] for m in meta["models"]} for k in cls._ARRAYS})

@@ -9,6 +9,7 @@ from test_cka import ref_cka
 
 from alignkit.cka import cka_matrix, layerwise_cka
 from alignkit.controls import (
+    bootstrap_cka_matrix,
     bootstrap_layerwise_cka,
     noise_floor,
     permutation_baseline,
@@ -142,3 +143,37 @@ def test_transition_layer_bootstrap_finds_the_drop():
     assert np.bincount(res["samples"]).argmax() == 3
     with pytest.raises(ValueError, match="at least 2 layers, got 1"):
         transition_layer_bootstrap(a[:1], b[:1], n_boot=5)
+
+
+def test_bootstrap_cka_matrix_against_direct_recomputation():
+    """Every resampled cell is CKA recomputed on the drawn rows (duplicates kept), across depths
+    and widths; the diagonal of a same-depth pair is bootstrap_layerwise_cka's curves."""
+    rs = np.random.default_rng(0)
+    a = rs.standard_normal((3, 24, 8))
+    b = np.concatenate([a[:2] @ rs.standard_normal((8, 5)), rs.standard_normal((2, 24, 5))])  # 4 x 5 wide
+    res = bootstrap_cka_matrix(a, b, n_boot=5, seed=2)
+    rows = np.random.default_rng(2).integers(0, 24, size=(5, 24))
+    expected = np.array([[[ref_cka(a[i, r], b[j, r], False) for j in range(4)] for i in range(3)] for r in rows])
+    assert res["samples"].shape == (5, 3, 4) and np.abs(res["samples"] - expected).max() < 1e-6
+    ref_point = [[ref_cka(a[i], b[j], False) for j in range(4)] for i in range(3)]
+    assert np.abs(res["point"] - ref_point).max() < 1e-6
+    assert (res["lo"] <= res["hi"]).all()
+    a2, b2 = drifting_stacks(24)
+    diag = bootstrap_cka_matrix(a2, b2, n_boot=4, seed=5)["samples"][:, range(4), range(4)]
+    curves = bootstrap_layerwise_cka(a2, b2, n_boot=4, seed=5)["samples"]
+    assert np.abs(diag - curves).max() < 1e-6
+
+
+def test_bootstrap_cka_matrix_ties():
+    """A model layer that copies one reference layer matches it alone; two identical reference
+    layers tie; a layer unrelated to everything ties broadly (no argmax is a finding there)."""
+    rs = np.random.default_rng(1)
+    ref = rs.standard_normal((4, 60, 10))
+    ref[3] = ref[2]  # reference layers 2 and 3 identical
+    model = np.stack([ref[0] + 0.05 * rs.standard_normal((60, 10)), ref[2], rs.standard_normal((60, 10))])
+    res = bootstrap_cka_matrix(ref, model, n_boot=100, seed=0)
+    assert res["best"][0] == 0 and np.nonzero(res["ties"][:, 0])[0].tolist() == [0]
+    assert set(np.nonzero(res["ties"][:, 1])[0]) == {2, 3}
+    assert res["ties"][:, 2].sum() >= 2
+    with pytest.raises(ValueError, match="n_boot must be >= 2"):
+        bootstrap_cka_matrix(ref, model, n_boot=1)
