@@ -23,7 +23,7 @@ from transformers import AutoTokenizer
 from alignkit import runs
 from alignkit.hooks import hook_points as default_hook_points
 from alignkit.hooks import record, select
-from alignkit.models import decoder, load_model, n_layers, special_tokens
+from alignkit.models import decoder, input_device, load_model, n_layers, special_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ def capture(model: torch.nn.Module, tokenizer, texts: Sequence[str],
     ids = tokenize(tokenizer, texts, add_special_tokens)
     lengths, n_texts = [len(s) for s in ids], len(texts)
     pre, suf = template_span(ids) if pooling == "question" else (0, 0)
-    run_on = next(model.parameters()).device
+    run_on = input_device(model)
     want = run_on if device is None else torch.device(device)
     if want.type != run_on.type or want.index not in (None, run_on.index):
         raise ValueError(f"the model is on {run_on} but device={str(want)!r}; move the model first")
@@ -178,9 +178,9 @@ def capture(model: torch.nn.Module, tokenizer, texts: Sequence[str],
 
     def pool(_name: str, t: torch.Tensor) -> torch.Tensor:  # [b, s, d] -> [rows, d] float64
         if pooling in ("mean", "question"):
-            m = state["pool_mask"].unsqueeze(-1)
+            m = state["pool_mask"].unsqueeze(-1).to(t.device)  # (a layer on another GPU)
             return torch.where(m, t.double(), 0.0).sum(1) / m.sum(1)
-        return t[state["batch_idx"], state["seq_idx"]].double()
+        return t[state["batch_idx"].to(t.device), state["seq_idx"].to(t.device)].double()
 
     order = sorted(range(n_texts), key=lambda i: -lengths[i])  # longest first: little padding
     acts: torch.Tensor | None = None
@@ -264,7 +264,8 @@ def capture_cached(model: str | os.PathLike | torch.nn.Module, tokenizer, texts:
                    max_rows: int | None = None, seed: int = 0,
                    device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
                    add_special_tokens: bool = False, mmap: bool = False,
-                   model_dtype: str = "float32") -> Activations:
+                   model_dtype: str = "float32",
+                   device_map: str | dict | None = None) -> Activations:
     """``capture`` of a saved checkpoint, cached on disk as safetensors keyed by content.
 
     The key: the checkpoint's ``runs.weights_hash``, the model dtype, the texts and their token
@@ -280,6 +281,7 @@ def capture_cached(model: str | os.PathLike | torch.nn.Module, tokenizer, texts:
         cache_dir: where entries live (default: ``<model_dir>/activations``).
         device: where a model loaded here goes (default CPU); for a loaded one, as in ``capture``.
             Each batch's outputs are pooled in float64 there and moved to the CPU.
+        device_map: a model loaded here is spread by it instead (``models.placement``).
         mmap: ``acts`` memory-mapped from the entry file, copy-on-write.
     """
     loaded = model if isinstance(model, torch.nn.Module) else None
@@ -316,7 +318,8 @@ def capture_cached(model: str | os.PathLike | torch.nn.Module, tokenizer, texts:
             logger.info("activation cache hit %s", path)
             return hit
         if loaded is None:
-            loaded, _ = load_model(model_dir, model_dtype, device if device is not None else "cpu")
+            loaded, _ = load_model(model_dir, model_dtype, device if device is not None else "cpu",
+                                   device_map=device_map)
         acts = capture(loaded, tokenizer, texts, hook_points, pooling, batch_size=batch_size,
                        max_rows=max_rows, seed=seed, device=device, dtype=dtype,
                        add_special_tokens=add_special_tokens)

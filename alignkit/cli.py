@@ -343,17 +343,35 @@ def parse_pairs(items: Sequence[str], flag: str) -> dict[str, str]:
 
 
 def stage_models_compare(cfg, models: dict[str, str], revisions: dict[str, str], inits: str):
-    """``stages.ensure_models_compare`` and ``ensure_models_lens`` (cached), logging
-    ``report.summarize_compare`` and each model's ``report.summarize_lens``."""
+    """Any checkpoints: accuracy and cross-layer CKA against the reference
+    (``stages.ensure_models_cka``, any depth or width); when every model has the reference's
+    shape, also ``stages.ensure_models_compare`` and ``ensure_models_lens``; else the same-layer
+    measures are skipped, naming the config fields that differ. All cached; logs the summaries."""
     from alignkit import report, stages
+    from alignkit.evaluate import summary
 
+    cross = stages.ensure_models_cka(cfg, models, revisions)
+    logger.info("compare --models %s, cross-layer:\n%s", ", ".join(models),
+                report.summarize_cross(cross))
+    other = {m: f for m, f in cross.shape.items() if f}
+    if other:
+        paths = stages.given_models(cfg, models, revisions, same_shape=False)
+        evals = stages.models_evals(cfg, paths)
+        acc = "\n".join(f"- {k}: {100 * r['accuracy']:.1f} % [{100 * r['acc_lo']:.1f}, "
+                        f"{100 * r['acc_hi']:.1f}] of {e.n} problems"
+                        for k, e in evals.items() for r in summary([e]))
+        logger.info("accuracy (95 %% Wilson):\n%s", acc)
+        logger.warning("same-layer measures (layerwise CKA, Δ RankMe per layer, patching, weight "
+                       "drift, difference lens, per-token KL) need the reference's shape: %s",
+                       "; ".join(f"{m} differs in {', '.join(f)}" for m, f in other.items()))
+        return cross, None, None
     res = stages.ensure_models_compare(cfg, models, revisions, inits)
     logger.info("compare --models %s:\n%s", ", ".join(models),
                 report.summarize_compare([res], list(res.claims)))
     lenses = stages.ensure_models_lens(cfg, models, revisions)
     for name, lz in lenses.items():
         logger.info("what changed, %s against the reference:\n%s", name, report.summarize_lens(lz))
-    return res, lenses
+    return cross, res, lenses
 
 
 def stage(name: str, cfg, method: str):

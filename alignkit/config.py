@@ -141,7 +141,8 @@ class Config:
     precision: str = "auto"  # training autocast: "auto" (bf16 on a bf16 GPU, fp16 with loss
     # scaling on a GPU without bf16, fp32 on the CPU), "bf16", "fp16" or "fp32"
     gradient_checkpointing: bool = False  # recompute activations in backward: memory for time
-    device: str = "auto"  # "auto" (cuda:LOCAL_RANK when a GPU is present, else cpu), or explicit
+    device: str = "auto"  # "auto" (cuda:LOCAL_RANK when a GPU is present, else cpu), explicit
+    # ("cuda:1"), or "map": analysed models spread over all GPUs (models.placement)
     smoke: bool = False
     n_seeds: int = 3  # training seeds the notebooks run (``seed_configs``); verdicts need >= 2
     root: str = ""  # where runs/ live; default from ALIGNKIT_HOME or the repository

@@ -29,7 +29,7 @@ from alignkit.data import (
     prompts_for,
     split_solution,
 )
-from alignkit.models import decoder, device_for, head_logits, load_model, part
+from alignkit.models import decoder, head_logits, input_device, load_model, part, placement
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 128
         torch.manual_seed(seed)
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
-    device = next(model.parameters()).device
+    device = input_device(model)
     outs: list[str] = []
     try:
         for i in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):
@@ -118,7 +118,7 @@ def answer_logprob(model, tokenizer, prompts: Sequence[str], answers: Sequence[s
     if len(prompts) == 0:
         raise ValueError("answer_logprob needs at least one example, got none")
     spans = answer_spans(tokenizer, prompts, answers, chat)
-    device = next(model.parameters()).device
+    device = input_device(model)
     part(model, "head")  # a bare decoder (no LM head) cannot be scored
     result = np.zeros(len(spans), dtype=np.float64)
     for i in range(0, len(spans), batch_size):
@@ -133,9 +133,10 @@ def answer_logprob(model, tokenizer, prompts: Sequence[str], answers: Sequence[s
                                 use_cache=False).last_hidden_state  # after the final norm
         rows = torch.tensor([r for r, s in enumerate(chunk) for _ in s["answer_positions"]])
         pos = torch.tensor([p for s in chunk for p in s["answer_positions"]])
-        logits = head_logits(model, hidden[rows.to(device), (pos - 1).to(device)])
+        dev = hidden.device  # the last layer's (a model spread over GPUs)
+        logits = head_logits(model, hidden[rows.to(dev), (pos - 1).to(dev)])
         logp = torch.log_softmax(logits.double(), -1)
-        tok = logp.gather(1, ids[rows, pos].to(device)[:, None])[:, 0].cpu()
+        tok = logp.gather(1, ids[rows, pos].to(logp.device)[:, None])[:, 0].cpu()
         result[i : i + len(chunk)] = torch.zeros(len(chunk), dtype=torch.float64).index_add_(
             0, rows, tok).numpy()
     return result
@@ -199,11 +200,12 @@ def evaluate_checkpoint(ckpt: str | Path, cfg: Config, ds=None,
                                               train_loss=manifest.get("train_loss"))
                     if beside:
                         res.save(path)
-                return res
+                # where the checkpoint is now (a moved or copied run), not where it was evaluated
+                return dataclasses.replace(res, checkpoint=str(ckpt))
         except (ValueError, KeyError, TypeError):
             pass
         logger.warning("stale or damaged evaluation cache %s: recomputing", where)
-    model, tokenizer = load_model(ckpt, dtype=cfg.dtype, device=device_for(cfg))
+    model, tokenizer = load_model(ckpt, dtype=cfg.dtype, **placement(cfg))
     prompts = prompts_for(cfg, tokenizer, ds["question"], few_shot=True)
     outputs = generate(model, tokenizer, prompts, cfg.eval.max_new_tokens, cfg.eval.batch_size,
                        cfg.eval.stop, desc=f"generate {ckpt.name}")

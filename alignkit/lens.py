@@ -24,7 +24,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from alignkit.models import check_same_shape, check_same_tokenizer, decoder, head_logits, part
+from alignkit.models import (
+    check_same_shape,
+    check_same_tokenizer,
+    decoder,
+    head_logits,
+    input_device,
+    part,
+)
 
 
 def chunk_rows(vocab: int, budget: int = 2**25) -> int:
@@ -93,7 +100,7 @@ def token_kl(reference: torch.nn.Module, tuned: torch.nn.Module, tokenizer,
     empty = [i for i, s in enumerate(ids) if not s]
     if empty:
         raise ValueError(f"text {empty[0]} has no tokens")
-    device = next(reference.parameters()).device
+    device = input_device(reference)
     pad = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
     rows = chunk_rows(reference.config.vocab_size)
     out: list[np.ndarray] = [np.zeros(0)] * len(texts)
@@ -118,8 +125,10 @@ def token_kl(reference: torch.nn.Module, tuned: torch.nn.Module, tokenizer,
             kl = torch.empty(len(b), dtype=torch.float64)
             for a in range(0, len(b), rows):
                 sl = slice(a, a + rows)
-                lq, lp = (torch.log_softmax(head_logits(m, h[b[sl], p[sl]]).double(), -1)
+                lq, lp = (torch.log_softmax(head_logits(m, h[b[sl].to(h.device),
+                                                             p[sl].to(h.device)]).double(), -1)
                           for m, h in zip((reference, tuned), hs))
+                lp = lp.to(lq.device)
                 if not (torch.isfinite(lq).all() and torch.isfinite(lp).all()):
                     raise ValueError("NaN or Inf in the models' logits")
                 kl[sl] = torch.where(lp > -torch.inf, lp.exp() * (lp - lq), 0.0).sum(-1).cpu()

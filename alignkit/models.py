@@ -140,20 +140,43 @@ def unembed(model: torch.nn.Module, resid: torch.Tensor) -> torch.Tensor:
     return head_logits(model, part(model, "norm")(resid))
 
 
+def input_device(model: torch.nn.Module) -> torch.device:
+    """Where a model's inputs go: its token embedding's device (a model spread by a device map
+    starts there; one offloaded to disk runs on the CPU)."""
+    d = next(part(model, "embed").parameters()).device
+    return torch.device("cpu") if d.type == "meta" else d
+
+
 def device_for(cfg: Config, rank: int | None = None) -> torch.device:
     """The one device chooser: ``cfg.device`` when explicit (``"cuda:1"`` is honoured), else
     ``cuda:<local rank>`` when a GPU is present (rank from ``LOCAL_RANK`` under a launcher), else
-    the CPU."""
-    if cfg.device != "auto":
+    the CPU. With ``cfg.device == "map"`` (models spread over the GPUs, ``placement``): the first
+    GPU (or the CPU), where inputs and pooled results go."""
+    if cfg.device not in ("auto", "map"):
         return torch.device(cfg.device)
     if not torch.cuda.is_available():
         return torch.device("cpu")
+    if cfg.device == "map":
+        return torch.device("cuda", 0)
     rank = int(os.environ.get("LOCAL_RANK", 0)) if rank is None else rank
     return torch.device("cuda", rank % torch.cuda.device_count())
 
 
-def load_model(path: str | Path, dtype: str = "float32", device: str | torch.device = "cpu"):
-    """A causal LM and its tokenizer from a directory or hub id, in eval mode on ``device``."""
+def placement(cfg: Config) -> dict:
+    """``load_model``'s ``device`` and ``device_map`` for the analyses under ``cfg``: the whole
+    model on ``device_for(cfg)``; with ``cfg.device == "map"`` (``--set device=map``) each model is
+    spread over every visible GPU by transformers' ``device_map="auto"`` (accelerate's balanced
+    placement, the same for models of one shape; what does not fit goes to the CPU), for models
+    larger than one GPU. Training never uses a map (one model per process)."""
+    return {"device": device_for(cfg), "device_map": "auto" if cfg.device == "map" else None}
+
+
+def load_model(path: str | Path, dtype: str = "float32", device: str | torch.device = "cpu",
+               device_map: str | dict | None = None, offload_folder: str | Path | None = None):
+    """A causal LM and its tokenizer from a directory or hub id, in eval mode on ``device``, or
+    spread by ``device_map`` (``"auto"`` or an explicit ``{module: device}``, accelerate's
+    dispatch: each module runs where its weights are; ``offload_folder`` for ``"disk"``
+    entries)."""
     p = Path(path).expanduser()
     if p.exists():
         if not (p / "config.json").is_file():
@@ -161,11 +184,16 @@ def load_model(path: str | Path, dtype: str = "float32", device: str | torch.dev
         path = p
     elif not re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)):  # neither a directory nor a hub id
         raise ValueError(f"model path does not exist: {path}")
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype))
+    extra = {} if device_map is None else {"device_map": device_map}
+    if offload_folder is not None:
+        extra["offload_folder"] = str(offload_folder)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype), **extra)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model.to(device).eval()
+    if device_map is None:
+        model.to(device)
+    model.eval()
     return model, tokenizer
 
 
@@ -282,11 +310,17 @@ def resolve_model(spec: str | Path, revision: str | None = None) -> Path:
                          "download it where the hub is reachable and pass the directory") from None
 
 
-def check_compatible(paths: dict[str, Path]) -> None:
+def check_compatible(paths: dict[str, Path], same_shape: bool = True) -> dict[str, list[str]]:
     """Before any long work: every model against the first (the reference) has a supported
-    architecture of the same class, the same shape (``SHAPE_FIELDS``: same-layer comparisons pair
-    layers and positions) and the same tokenizer (vocabulary, merges, special tokens); ValueError
-    or NotImplementedError naming the model and the difference."""
+    architecture and the same tokenizer (vocabulary, merges, special tokens: the probes and their
+    pooled positions must be the same tokens); with ``same_shape`` also the same architecture and
+    shape (``SHAPE_FIELDS``: same-layer comparisons pair layers and positions). ValueError or
+    NotImplementedError naming the model and the difference.
+
+    Returns:
+        ``{model: [config fields that differ from the reference]}`` for every model after the
+        first (all empty when ``same_shape``); the architecture class counts as a field.
+    """
     names = list(paths)
     configs = {k: AutoConfig.from_pretrained(str(v)) for k, v in paths.items()}
     for k, c in configs.items():
@@ -294,17 +328,19 @@ def check_compatible(paths: dict[str, Path]) -> None:
         if arch not in ARCHITECTURES:
             raise NotImplementedError(f"{k} ({paths[k]}): {_unsupported(arch, c.model_type)}")
     ref, tok = names[0], AutoTokenizer.from_pretrained(str(paths[names[0]]))
+    differs = {}
     for k in names[1:]:
         a, b = configs[ref], configs[k]
-        if a.architectures != b.architectures:
-            raise ValueError(f"{k} is a {b.architectures[0]} but the reference {ref} a "
-                             f"{a.architectures[0]}: compare needs one architecture")
-        for f in SHAPE_FIELDS:
-            va, vb = getattr(a, f, None), getattr(b, f, None)
-            if va != vb:
-                raise ValueError(f"{k} differs from the reference {ref} in config.{f}: {va!r} vs "
-                                 f"{vb!r}; same-layer comparisons need one shape")
+        differs[k] = [] if a.architectures == b.architectures else ["architectures"]
+        differs[k] += [f for f in SHAPE_FIELDS if getattr(a, f, None) != getattr(b, f, None)]
+        if same_shape and differs[k]:
+            f = differs[k][0]
+            raise ValueError(f"{k} differs from the reference {ref} in config.{f}: "
+                             f"{getattr(a, f, None)!r} vs {getattr(b, f, None)!r}; same-layer "
+                             "comparisons need one shape (cross-layer CKA runs across shapes: "
+                             "stages.ensure_models_cka)")
         try:
             check_same_tokenizer(tok, AutoTokenizer.from_pretrained(str(paths[k])))
         except ValueError as e:
             raise ValueError(f"{k} and the reference {ref}: {e}") from None
+    return differs

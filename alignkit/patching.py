@@ -37,6 +37,7 @@ from alignkit.hooks import KINDS, record
 from alignkit.models import (
     check_same_shape,
     check_same_tokenizer,
+    input_device,
     mlp_branch,
     n_layers,
     parallel,
@@ -308,14 +309,17 @@ def _forward(model, batch: _Batch, kinds: Sequence[str] = ("resid",)) -> _Cache:
 
 def _answer_logp(model, final_resid: torch.Tensor, batch: _Batch) -> torch.Tensor:
     """``[k, vocab]`` float64 log-probs from the final residual at the answer-predicting rows."""
-    rows = final_resid[batch.rows_b, batch.rows_p]
+    dev = final_resid.device  # a model spread over GPUs ends on its last layer's device
+    rows = final_resid[batch.rows_b.to(dev), batch.rows_p.to(dev)]
     return torch.log_softmax(unembed(model, rows).double(), dim=-1)
 
 
 def _score(logp: torch.Tensor, donor_logp: torch.Tensor, batch: _Batch) -> tuple:
     """Per-example answer log-prob and KL(donor || this), float64 ``[b]`` arrays."""
-    b, rows = batch.ids.shape[0], batch.rows_b
-    tok = logp.gather(1, batch.targets[:, None])[:, 0]
+    dev = logp.device
+    b, rows = batch.ids.shape[0], batch.rows_b.to(dev)
+    tok = logp.gather(1, batch.targets[:, None].to(dev))[:, 0]
+    donor_logp = donor_logp.to(dev)
     p = donor_logp.exp()
     kl_rows = torch.where(p > 0, p * (donor_logp - logp), 0.0).sum(-1)  # 0 log 0 = 0
     lp = torch.zeros(b, dtype=torch.float64, device=logp.device).index_add_(0, rows, tok)
@@ -331,7 +335,8 @@ def _finish(cache: _Cache, start: int, h: torch.Tensor, batch: _Batch) -> torch.
 
 
 def _mix(patch: torch.Tensor, donor: torch.Tensor, receiver: torch.Tensor) -> torch.Tensor:
-    return torch.where(patch[..., None], donor, receiver)
+    dev = receiver.device  # one device but for models spread over GPUs (cross-layer patches)
+    return torch.where(patch[..., None].to(dev), donor.to(dev), receiver)
 
 
 def _patched_output(recv: _Cache, donor: _Cache, layer: int, component: str,
@@ -367,7 +372,7 @@ class _Session:
                              f"vocabulary has {base.config.vocab_size}: not the models' tokenizer")
         self.positions = _check_positions(positions)
         self.spans = tokenize_examples(tokenizer, examples)
-        device = next(base.parameters()).device
+        device = input_device(base)
         self.batches = _batches(self.spans, self.positions, batch_size, tokenizer, device)
         self.models = (base, tuned)
 
@@ -460,7 +465,7 @@ def _mean_difference(sess: _Session, progress: bool) -> torch.Tensor:
     diff_sum, count = 0.0, 0
     with sess.running("mean residual difference", 1, progress) as bar:
         for batch in sess.batches:
-            sums = [torch.stack([r[batch.patch].double().sum(0)
+            sums = [torch.stack([r[batch.patch.to(r.device)].double().sum(0).to(batch.ids.device)
                                  for r in _forward(m, batch).resid]) for m in (base, tuned)]
             diff_sum += sums[1] - sums[0]
             count += int(batch.patch.sum())
@@ -539,11 +544,13 @@ def weight_sweep(base: torch.nn.Module, tuned: torch.nn.Module, tokenizer,
                     h = cb.run(i, cb.resid_in(i), module=ct.layers[i])
                     scores["graft"].patched(batch, (c,), _finish(cb, i + 1, h, batch), ct)
                 if "mean_diff" in scores:
-                    shifted = (cb.resid[i].double() + mean_d[i]).to(ct.resid[i].dtype)
+                    r = cb.resid[i]
+                    shifted = (r.double() + mean_d[i].to(r.device)).to(ct.resid[i].dtype)
                     h = _mix(batch.patch, shifted, ct.resid[i])
                     scores["mean_diff"].patched(batch, (c,), _finish(ct, i + 1, h, batch), cb)
                 for k in set(scores) & set(vectors):  # base plus the (shuffled) mean difference
-                    shifted = (cb.resid[i].double() + vectors[k][i]).to(cb.resid[i].dtype)
+                    r = cb.resid[i]
+                    shifted = (r.double() + vectors[k][i].to(r.device)).to(r.dtype)
                     h = _mix(batch.patch, shifted, cb.resid[i])
                     scores[k].patched(batch, (c,), _finish(cb, i + 1, h, batch), ct)
                 bar.update()

@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
@@ -20,10 +21,18 @@ from alignkit.capture import Activations, capture_cached, capture_run, varying_p
 from alignkit.config import Config, seed_configs
 from alignkit.data import dataset_hash, eval_set, probe_texts
 from alignkit.evaluate import evaluate_checkpoint, evaluate_run, flip_table, summary
-from alignkit.models import check_compatible, device_for, load_model, preflight, resolve_model
+from alignkit.models import (
+    check_compatible,
+    device_for,
+    load_model,
+    placement,
+    preflight,
+    resolve_model,
+)
 from alignkit.results import (
     CKAResult,
     CompareResult,
+    CrossCKAResult,
     LensResult,
     PatchingResult,
     RunResults,
@@ -103,9 +112,9 @@ def ensure_results(cfg: Config, method: str = "sft") -> RunResults:
 
 
 def run_on(cfg: Config) -> dict:
-    """Where and in which dtype analyses run the checkpoints: ``device_for(cfg)`` and
+    """Where and in which dtype analyses run the checkpoints: ``models.placement(cfg)`` and
     ``cfg.dtype`` (bf16 on the real presets' GPUs); pooled values are upcast per batch."""
-    return {"device": device_for(cfg), "model_dtype": cfg.dtype}
+    return {**placement(cfg), "model_dtype": cfg.dtype}
 
 
 def run_probes(cfg: Config, run_dir: Path) -> list[str]:
@@ -202,9 +211,8 @@ def _lens(cfg: Config, p: dict, base_dir: Path, tuned_dir: Path, flips: list[dic
           label: str) -> LensResult:
     """The difference lens, steering and per-token KL of ``tuned_dir`` against ``base_dir`` on
     the ``flips`` rows: the one computation behind ``ensure_lens`` and ``ensure_models_lens``."""
-    device = device_for(cfg)
-    base, tokenizer = load_model(base_dir, dtype=cfg.dtype, device=device)
-    tuned, _ = load_model(tuned_dir, dtype=cfg.dtype, device=device)
+    base, tokenizer = load_model(base_dir, dtype=cfg.dtype, **placement(cfg))
+    tuned, _ = load_model(tuned_dir, dtype=cfg.dtype, **placement(cfg))
     exs = patching.examples_from_table(flips, tokenizer, chat=cfg.chat)
     positions = {"first": list(range(p["n_first"])), "answer": "answer"}
     kw = dict(batch_size=p["batch_size"], progress=False)
@@ -300,9 +308,8 @@ def ensure_patching(cfg: Config, method: str = "sft", **given) -> PatchingResult
     key = _pair_key(cfg, base_dir, tuned_dir, ds, sets, p)
 
     def compute() -> PatchingResult:
-        device = device_for(cfg)
-        base, tokenizer = load_model(base_dir, dtype=cfg.dtype, device=device)
-        tuned, _ = load_model(tuned_dir, dtype=cfg.dtype, device=device)
+        base, tokenizer = load_model(base_dir, dtype=cfg.dtype, **placement(cfg))
+        tuned, _ = load_model(tuned_dir, dtype=cfg.dtype, **placement(cfg))
         examples = {k: patching.examples_from_table(v, tokenizer, chat=cfg.chat)
                     for k, v in sets.items()}
         kw = dict(batch_size=p["batch_size"], min_gap=p["min_gap"], progress=False)
@@ -357,9 +364,12 @@ def compare_claims(last_states: list[dict], own: list[dict], matched: list[dict]
                    n_boot: int = 200, seed: int = 0) -> list:
     """The three published claims over training seeds (one entry per seed in each list, as in
     ``CompareResult``'s ``last_states``, ``own`` and ``matched_unchanged``): one seed cannot
-    tell."""
+    tell. Each claim is about named stages (``sft``, ``dpo``, ``grpo``): it is tested only when
+    models carry those labels."""
     methods = list(own[0])
-    out = [claims.effective_rank_claim(last_states, init, n_boot=n_boot, seed=seed)]
+    out = []  # models labelled otherwise (compare --models base=... tuned=...) test no claim
+    if set(claims.LI_CLAIMED) & set(methods):
+        out.append(claims.effective_rank_claim(last_states, init, n_boot=n_boot, seed=seed))
     if "sft" in methods and len(methods) > 1:
         out.append(claims.sparsity_claim(own, rl=[m for m in methods if m != "sft"],
                                          matched=matched, seed=seed))
@@ -438,22 +448,25 @@ def _compare_models(cfg: Config, p: dict, methods: list[str], paths: dict[str, P
             for k, a in acts.items()}
     delta = {(m, ref): Band.of(spectral.paired_delta(boot[m], boot[ref])["rankme"])
              for m in methods for ref in ("base", init[m])}
-    device = device_for(cfg)
+    # weight drift reads the fp32 checkpoints as saved (every update visible); with a device map
+    # (models larger than one GPU) on the CPU
+    device = device_for(cfg) if cfg.device != "map" else torch.device("cpu")
 
-    def fp32(k):  # weight drift reads the fp32 checkpoints as saved (every update visible)
+    def fp32(k):
         return load_model(paths[k], dtype="float32", device=device)[0]
 
-    base, tokenizer = load_model(paths["base"], dtype=cfg.dtype, device=device)
-    base32 = base if cfg.dtype == "float32" else fp32("base")
+    base, tokenizer = load_model(paths["base"], dtype=cfg.dtype, **placement(cfg))
+    same = cfg.dtype == "float32" and cfg.device != "map"  # the loaded models are the fp32 ones
+    base32 = base if same else fp32("base")
     examples = patching.examples_from_table(sets["flips"], tokenizer, chat=cfg.chat)
     patches, drift, own, sft32 = {}, {}, {}, None
     for m in tqdm(methods, desc="compare", leave=False):
-        tuned, _ = load_model(paths[m], dtype=cfg.dtype, device=device)
+        tuned, _ = load_model(paths[m], dtype=cfg.dtype, **placement(cfg))
         patches[m] = patching.layer_sweep(
             base, tuned, tokenizer, examples, component="resid", positions="all",
             direction="denoise", batch_size=p["batch_size"], min_gap=p["min_gap"],
             progress=False)
-        tuned = tuned if cfg.dtype == "float32" else fp32(m)
+        tuned = tuned if same else fp32(m)
         if m == "sft":
             sft32 = tuned  # kept for the matched-norm control below
         drift[m] = weights.weight_drift(base32, tuned, tol=p["tol"], k=p["k"], progress=False)
@@ -514,11 +527,12 @@ def ensure_compare(cfg: Config, methods=runs.METHODS, **given) -> CompareResult:
                                            set_labels, texts), CompareResult)
 
 
-def given_models(cfg: Config, models: dict[str, str],
-                 revisions: dict | None = None) -> dict[str, Path]:
+def given_models(cfg: Config, models: dict[str, str], revisions: dict | None = None,
+                 same_shape: bool = True) -> dict[str, Path]:
     """``{"base": reference dir, label: dir, ...}`` for ``models`` ``{label: directory or hub
     id}`` (the first the reference), each resolved (``models.resolve_model`` at its revision) and
-    checked before any work: complete, supported, one shape and one tokenizer."""
+    checked before any work: complete, supported, one tokenizer and (``same_shape``) one
+    shape."""
     if len(models) < 2:
         raise ValueError(f"compare --models needs a reference and at least one other model, got "
                          f"{list(models)}")
@@ -533,8 +547,65 @@ def given_models(cfg: Config, models: dict[str, str],
              for i, (k, v) in enumerate(models.items())}
     for path in paths.values():
         preflight(path, cfg.chat)
-    check_compatible(paths)
+    check_compatible(paths, same_shape)
     return paths
+
+
+def models_evals(cfg: Config, paths: dict[str, Path], ds=None) -> dict:
+    """``{label: CheckpointEval}`` of given models on the evaluation set, each cached in the
+    shared store by its weights (a published directory is never written)."""
+    ds = ds if ds is not None else eval_set(cfg)
+    return {k: evaluate_checkpoint(v, cfg, ds, beside=False) for k, v in paths.items()}
+
+
+def cross_defaults(smoke: bool) -> dict:
+    """``ensure_models_cka``'s parameters: notebook 02's pooling, bootstrap and shuffles."""
+    d = cka_defaults(smoke)
+    return {k: d[k] for k in ("pooling", "n_boot", "n_perm", "seed")}
+
+
+def ensure_models_cka(cfg: Config, models: dict[str, str], revisions: dict | None = None,
+                      **given) -> CrossCKAResult:
+    """Cross-layer CKA of every model in ``models`` (``{label: directory or hub id}``, the first
+    the reference) against the reference, for models of any depth, width or supported family
+    that share the reference's tokenizer: every reference layer against every layer of the
+    model on the probe prompts, with a bootstrap interval over probes, the tied best-matching
+    reference layers of each model layer, and the shuffled-rows chance level
+    (``controls.bootstrap_cka_matrix``, ``permutation_baseline``). Same-layer measures
+    (``ensure_models_compare``) need one shape; this one does not. Cached under
+    ``<root>/models/cka/`` by content hashes. Parameters: ``cross_defaults``."""
+    p = _params(cross_defaults(cfg.smoke), given)
+    paths = given_models(cfg, models, revisions, same_shape=False)
+    differs = check_compatible(paths, same_shape=False)
+    root = cfg.run_root / "models"
+    tokenizer = AutoTokenizer.from_pretrained(str(paths["base"])) if cfg.chat else None
+    texts = probe_texts(cfg, tokenizer)
+    key = {"models": {k: runs.weights_hash(v) for k, v in paths.items()},
+           "probe_hash": runs.hash_obj(texts), "dtype": cfg.dtype, "chat": cfg.chat,
+           "params": p}
+
+    def compute() -> CrossCKAResult:
+        kept = {}
+        for k, v in paths.items():
+            cap = capture_cached(v, None, texts, pooling=p["pooling"],
+                                 cache_dir=root / "activations", **run_on(cfg))
+            keep, labels, dropped = varying_points([cap])
+            kept[k] = (cap.acts[keep], labels, dropped)
+        out = {f: {} for f in ("cka", "lo", "hi", "chance", "best", "ties")}
+        names = [k for k in paths if k != "base"]
+        for m in tqdm(names, desc="cross-layer CKA", disable=len(names) < 2):
+            boot = controls.bootstrap_cka_matrix(kept["base"][0], kept[m][0], n_boot=p["n_boot"],
+                                                 seed=p["seed"])
+            for f in ("lo", "hi", "best", "ties"):
+                out[f][m] = boot[f]
+            out["cka"][m] = boot["point"]
+            out["chance"][m] = controls.permutation_baseline(kept["base"][0], kept[m][0],
+                                                             n_perm=p["n_perm"], seed=p["seed"])
+        return CrossCKAResult(models=names, labels={k: v[1] for k, v in kept.items()},
+                              dropped={k: v[2] for k, v in kept.items()}, shape=differs,
+                              pooling=p["pooling"], n_probes=len(texts), **out)
+
+    return _cached(root / "cka", "cross_cka", key, compute, CrossCKAResult)
 
 
 def _model_flips(cfg: Config, evals: dict, label: str, p: dict, ds) -> tuple[dict, dict]:
@@ -552,7 +623,7 @@ def ensure_models_lens(cfg: Config, models: dict[str, str], revisions: dict | No
     p = _params(lens_defaults(cfg.smoke), given)
     paths = given_models(cfg, models, revisions)
     ds = eval_set(cfg)
-    evals = {k: evaluate_checkpoint(v, cfg, ds, beside=False) for k, v in paths.items()}
+    evals = models_evals(cfg, paths, ds)
     out = {}
     for m in (k for k in paths if k != "base"):
         sets, labels = _model_flips(cfg, evals, m, p, ds)
@@ -582,7 +653,7 @@ def ensure_models_compare(cfg: Config, models: dict[str, str], revisions: dict |
     init = {m: ("base" if inits == "reference" or i == 0 else methods[i - 1])
             for i, m in enumerate(methods)}
     ds = eval_set(cfg)
-    evals = {k: evaluate_checkpoint(v, cfg, ds, beside=False) for k, v in paths.items()}
+    evals = models_evals(cfg, paths, ds)
     root = cfg.run_root / "models"
     sets, set_labels = _model_flips(cfg, evals, methods[0], p, ds)
     tokenizer = AutoTokenizer.from_pretrained(str(paths["base"])) if cfg.chat else None

@@ -33,7 +33,9 @@
 # the first the reference, and the same atlas is drawn for those models without training
 # (`stages.ensure_models_compare`, as `python -m alignkit compare --models ...`): each model's own
 # init is the one listed before it (`INITS = "series"`, a published series such as SFT → DPO →
-# RL) or the reference (`"reference"`); one "seed", so the verdicts cannot tell.
+# RL) or the reference (`"reference"`); one "seed", so the verdicts cannot tell, and a claim is
+# tested only for models labelled `sft`, `dpo` or `grpo` (the stages it names). Section 8 then adds
+# each model's cross-layer CKA against the reference and its difference lens (notebook 04 §7).
 
 # %%
 # Colab only: fetch align-drift and install what Colab lacks; anywhere else this cell does nothing.
@@ -84,11 +86,28 @@ import logging
 import matplotlib.pyplot as plt
 import pandas as pd
 from IPython.display import Markdown, display
+from transformers import AutoTokenizer
 
 from alignkit import plots
 from alignkit.config import get_config
-from alignkit.report import patch_fraction, save_summary, summarize_compare
-from alignkit.stages import claims_over_seeds, ensure_compare, ensure_models_compare, over_seeds
+from alignkit.lens import token_text
+from alignkit.report import (
+    patch_fraction,
+    save_summary,
+    steering,
+    summarize_compare,
+    summarize_cross,
+    summarize_lens,
+)
+from alignkit.stages import (
+    claims_over_seeds,
+    ensure_compare,
+    ensure_models_cka,
+    ensure_models_compare,
+    ensure_models_lens,
+    given_models,
+    over_seeds,
+)
 
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 cfg = get_config(PRESET, smoke=SMOKE, overrides=OVERRIDES | ({"n_seeds": N_SEEDS} if N_SEEDS else {}))
@@ -237,7 +256,52 @@ else:
     show()
 
 # %% [markdown]
-# ## 8 · What these runs show
+# ## 8 · Any checkpoints: cross-layer CKA and what changed
+# With `MODELS` set, two views this project's own runs get from notebooks 02 and 04:
+#
+# * **cross-layer CKA** of every model against the reference (`stages.ensure_models_cka`): each
+#   reference layer (rows) against each of the model's layers (columns), white dots the reference
+#   layers tied for a column's best match (bootstrap over probes), grey crosses the cells whose
+#   interval reaches the shuffled-rows chance level. It needs one tokenizer, not one shape:
+#   `python -m alignkit compare --models` runs it for models of other depths or families too,
+#   where the same-layer measures above cannot run;
+# * **what changed** (`stages.ensure_models_lens`, notebook 04 §7 on these models): steering the
+#   reference with the mean residual difference at the first tokens and at the answer-predicting
+#   positions against its shuffled control, and the per-token KL(model ‖ reference) on one text
+#   (a bar where the prompt ends).
+#
+# Without `MODELS` this section draws nothing: notebook 02 has SFT's cross-layer CKA, notebook 04
+# its difference lens.
+
+# %%
+if MODELS:
+    cross = ensure_models_cka(cfg, MODELS, n_boot=N_BOOT, seed=SEED)
+    fig, axes = plt.subplots(1, len(cross.models), figsize=(6.5 * len(cross.models), 5.2), squeeze=False)
+    for ax, m in zip(axes[0], cross.models):
+        plots.plot_cross_cka(cross, m, ax=ax)
+    fig.tight_layout()
+    display(Markdown(summarize_cross(cross)))
+else:
+    print("our own runs: notebook 02 draws SFT's cross-layer CKA, notebook 04 its difference lens")
+
+# %%
+if MODELS:
+    lenses = ensure_models_lens(cfg, MODELS, n_examples=N_EXAMPLES, batch_size=BATCH_SIZE, min_gap=MIN_GAP,
+                                min_set=MIN_SET, seed=SEED)
+    reference = AutoTokenizer.from_pretrained(str(given_models(cfg, MODELS)["base"]))
+    for m, lz in lenses.items():
+        fig, axes = plt.subplots(1, 3, figsize=(20, 4.4), gridspec_kw={"width_ratios": [1, 1, 1.6]})
+        for ax, name in zip(axes[:2], ("first", "answer")):
+            plots.plot_steering([steering(lz, name, N_BOOT_PATCH, SEED)], ax=ax,
+                                title=f"{m}: steering with the mean difference, {name} positions")
+        ids = reference(lz.texts[0], add_special_tokens=False)["input_ids"]
+        plots.plot_token_kl([token_text(reference, t) for t in ids], lz.token_kl[0], ax=axes[2],
+                            n_prompt=lz.n_prompt[0], width=8, title=f"Per-token KL({m} ‖ reference)")
+        fig.tight_layout()
+        display(Markdown(f"**{m}**\n\n" + summarize_lens(lz, n_boot=N_BOOT_PATCH, seed=SEED)))
+
+# %% [markdown]
+# ## 9 · What these runs show
 # Computed from the results above by `alignkit.report.summarize_compare` (per method what holds in
 # how many training seeds, then the three published claims with their verdicts over the seeds,
 # `stages.claims_over_seeds`; each seed's own numbers below).

@@ -111,6 +111,57 @@ def test_mismatched_models_are_refused_before_any_work(family_tok, tmp_path, smo
     assert cli.main(["--smoke", "--root", str(tmp_path), "compare", "--models", "base"]) == 2
 
 
+def test_cross_layer_cka_runs_across_depths_and_families(family_tok, tmp_path, smoke_cfg, caplog):
+    """Cross-layer CKA needs one tokenizer, not one shape: a deeper model and another family are
+    compared with the reference layer by layer; a copy of the reference matches itself on the
+    diagonal; the CLI runs what the shapes allow and names what it skips."""
+    import dataclasses
+    import logging
+
+    from alignkit import plots, report
+
+    cfg = dataclasses.replace(smoke_cfg, root=str(tmp_path / "runs"))
+    cfg.eval = dataclasses.replace(cfg.eval, n_eval=16, max_new_tokens=8)
+    pair = save_pair("qwen3", family_tok, tmp_path)
+    deeper = tmp_path / "deeper"
+    make_model("qwen3", vocab_size=len(family_tok), num_hidden_layers=4).save_pretrained(deeper)
+    family_tok.save_pretrained(deeper)
+    llama = tmp_path / "llama"
+    make_model("llama", vocab_size=len(family_tok)).save_pretrained(llama)
+    family_tok.save_pretrained(llama)
+    models = {"base": str(pair["base"]), "same": str(pair["base"]), "deeper": str(deeper), "llama": str(llama)}
+    res = pipeline.ensure_models_cka(cfg, models, n_boot=10, n_perm=2)
+    assert res.models == ["same", "deeper", "llama"]
+    assert res.shape["same"] == [] and res.shape["deeper"] == ["num_hidden_layers", "layer_types"]
+    assert res.shape["llama"][0] == "architectures"
+    assert res.cka["deeper"].shape == (4, 5) and res.cka["llama"].shape == (4, 4)
+    np.testing.assert_allclose(np.diag(res.cka["same"]), 1, atol=1e-6)
+    assert (res.best["same"] == np.arange(4)).all()
+    for m in res.models:
+        assert np.isfinite(res.cka[m]).all() and (res.lo[m] <= res.cka[m] + 1e-12).all()
+        assert res.ties[m][res.best[m], np.arange(res.cka[m].shape[1])].all()
+        assert res.chance[m].shape == res.cka[m].shape
+    text = report.summarize_cross(res)
+    assert ("**deeper** (5 hook points against the reference's 4; differs from the reference in num_hidden_layers, "
+            "layer_types)") in text
+    fig = plots.plot_cross_cka(res, "deeper")
+    assert fig.axes[0].get_xlabel() == "deeper layer (differs in num_hidden_layers, layer_types)"
+    again = pipeline.ensure_models_cka(cfg, models, n_boot=10, n_perm=2)  # from the cache
+    np.testing.assert_array_equal(again.cka["deeper"], res.cka["deeper"])
+    argv = ["--smoke", "--root", str(tmp_path / "runs"), "--set", "eval.n_eval=16", "--set", "eval.max_new_tokens=8",
+            "compare", "--models", f"base={pair['base']}", f"deeper={deeper}"]
+    with caplog.at_level(logging.INFO, logger="alignkit.cli"):
+        assert cli.main(argv) == 0
+    assert "cross-layer" in caplog.text and "accuracy (95 % Wilson)" in caplog.text
+    assert "need the reference's shape: deeper differs in num_hidden_layers" in caplog.text
+    assert not (tmp_path / "runs" / "models" / "compare").exists()  # nothing same-layer was run
+    # a pair labelled otherwise than sft / dpo / grpo: compared, no published claim tested
+    res = pipeline.ensure_models_compare(cfg, {"base": str(pair["base"]), "tuned": str(pair["tuned"])},
+                                         n_boot=5, n_splits=2, n_boot_patch=5)
+    assert res.methods == ["tuned"] and res.claims == []
+    assert "None tested: each claim is about a named stage" in report.summarize_compare([res])
+
+
 def test_notebook_05_draws_any_checkpoints(smoke_cfg, smoke_run):
     """Notebook 05 with MODELS set: the same atlas for the given checkpoints, nothing trained."""
     from pathlib import Path
@@ -135,7 +186,10 @@ def test_notebook_05_draws_any_checkpoints(smoke_cfg, smoke_run):
     errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
     pngs = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
-    assert len(pngs) >= 4
+    assert len(pngs) >= 6
+    shown = "".join(o.get("data", {}).get("text/markdown", "") for c in nb.cells for o in c.get("outputs", []))
+    assert "Cross-layer CKA on" in shown and "**sft**" in shown  # §8: cross-layer CKA and the lens
+    assert "Per-token KL" in shown
     assert trained() == runs_before  # nothing trained
 
 

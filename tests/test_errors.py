@@ -18,7 +18,13 @@ from alignkit.config import get_config
 from alignkit.data import format_prompt, generate_problems, load_gsm8k
 from alignkit.evaluate import answer_spans
 from alignkit.hooks import overwrite
-from alignkit.models import check_model_dir, check_same_tokenizer, load_model, preflight
+from alignkit.models import (
+    check_compatible,
+    check_model_dir,
+    check_same_tokenizer,
+    load_model,
+    preflight,
+)
 from alignkit.tiny import ensure_base
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -56,6 +62,14 @@ def _small_gpu(tmp, mp):
     train.plan_memory(get_config("tiny"), "sft", tmp, torch.device("cuda"), 1, "bf16")
 
 
+def _other_depth(tmp):
+    """A reference and a deeper model of one family and tokenizer, checked for same-layer use."""
+    tok = make_tokenizer()
+    make_model("qwen3", num_hidden_layers=4).save_pretrained(tmp / "deeper")
+    tok.save_pretrained(tmp / "deeper")
+    check_compatible({"base": _saved(tmp / "base", tok), "deeper": tmp / "deeper"})
+
+
 def _activations(tok, texts):
     return capture(make_model("qwen3"), tok, texts, hook_points=["layers.0.resid"], pooling="mean")
 
@@ -88,6 +102,7 @@ TRIGGERS = {
         tmp / "nomark.jsonl", '{"question": "q", "answer": "the answer is 3"}\n')),
     "models of different shapes": lambda tmp, mp: patching.layer_sweep(
         make_model("qwen3"), make_model("qwen3", hidden_size=48), make_tokenizer(), _examples(), progress=False),
+    "`compare` of models of different depths or families": lambda tmp, mp: _other_depth(tmp),
     "unsupported architecture": lambda tmp, mp: patching.layer_sweep(
         *[make_unsupported()] * 2, make_tokenizer(),
         _examples(), progress=False),

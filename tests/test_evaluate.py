@@ -147,6 +147,9 @@ def test_same_weights_are_evaluated_once(smoke_cfg, smoke_run, tmp_path, monkeyp
     again = evaluate_checkpoint(twin, smoke_cfg)
     assert again.checkpoint == str(twin) and again.correct == first.correct
     assert again.answer_logprob == first.answer_logprob and len(list(twin.glob("eval-*.json"))) == 1
+    moved = tmp_path / "moved-run" / "checkpoints" / ckpt.name  # a run moved with its evaluations
+    shutil.copytree(twin, moved)
+    assert evaluate_checkpoint(moved, smoke_cfg).checkpoint == str(moved)
     for f in [*twin.glob("eval-*.json"), *(smoke_cfg.run_root / "evals").glob("*.json")]:
         f.write_text("{not json")
     monkeypatch.setattr(evaluate_mod, "generate", real_generate)
