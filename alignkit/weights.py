@@ -164,20 +164,34 @@ def gaussian_mass_share(mass: float = 0.9) -> float:
     return math.erfc(lo / math.sqrt(2.0))
 
 
-def _mass_share(d: torch.Tensor, mass: float) -> float:
-    """Smallest share of entries of ``d`` holding ``mass`` of ``sum d^2`` (0 for ``d = 0``)."""
-    sq = d.reshape(-1).square()
+_CHUNK = 1 << 22  # entries per slice of the elementwise counts (32 MiB of float64)
+
+
+def _slices(x: torch.Tensor):
+    """``x`` flattened, in slices of ``_CHUNK`` entries: elementwise counts over a tensor as large
+    as Qwen's 151,936 x 1,024 embedding without full-size temporaries."""
+    flat = x.reshape(-1)
+    for i in range(0, flat.numel(), _CHUNK):
+        yield flat[i : i + _CHUNK]
+
+
+def _mass_share_(d: torch.Tensor, mass: float) -> float:
+    """Smallest share of entries of ``d`` holding ``mass`` of ``sum d^2`` (0 for ``d = 0``).
+    **Overwrites** ``d`` (its squares are sorted in its own storage: no full-size copy)."""
+    sq = d.reshape(-1).square_()
     total = float(sq.sum())
     if total == 0.0:
         return 0.0
-    if sq.device.type == "cpu":  # numpy sorts in place, without torch.sort's int64 index array
+    if sq.device.type == "cpu":  # numpy sorts and sums in place, without an int64 index array
         a = sq.numpy()
         a.sort()
-        csum = torch.from_numpy(a[::-1].cumsum())
+        desc = a[::-1]
+        np.cumsum(desc, out=desc)
+        count = int(np.searchsorted(desc, mass * total)) + 1
     else:
         csum = torch.sort(sq, descending=True).values.cumsum(0)
-    target = torch.tensor([mass * total], dtype=csum.dtype, device=csum.device)
-    count = int(torch.searchsorted(csum, target)[0]) + 1
+        target = torch.tensor([mass * total], dtype=csum.dtype, device=csum.device)
+        count = int(torch.searchsorted(csum, target)[0]) + 1
     return min(count, sq.numel()) / sq.numel()
 
 
@@ -188,8 +202,28 @@ def bf16_unchanged_share(w: torch.Tensor, d: torch.Tensor, scale: float = 1.0) -
     if w.shape != d.shape or w.numel() == 0:
         raise ValueError(f"w and d must have one non-empty shape, got {tuple(w.shape)} and "
                          f"{tuple(d.shape)}")
-    new = (w.double() + scale * d.double()).float()
-    return float((new.bfloat16() == w.float().bfloat16()).sum()) / w.numel()
+    same = 0
+    for ws, ds in zip(_slices(w), _slices(d)):
+        new = (ws.double() + scale * ds.double()).float()
+        same += int((new.bfloat16() == ws.float().bfloat16()).sum())
+    return same / w.numel()
+
+
+def _gaussian_spectrum(m: int, n: int, dev: torch.device) -> np.ndarray:
+    """Singular values of a seeded standard Gaussian ``[m, n]`` matrix (the dense control of
+    ``eff_rank``). Above ``_CHUNK`` entries (an embedding) the matrix is never held whole: its
+    smaller Gram matrix is summed over blocks of rows (or columns) drawn one after another."""
+    g = torch.Generator().manual_seed(0)
+    if m * n <= _CHUNK:
+        z = torch.randn((m, n), generator=g, dtype=torch.float64)
+        return spectral.spectrum(z.to(dev), center=False)
+    k, step = min(m, n), max(1, _CHUNK // min(m, n))
+    gram = torch.zeros((k, k), dtype=torch.float64, device=dev)
+    for i in range(0, max(m, n), step):
+        block = torch.randn((min(step, max(m, n) - i), k), generator=g,
+                            dtype=torch.float64).to(dev)
+        gram += block.T @ block  # tall: Z^T Z; wide: the same for Z^T (one Gram, one spectrum)
+    return spectral.singular_values_from_gram(torch.linalg.eigvalsh(gram), (m, n))
 
 
 def _top_singular(x: torch.Tensor, k: int) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
@@ -197,7 +231,7 @@ def _top_singular(x: torch.Tensor, k: int) -> tuple[np.ndarray, torch.Tensor, to
     ``V: [n, r]``, ``r = min(k, rank)``, from the smaller Gram matrix of ``x / max|x|`` (top
     vectors accurate to ~1e-12); the other side's are ``x v / sigma`` (or ``x^T u / sigma``)."""
     m, n = x.shape
-    scale = float(x.abs().max())
+    scale = max(float(x.max()), -float(x.min()))  # max |x| without a full-size |x|
     if scale == 0.0:
         return np.zeros(min(m, n)), x.new_zeros((m, 0)), x.new_zeros((n, 0))
     tall = m >= n
@@ -252,9 +286,9 @@ def weight_drift(base: ModelLike, tuned: ModelLike, tol: float = 1e-5, k: int = 
         if dev.type not in ("cpu", "cuda"):
             dev = torch.device("cpu")
         w = wb.to(device=dev, dtype=torch.float64)
-        d = pt[name].to(device=dev, dtype=torch.float64) - w
+        d = pt[name].to(device=dev, dtype=torch.float64, copy=True).sub_(w)  # no temporary
         for side, t in (("base", w), ("tuned", d)):
-            if not bool(torch.isfinite(t).all()):
+            if not all(bool(torch.isfinite(c).all()) for c in _slices(t)):
                 raise ValueError(f"parameter {name!r} of {side} contains NaN or Inf")
         layer, module = module_name(name, n_layers)
         nb, nd = float(torch.linalg.vector_norm(w)), float(torch.linalg.vector_norm(d))
@@ -263,10 +297,10 @@ def weight_drift(base: ModelLike, tuned: ModelLike, tol: float = 1e-5, k: int = 
         row = {"name": name, "layer": layer, "module": module, "shape": tuple(w.shape),
                "numel": numel, "norm_base": nb, "norm_delta": nd,
                "rel_change": 0.0 if nd == 0.0 else (nd / nb if nb > 0 else math.inf),
-               "frac_changed": float((d.abs() > tol).sum()) / numel,
+               "frac_changed": sum(int((c.abs() > tol).sum()) for c in _slices(d)) / numel,
                "frac_changed_dense": math.erfc(tol / (rms * math.sqrt(2.0))) if rms > 0 else 0.0,
                "frac_unchanged_bf16": bf16_unchanged_share(w, d),
-               "frac_mass": _mass_share(d, mass), "frac_mass_dense": dense_mass}
+               "frac_mass": math.nan, "frac_mass_dense": dense_mass}  # frac_mass: below
         row.update(dict.fromkeys(MATRIX_METRICS, math.nan))
         if w.ndim == 2 and min(w.shape) > 0:
             m, n = w.shape
@@ -274,15 +308,14 @@ def weight_drift(base: ModelLike, tuned: ModelLike, tol: float = 1e-5, k: int = 
             _, u_w, v_w = _top_singular(w, k)
             rank = int((s_d > 0).sum())
             if ((m, n), eps) not in _DENSE_RANK:  # RankMe of a seeded Gaussian matrix, once
-                z = torch.randn((m, n), generator=torch.Generator().manual_seed(0),
-                                dtype=torch.float64)
-                s_z = spectral.spectrum(z.to(dev), center=False)
-                _DENSE_RANK[(m, n), eps] = spectral.rankme_from_spectrum(s_z, eps)
+                _DENSE_RANK[(m, n), eps] = spectral.rankme_from_spectrum(
+                    _gaussian_spectrum(m, n, dev), eps)
             row.update(eff_rank=spectral.rankme_from_spectrum(s_d, eps) if rank > 0 else 0.0,
                        rank_delta=rank, eff_rank_dense=_DENSE_RANK[(m, n), eps],
                        eff_rank_max=min(m, n), overlap_left=_overlap(u_d, u_w),
                        overlap_right=_overlap(v_d, v_w), chance_left=u_w.shape[1] / m,
                        chance_right=v_w.shape[1] / n, k_delta=u_d.shape[1], k_base=u_w.shape[1])
+        row["frac_mass"] = _mass_share_(d, mass)  # last: it overwrites d
         rows.append(row)
         del w, d
     df = pd.DataFrame(rows)
