@@ -95,6 +95,10 @@ class Spec:
     seed: int = 0
     threads: int = 2
     mode: str = "full"
+    # --compare: `python -m alignkit compare --models base=... sft=...` on the two models, no training
+    compare_eval: int = 32  # problems evaluated per model (greedy, random weights: never stop early)
+    compare_new_tokens: int = 32
+    compare_patch: int = 8  # flips (substitutes: random models solve nothing) patched and steered
 
     def models_key(self) -> str:
         from alignkit import runs as cache
@@ -374,9 +378,44 @@ def stage_patching(spec: Spec, workdir: Path) -> dict:
             "n_npe_masked": res.meta["n_npe_masked"]}
 
 
+def stage_compare(spec: Spec, workdir: Path) -> dict:
+    """Compare mode on the two models, the calls `python -m alignkit compare --models` makes
+    (``cli.stage_models_compare``): cross-layer CKA, the whole comparison (evaluation, capture,
+    layerwise CKA, Δ RankMe, resid patching, weight drift of every tensor) and the difference lens
+    with steering and per-token KL, from an empty cache root."""
+    ph = Phases()
+    import dataclasses
+
+    import numpy as np
+
+    from alignkit import stages
+    from alignkit.config import GeneratorConfig, get_config
+
+    ph.mark("imports")
+    base_dir, tuned_dir = model_dirs(spec, workdir)
+    root = workdir / "compare-root"
+    shutil.rmtree(root, ignore_errors=True)  # a fresh miss every run: this stage measures the work
+    cfg = dataclasses.replace(get_config("tiny"), root=str(root), generator=GeneratorConfig(
+        spec.min_steps, spec.max_steps, spec.max_number, spec.seed))
+    cfg.eval = dataclasses.replace(cfg.eval, n_eval=spec.compare_eval, batch_size=spec.compare_eval,
+                                   max_new_tokens=spec.compare_new_tokens)
+    models = {"base": str(base_dir), "tuned": str(tuned_dir)}
+    cross = stages.ensure_models_cka(cfg, models)
+    ph.mark("ensure_models_cka (capture probes, cross-layer CKA + bootstrap)")
+    res = stages.ensure_models_compare(cfg, models, n_examples=spec.compare_patch, batch_size=spec.patch_batch)
+    ph.mark("ensure_models_compare (evaluate, capture, CKA, ranks, patching, weight drift)")
+    lenses = stages.ensure_models_lens(cfg, models, n_examples=spec.compare_patch, n_texts=spec.compare_patch,
+                                       batch_size=spec.patch_batch)
+    ph.mark("ensure_models_lens (mean difference, steering, per-token KL)")
+    return {"phases": ph.rows, "n_eval": res.n_eval, "n_patch": int(res.patches["tuned"].delta.shape[0]),
+            "n_layers": int(res.patches["tuned"].delta.shape[1]), "n_probes": cross.n_probes,
+            "cka_last": float(res.cka["tuned"].point[-1]), "drift_tensors": len(res.drift["tuned"]),
+            "kl_mean": float(np.mean(np.concatenate(lenses["tuned"].token_kl)))}
+
+
 STAGES = {"build": stage_build, "capture:base": lambda s, w: stage_capture(s, w, "base"),
           "capture:tuned": lambda s, w: stage_capture(s, w, "tuned"), "cka": stage_cka,
-          "spectral": stage_spectral, "patching": stage_patching}
+          "spectral": stage_spectral, "patching": stage_patching, "compare": stage_compare}
 ANALYSIS = ["capture:base", "capture:tuned", "cka", "spectral", "patching"]
 
 
@@ -458,6 +497,48 @@ def run(spec: Spec, workdir: Path, stages: list[str] | None = None) -> dict:
                     "python": platform.python_version(), "load_start": load0, "load_end": os.getloadavg()[0],
                     "mem_total_gib": _meminfo_gib("MemTotal")},
     }
+
+
+def run_compare(spec: Spec, workdir: Path) -> dict:
+    """Build (or reuse) the models, then the ``compare`` stage in its own process."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "spec.json").write_text(json.dumps(dataclasses.asdict(spec), indent=2))
+    load0 = os.getloadavg()[0]
+    out = {"build": run_stage("build", workdir), "compare": run_stage("compare", workdir)}
+    return {"spec": dataclasses.asdict(spec), "stages": out,
+            "machine": {"platform": platform.machine(), "cpus": os.cpu_count(), "torch": out["build"]["torch"],
+                        "python": platform.python_version(), "load_start": load0, "load_end": os.getloadavg()[0],
+                        "mem_total_gib": _meminfo_gib("MemTotal")}}
+
+
+def compare_markdown(rep: dict) -> str:
+    """The compare-mode results document: the stage's time and peak memory, and its phases."""
+    spec, m, c = rep["spec"], rep["machine"], rep["stages"]["compare"]
+    L = spec["model"]["num_hidden_layers"]
+    ok = c["peak_rss_gib"] <= BUDGET_GIB
+    out = [f"# Compare mode at real size: two Qwen3-0.6B-shaped models on the {m['cpus']}-core CPU", "",
+           f"Produced by `benchmarks/bench_scale.py --compare` ({spec['mode']} mode) on {m['platform']}, {m['cpus']} "
+           f"CPUs, {m['mem_total_gib']:.0f} GiB RAM, torch {m['torch']}, Python {m['python']}, {spec['threads']} "
+           f"torch threads; load average {m['load_start']:.1f} at start, {m['load_end']:.1f} at end.", "",
+           "What ran: the calls of `python -m alignkit compare --models base=DIR tuned=DIR` "
+           "(`stages.ensure_models_cka`, `ensure_models_compare`, `ensure_models_lens`) on the two models of "
+           f"`bench_scale.py` (Qwen3, {L} layers x {spec['model']['hidden_size']}, vocabulary "
+           f"{spec['model']['vocab_size']:,}, float32, random weights; tuned = base + depth-growing noise), from an "
+           f"empty cache, in one process: {c['n_eval']} generated GSM8K-format problems evaluated per model "
+           f"(greedy, {spec['compare_new_tokens']} new tokens), {c['n_probes']} probes captured, layerwise and "
+           f"cross-layer CKA with bootstraps, Δ RankMe, a resid denoise sweep over {c['n_layers']} layers on "
+           f"{c['n_patch']} examples (batch {spec['patch_batch']}), weight drift of all {c['drift_tensors']} tensors, "
+           f"and the difference lens (steering + shuffled control at every layer, per-token KL).", "",
+           "| stage | wall s | stage work s | CPU s | peak RSS GiB |", "|---|---:|---:|---:|---:|"]
+    for name, s in rep["stages"].items():
+        out.append(f"| {name} | {s['wall_s']:.1f} | {s['work_s']:.1f} | {s['cpu_s']:.0f} | {s['peak_rss_gib']:.2f} |")
+    out += ["", f"- Memory target (compare of two 0.6B-sized models <= {BUDGET_GIB:.0f} GiB on the CPU): peak "
+            f"{c['peak_rss_gib']:.2f} GiB, {'met' if ok else 'NOT met'}.",
+            f"- Sanity: CKA at the last layer {c['cka_last']:.3f}; mean per-token KL(tuned ‖ base) {c['kl_mean']:.3f} nats.",
+            "", "| phase | s | RSS GiB after |", "|---|---:|---:|"]
+    out += [f"| {p['phase']} | {p['s']:.1f} | {p['rss_gib']:.2f} |" for p in c["phases"]]
+    return "\n".join(out) + "\n"
 
 
 def _meminfo_gib(field: str) -> float:
@@ -634,6 +715,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--threads", type=int, default=2, help="torch threads per stage (and spectral eig_workers)")
     p.add_argument("--stages", nargs="+", choices=ANALYSIS,
                    help="run only these analysis stages, in order (cka and spectral need the captures)")
+    p.add_argument("--compare", action="store_true",
+                   help="compare mode (python -m alignkit compare --models) instead: RESULTS_compare.md")
     p.add_argument("--no-write", action="store_true", help="do not write benchmarks/RESULTS_scale.md")
     p.add_argument("--stage", choices=list(STAGES), help=argparse.SUPPRESS)  # internal: run one stage
     args = p.parse_args(argv)
@@ -651,6 +734,14 @@ def main(argv: list[str] | None = None) -> dict | None:
             setattr(spec, k, getattr(args, k))
             spec.mode = spec.mode if k == "threads" else "custom"
     workdir = args.workdir / spec.mode if spec.mode != "full" else args.workdir
+    if args.compare:
+        rep = run_compare(spec, workdir)
+        md = compare_markdown(rep)
+        (workdir / "report_compare.md").write_text(md)
+        sys.stdout.write(md)
+        if spec.mode == "full" and not args.no_write:
+            RESULTS.with_name("RESULTS_compare.md").write_text(md)
+        return rep
     rep = run(spec, workdir, args.stages)
     md = report_markdown(rep)
     (workdir / "report.json").write_text(json.dumps(rep, indent=2, default=str))

@@ -109,3 +109,19 @@ def test_bootstrap_eig_workers_same_result_and_threads_restored(monkeypatch):
     for bad in (0, 1.5, True):
         with pytest.raises(ValueError, match=f"eig_workers must be a positive int, got {bad!r}"):
             spectral.bootstrap_layer_metrics(acts, n_boot=4, eig_workers=bad)
+
+
+def test_compare_mode_on_a_tiny_config(tmp_path):
+    """``--compare``: the CLI's compare calls on the two built models in their own process, with its
+    time, peak memory and phases in the report."""
+    spec = bench_scale.quick_spec(model=TINY, n_texts=12, threads=1, tokenizer_corpus=300, compare_eval=8,
+                                  compare_new_tokens=4, compare_patch=2, patch_batch=2)
+    rep = bench_scale.run_compare(spec, tmp_path)
+    c = rep["stages"]["compare"]
+    assert 0 < c["work_s"] <= c["wall_s"] and 0.1 < c["peak_rss_gib"] < 8
+    assert c["n_eval"] == 8 and c["n_patch"] == 2 and c["n_layers"] == 2 and c["n_probes"] == 8
+    assert [p["phase"].split(" ")[0] for p in c["phases"]] == [
+        "imports", "ensure_models_cka", "ensure_models_compare", "ensure_models_lens"]
+    assert np.isfinite(c["kl_mean"]) and c["drift_tensors"] > 2
+    md = bench_scale.compare_markdown(rep)
+    assert "| compare |" in md and "peak" in md and "ensure_models_lens" in md
