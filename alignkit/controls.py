@@ -145,9 +145,8 @@ def bootstrap_cka_matrix(acts_a: ArrayLike, acts_b: ArrayLike, n_boot: int = 200
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, n, size=(n_boot, n))
     point = cka_matrix(a, b)
-    samples = np.stack([cka_matrix(a[:, torch.from_numpy(np.sort(d)).to(a.device)],
-                                   b[:, torch.from_numpy(np.sort(d)).to(b.device)])
-                        for d in draws])
+    rows = (torch.from_numpy(np.sort(d)).to(a.device) for d in draws)
+    samples = np.stack([cka_matrix(a[:, r], b[:, r.to(b.device)]) for r in rows])
     best = np.argmax(point, 0)
     cols = np.arange(point.shape[1])
     diff = samples[:, best, cols][:, None, :] - samples  # [n_boot, L_a, L_b]

@@ -310,16 +310,22 @@ def resolve_model(spec: str | Path, revision: str | None = None) -> Path:
                          "download it where the hub is reachable and pass the directory") from None
 
 
-def check_compatible(paths: dict[str, Path], same_shape: bool = True) -> dict[str, list[str]]:
+def shape_differences(configs: dict) -> dict[str, list[str]]:
+    """``{model: [config fields that differ from the first's]}`` for every model after the first
+    of ``configs`` (``{label: PretrainedConfig}``): the architecture class, then each of
+    ``SHAPE_FIELDS`` (empty: one shape)."""
+    ref = configs[next(iter(configs))]
+    return {k: ([] if c.architectures == ref.architectures else ["architectures"])
+            + [f for f in SHAPE_FIELDS if getattr(ref, f, None) != getattr(c, f, None)]
+            for k, c in list(configs.items())[1:]}
+
+
+def check_compatible(paths: dict[str, Path], same_shape: bool = True) -> None:
     """Before any long work: every model against the first (the reference) has a supported
     architecture and the same tokenizer (vocabulary, merges, special tokens: the probes and their
     pooled positions must be the same tokens); with ``same_shape`` also the same architecture and
-    shape (``SHAPE_FIELDS``: same-layer comparisons pair layers and positions). ValueError or
-    NotImplementedError naming the model and the difference.
-
-    Returns:
-        ``{model: [config fields that differ from the reference]}`` for every model after the
-        first (all empty when ``same_shape``); the architecture class counts as a field.
+    shape (``SHAPE_FIELDS``, ``shape_differences``: same-layer comparisons pair layers and
+    positions). ValueError or NotImplementedError naming the model and the difference.
     """
     names = list(paths)
     configs = {k: AutoConfig.from_pretrained(str(v)) for k, v in paths.items()}
@@ -328,19 +334,15 @@ def check_compatible(paths: dict[str, Path], same_shape: bool = True) -> dict[st
         if arch not in ARCHITECTURES:
             raise NotImplementedError(f"{k} ({paths[k]}): {_unsupported(arch, c.model_type)}")
     ref, tok = names[0], AutoTokenizer.from_pretrained(str(paths[names[0]]))
-    differs = {}
+    differs = shape_differences(configs)
     for k in names[1:]:
-        a, b = configs[ref], configs[k]
-        differs[k] = [] if a.architectures == b.architectures else ["architectures"]
-        differs[k] += [f for f in SHAPE_FIELDS if getattr(a, f, None) != getattr(b, f, None)]
         if same_shape and differs[k]:
             f = differs[k][0]
-            raise ValueError(f"{k} differs from the reference {ref} in config.{f}: "
-                             f"{getattr(a, f, None)!r} vs {getattr(b, f, None)!r}; same-layer "
-                             "comparisons need one shape (cross-layer CKA runs across shapes: "
-                             "stages.ensure_models_cka)")
+            va, vb = getattr(configs[ref], f, None), getattr(configs[k], f, None)
+            raise ValueError(f"{k} differs from the reference {ref} in config.{f}: {va!r} vs "
+                             f"{vb!r}; same-layer comparisons need one shape (cross-layer CKA runs "
+                             "across shapes: stages.ensure_models_cka)")
         try:
             check_same_tokenizer(tok, AutoTokenizer.from_pretrained(str(paths[k])))
         except ValueError as e:
             raise ValueError(f"{k} and the reference {ref}: {e}") from None
-    return differs

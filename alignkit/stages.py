@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from alignkit import cka, claims, controls, layers, lens, patching, runs, spectral, weights
 from alignkit.capture import Activations, capture_cached, capture_run, varying_points
@@ -28,6 +28,7 @@ from alignkit.models import (
     placement,
     preflight,
     resolve_model,
+    shape_differences,
 )
 from alignkit.results import (
     CKAResult,
@@ -576,7 +577,7 @@ def ensure_models_cka(cfg: Config, models: dict[str, str], revisions: dict | Non
     ``<root>/models/cka/`` by content hashes. Parameters: ``cross_defaults``."""
     p = _params(cross_defaults(cfg.smoke), given)
     paths = given_models(cfg, models, revisions, same_shape=False)
-    differs = check_compatible(paths, same_shape=False)
+    differs = shape_differences({k: AutoConfig.from_pretrained(str(v)) for k, v in paths.items()})
     root = cfg.run_root / "models"
     tokenizer = AutoTokenizer.from_pretrained(str(paths["base"])) if cfg.chat else None
     texts = probe_texts(cfg, tokenizer)

@@ -474,6 +474,22 @@ def run_stage(stage: str, workdir: Path) -> dict:
     return out
 
 
+def _run_stages(spec: Spec, workdir: Path, stages: list[str]) -> dict:
+    """``spec.json`` written, the models built (or reused), then each of ``stages`` in its own
+    process: ``{"spec", "stages": {name: output}, "machine"}``."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "spec.json").write_text(json.dumps(dataclasses.asdict(spec), indent=2))
+    load0 = os.getloadavg()[0]
+    out = {"build": run_stage("build", workdir)}
+    for stage in stages:
+        out[stage] = run_stage(stage, workdir)
+    return {"spec": dataclasses.asdict(spec), "stages": out,
+            "machine": {"platform": platform.machine(), "cpus": os.cpu_count(), "torch": out["build"]["torch"],
+                        "python": platform.python_version(), "load_start": load0, "load_end": os.getloadavg()[0],
+                        "mem_total_gib": _meminfo_gib("MemTotal")}}
+
+
 def run(spec: Spec, workdir: Path, stages: list[str] | None = None) -> dict:
     """Build (or reuse) the models, then run every analysis stage in its own process.
 
@@ -481,35 +497,15 @@ def run(spec: Spec, workdir: Path, stages: list[str] | None = None) -> dict:
         ``{"spec": ..., "stages": {name: output}, "analysis_wall_s": float, "max_peak_rss_gib": float,
         "machine": {...}}``.
     """
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "spec.json").write_text(json.dumps(dataclasses.asdict(spec), indent=2))
-    load0 = os.getloadavg()[0]
-    out = {"build": run_stage("build", workdir)}
-    for stage in stages or ANALYSIS:
-        out[stage] = run_stage(stage, workdir)
-    analysis = [out[s] for s in ANALYSIS if s in out]
-    return {
-        "spec": dataclasses.asdict(spec), "stages": out,
-        "analysis_wall_s": sum(s["wall_s"] for s in analysis),
-        "max_peak_rss_gib": max(s["peak_rss_gib"] for s in analysis),
-        "machine": {"platform": platform.machine(), "cpus": os.cpu_count(), "torch": out["build"]["torch"],
-                    "python": platform.python_version(), "load_start": load0, "load_end": os.getloadavg()[0],
-                    "mem_total_gib": _meminfo_gib("MemTotal")},
-    }
+    rep = _run_stages(spec, workdir, stages or ANALYSIS)
+    analysis = [rep["stages"][s] for s in ANALYSIS if s in rep["stages"]]
+    return {**rep, "analysis_wall_s": sum(s["wall_s"] for s in analysis),
+            "max_peak_rss_gib": max(s["peak_rss_gib"] for s in analysis)}
 
 
 def run_compare(spec: Spec, workdir: Path) -> dict:
     """Build (or reuse) the models, then the ``compare`` stage in its own process."""
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "spec.json").write_text(json.dumps(dataclasses.asdict(spec), indent=2))
-    load0 = os.getloadavg()[0]
-    out = {"build": run_stage("build", workdir), "compare": run_stage("compare", workdir)}
-    return {"spec": dataclasses.asdict(spec), "stages": out,
-            "machine": {"platform": platform.machine(), "cpus": os.cpu_count(), "torch": out["build"]["torch"],
-                        "python": platform.python_version(), "load_start": load0, "load_end": os.getloadavg()[0],
-                        "mem_total_gib": _meminfo_gib("MemTotal")}}
+    return _run_stages(spec, workdir, ["compare"])
 
 
 def compare_markdown(rep: dict) -> str:

@@ -5,12 +5,10 @@ absent (meta) until each module runs. Every analysis must give what the plainly 
 our partial reruns call decoder layers, norms and the head directly, not through the model's
 forward."""
 
-import copy
-
 import numpy as np
 import pytest
 import torch
-from tiny_models import make_model
+from tiny_models import make_model, perturbed_copy
 
 from alignkit import lens, patching
 from alignkit.capture import capture
@@ -28,11 +26,7 @@ MAP = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0":
 def saved(tmp_path_factory):
     tok = train_tokenizer([p["question"] + " " + p["answer"] for p in generate_problems(200, "train")], 300)
     base = make_model("qwen3", vocab_size=len(tok))
-    tuned = copy.deepcopy(base)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in tuned.model.layers.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    tuned = perturbed_copy(base)
     root = tmp_path_factory.mktemp("map")
     for name, m in (("base", base), ("tuned", tuned)):
         m.save_pretrained(root / name)

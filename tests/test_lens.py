@@ -7,7 +7,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from tiny_models import make_model
+from tiny_models import make_model, perturbed_copy
 
 from alignkit import lens, patching
 from alignkit.data import format_prompt, generate_problems
@@ -25,12 +25,7 @@ def tok():
 @pytest.fixture(scope="module")
 def pair(tok):
     base = make_model("qwen3", vocab_size=len(tok))
-    tuned = copy.deepcopy(base)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in tuned.model.layers.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return base, tuned
+    return base, perturbed_copy(base)
 
 
 @pytest.fixture(scope="module")

@@ -74,6 +74,19 @@ def make_model(arch: str = "qwen3", seed: int = 0, **over):
     return cls(cfg_cls(**kw)).eval()
 
 
+def perturbed_copy(model, scale: float = 0.05, seed: int = 1):
+    """A copy of a Qwen-layout ``model`` with N(0, scale^2) noise on its decoder layers' weights
+    only (embedding, final norm and head kept): a "tuned" model for pair tests."""
+    import copy
+
+    tuned = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in tuned.model.layers.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return tuned
+
+
 def make_unsupported(vocab_size: int = 100) -> BloomForCausalLM:
     """A decoder family alignkit does not support (BLOOM: ALiBi, fused QKV, no table entry)."""
     torch.manual_seed(0)
