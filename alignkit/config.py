@@ -115,7 +115,7 @@ class EvalConfig:
     """Held-out evaluation: greedy generation and teacher-forced answer log-prob."""
 
     n_eval: int | None = 300  # the first n problems of the test split; None: all of it
-    batch_size: int = 64
+    batch_size: int = 64  # prompts per batch; 0: as many as fit the GPU (evaluate.fit_eval_batch)
     max_new_tokens: int = 112
     stop: tuple[str, ...] = ("\nQuestion:",)  # also ends decoding (with the model's end tokens)
     n_shot: int = 0  # worked examples before each question (the first rows of the train split)
@@ -191,7 +191,7 @@ def _qwen3(model: str, chat: bool, preset: str, smoke: bool) -> Config:
     gradient checkpointing and micro-batches sized to the GPU (``train.fit_micro_batch``)."""
     cfg = Config(preset=preset, model=model, data_source="openai/gsm8k", chat=chat,
                  dtype="bfloat16", gradient_checkpointing=True, n_seeds=1,  # GPU hours: opt in
-                 eval=EvalConfig(n_eval=None, batch_size=64, max_new_tokens=320),
+                 eval=EvalConfig(n_eval=None, batch_size=0, max_new_tokens=320),
                  sft=SFTConfig(max_steps=1000, batch_size=16, learning_rate=1e-5, max_length=512,
                                n_train=7473),
                  dpo=DPOConfig(max_steps=300, batch_size=16, learning_rate=5e-7, beta=0.1,

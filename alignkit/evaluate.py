@@ -44,6 +44,59 @@ def end_tokens(model, tokenizer) -> list[int]:
     return ids
 
 
+GiB = 2**30
+MAX_EVAL_BATCH = 256  # beyond this a 0.6B model's decoding step grows and stragglers cost more
+CPU_EVAL_BATCH = 64
+
+
+def eval_memory(model_config, prompt_tokens: int, new_tokens: int, bytes_per_value: int,
+                num_samples: int = 1) -> float:
+    """Estimated GPU memory (bytes) that one prompt adds to a batch of ``generate`` and
+    ``answer_logprob``: the key-value cache of ``num_samples`` sequences at the length limit, the
+    prefill's and scoring's layer activations, decoding's float32 next-token logits (with the
+    processors' copies) and scoring's ``[answer rows, vocab]`` slice (16 rows, model dtype plus
+    its float64 log-softmax). Conservative: the parts are added, not overlapped."""
+    c = model_config
+    d, L, f, v = c.hidden_size, c.num_hidden_layers, c.intermediate_size, c.vocab_size
+    hd = getattr(c, "head_dim", None) or d // c.num_attention_heads
+    kv = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    length = prompt_tokens + new_tokens
+    cache = num_samples * length * L * 2 * kv * hd * bytes_per_value
+    layer = length * (4 * d + 3 * f) * bytes_per_value * max(1, num_samples)
+    logits = num_samples * 3 * v * 4 + 16 * v * (bytes_per_value + 16)
+    return float(cache + layer + logits)
+
+
+def fit_eval_batch(cfg: Config, model, tokenizer, prompts: Sequence[str],
+                   num_samples: int = 1) -> int:
+    """The evaluation batch: ``cfg.eval.batch_size`` when set (> 0); else (0) on the CPU 64, and on
+    a GPU the most prompts (at most ``MAX_EVAL_BATCH``) whose ``eval_memory`` at the longest
+    prompt fits the device's free memory with 15 % and 1 GiB to spare, evened out over the
+    batches (1,319 problems at a cap of 256: 6 batches of 220, not 5 of 256 and one of 39)."""
+    if cfg.eval.batch_size > 0:
+        return cfg.eval.batch_size
+    if cfg.eval.batch_size < 0:
+        raise ValueError(f"eval.batch_size must be >= 0 (0: fit the GPU), got "
+                         f"{cfg.eval.batch_size}")
+    n = len(prompts)
+    device = input_device(model)
+    if device.type != "cuda":
+        cap = CPU_EVAL_BATCH
+    else:
+        longest = max(len(ids) for ids in tokenizer(list(prompts), add_special_tokens=False)[
+            "input_ids"])
+        free, _ = torch.cuda.mem_get_info(device)
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        per = eval_memory(model.config, longest, cfg.eval.max_new_tokens,
+                          next(model.parameters()).element_size(), num_samples)
+        cap = int(min(MAX_EVAL_BATCH, max(1.0, (free - GiB) / (1.15 * per))))
+        logger.info("evaluation batch: up to %d prompts (%.2f GiB each at %d + %d tokens, %.1f "
+                    "GiB free on %s)", cap, per / GiB, longest, cfg.eval.max_new_tokens,
+                    free / GiB, device)
+    n_batches = -(-n // cap)
+    return max(1, -(-n // n_batches))
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 128,
              batch_size: int = 32, stop: Sequence[str] = ("\nQuestion:",), desc: str = "generate",
@@ -145,7 +198,9 @@ def answer_logprob(model, tokenizer, prompts: Sequence[str], answers: Sequence[s
 @dataclasses.dataclass
 class CheckpointEval:
     """One checkpoint's evaluation on ``n`` held-out problems (``eval-<key>.json`` beside it);
-    ``correct``, ``predictions``, ``outputs``, ``answer_logprob``: ``[n]``, evaluation-set order."""
+    ``correct``, ``predictions``, ``outputs``, ``answer_logprob``: ``[n]``, evaluation-set order.
+    Greedy outputs can differ in the last bits with the batch (padding) in half precision, so the
+    batch used is recorded."""
 
     checkpoint: str
     step: int | None
@@ -159,6 +214,7 @@ class CheckpointEval:
     answer_logprob: list[float]
     mean_answer_logprob: float
     train_loss: float | None = None
+    batch_size: int | None = None  # the batch generation and scoring ran at (fit_eval_batch)
 
     def save(self, path: str | Path) -> None:
         runs.write_json_atomic(path, dataclasses.asdict(self))
@@ -207,16 +263,17 @@ def evaluate_checkpoint(ckpt: str | Path, cfg: Config, ds=None,
         logger.warning("stale or damaged evaluation cache %s: recomputing", where)
     model, tokenizer = load_model(ckpt, dtype=cfg.dtype, **placement(cfg))
     prompts = prompts_for(cfg, tokenizer, ds["question"], few_shot=True)
-    outputs = generate(model, tokenizer, prompts, cfg.eval.max_new_tokens, cfg.eval.batch_size,
-                       cfg.eval.stop, desc=f"generate {ckpt.name}")
+    batch = fit_eval_batch(cfg, model, tokenizer, prompts)
+    outputs = generate(model, tokenizer, prompts, cfg.eval.max_new_tokens, batch, cfg.eval.stop,
+                       desc=f"generate {ckpt.name}")
     preds = [extract_answer(o) for o in outputs]
     correct = [p is not None and p == g for p, g in zip(preds, ds["final_answer"])]
-    lp = answer_logprob(model, tokenizer, prompts, ds["answer"], cfg.eval.batch_size, cfg.chat)
+    lp = answer_logprob(model, tokenizer, prompts, ds["answer"], batch, cfg.chat)
     res = CheckpointEval(
         checkpoint=str(ckpt), step=manifest.get("step"), weights_hash=whash, key=key,
         accuracy=float(np.mean(correct)), n=len(correct), correct=correct, predictions=preds,
         outputs=outputs, answer_logprob=lp.tolist(), mean_answer_logprob=float(lp.mean()),
-        train_loss=manifest.get("train_loss"))
+        train_loss=manifest.get("train_loss"), batch_size=batch)
     if beside:
         res.save(path)
     res.save(shared)

@@ -21,6 +21,7 @@ positional embeddings (Gemma, GPT-2's ``wpe``) are included. Any other class rai
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -29,6 +30,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from alignkit.config import Config
+
+logger = logging.getLogger(__name__)
 
 _PRE_NORM = dict(attn="self_attn", mlp="mlp", mlp_branch=("post_attention_layernorm", "mlp"))
 _SANDWICH = dict(attn="post_attention_layernorm", mlp="post_feedforward_layernorm",
@@ -171,6 +174,27 @@ def placement(cfg: Config) -> dict:
     return {"device": device_for(cfg), "device_map": "auto" if cfg.device == "map" else None}
 
 
+def native_bf16(device: str | torch.device) -> bool:
+    """Whether ``device`` computes in bfloat16 natively: the CPU, ROCm, a CUDA GPU of compute
+    capability 8 or more (Ampere on). Not Colab's T4 (7.5), where ``torch.cuda.is_bf16_supported()``
+    still says yes because bf16 tensors can be made there (emulated, and refused by the Trainer)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return True
+    return bool(torch.version.hip) or torch.cuda.get_device_capability(device)[0] >= 8
+
+
+def compute_dtype(dtype: str, device: str | torch.device) -> str:
+    """``dtype`` for models analysed on ``device``, except that ``"bfloat16"`` on a GPU without
+    native bf16 becomes ``"float32"`` (logged): correct first (fp16 can overflow Qwen's residual
+    stream), and a 0.6B model in float32 fits a 16 GB T4."""
+    if dtype == "bfloat16" and not native_bf16(device):
+        logger.warning("%s has no native bfloat16 (compute capability %s): analysing in float32",
+                       device, ".".join(map(str, torch.cuda.get_device_capability(device))))
+        return "float32"
+    return dtype
+
+
 def load_model(path: str | Path, dtype: str = "float32", device: str | torch.device = "cpu",
                device_map: str | dict | None = None, offload_folder: str | Path | None = None):
     """A causal LM and its tokenizer from a directory or hub id, in eval mode on ``device``, or
@@ -187,6 +211,7 @@ def load_model(path: str | Path, dtype: str = "float32", device: str | torch.dev
     extra = {} if device_map is None else {"device_map": device_map}
     if offload_folder is not None:
         extra["offload_folder"] = str(offload_folder)
+    dtype = compute_dtype(dtype, device)  # device: where a map's inputs go (the first GPU)
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype), **extra)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     if tokenizer.pad_token is None:

@@ -26,8 +26,8 @@ from trl import DPOTrainer, GRPOTrainer, SFTTrainer
 
 from alignkit import data, runs
 from alignkit.config import PRECISIONS, Config, EvalConfig
-from alignkit.evaluate import generate
-from alignkit.models import device_for, load_model, preflight
+from alignkit.evaluate import fit_eval_batch, generate
+from alignkit.models import device_for, load_model, native_bf16, preflight
 from alignkit.runs import checkpoint_dir, list_checkpoints, run_dir, run_key
 from alignkit.tiny import ensure_base
 
@@ -81,7 +81,7 @@ def sft_dataset(cfg: Config, tokenizer=None, ds=None):
 def training_precision(cfg: Config, device: torch.device) -> str:
     """The autocast of training (master weights, gradients and optimizer states stay fp32):
     ``cfg.precision``, or for ``"auto"`` bf16 on a GPU that has it, fp16 with loss scaling on one
-    that does not (Colab's T4), fp32 on the CPU."""
+    that does not (Colab's T4: ``models.native_bf16``), fp32 on the CPU."""
     if cfg.precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {cfg.precision!r}")
     if cfg.precision == "fp16" and device.type != "cuda":
@@ -90,7 +90,7 @@ def training_precision(cfg: Config, device: torch.device) -> str:
     if cfg.precision != "auto":
         return cfg.precision
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if native_bf16(device) else "fp16"
     return "fp32"
 
 
@@ -394,7 +394,8 @@ def sampled_preference_pairs(model, tokenizer, rows, fallback: list[dict], cfg: 
     prompts = [p["prompt"] for p in fallback]
 
     def sample() -> list[str]:
-        return generate(model, tokenizer, prompts, cfg.eval.max_new_tokens, cfg.eval.batch_size,
+        batch = fit_eval_batch(cfg, model, tokenizer, prompts, num_samples=k)
+        return generate(model, tokenizer, prompts, cfg.eval.max_new_tokens, batch,
                         cfg.eval.stop, desc="sample rejected", num_samples=k,
                         temperature=cfg.dpo.sample_temperature, seed=cfg.dpo.seed)
 

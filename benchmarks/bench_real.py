@@ -83,7 +83,7 @@ def child(stage: str, args) -> dict:
     """One stage, in this (fresh) process: its work time and what it measured."""
     from alignkit import runs, spectral, stages
     from alignkit.data import eval_set, prompts_for
-    from alignkit.evaluate import answer_logprob
+    from alignkit.evaluate import answer_logprob, fit_eval_batch
     from alignkit.models import load_model
 
     cfg = config(args.workdir, args.layers, args.n_eval, args.steps, args.micro)
@@ -98,7 +98,8 @@ def child(stage: str, args) -> dict:
         ds = eval_set(cfg)
         prompts = prompts_for(cfg, tok, ds["question"])
         t0 = time.perf_counter()  # scoring alone, the model loaded
-        lp = answer_logprob(model, tok, prompts, ds["answer"], cfg.eval.batch_size, cfg.chat)
+        batch = fit_eval_batch(cfg, model, tok, prompts)  # the preset's 0 is 64 on the CPU
+        lp = answer_logprob(model, tok, prompts, ds["answer"], batch, cfg.chat)
         out["finite"] = bool(all(v == v for v in lp))
         out["tokens"] = sum(len(tok(p + " " + a)["input_ids"]) for p, a in zip(prompts, ds["answer"]))
     elif stage == "capture":

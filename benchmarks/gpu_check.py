@@ -31,6 +31,8 @@ import rehearsal  # noqa: E402
 
 from alignkit import runs, stages, weights  # noqa: E402
 from alignkit.config import get_config  # noqa: E402
+from alignkit.data import eval_set, prompts_for  # noqa: E402
+from alignkit.evaluate import fit_eval_batch, generate  # noqa: E402
 from alignkit.models import load_model  # noqa: E402
 
 logger = logging.getLogger("gpu_check")
@@ -67,19 +69,40 @@ class Recorder:
         if cuda:
             row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         if out is not None and count is not None:
-            row["throughput"] = f"{count(out) / row['seconds']:.1f} {unit}/s"
+            row["throughput"] = f"{count(out) / row['seconds']:.3g} {unit}/s"
         self.rows.append(row)
         logger.info("%s", row)
         return out
 
 
+N_RATE = 256  # prompts of the generation-rate stage: one fitted batch on a large GPU
+
+
+def generation_rate(cfg, ckpt, n: int) -> int:
+    """Greedy generation of ``n`` prompts at the preset's fitted batch (a random model never ends
+    early: every sequence decodes ``eval.max_new_tokens``), the worst case of the full split's
+    evaluation; returns the batch."""
+    model, tok = load_model(ckpt, cfg.dtype, cfg.device)
+    prompts = prompts_for(cfg, tok, (list(eval_set(cfg)["question"]) * n)[:n])
+    batch = fit_eval_batch(cfg, model, tok, prompts)
+    generate(model, tok, prompts, cfg.eval.max_new_tokens, batch, cfg.eval.stop)
+    return batch
+
+
 def check(variant: str, cfg, rec: Recorder, quick: bool) -> None:
-    res = rec.run(variant, "train sft", lambda: stages.train(cfg, "sft"))
+    rec.run(variant, "train sft", lambda: stages.train(cfg, "sft"), "steps",
+            lambda _: cfg.sft.max_steps)
     res = rec.run(variant, "evaluate", lambda: stages.ensure_results(cfg, "sft"), "problems",
                   lambda r: len(r.evals) * r.evals[0].n)
     if res is not None:
         first, last = res.evals[0].checkpoint, res.evals[-1].checkpoint
-        rec.rows[-1]["note"] = f"SFT moved {changed_share(Path(first), Path(last)):.1%} of entries"
+        rec.rows[-1]["note"] = (f"batch {res.evals[-1].batch_size}; SFT moved "
+                                f"{changed_share(Path(first), Path(last)):.1%} of entries")
+        if variant == "qwen3-0.6b-base":  # the rate behind the full split's time estimate
+            n = 16 if quick else N_RATE
+            batch = rec.run(variant, f"generate {n} (fitted batch)", lambda: generation_rate(
+                cfg, last, n), "problems", lambda _: n)
+            rec.rows[-1]["note"] = f"batch {batch}, {cfg.eval.max_new_tokens} new tokens each"
     rec.run(variant, "capture", lambda: stages.ensure_captures(cfg, "sft"))
     rec.run(variant, "cka", lambda: stages.ensure_cka(cfg, "sft"))
     rec.run(variant, "spectral", lambda: stages.ensure_spectral(cfg, "sft"))
@@ -121,7 +144,7 @@ def main() -> None:
             "dpo.max_steps": 2 if args.quick else 5, "dpo.n_pairs": 8 if args.quick else 16,
             "dpo.schedule": (0.0, 1.0), "grpo.max_steps": 2 if args.quick else 3,
             "grpo.n_prompts": 8 if args.quick else 16, "grpo.schedule": (0.0, 1.0),
-            "eval.n_eval": n_eval, "eval.batch_size": 32}
+            "eval.n_eval": n_eval}  # eval.batch_size: the preset's 0, fitted to the GPU
     if args.quick:
         base.update({"eval.max_new_tokens": 16, "grpo.max_completion_length": 16,
                      "grpo.batch_size": 8, "grpo.num_generations": 4, "sft.batch_size": 4,

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import types
 from pathlib import Path
 
 import numpy as np
@@ -238,6 +239,63 @@ def test_training_precision_is_chosen_from_the_device():
         train.training_precision(dataclasses.replace(cfg, precision="half"), torch.device("cpu"))
 
 
+def test_a_gpu_without_native_bf16_gets_fp16_training_and_float32_analysis(monkeypatch):
+    """Colab's T4 (compute capability 7.5) can hold bf16 tensors, so torch's
+    ``is_bf16_supported()`` says yes there; the choice must read the capability."""
+    cfg = get_config("qwen3-0.6b-base")
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    for capability, autocast, analysis in (((7, 5), "fp16", "float32"),
+                                           ((8, 0), "bf16", "bfloat16")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None, c=capability: c)
+        assert train.training_precision(cfg, gpu) == autocast
+        assert models.compute_dtype(cfg.dtype, gpu) == analysis
+        assert models.compute_dtype("float16", gpu) == "float16"
+    assert models.compute_dtype("bfloat16", "cpu") == "bfloat16"
+
+
+def test_eval_batch_is_fitted_to_the_gpu(monkeypatch, qwen_tok):
+    """``eval.batch_size=0`` (the real presets): 64 on the CPU, on a GPU the most prompts whose
+    estimate fits the free memory (at most 256), evened out over the batches."""
+    cfg = get_config("qwen3-0.6b-base")
+    assert cfg.eval.batch_size == 0
+    # one more token of length adds the key-value cache (28 layers x K and V x 8 heads x 128 x 2
+    # bytes) and the layer activations (4 x 1024 + 3 x 3072 values): counted by hand
+    per_token = 28 * 2 * 8 * 128 * 2 + (4 * 1024 + 3 * 3072) * 2
+    assert (evaluate.eval_memory(QWEN3_06B, 100, 321, 2)
+            - evaluate.eval_memory(QWEN3_06B, 100, 320, 2)) == per_token
+    prompts = data.prompts_for(cfg, qwen_tok, ["Tom has 3 apples. How many now?"] * 1319)
+    cpu = types.SimpleNamespace(config=QWEN3_06B, parameters=lambda: iter([torch.zeros(1)]))
+    monkeypatch.setattr(evaluate, "input_device", lambda m: torch.device("cpu"))
+    assert evaluate.fit_eval_batch(cfg, cpu, qwen_tok, prompts) == 63  # 21 batches of <= 64
+    assert evaluate.fit_eval_batch(cfg, cpu, qwen_tok, prompts[:64]) == 64
+    gpu = types.SimpleNamespace(config=QWEN3_06B,
+                                parameters=lambda: iter([torch.zeros(1, dtype=torch.bfloat16)]))
+    monkeypatch.setattr(evaluate, "input_device", lambda m: torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d=None: 0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d=None: 0)
+    longest = max(len(x) for x in qwen_tok(prompts, add_special_tokens=False)["input_ids"])
+    per = evaluate.eval_memory(QWEN3_06B, longest, cfg.eval.max_new_tokens, 2)
+    for free_gib, want in ((78, 220), (20, None), (0.5, 1)):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d=None, f=free_gib: (
+            int(f * 2**30), 80 * 2**30))
+        batch = evaluate.fit_eval_batch(cfg, gpu, qwen_tok, prompts)
+        if want is not None:
+            assert batch == want
+        else:  # the fitted batch fits, one more per batch would not have
+            assert 1.15 * per * batch + 2**30 <= free_gib * 2**30
+            cap = int((free_gib * 2**30 - 2**30) / (1.15 * per))
+            assert 50 < cap < 256 and batch == -(-1319 // -(-1319 // cap))
+    for fixed in (8, 300):
+        assert evaluate.fit_eval_batch(dataclasses.replace(
+            cfg, eval=dataclasses.replace(cfg.eval, batch_size=fixed)), gpu, qwen_tok,
+            prompts) == fixed
+    with pytest.raises(ValueError, match="eval.batch_size must be >= 0"):
+        evaluate.fit_eval_batch(dataclasses.replace(
+            cfg, eval=dataclasses.replace(cfg.eval, batch_size=-1)), gpu, qwen_tok, prompts)
+
+
 def test_named_errors_before_long_work(tmp_path, small_qwen, qwen_tok):
     with pytest.raises(ValueError, match="unknown preset 'qwen3-0.6B'"):
         get_config("qwen3-0.6B")
@@ -301,7 +359,7 @@ def test_both_presets_run_all_end_to_end(tmp_path, preset, compare):
     assert cli.main(argv + ["all", "--skip", "figures"] + ([] if compare else ["compare"])) == 0
     cfg, _ = cli.config_from_args(cli.build_parser().parse_args(argv + ["all"]))
     res = stages.ensure_results(cfg, "sft")
-    assert [e.n for e in res.evals] == [8, 8]
+    assert [e.n for e in res.evals] == [8, 8] and [e.batch_size for e in res.evals] == [8, 8]
     assert all(np.isfinite(e.answer_logprob).all() for e in res.evals)
     probes = stages.run_probes(cfg, res.run_dir)
     assert probes[0].endswith("<think>\n\n</think>\n\n" if cfg.chat else "\nAnswer:")
