@@ -5,6 +5,7 @@
 #   here:   bash benchmarks/device_gpu_check.sh fetch   # pure-Python wheels into .whl/ (~15 MB)
 #   there:  bash benchmarks/device_gpu_check.sh run     # device run, carry [".whl"], ~7-8 min
 #
+# Arguments after `run` go to gpu_check.py (`run --layers 2 --quick --device cpu`: a dry run).
 # `run` installs the wheels into /tmp/site, prints the versions it will use, and runs
 # benchmarks/gpu_check.py with its table and JSON under $OUT (or benchmarks/). The wheels are the
 # versions the CPU tests ran with here; pyarrow (55 MB, over the carry limit with the rest) is
@@ -21,13 +22,15 @@ case "${1:-}" in
   run)
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target /tmp/site .whl/*.whl
-    export PYTHONPATH="/tmp/site:$PWD" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1
+    export PYTHONPATH="/tmp/site:$PWD" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1 \
+      TQDM_DISABLE=1  # progress bars off: the log is the stages' lines and the table
     python3 -c "import torch, transformers, trl, datasets, pyarrow; print('torch', \
-torch.__version__, torch.cuda.get_device_name(), '| transformers', transformers.__version__, \
+torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU', \
+'| transformers', transformers.__version__, \
 '| trl', trl.__version__, '| datasets', datasets.__version__, '| pyarrow', pyarrow.__version__)"
     out="${OUT:-benchmarks}"
-    python3 benchmarks/gpu_check.py --out "$out/gpu_check.json" 2>&1 | tee "$out/gpu_check.log" \
-      | grep -v "it/s\]\|s/it\]" ;;
+    python3 benchmarks/gpu_check.py --out "$out/gpu_check.json" "${@:2}" 2>&1 \
+      | tee "$out/gpu_check.log" ;;
   *)
     echo "usage: $0 fetch|run" >&2; exit 2 ;;
 esac
