@@ -140,7 +140,8 @@ class Config:
     dtype: str = "float32"  # weights for evaluation, capture and patching (training: fp32 master)
     precision: str = "auto"  # training autocast: "auto" (bf16 on a bf16 GPU, fp16 with loss
     # scaling on a GPU without bf16, fp32 on the CPU), "bf16", "fp16" or "fp32"
-    gradient_checkpointing: bool = False  # recompute activations in backward: memory for time
+    gradient_checkpointing: bool | str = False  # recompute activations in backward: memory for
+    # time; "auto": off where the GPU holds the step without it (train.resolve_checkpointing)
     device: str = "auto"  # "auto" (cuda:LOCAL_RANK when a GPU is present, else cpu), explicit
     # ("cuda:1"), or "map": analysed models spread over all GPUs (models.placement)
     smoke: bool = False
@@ -190,7 +191,7 @@ def _qwen3(model: str, chat: bool, preset: str, smoke: bool) -> Config:
     """The real path at the seed's sizes: full test split, fp32 master weights with autocast,
     gradient checkpointing and micro-batches sized to the GPU (``train.fit_micro_batch``)."""
     cfg = Config(preset=preset, model=model, data_source="openai/gsm8k", chat=chat,
-                 dtype="bfloat16", gradient_checkpointing=True, n_seeds=1,  # GPU hours: opt in
+                 dtype="bfloat16", gradient_checkpointing="auto", n_seeds=1,  # GPU hours: opt in
                  eval=EvalConfig(n_eval=None, batch_size=0, max_new_tokens=320),
                  sft=SFTConfig(max_steps=1000, batch_size=16, learning_rate=1e-5, max_length=512,
                                n_train=7473),

@@ -179,16 +179,44 @@ def fit_micro_batch(cfg: Config, method: str, model_config, world: int, precisio
     return 1
 
 
+ROOM_WITHOUT_CHECKPOINTING = 0.7  # "auto" turns recomputation off only with this much headroom
+
+
+def resolve_checkpointing(cfg: Config, method: str, model_config, world: int, precision: str,
+                          have_gib: float | None) -> bool:
+    """``cfg.gradient_checkpointing`` as a bool. ``"auto"`` (the real presets) is off when a GPU of
+    ``have_gib`` holds the whole per-process share without it within 70 % of its memory by
+    ``memory_estimate`` (no recomputation and no accumulation: the fastest plan, e.g. the real
+    presets' SFT on an 80 GB GPU), else on, the CPU included (``have_gib=None``: nothing to size
+    it by, so memory over speed)."""
+    g = cfg.gradient_checkpointing
+    if not (g is True or g is False or g == "auto"):
+        raise ValueError(f"gradient_checkpointing must be true, false or 'auto', got {g!r}")
+    if g != "auto":
+        return g
+    if have_gib is None:
+        return True
+    k = getattr(cfg, method)
+    micro = k.micro_batch_size or batch_plan(method, k.batch_size, 0, world)[0]
+    off = memory_estimate(dataclasses.replace(cfg, gradient_checkpointing=False), method,
+                          model_config, world, precision, micro)
+    return off["total"] > ROOM_WITHOUT_CHECKPOINTING * have_gib
+
+
 def plan_memory(cfg: Config, method: str, model_path, device: torch.device, world: int,
-                precision: str) -> int:
-    """The micro-batch of one process (``fit_micro_batch`` on a GPU, the whole share on the CPU);
-    RuntimeError before training when even that is estimated not to fit, naming the estimate, the
-    GPU and the knobs that lower it."""
+                precision: str) -> tuple[int, bool]:
+    """``(micro-batch, gradient checkpointing)`` of one process: on a GPU ``fit_micro_batch`` after
+    ``resolve_checkpointing``, on the CPU the whole share; RuntimeError before training when even
+    micro-batch 1 is estimated not to fit, naming the estimate, the GPU and the knobs that lower
+    it."""
     k = getattr(cfg, method)
     if device.type != "cuda":
-        return batch_plan(method, k.batch_size, k.micro_batch_size, world)[0]
+        return (batch_plan(method, k.batch_size, k.micro_batch_size, world)[0],
+                resolve_checkpointing(cfg, method, None, world, precision, None))
     config = AutoConfig.from_pretrained(str(model_path))
     have = torch.cuda.get_device_properties(device).total_memory / GiB
+    checkpointing = resolve_checkpointing(cfg, method, config, world, precision, have)
+    cfg = dataclasses.replace(cfg, gradient_checkpointing=checkpointing)
     micro = fit_micro_batch(cfg, method, config, world, precision, have)
     est = memory_estimate(cfg, method, config, world, precision, micro)
     if est["total"] > have:
@@ -198,9 +226,10 @@ def plan_memory(cfg: Config, method: str, model_path, device: torch.device, worl
             f"{micro} ({detail}) but {torch.cuda.get_device_name(device)} has {have:.1f} GiB: "
             f"lower {method}.micro_batch_size or {method}.max_length / max_completion_length, "
             "or set gradient_checkpointing=true")
-    logger.info("%s: micro-batch %d per process, estimated peak %.1f GiB of %.1f", method.upper(),
-                micro, est["total"], have)
-    return micro
+    logger.info("%s: micro-batch %d per process, gradient checkpointing %s, estimated peak %.1f "
+                "GiB of %.1f", method.upper(), micro, "on" if checkpointing else "off",
+                est["total"], have)
+    return micro, checkpointing
 
 
 @dataclasses.dataclass
@@ -239,7 +268,7 @@ def _train_scheduled(cfg: Config, method: str, prepare: Callable[[object], _Job]
         device = device_for(cfg)
         precision = training_precision(cfg, device)
         job = prepare(device)
-        micro = plan_memory(cfg, method, job.start_path, device, world, precision)
+        micro, checkpointing = plan_memory(cfg, method, job.start_path, device, world, precision)
         micro, accumulation = batch_plan(method, knobs.batch_size, micro, world)
         base_manifest = dict(job.manifest, kind=method, run_key=run_key(cfg, method),
                              config_hash=runs.hash_obj(knobs), max_steps=knobs.max_steps,
@@ -260,7 +289,7 @@ def _train_scheduled(cfg: Config, method: str, prepare: Callable[[object], _Job]
             logging_steps=max(1, knobs.max_steps // 50), save_strategy="no", save_total_limit=2,
             report_to="none", bf16=precision == "bf16", fp16=precision == "fp16",
             use_cpu=device.type == "cpu", dataloader_pin_memory=False,
-            activation_checkpointing=cfg.gradient_checkpointing)
+            activation_checkpointing=checkpointing)
         callback = _ScheduleCallback(rdir, steps, job.tokenizer, base_manifest, t0, job.metrics)
         trainer = job.make_trainer(common, [callback])
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)

@@ -147,10 +147,10 @@ display(Markdown(summary))
 # token boundary; the answer log-prob counts every token that overlaps the answer's characters.
 # Training keeps fp32 master weights, gradients and AdamW states with bf16 autocast (fp16 with loss
 # scaling on a GPU without native bf16, such as Colab's T4, which also analyses in float32),
-# gradient checkpointing, and micro-batches fitted to the GPU by a memory estimate (a GPU that
-# cannot hold micro-batch 1 gets an error with the estimate before training); checkpoints are saved
-# in fp32, so weight drift sees every update. Evaluation runs the whole test split (1,319 problems)
-# in batches fitted to the GPU's free memory, stops each sequence at the model's end tokens or the
-# stop string, and scores answer log-probs in memory independent of the 151,936-token vocabulary.
-# Zero-shot greedy accuracy is not the Qwen3 report's protocol
+# gradient checkpointing where the GPU needs it, and micro-batches fitted to the GPU by a memory
+# estimate (a GPU that cannot hold micro-batch 1 gets an error with the estimate before training);
+# checkpoints are saved in fp32, so weight drift sees every update. Evaluation runs the whole test
+# split (1,319 problems) in batches fitted to the GPU's free memory, stops each sequence at the
+# model's end tokens or the stop string, and scores answer log-probs in memory independent of the
+# 151,936-token vocabulary. Zero-shot greedy accuracy is not the Qwen3 report's protocol
 # (59.6 % for the -Base model, 4-shot chain of thought): set `{"eval.n_shot": 4}` to compare.

@@ -141,6 +141,13 @@ def test_parse_overrides_types():
     assert isinstance(got["sft.learning_rate"], float) and isinstance(got["sft.schedule"], tuple)
     with pytest.raises(cli.UsageError, match=r"config key 'chat' expects bool \(preset value False\), got 1"):
         cli.parse_overrides(["chat=1"])
+    for preset in ("tiny", "qwen3-0.6b"):  # a bool or "auto", whatever the preset's value
+        assert cli.parse_overrides(["gradient_checkpointing=auto", "gradient_checkpointing=true"],
+                                   preset) == {"gradient_checkpointing": True}
+        assert cli.parse_overrides(["gradient_checkpointing=auto"], preset) == {
+            "gradient_checkpointing": "auto"}
+    with pytest.raises(cli.UsageError, match="gradient_checkpointing' expects bool"):
+        cli.parse_overrides(["gradient_checkpointing=yes"])
 
 
 # ----------------------------------------------------------------------------- stages (smoke)

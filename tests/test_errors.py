@@ -124,6 +124,9 @@ TRIGGERS = {
     "fp16 training on the CPU": lambda tmp, mp: train.training_precision(
         get_config("tiny", overrides={"precision": "fp16", "device": "cpu"}), torch.device("cpu")),
     "GPU too small to train": lambda tmp, mp: _small_gpu(tmp, mp),
+    "unknown gradient checkpointing value": lambda tmp, mp: train.resolve_checkpointing(
+        get_config("tiny", overrides={"gradient_checkpointing": "yes"}), "sft", None, 1, "fp32",
+        None),
     "no examples to patch": lambda tmp, mp: patching.layer_sweep(
         make_model("qwen3"), make_model("qwen3", seed=1), make_tokenizer(), [], progress=False),
     "unwritable output directory": lambda tmp, mp: _unwritable(tmp),

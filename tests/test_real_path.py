@@ -230,6 +230,36 @@ def test_every_training_stage_fits_24_gib_by_estimate(preset, method):
     assert train.fit_micro_batch(cfg, method, QWEN3_06B, 1, "bf16", 4.0) == 1  # nothing fits
 
 
+def test_checkpointing_is_off_only_where_the_gpu_holds_the_step_without_it(tmp_path,
+                                                                          monkeypatch):
+    """``gradient_checkpointing="auto"`` (the real presets): off on an 80 GB GPU for SFT (the whole
+    batch of 16 fits without recomputation within 70 %), on for a 24 GB GPU and the CPU;
+    ``plan_memory`` then fits the micro-batch with the choice it made."""
+    cfg = get_config("qwen3-0.6b-base")
+    assert cfg.gradient_checkpointing == "auto"
+    whole_off = train.memory_estimate(dataclasses.replace(cfg, gradient_checkpointing=False),
+                                      "sft", QWEN3_06B, 1, "bf16", 16)["total"]
+    assert 0.7 * 24 < whole_off <= 0.7 * 80  # both sides of the rule are exercised
+    assert f"SFT's {whole_off:.1f} GiB on an 80 GB GPU" in (REPO / "README.md").read_text()
+    resolve = train.resolve_checkpointing
+    assert resolve(cfg, "sft", QWEN3_06B, 1, "bf16", 80.0) is False
+    assert resolve(cfg, "sft", QWEN3_06B, 1, "bf16", 24.0) is True
+    assert resolve(cfg, "sft", QWEN3_06B, 1, "bf16", None) is True
+    for fixed in (True, False):
+        assert resolve(dataclasses.replace(cfg, gradient_checkpointing=fixed), "sft", QWEN3_06B,
+                       1, "bf16", 80.0) is fixed
+    with pytest.raises(ValueError, match="gradient_checkpointing must be true, false or 'auto'"):
+        resolve(dataclasses.replace(cfg, gradient_checkpointing="yes"), "sft", QWEN3_06B, 1,
+                "bf16", 80.0)
+    QWEN3_06B.save_pretrained(tmp_path)
+    for gib, want in ((80, (16, False)), (24, (train.fit_micro_batch(
+            cfg, "sft", QWEN3_06B, 1, "bf16", 24.0), True))):
+        monkeypatch.setattr(train.torch.cuda, "get_device_properties",
+                            lambda d, g=gib: types.SimpleNamespace(total_memory=g * 2**30))
+        assert train.plan_memory(cfg, "sft", tmp_path, torch.device("cuda"), 1, "bf16") == want
+    assert train.plan_memory(cfg, "sft", tmp_path, torch.device("cpu"), 1, "fp32") == (16, True)
+
+
 def test_training_precision_is_chosen_from_the_device():
     cfg = get_config("qwen3-0.6b-base")
     assert train.training_precision(cfg, torch.device("cpu")) == "fp32"
