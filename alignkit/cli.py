@@ -183,8 +183,10 @@ BOOL_OR_AUTO = {"gradient_checkpointing"}  # fields that take true, false or "au
 
 def _coerce(key: str, value: Any, current: Any) -> Any:
     """``value`` converted to the type of the field's preset value, or UsageError naming both."""
-    if key in BOOL_OR_AUTO and (isinstance(value, bool) or value == "auto"):
-        return value
+    if key in BOOL_OR_AUTO:
+        if isinstance(value, bool) or value == "auto":
+            return value
+        raise UsageError(f"config key {key!r} expects true, false or auto, got {value!r}")
     if dataclasses.is_dataclass(current):
         raise UsageError(f"config key {key!r} is a section; set one of its fields, e.g. "
                          f"{key}.{dataclasses.fields(current)[0].name}=...")

@@ -188,8 +188,10 @@ def _tiny(smoke: bool) -> Config:
 
 
 def _qwen3(model: str, chat: bool, preset: str, smoke: bool) -> Config:
-    """The real path at the seed's sizes: full test split, fp32 master weights with autocast,
-    gradient checkpointing and micro-batches sized to the GPU (``train.fit_micro_batch``)."""
+    """The real path at the seed's sizes: full test split in evaluation batches fitted to the GPU
+    (``evaluate.fit_eval_batch``), fp32 master weights with autocast, gradient checkpointing where
+    the GPU needs it (``train.resolve_checkpointing``) and micro-batches sized to the GPU
+    (``train.fit_micro_batch``)."""
     cfg = Config(preset=preset, model=model, data_source="openai/gsm8k", chat=chat,
                  dtype="bfloat16", gradient_checkpointing="auto", n_seeds=1,  # GPU hours: opt in
                  eval=EvalConfig(n_eval=None, batch_size=0, max_new_tokens=320),

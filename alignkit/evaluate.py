@@ -29,7 +29,16 @@ from alignkit.data import (
     prompts_for,
     split_solution,
 )
-from alignkit.models import decoder, head_logits, input_device, load_model, part, placement
+from alignkit.models import (
+    analysis_dtype,
+    decoder,
+    dims,
+    head_logits,
+    input_device,
+    load_model,
+    part,
+    placement,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -56,10 +65,8 @@ def eval_memory(model_config, prompt_tokens: int, new_tokens: int, bytes_per_val
     prefill's and scoring's layer activations, decoding's float32 next-token logits (with the
     processors' copies) and scoring's ``[answer rows, vocab]`` slice (16 rows, model dtype plus
     its float64 log-softmax). Conservative: the parts are added, not overlapped."""
-    c = model_config
-    d, L, f, v = c.hidden_size, c.num_hidden_layers, c.intermediate_size, c.vocab_size
-    hd = getattr(c, "head_dim", None) or d // c.num_attention_heads
-    kv = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    c = dims(model_config)
+    d, L, f, v, kv, hd = c["d"], c["layers"], c["ffn"], c["vocab"], c["kv"], c["head_dim"]
     length = prompt_tokens + new_tokens
     cache = num_samples * length * L * 2 * kv * hd * bytes_per_value
     layer = length * (4 * d + 3 * f) * bytes_per_value * max(1, num_samples)
@@ -79,6 +86,8 @@ def fit_eval_batch(cfg: Config, model, tokenizer, prompts: Sequence[str],
         raise ValueError(f"eval.batch_size must be >= 0 (0: fit the GPU), got "
                          f"{cfg.eval.batch_size}")
     n = len(prompts)
+    if n == 0:
+        raise ValueError("fit_eval_batch needs at least one prompt, got none")
     device = input_device(model)
     if device.type != "cuda":
         cap = CPU_EVAL_BATCH
@@ -225,8 +234,11 @@ class CheckpointEval:
 
 
 def eval_key(cfg: Config, ds) -> str:
+    """What an evaluation's numbers depend on besides the weights: the protocol, the set and the
+    dtype the model runs in (bf16 greedy outputs differ from float32 ones)."""
     return runs.hash_obj({"eval": cfg.eval, "source": cfg.eval_source or cfg.data_source,
-                          "generator": cfg.generator, "chat": cfg.chat, "data": dataset_hash(ds)})
+                          "generator": cfg.generator, "chat": cfg.chat, "data": dataset_hash(ds),
+                          "dtype": analysis_dtype(cfg)})
 
 
 def evaluate_checkpoint(ckpt: str | Path, cfg: Config, ds=None,
@@ -264,11 +276,20 @@ def evaluate_checkpoint(ckpt: str | Path, cfg: Config, ds=None,
     model, tokenizer = load_model(ckpt, dtype=cfg.dtype, **placement(cfg))
     prompts = prompts_for(cfg, tokenizer, ds["question"], few_shot=True)
     batch = fit_eval_batch(cfg, model, tokenizer, prompts)
-    outputs = generate(model, tokenizer, prompts, cfg.eval.max_new_tokens, batch, cfg.eval.stop,
-                       desc=f"generate {ckpt.name}")
+    while True:  # a fitted batch is an estimate: halve it if the GPU runs out after all
+        try:
+            outputs = generate(model, tokenizer, prompts, cfg.eval.max_new_tokens, batch,
+                               cfg.eval.stop, desc=f"generate {ckpt.name}")
+            lp = answer_logprob(model, tokenizer, prompts, ds["answer"], batch, cfg.chat)
+            break
+        except torch.cuda.OutOfMemoryError:
+            if cfg.eval.batch_size or batch == 1:  # a batch the user chose is kept
+                raise
+            batch = max(1, batch // 2)
+            torch.cuda.empty_cache()
+            logger.warning("out of GPU memory evaluating %s: retrying at batch %d", ckpt, batch)
     preds = [extract_answer(o) for o in outputs]
     correct = [p is not None and p == g for p, g in zip(preds, ds["final_answer"])]
-    lp = answer_logprob(model, tokenizer, prompts, ds["answer"], batch, cfg.chat)
     res = CheckpointEval(
         checkpoint=str(ckpt), step=manifest.get("step"), weights_hash=whash, key=key,
         accuracy=float(np.mean(correct)), n=len(correct), correct=correct, predictions=preds,

@@ -184,15 +184,40 @@ def native_bf16(device: str | torch.device) -> bool:
     return bool(torch.version.hip) or torch.cuda.get_device_capability(device)[0] >= 8
 
 
+_WARNED: set[str] = set()
+
+
 def compute_dtype(dtype: str, device: str | torch.device) -> str:
     """``dtype`` for models analysed on ``device``, except that ``"bfloat16"`` on a GPU without
-    native bf16 becomes ``"float32"`` (logged): correct first (fp16 can overflow Qwen's residual
-    stream), and a 0.6B model in float32 fits a 16 GB T4."""
+    native bf16 becomes ``"float32"`` (logged once per device): correct first (fp16 can overflow
+    Qwen's residual stream), and a 0.6B model in float32 fits a 16 GB T4."""
     if dtype == "bfloat16" and not native_bf16(device):
-        logger.warning("%s has no native bfloat16 (compute capability %s): analysing in float32",
-                       device, ".".join(map(str, torch.cuda.get_device_capability(device))))
+        if str(device) not in _WARNED:
+            _WARNED.add(str(device))
+            logger.warning("%s has no native bfloat16 (compute capability %s): analysing in "
+                           "float32", device,
+                           ".".join(map(str, torch.cuda.get_device_capability(device))))
         return "float32"
     return dtype
+
+
+def analysis_dtype(cfg: Config) -> str:
+    """The dtype analyses load checkpoints in: ``cfg.dtype`` on ``device_for(cfg)`` as
+    ``compute_dtype`` resolves it. Cache keys use it, so activations computed in float32 on a T4
+    are never read as bfloat16 ones."""
+    return compute_dtype(cfg.dtype, device_for(cfg))
+
+
+def dims(config) -> dict[str, int]:
+    """A decoder config's sizes under one set of names, whatever the family calls them:
+    ``d`` (width), ``layers``, ``ffn`` (MLP width; GPT-2's ``n_inner`` or 4 d), ``vocab``,
+    ``heads``, ``kv`` (key-value heads; all heads where the family has no GQA), ``head_dim``."""
+    d, heads = config.hidden_size, config.num_attention_heads
+    ffn = (getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
+           or 4 * d)
+    return {"d": d, "layers": config.num_hidden_layers, "ffn": ffn, "vocab": config.vocab_size,
+            "heads": heads, "kv": getattr(config, "num_key_value_heads", None) or heads,
+            "head_dim": getattr(config, "head_dim", None) or d // heads}
 
 
 def load_model(path: str | Path, dtype: str = "float32", device: str | torch.device = "cpu",

@@ -22,6 +22,7 @@ from alignkit.config import Config, seed_configs
 from alignkit.data import dataset_hash, eval_set, probe_texts
 from alignkit.evaluate import evaluate_checkpoint, evaluate_run, flip_table, summary
 from alignkit.models import (
+    analysis_dtype,
     check_compatible,
     device_for,
     load_model,
@@ -114,8 +115,9 @@ def ensure_results(cfg: Config, method: str = "sft") -> RunResults:
 
 def run_on(cfg: Config) -> dict:
     """Where and in which dtype analyses run the checkpoints: ``models.placement(cfg)`` and
-    ``cfg.dtype`` (bf16 on the real presets' GPUs); pooled values are upcast per batch."""
-    return {**placement(cfg), "model_dtype": cfg.dtype}
+    ``models.analysis_dtype(cfg)`` (bf16 on the real presets' GPUs, float32 on one without native
+    bf16); pooled values are upcast per batch."""
+    return {**placement(cfg), "model_dtype": analysis_dtype(cfg)}
 
 
 def run_probes(cfg: Config, run_dir: Path) -> list[str]:
@@ -290,7 +292,7 @@ def _set_key(sets: dict) -> dict:
 def _pair_key(cfg: Config, base_dir: Path, tuned_dir: Path, ds, sets: dict, p: dict) -> dict:
     """Cache key of an analysis of one base/tuned pair on ``sets`` (patching, the lens)."""
     return {"base": runs.weights_hash(base_dir), "tuned": runs.weights_hash(tuned_dir),
-            "eval": dataset_hash(ds), "sets": _set_key(sets), "dtype": cfg.dtype,
+            "eval": dataset_hash(ds), "sets": _set_key(sets), "dtype": analysis_dtype(cfg),
             "chat": cfg.chat, "params": p}
 
 
@@ -457,7 +459,7 @@ def _compare_models(cfg: Config, p: dict, methods: list[str], paths: dict[str, P
         return load_model(paths[k], dtype="float32", device=device)[0]
 
     base, tokenizer = load_model(paths["base"], dtype=cfg.dtype, **placement(cfg))
-    same = cfg.dtype == "float32" and cfg.device != "map"  # the loaded models are the fp32 ones
+    same = analysis_dtype(cfg) == "float32" and cfg.device != "map"  # loaded in fp32 already
     base32 = base if same else fp32("base")
     examples = patching.examples_from_table(sets["flips"], tokenizer, chat=cfg.chat)
     patches, drift, own, sft32 = {}, {}, {}, None
@@ -520,8 +522,8 @@ def ensure_compare(cfg: Config, methods=runs.METHODS, **given) -> CompareResult:
     sets, set_labels = patching_sets(cfg, sft, p["n_examples"], p["min_set"], ds)
     texts = run_probes(cfg, sft.run_dir)
     key = {"models": hashes, "init": init, "probe_hash": runs.hash_obj(texts),
-           "sets": _set_key({"flips": sets["flips"]}), "dtype": cfg.dtype, "chat": cfg.chat,
-           "params": p}
+           "sets": _set_key({"flips": sets["flips"]}), "dtype": analysis_dtype(cfg),
+           "chat": cfg.chat, "params": p}
     smoke = "-smoke" if cfg.smoke else ""
     return _cached(cfg.run_root / "compare" / f"{cfg.preset}{smoke}", "compare", key,
                    lambda: _compare_models(cfg, p, methods, paths, run_of, init, evals, sets,
@@ -582,7 +584,7 @@ def ensure_models_cka(cfg: Config, models: dict[str, str], revisions: dict | Non
     tokenizer = AutoTokenizer.from_pretrained(str(paths["base"])) if cfg.chat else None
     texts = probe_texts(cfg, tokenizer)
     key = {"models": {k: runs.weights_hash(v) for k, v in paths.items()},
-           "probe_hash": runs.hash_obj(texts), "dtype": cfg.dtype, "chat": cfg.chat,
+           "probe_hash": runs.hash_obj(texts), "dtype": analysis_dtype(cfg), "chat": cfg.chat,
            "params": p}
 
     def compute() -> CrossCKAResult:
@@ -661,8 +663,8 @@ def ensure_models_compare(cfg: Config, models: dict[str, str], revisions: dict |
     texts = probe_texts(cfg, tokenizer)
     key = {"models": {k: runs.weights_hash(v) for k, v in paths.items()}, "init": init,
            "order": methods, "eval": dataset_hash(ds), "probe_hash": runs.hash_obj(texts),
-           "sets": _set_key({"flips": sets["flips"]}), "dtype": cfg.dtype, "chat": cfg.chat,
-           "params": p}
+           "sets": _set_key({"flips": sets["flips"]}), "dtype": analysis_dtype(cfg),
+           "chat": cfg.chat, "params": p}
     return _cached(root / "compare", "compare", key,
                    lambda: _compare_models(cfg, p, methods, paths, dict.fromkeys(paths, root),
                                            init, evals, sets, set_labels, texts), CompareResult)

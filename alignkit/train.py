@@ -27,7 +27,7 @@ from trl import DPOTrainer, GRPOTrainer, SFTTrainer
 from alignkit import data, runs
 from alignkit.config import PRECISIONS, Config, EvalConfig
 from alignkit.evaluate import fit_eval_batch, generate
-from alignkit.models import device_for, load_model, native_bf16, preflight
+from alignkit.models import device_for, dims, load_model, native_bf16, preflight
 from alignkit.runs import checkpoint_dir, list_checkpoints, run_dir, run_key
 from alignkit.tiny import ensure_base
 
@@ -131,13 +131,13 @@ def memory_estimate(cfg: Config, method: str, model_config, world: int = 1,
     GRPO with beta > 0), the stored activations (per layer input only under gradient
     checkpointing) and the logits of one micro-batch (half-precision logits, their fp32 upcast
     and its gradient), GRPO's key-value cache while generating; ``"total"`` adds 15 % and 0.5 GiB
-    for the allocator and CUDA context. Sequences are taken at the length limit."""
-    c = model_config
-    d, L, f, v = c.hidden_size, c.num_hidden_layers, c.intermediate_size, c.vocab_size
-    heads, kv = c.num_attention_heads, c.num_key_value_heads
-    hd = getattr(c, "head_dim", None) or d // heads
+    for the allocator and CUDA context. Sequences are taken at the length limit; an unresolved
+    ``gradient_checkpointing="auto"`` counts as on (``resolve_checkpointing`` decides it)."""
+    c = dims(model_config)
+    d, L, f, v = c["d"], c["layers"], c["ffn"], c["vocab"]
+    heads, kv, hd = c["heads"], c["kv"], c["head_dim"]
     embed = v * d
-    n_params = embed * (1 if getattr(c, "tie_word_embeddings", False) else 2) + L * (
+    n_params = embed * (1 if getattr(model_config, "tie_word_embeddings", False) else 2) + L * (
         d * hd * (heads * 2 + kv * 2) + 3 * d * f + 4 * d)
     k = getattr(cfg, method)
     micro, _ = batch_plan(method, k.batch_size, micro or k.micro_batch_size, world)
@@ -157,7 +157,8 @@ def memory_estimate(cfg: Config, method: str, model_config, world: int = 1,
         parts["reference model"] = 4 * n_params / GiB
     tokens = seqs * length
     per_layer = tokens * (4 * d + act * (8 * d + 3 * f))
-    parts["activations"] = (L * tokens * 4 * d + per_layer if cfg.gradient_checkpointing
+    checkpointing = cfg.gradient_checkpointing in (True, "auto")  # "auto" unresolved: counts as on
+    parts["activations"] = (L * tokens * 4 * d + per_layer if checkpointing
                             else L * per_layer) / GiB
     parts["logits"] = seqs * logit_len * v * (act + 4 + 4) / GiB
     parts["total"] = 1.15 * sum(parts.values()) + 0.5
@@ -179,19 +180,25 @@ def fit_micro_batch(cfg: Config, method: str, model_config, world: int, precisio
     return 1
 
 
+def check_checkpointing(cfg: Config) -> bool | str:
+    """``cfg.gradient_checkpointing`` when it is true, false or ``"auto"``; ValueError else."""
+    g = cfg.gradient_checkpointing
+    if not (g is True or g is False or g == "auto"):
+        raise ValueError(f"gradient_checkpointing must be true, false or 'auto', got {g!r}")
+    return g
+
+
 ROOM_WITHOUT_CHECKPOINTING = 0.7  # "auto" turns recomputation off only with this much headroom
 
 
 def resolve_checkpointing(cfg: Config, method: str, model_config, world: int, precision: str,
                           have_gib: float | None) -> bool:
     """``cfg.gradient_checkpointing`` as a bool. ``"auto"`` (the real presets) is off when a GPU of
-    ``have_gib`` holds the whole per-process share without it within 70 % of its memory by
-    ``memory_estimate`` (no recomputation and no accumulation: the fastest plan, e.g. the real
-    presets' SFT on an 80 GB GPU), else on, the CPU included (``have_gib=None``: nothing to size
-    it by, so memory over speed)."""
-    g = cfg.gradient_checkpointing
-    if not (g is True or g is False or g == "auto"):
-        raise ValueError(f"gradient_checkpointing must be true, false or 'auto', got {g!r}")
+    ``have_gib`` holds a micro-batch without it within 70 % of its memory by ``memory_estimate``
+    (the set ``micro_batch_size``, else the whole per-process share: no recomputation and no
+    accumulation, the fastest plan, e.g. the real presets' SFT on an 80 GB GPU), else on, the
+    CPU included (``have_gib=None``: nothing to size it by, so memory over speed)."""
+    g = check_checkpointing(cfg)
     if g != "auto":
         return g
     if have_gib is None:
@@ -267,6 +274,7 @@ def _train_scheduled(cfg: Config, method: str, prepare: Callable[[object], _Job]
                            method.upper(), rdir, missing)
         device = device_for(cfg)
         precision = training_precision(cfg, device)
+        check_checkpointing(cfg)  # before prepare(): DPO may sample for minutes there
         job = prepare(device)
         micro, checkpointing = plan_memory(cfg, method, job.start_path, device, world, precision)
         micro, accumulation = batch_plan(method, knobs.batch_size, micro, world)

@@ -9,7 +9,9 @@
 # `run` installs the wheels into /tmp/site, prints the versions it will use, and runs
 # benchmarks/gpu_check.py with its table and JSON under $OUT (or benchmarks/). The wheels are the
 # versions the CPU tests ran with here; pyarrow (55 MB, over the carry limit with the rest) is
-# the image's own: datasets 5.2 wants pyarrow >= 24, printed below so a mismatch is visible.
+# the image's own: datasets 5.2 wants pyarrow >= 24, printed below so a mismatch is visible;
+# transformers 5.24 wants tokenizers >= 0.23.1 and huggingface_hub >= 1.31 (the image had
+# 0.23.2 and 1.33 in 2026-11). Wheels are for Python 3.12, the image's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WHEELS=(trl==1.16.0 datasets==5.2.0 transformers==5.24.0 dill==0.4.1 multiprocess==0.70.19)

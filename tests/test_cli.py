@@ -146,8 +146,11 @@ def test_parse_overrides_types():
                                    preset) == {"gradient_checkpointing": True}
         assert cli.parse_overrides(["gradient_checkpointing=auto"], preset) == {
             "gradient_checkpointing": "auto"}
-    with pytest.raises(cli.UsageError, match="gradient_checkpointing' expects bool"):
-        cli.parse_overrides(["gradient_checkpointing=yes"])
+    for preset in ("tiny", "qwen3-0.6b"):
+        for bad in ("yes", "1", '"true"'):
+            with pytest.raises(cli.UsageError, match="gradient_checkpointing' expects true, false "
+                               "or auto"):
+                cli.parse_overrides([f"gradient_checkpointing={bad}"], preset)
 
 
 # ----------------------------------------------------------------------------- stages (smoke)

@@ -154,3 +154,41 @@ def test_same_weights_are_evaluated_once(smoke_cfg, smoke_run, tmp_path, monkeyp
         f.write_text("{not json")
     monkeypatch.setattr(evaluate_mod, "generate", real_generate)
     assert evaluate_checkpoint(twin, smoke_cfg).correct == first.correct
+
+
+def test_a_fitted_batch_halves_when_the_gpu_runs_out(smoke_cfg, smoke_run, monkeypatch, tmp_path):
+    """``eval.batch_size=0``: an out-of-memory error retries at half the batch (recorded); a batch
+    the user set is never changed."""
+    import dataclasses
+
+    from alignkit import evaluate
+
+    real, calls = evaluate.generate, []
+
+    def pretend_gpu(model, tok, prompts, max_new, batch, *args, **kwargs):
+        calls.append(batch)
+        if batch > 12:
+            raise torch.cuda.OutOfMemoryError("pretend: CUDA out of memory")
+        return real(model, tok, prompts, max_new, batch, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "generate", pretend_gpu)
+    ckpt = list_checkpoints(smoke_run)[-1][1]
+    cfg = dataclasses.replace(smoke_cfg, root=str(tmp_path),
+                              eval=dataclasses.replace(smoke_cfg.eval, batch_size=0))
+    res = evaluate_checkpoint(ckpt, cfg, beside=False)
+    assert calls == [48, 24, 12] and res.batch_size == 12 and res.n == 48
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        evaluate_checkpoint(ckpt, dataclasses.replace(cfg, root=str(tmp_path / "fixed"),
+                            eval=dataclasses.replace(cfg.eval, batch_size=48)), beside=False)
+
+
+def test_the_eval_cache_is_keyed_by_the_dtype(smoke_cfg):
+    """Greedy outputs in bfloat16 differ from float32 ones: one must never be read for the
+    other."""
+    import dataclasses
+
+    from alignkit.data import eval_set
+    from alignkit.evaluate import eval_key
+
+    ds = eval_set(smoke_cfg)
+    assert eval_key(smoke_cfg, ds) != eval_key(dataclasses.replace(smoke_cfg, dtype="bfloat16"), ds)

@@ -20,9 +20,9 @@ from transformers import AutoConfig, AutoTokenizer
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 import rehearsal  # noqa: E402
-from tiny_models import make_model, make_unsupported  # noqa: E402
+from tiny_models import ARCHS, make_model, make_unsupported  # noqa: E402
 
-from alignkit import data, evaluate, models, train  # noqa: E402
+from alignkit import data, evaluate, models, stages, train  # noqa: E402
 from alignkit.config import get_config  # noqa: E402
 from alignkit.runs import list_checkpoints  # noqa: E402
 
@@ -269,6 +269,20 @@ def test_training_precision_is_chosen_from_the_device():
         train.training_precision(dataclasses.replace(cfg, precision="half"), torch.device("cpu"))
 
 
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_memory_estimates_read_every_supported_family(arch):
+    """GPT-2 names its MLP width ``n_inner`` (None: 4 d) and has no key-value heads, GPT-NeoX no
+    key-value heads: ``models.dims`` reads every supported family, so the GPU estimates do."""
+    c = make_model(arch).config
+    dims = models.dims(c)
+    assert dims["kv"] <= dims["heads"] and dims["ffn"] > 0 and dims["head_dim"] > 0
+    cfg = get_config("qwen3-0.6b-base")
+    assert evaluate.eval_memory(c, 10, 5, 2) > 0
+    assert train.memory_estimate(cfg, "sft", c, 1, "bf16", 2)["total"] > 0
+    if arch == "gpt2":
+        assert dims["ffn"] == (c.n_inner or 4 * c.n_embd) and dims["kv"] == c.n_head
+
+
 def test_a_gpu_without_native_bf16_gets_fp16_training_and_float32_analysis(monkeypatch):
     """Colab's T4 (compute capability 7.5) can hold bf16 tensors, so torch's
     ``is_bf16_supported()`` says yes there; the choice must read the capability."""
@@ -282,6 +296,8 @@ def test_a_gpu_without_native_bf16_gets_fp16_training_and_float32_analysis(monke
         assert train.training_precision(cfg, gpu) == autocast
         assert models.compute_dtype(cfg.dtype, gpu) == analysis
         assert models.compute_dtype("float16", gpu) == "float16"
+        on_gpu = dataclasses.replace(cfg, device="cuda:0")  # keys use the dtype actually run
+        assert models.analysis_dtype(on_gpu) == stages.run_on(on_gpu)["model_dtype"] == analysis
     assert models.compute_dtype("bfloat16", "cpu") == "bfloat16"
 
 
