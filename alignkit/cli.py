@@ -447,6 +447,26 @@ def stage_figures(cfg, overrides: dict, notebooks: Sequence[str] | None = None,
     return written
 
 
+CPU_SECONDS_PER_STEP = 261  # one real-preset SFT step of batch 16, 2-core CPU (RESULTS_real.md)
+
+
+def warn_if_slow(cfg, cmd: str) -> None:
+    """A warning, before any work, when a model other than the embedded one runs at full size on
+    the CPU: the full-size rehearsal measured one SFT step of Qwen3-0.6B in ~4 minutes on a
+    2-core CPU, so the real study would take days. Not an error: a large CPU machine may be
+    meant."""
+    from alignkit.models import device_for
+
+    if cfg.model == "tiny" or cfg.smoke or cmd == "figures" or device_for(cfg).type != "cpu":
+        return
+    logger.warning(
+        "%s at full size on the CPU: the rehearsal (benchmarks/RESULTS_real.md) took %d s per SFT "
+        "step of batch 16 on a 2-core CPU (%d steps: ~%.1f days) and 162 s to score 64 problems; "
+        "use a GPU, --smoke, or smaller sizes (--set sft.max_steps=... eval.n_eval=...)",
+        cfg.preset, CPU_SECONDS_PER_STEP, cfg.sft.max_steps,
+        cfg.sft.max_steps * CPU_SECONDS_PER_STEP / 86400)
+
+
 def run(args: argparse.Namespace) -> None:
     """Dispatch a parsed command line (raises UsageError for bad input)."""
     cmd = args.command
@@ -455,6 +475,7 @@ def run(args: argparse.Namespace) -> None:
         raise UsageError(f"only `train` runs under a distributed launch (WORLD_SIZE={world}); "
                          f"run `{cmd}` in one process: python -m alignkit ...")
     cfg, overrides = config_from_args(args)
+    warn_if_slow(cfg, cmd)
     method = getattr(args, "method", "sft")
     if cmd == "compare" and args.models:
         stage_models_compare(cfg, parse_pairs(args.models, "--models"),

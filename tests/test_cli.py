@@ -125,6 +125,27 @@ def test_only_train_under_a_distributed_launch(capsys, monkeypatch):
                                    "one process: python -m alignkit ...\n")
 
 
+def test_full_size_on_the_cpu_is_warned_before_any_work(caplog):
+    """A real preset at full size on the CPU gets a warning with the rehearsal's cost; the
+    embedded model, smoke sizes, figures and a GPU do not."""
+    import logging
+
+    from alignkit.config import get_config
+
+    caplog.set_level(logging.WARNING, logger="alignkit")
+    real = get_config("qwen3-0.6b-base", overrides={"device": "cpu"})
+    cli.warn_if_slow(real, "train")
+    assert "qwen3-0.6b-base at full size on the CPU" in caplog.text
+    assert "1000 steps: ~3.0 days" in caplog.text
+    caplog.clear()
+    for cfg, cmd in ((get_config("tiny"), "train"),
+                     (get_config("qwen3-0.6b", smoke=True, overrides={"device": "cpu"}), "all"),
+                     (real, "figures"),
+                     (get_config("qwen3-0.6b", overrides={"device": "cuda:0"}), "train")):
+        cli.warn_if_slow(cfg, cmd)
+    assert caplog.text == ""
+
+
 def test_method_choices_match_the_trainers():
     from alignkit.runs import METHODS
 
