@@ -49,8 +49,7 @@ def test_top_level_help_subprocess():
     assert "examples:" in out and "accelerate launch -m alignkit" in out
 
 
-@pytest.mark.parametrize("cmd", ["train", "evaluate", "capture", "cka", "spectral", "patching",
-                                 "compare", "figures", "all"])
+@pytest.mark.parametrize("cmd", cli.STAGES + ("all",))
 def test_subcommand_help_subprocess(cmd):
     r = _run_help(cmd)
     assert r.returncode == 0 and r.stderr == ""
