@@ -157,7 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--inits", choices=("series", "reference"), default="series",
                            help="each model's own init: the model listed before it (a published "
                                 "series; default) or the reference for all")
-        elif name == "figures":
+        if name in ("lens", "compare"):
+            p.add_argument("--steer-layers", nargs="+", type=int, default=None, metavar="L",
+                           help="decoder layers the difference lens steers at (default: every "
+                                "one; each reruns the layers after it, so e.g. 0 4 8 12 16 20 24 "
+                                "27 cuts the lens's cost on a CPU)" + (
+                                    "; with --models only" if name == "compare" else ""))
+        if name == "figures":
             p.add_argument("--notebooks", nargs="+", metavar="NN", default=None,
                            help="notebook numbers or names to run, e.g. 02 03 (default: all)")
         elif name == "all":
@@ -318,14 +324,14 @@ def stage_capture(cfg, method: str, poolings: Sequence[str] = ("question", "mean
     return out
 
 
-def stage_analysis(stage: str, cfg, method: str):
-    """``stages.ensure_<stage>`` (cached) of cka, spectral, patching, lens or compare (which
-    compares every method, whatever ``method``) for every seed, logging
-    ``report.summarize_<stage>`` of all of them."""
+def stage_analysis(stage: str, cfg, method: str, **params):
+    """``stages.ensure_<stage>`` (cached; ``params``: its parameters, e.g. the lens's
+    ``steer_layers``) of cka, spectral, patching, lens or compare (which compares every method,
+    whatever ``method``) for every seed, logging ``report.summarize_<stage>`` of all of them."""
     from alignkit import report, stages
 
     res = stages.over_seeds(getattr(stages, f"ensure_{stage}"), cfg,
-                            METHODS if stage == "compare" else method)
+                            METHODS if stage == "compare" else method, **params)
     if stage == "compare":
         n_boot = stages.compare_defaults(cfg.smoke)["n_boot"]
         text = report.summarize_compare(res, stages.claims_over_seeds(res, n_boot=n_boot))
@@ -349,7 +355,8 @@ def parse_pairs(items: Sequence[str], flag: str) -> dict[str, str]:
     return out
 
 
-def stage_models_compare(cfg, models: dict[str, str], revisions: dict[str, str], inits: str):
+def stage_models_compare(cfg, models: dict[str, str], revisions: dict[str, str], inits: str,
+                         steer_layers: Sequence[int] | None = None):
     """Any checkpoints: accuracy and cross-layer CKA against the reference
     (``stages.ensure_models_cka``, any depth or width); when every model has the reference's
     shape, also ``stages.ensure_models_compare`` and ``ensure_models_lens``; else the same-layer
@@ -375,17 +382,17 @@ def stage_models_compare(cfg, models: dict[str, str], revisions: dict[str, str],
     res = stages.ensure_models_compare(cfg, models, revisions, inits)
     logger.info("compare --models %s:\n%s", ", ".join(models),
                 report.summarize_compare([res], list(res.claims)))
-    lenses = stages.ensure_models_lens(cfg, models, revisions)
+    lenses = stages.ensure_models_lens(cfg, models, revisions, steer_layers=steer_layers)
     for name, lz in lenses.items():
         logger.info("what changed, %s against the reference:\n%s", name, report.summarize_lens(lz))
     return cross, res, lenses
 
 
-def stage(name: str, cfg, method: str):
-    """Run one stage other than ``figures``."""
+def stage(name: str, cfg, method: str, **params):
+    """Run one stage other than ``figures`` (``params``: an analysis stage's parameters)."""
     if name in ("train", "evaluate", "capture"):
         return globals()[f"stage_{name}"](cfg, method)
-    return stage_analysis(name, cfg, method)
+    return stage_analysis(name, cfg, method, **params)
 
 
 def _select_notebooks(nb_dir: Path, wanted: Sequence[str] | None) -> list[Path]:
@@ -479,11 +486,17 @@ def run(args: argparse.Namespace) -> None:
     method = getattr(args, "method", "sft")
     if cmd == "compare" and args.models:
         stage_models_compare(cfg, parse_pairs(args.models, "--models"),
-                             parse_pairs(args.revision, "--revision"), args.inits)
+                             parse_pairs(args.revision, "--revision"), args.inits,
+                             args.steer_layers)
     elif cmd == "capture":
         stage_capture(cfg, method, args.pooling)
     elif cmd == "figures":
         stage_figures(cfg, overrides, args.notebooks, args.notebook_dir)
+    elif cmd == "compare" and args.steer_layers is not None:
+        raise UsageError("--steer-layers goes with compare --models (the lens of any checkpoints) "
+                         "or the lens command")
+    elif cmd == "lens":
+        stage(cmd, cfg, method, steer_layers=args.steer_layers)
     elif cmd != "all":
         stage(cmd, cfg, method)
     else:

@@ -145,12 +145,18 @@ def _layer_labels(n: int, has_embed: bool = True) -> list[str]:
     return (["emb"] if has_embed else []) + [str(i) for i in range(n - (1 if has_embed else 0))]
 
 
+def _curve_x(curve) -> np.ndarray:
+    """Where a curve's points lie: its ``"x"`` (layers it was measured at), else 0, 1, ..."""
+    return np.asarray(curve["x"]) if "x" in curve else np.arange(len(curve["point"]))
+
+
 def plot_layer_curves(curves: dict, ax=None, ylabel: str = "", title: str = "",
                       band: dict | None = None, band_label: str = "noise floor",
                       has_embed: bool = True, cmap: str = "viridis"):
     """One line per entry of ``curves`` (``{label: {"point", "lo"?, "hi"?}}`` over layers, e.g.
     a ``Band`` or a bootstrap dict) with its interval, and an optional grey control ``band``
-    (``{"lo", "hi"}``, e.g. CKA's noise floor); ``has_embed``: index 0 is the embedding.
+    (``{"lo", "hi"}``, e.g. CKA's noise floor); ``has_embed``: index 0 is the embedding. A
+    curve measured at some layers only carries them as ``"x"`` (its points drawn there, joined).
 
     An entry may be a list of such curves, one per training seed: the first drawn thick with
     markers, the others thin in the same colour, each with its own (lighter) interval."""
@@ -161,7 +167,7 @@ def plot_layer_curves(curves: dict, ax=None, ylabel: str = "", title: str = "",
         seeds = list(c) if isinstance(c, (list, tuple)) else [c]
         n_seeds = max(n_seeds, len(seeds))
         for k, ci in enumerate(seeds):
-            x = np.arange(len(ci["point"]))
+            x = _curve_x(ci)
             if "lo" in ci and "hi" in ci:
                 ax.fill_between(x, ci["lo"], ci["hi"], color=color, alpha=0.2 if k == 0 else 0.07,
                                 lw=0)
@@ -171,8 +177,8 @@ def plot_layer_curves(curves: dict, ax=None, ylabel: str = "", title: str = "",
     if band is not None:
         ax.fill_between(np.arange(len(band["lo"])), band["lo"], band["hi"], color="0.5",
                         alpha=0.25, hatch="//", lw=0, label=band_label)
-    first = next(iter(curves.values()))
-    n = len((first[0] if isinstance(first, (list, tuple)) else first)["point"])
+    n = max(int(_curve_x(ci)[-1]) + 1 for c in curves.values()
+            for ci in (c if isinstance(c, (list, tuple)) else [c]))
     ax.set_xticks(range(n))
     ax.set_xticklabels(_layer_labels(n, has_embed), fontsize=8)
     ax.set(xlabel="layer (residual stream after it)", ylabel=ylabel, title=title)
@@ -526,10 +532,16 @@ def plot_cross_cka(res: CrossCKAResult, model: str, ax=None, title: str = ""):
 def plot_steering(curves: Sequence[dict], ax=None, title: str = ""):
     """Steering with the mean activation difference against its shuffled control, as fractions
     of the gap over layers: ``curves`` holds one ``report.steering`` dict per training seed
-    (``{"steer", "control"}`` Bands)."""
+    (``{"steer", "control"}`` Bands over its ``layers``)."""
     curves = list(curves)
-    fig = plot_layer_curves({"mean difference added to base": [c["steer"] for c in curves],
-                             "same vector, coordinates shuffled": [c["control"] for c in curves]},
+
+    def at_layers(c, key):
+        return {**c[key], "x": c["layers"]}
+
+    fig = plot_layer_curves({"mean difference added to base": [at_layers(c, "steer")
+                                                               for c in curves],
+                             "same vector, coordinates shuffled": [at_layers(c, "control")
+                                                                   for c in curves]},
                             ax=ax, ylabel="fraction of the gap (mean Δ / mean gap)",
                             title=title, has_embed=False, cmap="deep")
     ax = ax or fig.axes[0]

@@ -599,12 +599,16 @@ LENS_NAMES = {"first": "first tokens", "answer": "answer-predicting positions"}
 def steering(res: LensResult, name: str, n_boot: int = 1000, seed: int = 0) -> dict:
     """The steering curves of one position set as gap fractions (mean Δ / mean gap, paired
     bootstrap): ``steer``, ``control`` (shuffled) and ``excess`` (steer - control, one resample),
-    Bands over layers, and ``peak``, the layer where steering carries the most."""
+    Bands over the steered layers; ``layers``, those decoder layers (every one unless the lens
+    was run with ``steer_layers``); ``at``, the index into the Bands where steering carries the
+    most, and ``peak``, that decoder layer."""
     s, c = res.steer[name], res.control[name]
     gap = s.lp_donor - s.lp_receiver
     out = {k: gap_fraction(d, gap, n_boot, seed) for k, d in
            (("steer", s.delta), ("control", c.delta), ("excess", s.delta - c.delta))}
-    out["peak"] = int(np.nanargmax(out["steer"].point))
+    out["layers"] = np.asarray(s.meta.get("layers", range(s.delta.shape[1])), dtype=int)
+    out["at"] = int(np.nanargmax(out["steer"].point))
+    out["peak"] = int(out["layers"][out["at"]])
     return out
 
 
@@ -625,10 +629,10 @@ def _lens_lines(res: LensResult, n_boot: int = 1000, seed: int = 0) -> list[str]
              "tuned − base difference added to the base at the positions it was measured on."]
     for name in res.positions:
         st = steering(res, name, n_boot, seed)
-        i = st["peak"]
-        tops = res.tokens[name]["base"][i]
+        i = st["at"]
+        tops = res.tokens[name]["base"][st["peak"]]
         lines.append(
-            f"- **Steering at the {LENS_NAMES[name]}**: largest at layer {i}, "
+            f"- **Steering at the {LENS_NAMES[name]}**: largest at layer {st['peak']}, "
             f"{st['steer'].point[i]:.2f} of the gap (95 % CI {st['steer'].lo[i]:.2f}–"
             f"{st['steer'].hi[i]:.2f}; the maximum over layers, not corrected); the shuffled "
             f"control {st['control'].point[i]:.2f} there; steer − control "
@@ -654,16 +658,16 @@ def _lens_seeds(rs: Sequence[LensResult], n_boot: int = 1000, seed: int = 0) -> 
     for name in rs[0].positions:
         sts = [steering(r, name, n_boot, seed) for r in rs]
         peaks = [st["peak"] for st in sts]
-        above = sum(st["excess"].lo[st["peak"]] > 0 for st in sts)
+        above = sum(st["excess"].lo[st["at"]] > 0 for st in sts)
         promoted = [{t for t, _ in r.tokens[name]["base"][st["peak"]]["promoted"]}
                     for r, st in zip(rs, sts)]
         common = sorted(set.intersection(*promoted))
         lines.append(
             f"- **Steering at the {LENS_NAMES[name]}**: largest at layer {mode_sentence(peaks)}, "
-            f"carrying {seed_values([st['steer'].point[st['peak']] for st in sts])} of the gap "
+            f"carrying {seed_values([st['steer'].point[st['at']] for st in sts])} of the gap "
             f"(maxima over layers, not corrected; the shuffled control "
-            f"{seed_values([st['control'].point[st['peak']] for st in sts])}); steer − control "
-            f"{seed_values([st['excess'].point[st['peak']] for st in sts], '{:.3f}')}, its "
+            f"{seed_values([st['control'].point[st['at']] for st in sts])}); steer − control "
+            f"{seed_values([st['excess'].point[st['at']] for st in sts], '{:.3f}')}, its "
             f"interval above 0 {k_of_n(above, n)}. Over all layers (no selection), the layers "
             "where steer − control lies above / below 0, per seed: "
             + ", ".join(f"{int((st['excess'].lo > 0).sum())} / "

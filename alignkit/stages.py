@@ -72,9 +72,18 @@ def patching_defaults(smoke: bool) -> dict:
 
 def lens_defaults(smoke: bool) -> dict:
     """Notebook 04's difference-lens parameters: examples steered (the flips), the first tokens,
-    tokens listed per layer, texts of the per-token KL and positions ranked."""
+    tokens listed per layer, texts of the per-token KL and positions ranked, and the decoder
+    layers steered (``steer_layers``: None, every one; steering at layer ``i`` reruns the layers
+    after it, so a subset such as every fourth layer cuts the lens's main cost on a CPU)."""
     return {"n_examples": 8 if smoke else 64, "n_first": 5, "k": 10, "n_texts": 8 if smoke else 32,
-            "top": 20, "batch_size": 8 if smoke else 32, "min_gap": 0.1, "min_set": 2, "seed": 0}
+            "top": 20, "batch_size": 8 if smoke else 32, "min_gap": 0.1, "min_set": 2, "seed": 0,
+            "steer_layers": None}
+
+
+def _lens_key(p: dict) -> dict:
+    """The lens parameters as its cache key: ``steer_layers=None`` (every layer, the default) is
+    left out, so results cached before the knob existed are still read."""
+    return {k: v for k, v in p.items() if not (k == "steer_layers" and v is None)}
 
 
 def compare_defaults(smoke: bool) -> dict:
@@ -224,9 +233,9 @@ def _lens(cfg: Config, p: dict, base_dir: Path, tuned_dir: Path, flips: list[dic
         diff[name] = patching.mean_difference(base, tuned, tokenizer, exs, positions=q, **kw)
         tokens[name] = {who: lens.top_tokens(lens.lens_logits(m, diff[name]), tokenizer, p["k"])
                         for who, m in (("base", base), ("tuned", tuned))}
-        r = patching.weight_sweep(base, tuned, tokenizer, exs, mean_positions=q,
-                                  kinds=("steer", "steer_shuffled"), min_gap=p["min_gap"],
-                                  seed=p["seed"], **kw)
+        r = patching.weight_sweep(base, tuned, tokenizer, exs, layers=p["steer_layers"],
+                                  mean_positions=q, kinds=("steer", "steer_shuffled"),
+                                  min_gap=p["min_gap"], seed=p["seed"], **kw)
         steer[name], control[name] = r["steer"], r["steer_shuffled"]
     spans = patching.tokenize_examples(tokenizer, exs[: p["n_texts"]])
     texts = [tokenizer.decode(s["input_ids"]) for s in spans]
@@ -246,7 +255,7 @@ def ensure_lens(cfg: Config, method: str = "sft", **given) -> LensResult:
     ds = eval_set(cfg)
     sets, labels = patching_sets(cfg, res, p["n_examples"], p["min_set"], ds)
     base_dir, tuned_dir = Path(res.evals[0].checkpoint), Path(res.evals[-1].checkpoint)
-    key = _pair_key(cfg, base_dir, tuned_dir, ds, {"flips": sets["flips"]}, p)
+    key = _pair_key(cfg, base_dir, tuned_dir, ds, {"flips": sets["flips"]}, _lens_key(p))
     return _cached(analysis_dir(res.run_dir), "lens", key,
                    lambda: _lens(cfg, p, base_dir, tuned_dir, sets["flips"], labels["flips"]),
                    LensResult)
@@ -630,7 +639,7 @@ def ensure_models_lens(cfg: Config, models: dict[str, str], revisions: dict | No
     out = {}
     for m in (k for k in paths if k != "base"):
         sets, labels = _model_flips(cfg, evals, m, p, ds)
-        key = _pair_key(cfg, paths["base"], paths[m], ds, {"flips": sets["flips"]}, p)
+        key = _pair_key(cfg, paths["base"], paths[m], ds, {"flips": sets["flips"]}, _lens_key(p))
         out[m] = _cached(cfg.run_root / "models" / "lens", "lens", key,
                          lambda m=m, sets=sets, labels=labels: _lens(
                              cfg, p, paths["base"], paths[m], sets["flips"], labels["flips"]),

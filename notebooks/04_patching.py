@@ -68,6 +68,7 @@ N_BOOT = 50 if SMOKE else 1000
 SEED = 0
 N_FIRST = 5  # the difference lens's first tokens (positions 0..N_FIRST-1 of every example)
 N_TEXTS = 8 if SMOKE else 32  # texts (prompt + gold solution) of the per-token KL
+STEER_LAYERS = None  # decoder layers the lens steers at (None: every one; a subset on a CPU)
 
 # %%
 import logging
@@ -344,7 +345,8 @@ else:
 
 # %%
 lenses = over_seeds(ensure_lens, cfg, "sft", n_examples=N_EXAMPLES, n_first=N_FIRST, n_texts=N_TEXTS,
-                    batch_size=BATCH_SIZE, min_gap=MIN_GAP, min_set=MIN_SET, seed=SEED)
+                    batch_size=BATCH_SIZE, min_gap=MIN_GAP, min_set=MIN_SET, seed=SEED,
+                    steer_layers=STEER_LAYERS)
 fig, axes = plt.subplots(1, 2, figsize=(15, 4.4), sharey=True)
 for ax, name in zip(axes, ("first", "answer")):
     plot_steering([steering(r, name, N_BOOT, SEED) for r in lenses], ax=ax,

@@ -68,6 +68,7 @@ N_SEEDS = None  # training seeds; None: the preset's (tiny 3, smoke 2, real pres
 METHODS = ("sft", "dpo", "grpo")
 MODELS: dict | None = None  # {"base": dir or hub id, "sft": ...}: compare these instead of our runs
 INITS = "series"  # with MODELS: each model's init is the one before it ("series") or "reference"
+STEER_LAYERS = None  # with MODELS: decoder layers the lens steers at (None: every one; a subset on a CPU)
 POOLING = "question"  # probe pooling, as in notebooks 02 and 03 (the question's own tokens)
 N_BOOT = 20 if SMOKE else 200  # CKA and effective-rank bootstraps
 N_SPLITS = 20  # split halves for the CKA noise floor
@@ -287,7 +288,7 @@ else:
 # %%
 if MODELS:
     lenses = ensure_models_lens(cfg, MODELS, n_examples=N_EXAMPLES, batch_size=BATCH_SIZE, min_gap=MIN_GAP,
-                                min_set=MIN_SET, seed=SEED)
+                                min_set=MIN_SET, seed=SEED, steer_layers=STEER_LAYERS)
     reference = AutoTokenizer.from_pretrained(str(given_models(cfg, MODELS)["base"]))
     for m, lz in lenses.items():
         fig, axes = plt.subplots(1, 3, figsize=(20, 4.4), gridspec_kw={"width_ratios": [1, 1, 1.6]})

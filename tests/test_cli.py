@@ -374,6 +374,33 @@ def test_lens_stage_round_trips_exactly(staged, smoke_cfg, smoke_run, monkeypatc
     assert "Steering at the first tokens" in text and "Per-token KL" in text and "in all 2 seeds" in text
 
 
+def test_lens_at_some_layers_equals_the_full_lens_there(staged, smoke_cfg, smoke_run):
+    """``--steer-layers`` steers at those decoder layers only: the same numbers as the full lens
+    there, reported and drawn at their own layers; the default key leaves the knob out, so
+    lenses cached before it existed are still read."""
+    import matplotlib.pyplot as plt
+
+    from alignkit import plots
+
+    full = pipeline.ensure_lens(smoke_cfg)
+    assert cli.main(staged + ["lens", "--steer-layers", "0", "2"]) == 0
+    sub = pipeline.ensure_lens(smoke_cfg, steer_layers=[0, 2])
+    for name in ("first", "answer"):
+        for kind in ("steer", "control"):
+            np.testing.assert_array_equal(getattr(sub, kind)[name].delta,
+                                          getattr(full, kind)[name].delta[:, [0, 2]])
+        assert list(sub.steer[name].meta["layers"]) == [0, 2]
+        st = report_mod.steering(sub, name, 50)
+        assert list(st["layers"]) == [0, 2] and st["peak"] == [0, 2][st["at"]]
+        np.testing.assert_array_equal(sub.diff[name], full.diff[name])
+    assert "Steering at the answer-predicting positions" in report_mod.summarize_lens(sub, 50)
+    fig = plots.plot_steering([report_mod.steering(sub, "answer", 50)])
+    assert list(fig.axes[0].lines[0].get_xdata()) == [0, 2]
+    plt.close(fig)
+    assert "steer_layers" not in pipeline._lens_key(pipeline.lens_defaults(True))
+    assert cli.main(staged + ["compare", "--steer-layers", "1"]) == 2  # --models only
+
+
 def test_notebook_parameters_match_pipeline_defaults(monkeypatch):
     """A notebook run after the CLI must ask for exactly the CLI's results (same cache keys)."""
     import jupytext
