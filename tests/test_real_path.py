@@ -383,7 +383,7 @@ SLOW = os.environ.get("ALIGNKIT_SLOW") == "1"
 @pytest.mark.parametrize("preset,compare", [
     ("qwen3-0.6b-base", False), ("qwen3-0.6b", False),
     pytest.param("qwen3-0.6b", True, marks=pytest.mark.skipif(
-        not SLOW, reason="~9 CPU minutes; ALIGNKIT_SLOW=1 runs it (passed 2026-11-30)"))])
+        not SLOW, reason="~9 CPU minutes; ALIGNKIT_SLOW=1 runs it (passed 2026-12-01)"))])
 def test_both_presets_run_all_end_to_end(tmp_path, preset, compare):
     """``python -m alignkit --preset P --smoke ... all`` through every stage but the notebooks, on
     a 2-layer model of Qwen3-0.6B's width and vocabulary with a Qwen-like tokenizer, loaded by
