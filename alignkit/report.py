@@ -744,8 +744,6 @@ def summarize_compare(res: CompareResult | Sequence[CompareResult], claims: list
     return _summary(res, _compare_lines, _compare_seeds, smoke, claims=claims)
 
 
-# ---- the README quotes the summaries, never types them -----------------------------------------
-
 def summarize_cross(res: CrossCKAResult) -> str:
     """``stages.ensure_models_cka`` in sentences: per model, its depth against the reference's,
     the reference layers tied for the best match of its first, middle and last layer, CKA of the
@@ -771,6 +769,8 @@ def summarize_cross(res: CrossCKAResult) -> str:
     return "\n".join([f"Cross-layer CKA on {res.n_probes} probes ({res.pooling} pooling), "
                       "bootstrap 95 % intervals:", *lines])
 
+
+# ---- the README quotes the summaries, never types them -----------------------------------------
 
 SUMMARY_BLOCK = re.compile(r"(<!-- summary: (?P<path>[^ ]+) -->\n)(?P<body>.*?)(<!-- /summary -->)",
                            re.S)

@@ -26,7 +26,7 @@ from trl import DPOTrainer, GRPOTrainer, SFTTrainer
 
 from alignkit import data, runs
 from alignkit.config import PRECISIONS, Config, EvalConfig
-from alignkit.evaluate import fit_eval_batch, generate
+from alignkit.evaluate import GiB, fit_eval_batch, generate
 from alignkit.models import device_for, dims, load_model, native_bf16, preflight
 from alignkit.runs import checkpoint_dir, list_checkpoints, run_dir, run_key
 from alignkit.tiny import ensure_base
@@ -121,9 +121,6 @@ def generation_batch(batch_size: int, micro: int, world: int, num_generations: i
                      f"({num_generations})")
 
 
-GiB = 2**30
-
-
 def memory_estimate(cfg: Config, method: str, model_config, world: int = 1,
                     precision: str = "bf16", micro: int | None = None) -> dict[str, float]:
     """Estimated peak GPU memory (GiB) of one training process, by part: fp32 weights, gradients
@@ -210,10 +207,22 @@ def resolve_checkpointing(cfg: Config, method: str, model_config, world: int, pr
     return off["total"] > ROOM_WITHOUT_CHECKPOINTING * have_gib
 
 
+def fit_plan(cfg: Config, method: str, model_config, world: int, precision: str,
+             have_gib: float) -> tuple[int, bool, dict[str, float]]:
+    """The training plan for a GPU of ``have_gib``: ``(micro-batch, gradient checkpointing,
+    memory_estimate at them)``, checkpointing by ``resolve_checkpointing`` and then the
+    micro-batch by ``fit_micro_batch`` with that choice."""
+    checkpointing = resolve_checkpointing(cfg, method, model_config, world, precision, have_gib)
+    cfg = dataclasses.replace(cfg, gradient_checkpointing=checkpointing)
+    micro = fit_micro_batch(cfg, method, model_config, world, precision, have_gib)
+    return micro, checkpointing, memory_estimate(cfg, method, model_config, world, precision,
+                                                 micro)
+
+
 def plan_memory(cfg: Config, method: str, model_path, device: torch.device, world: int,
                 precision: str) -> tuple[int, bool]:
-    """``(micro-batch, gradient checkpointing)`` of one process: on a GPU ``fit_micro_batch`` after
-    ``resolve_checkpointing``, on the CPU the whole share; RuntimeError before training when even
+    """``(micro-batch, gradient checkpointing)`` of one process: on a GPU ``fit_plan``, on the CPU
+    the whole share; RuntimeError before training when even
     micro-batch 1 is estimated not to fit, naming the estimate, the GPU and the knobs that lower
     it."""
     k = getattr(cfg, method)
@@ -222,10 +231,7 @@ def plan_memory(cfg: Config, method: str, model_path, device: torch.device, worl
                 resolve_checkpointing(cfg, method, None, world, precision, None))
     config = AutoConfig.from_pretrained(str(model_path))
     have = torch.cuda.get_device_properties(device).total_memory / GiB
-    checkpointing = resolve_checkpointing(cfg, method, config, world, precision, have)
-    cfg = dataclasses.replace(cfg, gradient_checkpointing=checkpointing)
-    micro = fit_micro_batch(cfg, method, config, world, precision, have)
-    est = memory_estimate(cfg, method, config, world, precision, micro)
+    micro, checkpointing, est = fit_plan(cfg, method, config, world, precision, have)
     if est["total"] > have:
         detail = ", ".join(f"{key} {val:g}" for key, val in est.items() if key != "total")
         raise RuntimeError(

@@ -21,7 +21,6 @@ The full run writes benchmarks/RESULTS_real.md (``--no-write`` to skip).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
@@ -164,11 +163,8 @@ def estimates() -> list[str]:
              "|---|---|---|---|---:|---:|"]
     for have, precision in ((15.0, "fp16"), (24.0, "bf16"), (80.0, "bf16")):
         for method in ("sft", "dpo", "grpo"):
-            cfg = get_config("qwen3-0.6b-base")  # gradient_checkpointing="auto", as plan_memory
-            on = train.resolve_checkpointing(cfg, method, shape, 1, precision, have)
-            cfg = dataclasses.replace(cfg, gradient_checkpointing=on)
-            micro = train.fit_micro_batch(cfg, method, shape, 1, precision, have)
-            est = train.memory_estimate(cfg, method, shape, 1, precision, micro)
+            micro, on, est = train.fit_plan(get_config("qwen3-0.6b-base"), method, shape, 1,
+                                            precision, have)  # as plan_memory on such a GPU
             fits = "" if est["total"] <= have else " (does not fit)"
             lines.append(f"| {have:g} GiB | {method.upper()} | {precision} | "
                          f"{'on' if on else 'off'} | {micro} | {est['total']:.1f}{fits} |")
