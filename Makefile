@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_CPU := torch==2.13.0
 
-.PHONY: setup lint test unit notebooks reproduce readme sync gpu-check clean
+.PHONY: setup lint test unit notebooks reproduce publish readme sync gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -20,7 +20,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 
 # the linter (line length 100, import order; pyproject.toml)
 lint: setup
-	$(BIN)/ruff check alignkit tests benchmarks notebooks
+	$(BIN)/ruff check alignkit tests benchmarks notebooks tools
 
 # lint, unit tests (incl. the layout and jupytext pair checks), then every notebook in smoke mode
 test: setup lint
@@ -30,10 +30,11 @@ test: setup lint
 unit: setup
 	$(BIN)/python -m pytest tests -q
 
-# full-size runs of the notebooks in order; they write images/. First the embedded base (both
-# cores), then each of the three training seeds' runs and analyses as its own one-thread process
-# (the tiny models use a second thread poorly, so three one-thread processes keep both cores
-# busy), then the notebooks draw the figures from the cached results
+# full-size runs of the notebooks in order; they write runs/images/ (figures and summaries), never
+# images/. First the embedded base (both cores), then each of the three training seeds' runs and
+# analyses as its own one-thread process (the tiny models use a second thread poorly, so three
+# one-thread processes keep both cores busy), then the notebooks draw the figures from the cached
+# results; last, where the fresh summaries differ from the published ones (runs/images/differences.md)
 reproduce: setup
 	$(BIN)/python -c "from alignkit.config import get_config; from alignkit.tiny import ensure_base; \
 	ensure_base(get_config())"
@@ -41,12 +42,17 @@ reproduce: setup
 	$(BIN)/python -m alignkit --seeds 1 --set sft.seed={} --set dpo.seed={} --set grpo.seed={} \
 	all --skip figures
 	ALIGNKIT_STATIC=1 $(BIN)/python -m pytest --nbmake --nbmake-timeout=7200 notebooks -q
+	$(BIN)/python tools/readme.py differences
 
-# copy the default run's summaries (images/NN_*.md, written by make reproduce) into the README's
-# results section; tests/test_readme.py fails while the two differ
+# publish a reproduction: runs/images/ (make reproduce's figures and summaries) into images/, and
+# quote the summaries in the README and docs/
+publish: setup
+	$(BIN)/python tools/readme.py publish
+
+# copy the published summaries (images/NN_*.md) into the README's and docs/' summary blocks;
+# tests/test_readme.py fails while they differ
 readme: setup
-	$(BIN)/python -c "from pathlib import Path; from alignkit.report import fill_readme; \
-	p = Path('README.md'); p.write_text(fill_readme(p.read_text(), '.'))"
+	$(BIN)/python tools/readme.py fill
 
 # the real path on a CUDA GPU with random weights of Qwen3-0.6B's shape (no internet): every stage,
 # peak GPU memory and time per stage (benchmarks/RESULTS_gpu.md)

@@ -1,19 +1,5 @@
-"""Linear CKA (centred kernel alignment) between layer activations.
-
-``X: [n, d1]`` and ``Y: [n, d2]`` hold the same examples in the same row order; ``K = Xc Xc^T``
-and ``L = Yc Yc^T`` are the Gram matrices of the column-centred data. Linear CKA is
-``HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L))`` (Kornblith et al. 2019, "Similarity of neural network
-representations revisited"). ``hsic`` computes both estimators from four sums over the Grams: the
-biased ``tr(KHLH) / n^2`` and the unbiased one of Song et al. (2012, "Feature selection via
-dependence maximization"), which debiased CKA uses (Nguyen et al. 2021, "Do wide and deep networks
-learn the same things?"); it needs ``n >= 4``, can be negative and is never clamped.
-
-Inputs are torch or numpy in any float dtype. Inputs of 32 bits or fewer get fp32 Grams (of
-centred data, which fp32 represents well) with every sum accumulated in float64; float64 inputs get
-fp64 Grams; ``gram_dtype`` (``torch.float32`` or ``torch.float64``) overrides that rule. There is
-no epsilon anywhere. Bad shapes, too few examples, NaN/Inf and a layer whose rows are all identical
-("zero variance", where CKA would be NaN) raise ``ValueError`` naming the input (and layer).
-"""
+"""Linear CKA, classic (Kornblith et al. 2019) and debiased (Nguyen et al. 2021), from one HSIC
+formula. Formulas, precision and pitfalls: docs/measures.md#cka"""
 
 from __future__ import annotations
 
@@ -29,31 +15,20 @@ from alignkit.stats import ArrayLike, as_float_tensor, check_finite, zero_varian
 logger = logging.getLogger(__name__)
 Scalar = Union[torch.Tensor, float]  # a number, or tensors of them that broadcast
 
-__all__ = ["linear_cka", "cka_matrix", "layerwise_cka", "prepare_pair", "centred_gram", "hsic"]
+__all__ = ["linear_cka", "cka_matrix", "layerwise_cka", "prepare_pair", "centred_gram", "hsic",
+           "layer_grams", "self_hsic"]
 
-# Below this spread relative to the mean square, check whether the rows are exactly identical.
-_SUSPECT_VAR_RTOL = 1e-12
-# Gram traces outside this range make ``centred_gram`` rescale the data first (fp32 range).
-_SAFE_TRACE = (1e-20, 1e20)
-# Bytes of Gram matrices ``cka_matrix`` holds at once before it works in layer chunks.
-_DEFAULT_GRAM_BUDGET = 2 * 1024**3
+_SUSPECT_VAR_RTOL = 1e-12  # variance / mean square below which rows are checked for identity
+_SAFE_TRACE = (1e-20, 1e20)  # Gram traces outside it make ``centred_gram`` rescale (fp32 range)
+_DEFAULT_GRAM_BUDGET = 2 * 1024**3  # bytes of Grams ``cka_matrix`` holds before it chunks layers
 
 
 def prepare_pair(X: ArrayLike, Y: ArrayLike, debiased: bool, gram_dtype: torch.dtype | None = None,
                  *, ndim: int = 3, names: tuple[str, str] = ("acts_a", "acts_b"),
                  same_depth: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
-    """Checks two representations of the same examples and chooses the Gram precision.
-
-    Args:
-        X, Y: ``[L_a, n, d_a]`` and ``[L_b, n, d_b]`` (``[n, d]`` when ``ndim=2``): the same ``n``
-            examples in the same order.
-        names: how error messages call ``X`` and ``Y``.
-        same_depth: require ``L_a == L_b`` (layerwise comparisons).
-
-    Returns:
-        ``(x, y, dtype)``: float tensors (``y`` on ``x``'s device) and the Gram dtype. NaN/Inf
-        are found layer by layer by ``centred_gram``.
-    """
+    """Checks ``X: [L_a, n, d_a]``, ``Y: [L_b, n, d_b]`` (``[n, d]`` when ``ndim=2``; the same
+    examples in order, called ``names`` in errors; ``same_depth``: ``L_a == L_b``) and returns
+    ``(x, y, gram_dtype)``, float tensors with ``y`` on ``x``'s device. ValueError on bad input."""
     x, y = as_float_tensor(X, names[0]), as_float_tensor(Y, names[1])
     what = "[n_examples, n_features]" if ndim == 2 else "[n_layers, n_examples, n_features]"
     for t, name in ((x, names[0]), (y, names[1])):
@@ -83,14 +58,8 @@ def prepare_pair(X: ArrayLike, Y: ArrayLike, debiased: bool, gram_dtype: torch.d
 
 def centred_gram(x: torch.Tensor, dtype: torch.dtype, name: str,
                  out: torch.Tensor | None = None) -> torch.Tensor:
-    """Gram matrix ``Xc Xc^T`` ``[n, n]`` of one layer's column-centred activations ``x: [n, d]``.
-
-    The matmul and result are in ``dtype``; ``out`` (optional, ``[n, n]`` of ``dtype``) receives
-    it, ``name`` labels errors (e.g. ``"acts_a layer 3"``). Centring before the matmul keeps fp32
-    accurate (no large common offset in the entries; CKA is translation invariant). When the trace
-    leaves ``[1e-20, 1e20]`` the data are first scaled to unit Frobenius norm, so fp32 cannot
-    overflow or underflow (CKA is scale invariant).
-    """
+    """Gram matrix ``Xc Xc^T: [n, n]`` of ``dtype`` (into ``out`` if given) of one layer's centred
+    ``x: [n, d]``, rescaled if its trace is extreme; ``name`` labels errors (``"acts layer 3"``)."""
     n = x.shape[0]
     xf = x.to(dtype)
     mu = xf.mean(0, keepdim=True)
@@ -105,7 +74,6 @@ def centred_gram(x: torch.Tensor, dtype: torch.dtype, name: str,
         ss = float(torch.linalg.vector_norm(xc, dtype=torch.float64)) ** 2
     mean_sq = n * float(mu.to(torch.float64).square().sum())
     if not ss > _SUSPECT_VAR_RTOL * (ss + mean_sq):
-        # Centring round-off leaves ~1e-7 relative residue in fp32: decide on the stored values.
         if ss == 0.0 or bool((x == x[0]).all()):
             raise zero_variance_error(name)
         logger.warning("%s: variance is only %.1e of the mean square; CKA is at the mercy of "
@@ -117,27 +85,28 @@ def centred_gram(x: torch.Tensor, dtype: torch.dtype, name: str,
 
 def hsic(n: Scalar, tr_kl: Scalar, sum_k: Scalar, sum_l: Scalar, sum_kl: Scalar,
          debiased: bool) -> Scalar:
-    """HSIC of two Gram matrices ``K``, ``L`` over ``n`` rows, from ``tr_kl = tr(KL)``,
-    ``sum_k = 1'K1``, ``sum_l = 1'L1`` and ``sum_kl = 1'KL1``.
-
-    Biased: ``tr(K H L H) / n^2 = [tr(KL) - 2/n 1'KL1 + (1'K1)(1'L1)/n^2] / n^2`` with
-    ``H = I - 11'/n``. Debiased (Song et al. 2012), the sums taken over the zero-diagonal ``K~``,
-    ``L~``: ``[tr(K~L~) + (1'K~1)(1'L~1)/((n-1)(n-2)) - 2/(n-2) 1'K~L~1] / (n(n-3))``.
-    The normalisation cancels in CKA; tensor arguments (e.g. ``n: [R]``, one per resample)
-    broadcast.
-    """
+    """HSIC of Gram matrices ``K``, ``L`` over ``n`` rows from ``tr_kl = tr(KL)``, ``sum_k = 1'K1``,
+    ``sum_l = 1'L1``, ``sum_kl = 1'KL1`` (tensors broadcast, e.g. ``n: [R]``): biased, or debiased
+    (Song et al. 2012; sums over the zero-diagonal Grams)."""
     if debiased:
         return (tr_kl + sum_k * sum_l / ((n - 1) * (n - 2)) - 2.0 * sum_kl / (n - 2)) / (
             n * (n - 3))
     return (tr_kl - 2.0 * sum_kl / n + sum_k * sum_l / n**2) / n**2
 
 
-def _sym_gram(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ x.T`` for ``x: [n, d]``; on CPU with ``n >= 256``, 3/4 of the flops.
+def self_hsic(n: int, tr: torch.Tensor, rows: torch.Tensor, debiased: bool,
+              names: Sequence[str]) -> torch.Tensor:
+    """``HSIC(K, K): [L]`` of Grams with ``tr = tr(KK): [L]`` and row sums ``rows: [L, n]``;
+    ``zero_variance_error`` naming the first layer where it is not positive (constant or, when
+    debiased, degenerate)."""
+    h = hsic(n, tr, rows.sum(1), rows.sum(1), rows.square().sum(1), debiased)
+    if not bool((h > 0).all()):
+        raise zero_variance_error(names[int((~(h > 0)).nonzero()[0, 0])])
+    return h
 
-    torch has no symmetric rank-k update, so the Gram is built from the top half-panel
-    ``x[:h] @ x.T`` and the bottom-right block; the bottom-left block is a transpose copy.
-    """
+
+def _sym_gram(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ x.T`` of ``x: [n, d]``, on CPU (``n >= 256``) with 3/4 of the flops (docs: CKA)."""
     n = x.shape[0]
     if out is None:
         out = torch.empty(n, n, dtype=x.dtype, device=x.device)
@@ -150,9 +119,10 @@ def _sym_gram(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     return out
 
 
-def _grams(stack: torch.Tensor, debiased: bool, dtype: torch.dtype, names: Sequence[str]):
-    """Flattened Grams ``[L, n*n]`` of ``dtype`` of a stack ``[L, n, d]`` (zero diagonal when
-    ``debiased``), their float64 row sums ``[L, n]``, and ``names`` (one per layer)."""
+def layer_grams(stack: torch.Tensor, debiased: bool, dtype: torch.dtype,
+                names: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, Sequence[str]]:
+    """``centred_gram`` of each layer of ``stack: [L, n, d]``, flattened ``[L, n*n]`` of ``dtype``
+    (zero diagonal when ``debiased``), their float64 row sums ``[L, n]``, and ``names``."""
     n_layers, n, _ = stack.shape
     grams = torch.empty(n_layers, n * n, dtype=dtype, device=stack.device)
     rows = torch.empty(n_layers, n, dtype=torch.float64, device=stack.device)
@@ -169,11 +139,7 @@ def _sq_norms(g: torch.Tensor) -> torch.Tensor:
 
 
 def _cka_of_grams(n: int, a: tuple, b: tuple, debiased: bool, chunk: int = 1 << 16):
-    """CKA ``[L_a, L_b]`` (float64) from the ``_grams`` of two stacks of ``n`` rows.
-
-    The traces ``tr(KL)`` of all pairs are ``ga @ gb.T`` of the flattened Grams ``[L, n*n]``,
-    accumulated in float64: fp32 Grams are converted ``chunk`` columns at a time.
-    """
+    """CKA ``[L_a, L_b]`` (float64) of two stacks' ``layer_grams``: ``tr(KL)`` is ``ga @ gb.T``."""
     (ga, ra, names_a), (gb, rb, names_b) = a, b
     f64 = torch.float64
     if ga.dtype == f64 and gb.dtype == f64:
@@ -181,53 +147,34 @@ def _cka_of_grams(n: int, a: tuple, b: tuple, debiased: bool, chunk: int = 1 << 
     else:
         (la, m), lb = ga.shape, gb.shape[0]
         cross = torch.zeros(la, lb, dtype=f64, device=ga.device)
-        tr_a = torch.zeros(la, dtype=f64, device=ga.device)
-        tr_b = torch.zeros(lb, dtype=f64, device=ga.device)
-        buf_a = torch.empty(la, min(chunk, m), dtype=f64, device=ga.device)
-        buf_b = torch.empty(lb, min(chunk, m), dtype=f64, device=ga.device)
+        tr_a, tr_b = cross.new_zeros(la), cross.new_zeros(lb)
+        buf_a, buf_b = cross.new_empty(la, min(chunk, m)), cross.new_empty(lb, min(chunk, m))
         for s in range(0, m, chunk):
             part_a = buf_a[:, :min(chunk, m - s)].copy_(ga[:, s:s + chunk])
             part_b = buf_b[:, :min(chunk, m - s)].copy_(gb[:, s:s + chunk])
             cross.addmm_(part_a, part_b.T)
             tr_a += _sq_norms(part_a)
             tr_b += _sq_norms(part_b)
-    self_hsic = []
-    for tr, r, names in ((tr_a, ra, names_a), (tr_b, rb, names_b)):
-        h = hsic(n, tr, r.sum(1), r.sum(1), r.square().sum(1), debiased)
-        if not bool((h > 0).all()):  # a constant (or, debiased, degenerate) layer
-            raise zero_variance_error(names[int((~(h > 0)).nonzero()[0, 0])])
-        self_hsic.append(h)
+    h_a, h_b = self_hsic(n, tr_a, ra, debiased, names_a), self_hsic(n, tr_b, rb, debiased, names_b)
     h_ab = hsic(n, cross, ra.sum(1)[:, None], rb.sum(1)[None, :], ra @ rb.T, debiased)
-    return h_ab / torch.sqrt(self_hsic[0][:, None] * self_hsic[1][None, :])
+    return h_ab / torch.sqrt(h_a[:, None] * h_b[None, :])
 
 
 def linear_cka(X: ArrayLike, Y: ArrayLike, debiased: bool = False) -> float:
-    """Linear CKA between ``X: [n, d1]`` and ``Y: [n, d2]`` (same examples, same row order).
-
-    Returns:
-        CKA as a Python float, from fp64 Grams; biased CKA lies in [0, 1], debiased CKA in
-        roughly [-1, 1].
-    """
+    """Linear CKA of ``X: [n, d1]`` and ``Y: [n, d2]`` (same examples, same row order) from fp64
+    Grams: a float in [0, 1] (biased) or roughly [-1, 1] (debiased)."""
     x, y, dtype = prepare_pair(X, Y, debiased, torch.float64, ndim=2, names=("X", "Y"))
-    ga, gb = _grams(x[None], debiased, dtype, ["X"]), _grams(y[None], debiased, dtype, ["Y"])
+    ga = layer_grams(x[None], debiased, dtype, ["X"])
+    gb = layer_grams(y[None], debiased, dtype, ["Y"])
     return float(_cka_of_grams(x.shape[0], ga, gb, debiased)[0, 0])
 
 
 def cka_matrix(acts_a: ArrayLike, acts_b: ArrayLike, debiased: bool = False, *,
                gram_dtype: torch.dtype | None = None,
                max_gram_bytes: int = _DEFAULT_GRAM_BUDGET) -> np.ndarray:
-    """Linear CKA between every layer of ``acts_a: [L_a, n, d_a]`` and every layer of
-    ``acts_b: [L_b, n, d_b]`` (the same ``n`` examples in the same order).
-
-    Each layer's Gram matrix is formed once; the traces of all pairs are one matmul
-    ``[L_a, n*n] x [n*n, L_b]`` accumulated in float64, the other sums come from float64 row
-    sums ``[L, n]``. When the Grams of both stacks exceed ``max_gram_bytes`` (``4 n^2`` bytes a
-    layer in fp32, ``8 n^2`` in fp64) the layers are processed in chunks (the Grams of ``acts_b``
-    are then recomputed for each chunk of ``acts_a``).
-
-    Returns:
-        ``[L_a, L_b]`` float64 array; entry ``[i, j]`` is CKA(acts_a[i], acts_b[j]).
-    """
+    """Linear CKA ``[L_a, L_b]`` (float64), ``[i, j]`` = CKA(acts_a[i], acts_b[j]), of
+    ``acts_a: [L_a, n, d_a]`` and ``acts_b: [L_b, n, d_b]`` (the same examples in order); in
+    chunks of layers above ``max_gram_bytes`` of Grams."""
     a, b, dtype = prepare_pair(acts_a, acts_b, debiased, gram_dtype)
     n_a, n_b, n = a.shape[0], b.shape[0], a.shape[1]
     per_layer = n * n * (8 if dtype == torch.float64 else 4)
@@ -239,10 +186,11 @@ def cka_matrix(acts_a: ArrayLike, acts_b: ArrayLike, debiased: bool = False, *,
         chunk = max(n_a, n_b)
     out = torch.empty(n_a, n_b, dtype=torch.float64)
     for i in range(0, n_a, chunk):
-        ga = _grams(a[i:i + chunk], debiased, dtype, [f"acts_a layer {k}" for k in range(i, n_a)])
+        ga = layer_grams(a[i:i + chunk], debiased, dtype,
+                         [f"acts_a layer {k}" for k in range(i, n_a)])
         for j in range(0, n_b, chunk):
-            gb = _grams(b[j:j + chunk], debiased, dtype,
-                        [f"acts_b layer {k}" for k in range(j, n_b)])
+            gb = layer_grams(b[j:j + chunk], debiased, dtype,
+                             [f"acts_b layer {k}" for k in range(j, n_b)])
             out[i:i + chunk, j:j + chunk] = _cka_of_grams(n, ga, gb, debiased).cpu()
     return out.numpy()
 
@@ -250,15 +198,12 @@ def cka_matrix(acts_a: ArrayLike, acts_b: ArrayLike, debiased: bool = False, *,
 def layerwise_cka(acts_a: ArrayLike, acts_b: ArrayLike, debiased: bool = False, *,
                   gram_dtype: torch.dtype | None = None) -> np.ndarray:
     """CKA of matching layers ``[L]`` (float64), ``CKA(acts_a[l], acts_b[l])`` for
-    ``acts_a: [L, n, d_a]`` and ``acts_b: [L, n, d_b]``: the diagonal of ``cka_matrix``.
-
-    Works one layer at a time (memory ``O(n^2)``) with the same precision rule as
-    ``cka_matrix``, so it reproduces that matrix's diagonal.
-    """
+    ``acts_a: [L, n, d_a]`` and ``acts_b: [L, n, d_b]``: the diagonal of ``cka_matrix`` (same
+    precision rule), one layer at a time (memory ``O(n^2)``)."""
     a, b, dtype = prepare_pair(acts_a, acts_b, debiased, gram_dtype, same_depth=True)
     out = np.empty(a.shape[0])
     for i in range(a.shape[0]):
-        ga = _grams(a[i:i + 1], debiased, dtype, [f"acts_a layer {i}"])
-        gb = _grams(b[i:i + 1], debiased, dtype, [f"acts_b layer {i}"])
+        ga = layer_grams(a[i:i + 1], debiased, dtype, [f"acts_a layer {i}"])
+        gb = layer_grams(b[i:i + 1], debiased, dtype, [f"acts_b layer {i}"])
         out[i] = float(_cka_of_grams(a.shape[1], ga, gb, debiased)[0, 0])
     return out

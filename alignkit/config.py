@@ -1,11 +1,10 @@
-"""Presets and every knob of a run, in one place: ``"tiny"`` is the offline default (a small Qwen3
-pretrained here, generated GSM8K-format data, CPU); the real path, on a GPU with openai/gsm8k from
-the hub (or local copies), is ``"qwen3-0.6b-base"`` (Qwen/Qwen3-0.6B-Base, plain prompts: the
-pretrained model, what a base-vs-post-training study needs) and ``"qwen3-0.6b"`` (Qwen/Qwen3-0.6B,
-the seed's model, already post-trained: its chat template with thinking disabled)."""
+"""Presets and every knob of a run: ``"tiny"`` (offline default: a small Qwen3 pretrained here,
+generated GSM8K-format data, CPU) and the real path (docs/real-path.md), ``"qwen3-0.6b-base"``
+(plain prompts) and ``"qwen3-0.6b"`` (already post-trained: chat template, thinking disabled)."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 from pathlib import Path
@@ -54,8 +53,7 @@ class SFTConfig:
 
     max_steps: int = 400
     batch_size: int = 16  # sequences per optimizer step, over all processes
-    micro_batch_size: int = 0  # per process and pass (0: the most that fits the GPU; on the CPU
-    # the whole share); gradients accumulate to batch_size
+    micro_batch_size: int = 0  # per process and pass; 0: fitted to the GPU (train.fit_micro_batch)
     learning_rate: float = 1e-3
     warmup_ratio: float = 0.05
     weight_decay: float = 0.0
@@ -72,8 +70,7 @@ class DPOConfig:
     init: str = "sft"  # "sft": the final SFT checkpoint; "base": the base model
     max_steps: int = 150
     batch_size: int = 16  # preference pairs per step
-    micro_batch_size: int = 0  # per process and pass (0: the most that fits the GPU; on the CPU
-    # the whole share); gradients accumulate to batch_size
+    micro_batch_size: int = 0  # as SFTConfig's
     learning_rate: float = 3e-5  # measured: 1e-4 collapses accuracy, 1e-5 changes nothing
     warmup_ratio: float = 0.1
     weight_decay: float = 0.0
@@ -95,8 +92,7 @@ class GRPOConfig:
     init: str = "sft"  # "sft": the final SFT checkpoint; "base": the base model
     max_steps: int = 160
     batch_size: int = 32  # completions per step (= prompts per step x num_generations)
-    micro_batch_size: int = 0  # per process and pass (0: the most that fits the GPU; on the CPU
-    # the whole share); gradients accumulate to batch_size
+    micro_batch_size: int = 0  # as SFTConfig's
     learning_rate: float = 1e-4
     warmup_ratio: float = 0.1
     weight_decay: float = 0.0
@@ -115,10 +111,109 @@ class EvalConfig:
     """Held-out evaluation: greedy generation and teacher-forced answer log-prob."""
 
     n_eval: int | None = 300  # the first n problems of the test split; None: all of it
-    batch_size: int = 64  # prompts per batch; 0: as many as fit the GPU (evaluate.fit_eval_batch)
+    batch_size: int = 64  # prompts per batch; 0: as many as fit the GPU (evaluate.batched)
     max_new_tokens: int = 112
     stop: tuple[str, ...] = ("\nQuestion:",)  # also ends decoding (with the model's end tokens)
     n_shot: int = 0  # worked examples before each question (the first rows of the train split)
+
+
+def knob(default: Any, key: bool = True) -> Any:
+    """A field of an analysis section; ``key=False``: it changes how a result is summarised or
+    drawn, not the result, so it stays out of the cache key (``analysis_key``)."""
+    if isinstance(default, (list, dict)):
+        raise TypeError("analysis knobs are immutable values (use a tuple)")
+    return dataclasses.field(default=default, metadata={"key": key})
+
+
+def analysis_key(section: Any) -> dict:
+    """An analysis section's fields that enter its results' cache keys."""
+    return {f.name: getattr(section, f.name) for f in dataclasses.fields(section)
+            if f.metadata.get("key", True)}
+
+
+@dataclasses.dataclass
+class CKAParams:
+    """Notebook 02 (``alignkit.analyses.cka``): probe pooling (``"question"``: the mean over the
+    question's own tokens, the template every probe shares left out), the second pooling of the
+    final layerwise curve, the old pooling section 5 compares, bootstrap resamples, permutation
+    shuffles of the heatmap's chance level, split halves of the noise floor."""
+
+    pooling: str = knob("question")
+    alt_pooling: str = knob("last")
+    old_pooling: str = knob("mean", key=False)
+    n_boot: int = knob(200)
+    n_perm: int = knob(50)
+    n_splits: int = knob(20)
+    seed: int = knob(0)
+
+
+@dataclasses.dataclass
+class SpectralParams:
+    """Notebook 03 (``alignkit.analyses.spectral``): pooling, Rényi orders, bootstrap subsamples."""
+
+    pooling: str = knob("question")
+    alphas: tuple[float, ...] = knob((0.5, 1.0, 2.0, float("inf")))
+    n_boot: int = knob(200)
+    seed: int = knob(0)
+
+
+@dataclasses.dataclass
+class PatchingParams:
+    """Notebook 04 (``alignkit.analyses.patching``); its example sets (at most ``n_examples`` flips
+    and controls, a labelled substitute below ``min_set``), ``batch_size`` and ``min_gap`` (nats:
+    NPE masked below it) serve the lens and the comparison too. ``n_boot``, ``seed``: the
+    bootstrap of the curves and sentences."""
+
+    n_examples: int = knob(64)
+    n_cross: int = knob(32)  # examples per set for the L x L cross-layer grid
+    components: tuple[str, ...] = knob(("resid", "attn", "mlp"))
+    positions: str = knob("all")  # "all", "prompt", "answer" or token indices
+    batch_size: int = knob(32)
+    min_gap: float = knob(0.1)
+    min_set: int = knob(2)
+    n_boot: int = knob(1000, key=False)
+    seed: int = knob(0, key=False)
+
+
+@dataclasses.dataclass
+class LensParams:
+    """Notebook 04 section 7 (``alignkit.analyses.lens``): the first ``n_first`` tokens, ``k``
+    tokens listed per layer, ``n_texts`` texts of the per-token KL and its ``top`` positions, the
+    steering control's seed, and the decoder layers steered (``steer_layers``: None, every one;
+    steering at layer ``i`` reruns the layers after it, so a subset cuts the cost on a CPU)."""
+
+    n_first: int = knob(5)
+    k: int = knob(10)
+    n_texts: int = knob(32)
+    top: int = knob(20)
+    seed: int = knob(0)
+    steer_layers: tuple[int, ...] | None = knob(None)
+    n_boot: int = knob(1000, key=False)
+
+
+@dataclasses.dataclass
+class WeightsParams:
+    """Weight drift (``alignkit.analyses.weights``): ``tol`` (|ΔW| above it counts as changed;
+    float32 round-off of |w| <= 1 is <= 6e-8), ``k`` top singular directions of W and ΔW compared,
+    bootstrap of the update's structure over weight matrices."""
+
+    tol: float = knob(1e-5)
+    k: int = knob(8)
+    n_boot: int = knob(1000)
+    seed: int = knob(0)
+
+
+@dataclasses.dataclass
+class CompareParams:
+    """Notebook 05 (``alignkit.analyses.compare``): pooling, bootstraps of CKA and effective rank
+    (``n_boot``) and of the patching curves (``n_boot_patch``), split halves of the noise floor;
+    the examples are ``cfg.patching``'s, the weight measures ``cfg.weights``'."""
+
+    pooling: str = knob("question")
+    n_boot: int = knob(200)
+    n_splits: int = knob(20)
+    n_boot_patch: int = knob(1000)
+    seed: int = knob(0)
 
 
 @dataclasses.dataclass
@@ -137,13 +232,16 @@ class Config:
     dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)
     grpo: GRPOConfig = dataclasses.field(default_factory=GRPOConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    cka: CKAParams = dataclasses.field(default_factory=CKAParams)
+    spectral: SpectralParams = dataclasses.field(default_factory=SpectralParams)
+    patching: PatchingParams = dataclasses.field(default_factory=PatchingParams)
+    lens: LensParams = dataclasses.field(default_factory=LensParams)
+    weights: WeightsParams = dataclasses.field(default_factory=WeightsParams)
+    compare: CompareParams = dataclasses.field(default_factory=CompareParams)
     dtype: str = "float32"  # weights for evaluation, capture and patching (training: fp32 master)
-    precision: str = "auto"  # training autocast: "auto" (bf16 on a bf16 GPU, fp16 with loss
-    # scaling on a GPU without bf16, fp32 on the CPU), "bf16", "fp16" or "fp32"
-    gradient_checkpointing: bool | str = False  # recompute activations in backward: memory for
-    # time; "auto": off where the GPU holds the step without it (train.resolve_checkpointing)
-    device: str = "auto"  # "auto" (cuda:LOCAL_RANK when a GPU is present, else cpu), explicit
-    # ("cuda:1"), or "map": analysed models spread over all GPUs (models.placement)
+    precision: str = "auto"  # training autocast: "bf16", "fp16", "fp32" or "auto" (by device)
+    gradient_checkpointing: bool | str = False  # recompute activations; "auto": where needed
+    device: str = "auto"  # "auto" (cuda:LOCAL_RANK, else cpu), "cuda:1", "map" (models.placement)
     smoke: bool = False
     n_seeds: int = 3  # training seeds the notebooks run (``seed_configs``); verdicts need >= 2
     root: str = ""  # where runs/ live; default from ALIGNKIT_HOME or the repository
@@ -164,10 +262,7 @@ def default_root() -> Path:
 
 
 def _tiny(smoke: bool) -> Config:
-    """The embedded study, sized so that three training seeds fit ``make reproduce``'s budget:
-    answers of the generated problems are at most 169 characters (about 65 tokens), so 80 new
-    tokens never cut one; DPO and GRPO keep a mid-run checkpoint only (notebook 05 compares
-    final models; SFT keeps the dense schedule notebooks 01-03 plot)."""
+    """The embedded study, sized for three training seeds (docs/embedded.md)."""
     cfg = Config()
     cfg.eval = dataclasses.replace(cfg.eval, max_new_tokens=80)
     cfg.grpo = dataclasses.replace(cfg.grpo, max_completion_length=80, schedule=(0.0, 0.5, 1.0))
@@ -188,10 +283,7 @@ def _tiny(smoke: bool) -> Config:
 
 
 def _qwen3(model: str, chat: bool, preset: str, smoke: bool) -> Config:
-    """The real path at the seed's sizes: full test split in evaluation batches fitted to the GPU
-    (``evaluate.fit_eval_batch``), fp32 master weights with autocast, gradient checkpointing where
-    the GPU needs it (``train.resolve_checkpointing``) and micro-batches sized to the GPU
-    (``train.fit_micro_batch``)."""
+    """The real path at the seed's sizes (docs/real-path.md)."""
     cfg = Config(preset=preset, model=model, data_source="openai/gsm8k", chat=chat,
                  dtype="bfloat16", gradient_checkpointing="auto", n_seeds=1,  # GPU hours: opt in
                  eval=EvalConfig(n_eval=None, batch_size=0, max_new_tokens=320),
@@ -247,7 +339,20 @@ def get_config(preset: str = "tiny", smoke: bool = False,
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     cfg = PRESETS[preset](smoke)
     cfg.smoke = smoke
-    for key, value in (overrides or {}).items():
+    if smoke:  # the analyses' sizes, every preset alike
+        r = dataclasses.replace
+        cfg.cka, cfg.spectral = r(cfg.cka, n_boot=20, n_perm=5), r(cfg.spectral, n_boot=20)
+        cfg.patching = r(cfg.patching, n_examples=8, n_cross=4, batch_size=8, n_boot=50)
+        cfg.lens = r(cfg.lens, n_texts=8, n_boot=50)
+        cfg.weights, cfg.compare = r(cfg.weights, n_boot=50), r(cfg.compare, n_boot=20,
+                                                                n_boot_patch=50)
+    return with_values(cfg, overrides or {})
+
+
+def with_values(cfg: Config, overrides: dict[str, Any]) -> Config:
+    """A copy of ``cfg`` with dotted-key ``overrides`` (``{"cka.pooling": "mean"}``)."""
+    cfg = copy.deepcopy(cfg)
+    for key, value in overrides.items():
         setattr(*_resolve(cfg, key), value)
     return cfg
 

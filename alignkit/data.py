@@ -1,7 +1,5 @@
-"""GSM8K rows (hub, local jsonl, offline generator), the one prompt format, the one answer
-extractor (``extract_answer``: evaluation, rewards and patching all call it), evaluation and probe
-sets, stop rules and DPO preference pairs. Generated solutions are written like GSM8K's: one step
-per line with a calculator annotation ``<<a*b=c>>``, and a last line ``#### N``."""
+"""GSM8K rows (hub, local jsonl, offline generator; docs/embedded.md), the one prompt format, the
+one answer extractor, evaluation and probe sets, stop rules and DPO preference pairs."""
 
 from __future__ import annotations
 
@@ -65,20 +63,15 @@ def format_prompt(question: str, tokenizer=None, chat: bool = False,
         solved = "".join(f"Question: {q.strip()}\nAnswer:{format_completion(a)}\n\n"
                          for q, a in shots)
         return f"{solved}Question: {question.strip()}\nAnswer:"
-    check_chat_template(tokenizer)
+    if tokenizer is None or getattr(tokenizer, "chat_template", None) is None:
+        name = getattr(tokenizer, "name_or_path", None) or "the tokenizer"
+        raise ValueError(f"chat=True needs a tokenizer with a chat template; {name} has none "
+                         "(use a plain-prompt preset such as qwen3-0.6b-base, or --set chat=false)")
     messages = [m for q, a in shots for m in ({"role": "user", "content": q.strip()},
                                               {"role": "assistant", "content": a.strip()})]
     messages.append({"role": "user", "content": question.strip()})
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
                                          enable_thinking=False)
-
-
-def check_chat_template(tokenizer) -> None:
-    """ValueError unless ``tokenizer`` has a chat template (what ``chat=True`` formats with)."""
-    if tokenizer is None or getattr(tokenizer, "chat_template", None) is None:
-        name = getattr(tokenizer, "name_or_path", None) or "the tokenizer"
-        raise ValueError(f"chat=True needs a tokenizer with a chat template; {name} has none "
-                         "(use a plain-prompt preset such as qwen3-0.6b-base, or --set chat=false)")
 
 
 def format_completion(answer: str, chat: bool = False) -> str:
@@ -89,19 +82,13 @@ def format_completion(answer: str, chat: bool = False) -> str:
 
 def prompts_for(cfg: Config, tokenizer, questions: Sequence[str],
                 few_shot: bool = False) -> list[str]:
-    """``format_prompt`` of each question with ``cfg``'s format: what training, evaluation,
-    probes and patching all call. ``few_shot``: after ``cfg.eval.n_shot`` worked examples
-    (evaluation's option; probes and patching use the zero-shot prompt)."""
-    shots = few_shot_examples(cfg) if few_shot else ()
+    """``format_prompt`` of each question in ``cfg``'s format, every caller's; ``few_shot``: after
+    the first ``cfg.eval.n_shot`` training rows as worked examples (evaluation's option)."""
+    shots = []
+    if few_shot and cfg.eval.n_shot > 0:
+        rows = load_gsm8k(cfg.data_source, "train", cfg.eval.n_shot, cfg.generator)
+        shots = list(zip(rows["question"], rows["answer"]))
     return [format_prompt(q, tokenizer, chat=cfg.chat, shots=shots) for q in questions]
-
-
-def few_shot_examples(cfg: Config) -> list[tuple[str, str]]:
-    """The first ``cfg.eval.n_shot`` rows of the training split as ``(question, solution)``."""
-    if cfg.eval.n_shot <= 0:
-        return []
-    rows = load_gsm8k(cfg.data_source, "train", cfg.eval.n_shot, cfg.generator)
-    return list(zip(rows["question"], rows["answer"]))
 
 
 def split_solution(answer: str) -> tuple[str, str]:
@@ -153,10 +140,9 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 def load_gsm8k(source: str, split: str = "test", n: int | None = None,
                generator: GeneratorConfig | None = None, stream: int = 0) -> datasets.Dataset:
-    """The first ``n`` rows (all when None) of ``split`` ("train", "test"; ignored for a local
-    file) of ``source``: ``"openai/gsm8k"`` (hub), a local GSM8K-format ``.jsonl`` file, or
-    ``"synthetic"`` (the generator with knobs ``generator`` on stream ``stream``, see
-    ``POST_TRAINING_STREAM``). Columns ``question``, ``answer`` and ``final_answer``."""
+    """The first ``n`` rows (all when None) of ``split`` (ignored for a local file) of ``source``:
+    ``"openai/gsm8k"`` (hub), a GSM8K-format ``.jsonl`` file, or ``"synthetic"`` (``generator`` on
+    ``stream``). Columns ``question``, ``answer`` and ``final_answer``."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if source == "synthetic":
@@ -178,8 +164,7 @@ def eval_set(cfg: Config) -> datasets.Dataset:
 
 
 def probe_texts(cfg: Config, tokenizer=None, n: int | None = None) -> list[str]:
-    """The probe set: zero-shot prompts of the held-out evaluation problems, formatted as training
-    and evaluation format them (``prompts_for``; a chat config needs the ``tokenizer``)."""
+    """The probe set: zero-shot ``prompts_for`` of the held-out problems (chat: ``tokenizer``)."""
     questions = eval_set(cfg)["question"]
     return prompts_for(cfg, tokenizer, questions[: n or len(questions)])
 
@@ -200,77 +185,57 @@ NAMES = ["Tom", "Mia", "Sam", "Ava", "Leo", "Zoe", "Ben", "Lily", "Max", "Emma",
 # Per theme: units, a start, a question and, per operation, a question clause and a solution line;
 # {n} name, {u} unit, {a} first quantity, {b} operand, {calc} the step, e.g. "6*3=<<6*3=18>>18".
 THEMES: dict[str, dict] = {
-    "shopping": {
-        "units": ["apples", "pencils", "stickers", "cookies", "marbles", "cards"],
+    "shopping": {"units": ["apples", "pencils", "stickers", "cookies", "marbles", "cards"],
         "start": "{n} has {a} {u}.",
+        "q": "How many {u} does {n} have now?",
         "+": ("{n} buys {b} more {u}.", "{n} buys {b} more, so {n} has {calc} {u}."),
         "-": ("{n} gives {b} {u} to a friend.", "{n} gives away {b}, so {n} has {calc} {u}."),
         "*": ("Then {n} buys enough to have {b} times as many {u}.",
               "{b} times as many is {calc} {u}."),
         "/": ("{n} shares the {u} equally among {b} bags and keeps one bag.",
-              "One bag holds {calc} {u}."),
-        "q": "How many {u} does {n} have now?",
-    },
-    "money": {
-        "units": ["dollars"],
-        "start": "{n} has {a} dollars.",
+              "One bag holds {calc} {u}.")},
+    "money": {"units": ["dollars"], "start": "{n} has {a} dollars.",
+        "q": "How many dollars does {n} have at the end?",
         "+": ("{n} earns {b} dollars.", "After earning {b}, {n} has {calc} dollars."),
         "-": ("{n} spends {b} dollars on lunch.", "After lunch {n} has {calc} dollars."),
         "*": ("{n} then saves until the money is {b} times as much.",
               "{b} times as much is {calc} dollars."),
         "/": ("{n} splits the money equally with {b} people including {n}.",
-              "Each share is {calc} dollars."),
-        "q": "How many dollars does {n} have at the end?",
-    },
-    "rates": {
-        "units": ["miles"],
-        "start": "A train goes {a} miles in the first hour.",
+              "Each share is {calc} dollars.")},
+    "rates": {"units": ["miles"], "start": "A train goes {a} miles in the first hour.",
+        "q": "What is the last number of miles?",
         "+": ("In the next hour it goes {b} miles farther than that.",
               "The next hour it goes {calc} miles."),
         "-": ("Then it slows down and goes {b} miles less per hour.",
               "Slower, it goes {calc} miles per hour."),
         "*": ("It keeps that speed for {b} hours.", "In {b} hours it goes {calc} miles."),
-        "/": ("The trip is split into {b} equal parts.", "Each part is {calc} miles."),
-        "q": "What is the last number of miles?",
-    },
-    "ages": {
-        "units": ["years"],
-        "start": "{n} is {a} years old.",
+        "/": ("The trip is split into {b} equal parts.", "Each part is {calc} miles.")},
+    "ages": {"units": ["years"], "start": "{n} is {a} years old.",
+        "q": "How old is the last person?",
         "+": ("{n}'s aunt is {b} years older than that.", "The aunt is {calc} years old."),
         "-": ("A cousin is {b} years younger than that.", "The cousin is {calc} years old."),
         "*": ("A grandparent is {b} times that age.", "The grandparent is {calc} years old."),
-        "/": ("A baby is that age divided by {b}.", "The baby is {calc} years old."),
-        "q": "How old is the last person?",
-    },
-    "sharing": {
-        "units": ["candies", "grapes", "nuts"],
-        "start": "A jar has {a} {u}.",
+        "/": ("A baby is that age divided by {b}.", "The baby is {calc} years old.")},
+    "sharing": {"units": ["candies", "grapes", "nuts"], "start": "A jar has {a} {u}.",
+        "q": "How many {u} is that at the end?",
         "+": ("{n} adds {b} {u} to the jar.", "The jar has {calc} {u}."),
         "-": ("{n} eats {b} {u}.", "After eating, there are {calc} {u}."),
         "*": ("{n} fills {b} jars like it.", "{b} jars hold {calc} {u}."),
-        "/": ("The {u} are shared equally by {b} kids.", "Each kid gets {calc} {u}."),
-        "q": "How many {u} is that at the end?",
-    },
-    "work": {
-        "units": ["pages"],
-        "start": "{n} reads {a} pages on Monday.",
+        "/": ("The {u} are shared equally by {b} kids.", "Each kid gets {calc} {u}.")},
+    "work": {"units": ["pages"], "start": "{n} reads {a} pages on Monday.",
+        "q": "How many pages is the last amount?",
         "+": ("On Tuesday {n} reads {b} pages more than on Monday.",
               "On Tuesday {n} reads {calc} pages."),
         "-": ("The next day {n} reads {b} pages fewer.", "The next day {n} reads {calc} pages."),
         "*": ("{n} reads that many pages every day for {b} days.",
               "In {b} days {n} reads {calc} pages."),
-        "/": ("The pages are split into {b} equal chapters.", "Each chapter has {calc} pages."),
-        "q": "How many pages is the last amount?",
-    },
-    "time": {
-        "units": ["minutes"],
-        "start": "{n} practices piano for {a} minutes.",
+        "/": ("The pages are split into {b} equal chapters.", "Each chapter has {calc} pages.")},
+    "time": {"units": ["minutes"], "start": "{n} practices piano for {a} minutes.",
+        "q": "How many minutes is the last amount?",
         "+": ("Then {n} practices {b} more minutes.", "That makes {calc} minutes."),
         "-": ("{n} stops {b} minutes early.", "Stopping early leaves {calc} minutes."),
         "*": ("{n} does the same every day for {b} days.", "Over {b} days that is {calc} minutes."),
-        "/": ("The time is split into {b} equal songs.", "Each song takes {calc} minutes."),
-        "q": "How many minutes is the last amount?",
-    },
+        "/": ("The time is split into {b} equal songs.", "Each song takes {calc} minutes.")},
 }
 
 
@@ -414,10 +379,7 @@ def _slip_values(value: float, rng: random.Random) -> list[float]:
 
 
 def _propagate_slip(answer: str, k: int, new_value: float) -> str | None:
-    """Rewrite annotation ``k`` to ``new_value``; in each later step replace the first number equal
-    to a changed value (the carried quantity: a heuristic, GSM8K has no variable names) and
-    recompute it, its visible ``expr =`` text, its written result and the ``#### N`` line. None
-    when an integer step turns non-integer or negative (implausible) or an expression fails."""
+    """``answer`` with annotation ``k`` set to ``new_value`` and the slip carried on, or None."""
     changed: dict[str, float] = {}
     edits: list[tuple[int, int, str]] = []  # (start, end, replacement) on the original text
     for i, m in enumerate(list(ANNOTATION.finditer(answer))[k:], start=k):
@@ -500,9 +462,8 @@ def corrupt_solution(answer: str, rng: random.Random, p_final: float = 0.25) -> 
 
 def preference_pairs(rows, seed: int = 0, tokenizer=None, chat: bool = False,
                      p_final: float = 0.25) -> list[dict]:
-    """DPO pairs ``[{"prompt", "chosen", "rejected"}]`` for TRL: each row's gold solution against
-    ``corrupt_solution`` of it with ``random.Random(f"{seed}-{question}")`` (so a pair depends only
-    on its row and the seed), formatted by ``format_prompt`` and ``format_completion``."""
+    """DPO pairs ``[{"prompt", "chosen", "rejected"}]``: each row's gold solution against its
+    ``corrupt_solution``, seeded by ``seed`` and the question alone."""
     rows = list(rows)
     if not rows:
         raise ValueError("preference_pairs needs at least one row, got none")

@@ -1,9 +1,5 @@
-"""Generation, accuracy, answer log-prob and flip examples, cached per checkpoint.
-
-"Answer log-prob" is defined once, here: the teacher-forced log-probability (natural log, summed
-over tokens) of the gold final answer's tokens, given the prompt and the gold solution up to and
-including ``"#### "``. Patching measures its change.
-"""
+"""Generation, accuracy, answer log-prob (defined once, in ``answer_logprob``; patching measures
+its change) and flip examples, cached per checkpoint."""
 
 from __future__ import annotations
 
@@ -12,35 +8,18 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence, TypeVar
 
 import numpy as np
 import torch
+from accelerate.utils import find_executable_batch_size
 from tqdm.auto import tqdm
 
-from alignkit import runs
+from alignkit import data, models, runs
 from alignkit.config import Config
-from alignkit.data import (
-    cut_at_stop,
-    dataset_hash,
-    eval_set,
-    extract_answer,
-    format_completion,
-    prompts_for,
-    split_solution,
-)
-from alignkit.models import (
-    analysis_dtype,
-    decoder,
-    dims,
-    head_logits,
-    input_device,
-    load_model,
-    part,
-    placement,
-)
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def end_tokens(model, tokenizer) -> list[int]:
@@ -53,95 +32,69 @@ def end_tokens(model, tokenizer) -> list[int]:
     return ids
 
 
-GiB = 2**30
 MAX_EVAL_BATCH = 256  # beyond this a 0.6B model's decoding step grows and stragglers cost more
 CPU_EVAL_BATCH = 64
 
 
-def eval_memory(model_config, prompt_tokens: int, new_tokens: int, bytes_per_value: int,
-                num_samples: int = 1) -> float:
-    """Estimated GPU memory (bytes) that one prompt adds to a batch of ``generate`` and
-    ``answer_logprob``: the key-value cache of ``num_samples`` sequences at the length limit, the
-    prefill's and scoring's layer activations, decoding's float32 next-token logits (with the
-    processors' copies) and scoring's ``[answer rows, vocab]`` slice (16 rows, model dtype plus
-    its float64 log-softmax). Conservative: the parts are added, not overlapped."""
-    c = dims(model_config)
-    d, L, f, v, kv, hd = c["d"], c["layers"], c["ffn"], c["vocab"], c["kv"], c["head_dim"]
-    length = prompt_tokens + new_tokens
-    cache = num_samples * length * L * 2 * kv * hd * bytes_per_value
-    layer = length * (4 * d + 3 * f) * bytes_per_value * max(1, num_samples)
-    logits = num_samples * 3 * v * 4 + 16 * v * (bytes_per_value + 16)
-    return float(cache + layer + logits)
-
-
-def fit_eval_batch(cfg: Config, model, tokenizer, prompts: Sequence[str],
-                   num_samples: int = 1) -> int:
-    """The evaluation batch: ``cfg.eval.batch_size`` when set (> 0); else (0) on the CPU 64, and on
-    a GPU the most prompts (at most ``MAX_EVAL_BATCH``) whose ``eval_memory`` at the longest
-    prompt fits the device's free memory with 15 % and 1 GiB to spare, evened out over the
-    batches (1,319 problems at a cap of 256: 6 batches of 220, not 5 of 256 and one of 39)."""
-    if cfg.eval.batch_size > 0:
-        return cfg.eval.batch_size
+def batched(cfg: Config, model, n: int, fn: Callable[[int], T],
+            per_prompt: int = 1) -> tuple[T, int]:
+    """``(fn(batch), batch)`` at ``cfg.eval.batch_size``, or for 0 at a batch fitted to the device
+    for ``n`` prompts of ``per_prompt`` sequences each, shrunk on out-of-memory
+    (docs/real-path.md); ValueError for a negative batch size or ``n == 0``."""
     if cfg.eval.batch_size < 0:
         raise ValueError(f"eval.batch_size must be >= 0 (0: fit the GPU), got "
                          f"{cfg.eval.batch_size}")
-    n = len(prompts)
     if n == 0:
-        raise ValueError("fit_eval_batch needs at least one prompt, got none")
-    device = input_device(model)
-    if device.type != "cuda":
-        cap = CPU_EVAL_BATCH
-    else:
-        longest = max(len(ids) for ids in tokenizer(list(prompts), add_special_tokens=False)[
-            "input_ids"])
-        free, _ = torch.cuda.mem_get_info(device)
-        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        per = eval_memory(model.config, longest, cfg.eval.max_new_tokens,
-                          next(model.parameters()).element_size(), num_samples)
-        cap = int(min(MAX_EVAL_BATCH, max(1.0, (free - GiB) / (1.15 * per))))
-        logger.info("evaluation batch: up to %d prompts (%.2f GiB each at %d + %d tokens, %.1f "
-                    "GiB free on %s)", cap, per / GiB, longest, cfg.eval.max_new_tokens,
-                    free / GiB, device)
-    n_batches = -(-n // cap)
-    return max(1, -(-n // n_batches))
+        raise ValueError("evaluation needs at least one prompt, got none")
+    if cfg.eval.batch_size:
+        return fn(cfg.eval.batch_size), cfg.eval.batch_size
+    cap = MAX_EVAL_BATCH if models.input_device(model).type == "cuda" else CPU_EVAL_BATCH
+    cap = max(1, cap // per_prompt)
+    used: list[int] = []
+
+    @find_executable_batch_size(starting_batch_size=-(-n // -(-n // cap)))
+    def attempt(batch: int) -> T:
+        used.append(batch)
+        if len(used) > 1:
+            logger.warning("out of memory at batch %d: retrying at batch %d", used[-2], batch)
+        return fn(batch)
+
+    return attempt(), used[-1]
 
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 128,
              batch_size: int = 32, stop: Sequence[str] = ("\nQuestion:",), desc: str = "generate",
              num_samples: int = 1, temperature: float = 0.0, seed: int = 0) -> list[str]:
-    """Completions of ``prompts`` (batched, left padding), cut at the first stop string. Decoding
-    of a sequence ends at the model's end tokens (``end_tokens``) or once it holds a stop string,
-    so a batch runs only as long as its longest answer. Greedy, or with ``temperature > 0``
-    ``num_samples`` samples per prompt, prompt-major (sample ``j`` of prompt ``i`` at
-    ``i * num_samples + j``), reproducible for one seed, batch size and device."""
+    """Completions of ``prompts``, ended by ``end_tokens`` or cut at the first stop string. Greedy,
+    or with ``temperature > 0`` ``num_samples`` per prompt, prompt-major (sample ``j`` of prompt
+    ``i`` at ``i * num_samples + j``), reproducible for one seed, batch size and device."""
     if len(prompts) == 0:
         raise ValueError("generate needs at least one prompt, got an empty list")
     if temperature < 0 or (temperature == 0 and num_samples != 1) or num_samples < 1:
         raise ValueError(f"greedy decoding gives one completion per prompt; got num_samples="
                          f"{num_samples} with temperature={temperature} (use temperature > 0 to "
                          "sample several)")
-    sampling = {"do_sample": False} if temperature == 0 else {
-        "do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0,
-        "num_return_sequences": num_samples}
-    if stop:
-        sampling.update(stop_strings=list(stop), tokenizer=tokenizer)
+    options = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                   eos_token_id=end_tokens(model, tokenizer), do_sample=temperature > 0)
     if temperature > 0:
+        options.update(temperature=temperature, top_k=0, top_p=1.0,
+                       num_return_sequences=num_samples)
         torch.manual_seed(seed)
+    if stop:
+        options.update(stop_strings=list(stop), tokenizer=tokenizer)
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
-    device = input_device(model)
+    device = models.input_device(model)
     outs: list[str] = []
     try:
         for i in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):
             enc = tokenizer(list(prompts[i : i + batch_size]), return_tensors="pt", padding=True,
                             add_special_tokens=False).to(device)
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens,
-                                 pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=end_tokens(model, tokenizer), **sampling)
+            gen = model.generate(**enc, **options)
             texts = tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :],
                                            skip_special_tokens=True)
-            outs.extend(cut_at_stop(t, stop) for t in texts)
+            outs.extend(data.cut_at_stop(t, stop) for t in texts)
     finally:
         tokenizer.padding_side = side
     return outs
@@ -150,15 +103,14 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 128
 def answer_spans(tokenizer, prompts: Sequence[str], answers: Sequence[str],
                  chat: bool = False) -> list[dict]:
     """Per example, ``input_ids`` of prompt + gold solution (``format_completion``) and
-    ``answer_positions``, the indices of the tokens that overlap the final answer's characters: a
-    piece that holds the answer and text before it (Qwen's ``" -"`` of ``"#### -10"``) belongs to
-    the answer, so every answer is located whatever the tokenizer's splits."""
+    ``answer_positions``: the tokens overlapping the final answer's characters (docs/real-path.md);
+    ValueError when a gold answer is empty or no token of it follows the prompt."""
     out = []
     for k, (prompt, answer) in enumerate(zip(prompts, answers)):
-        prefix, final = split_solution(answer)
+        prefix, final = data.split_solution(answer)
         if not final:
             raise ValueError(f"example {k}: the gold solution has nothing after '####'")
-        text_prefix = prompt + format_completion(prefix, chat) + prefix[len(prefix.rstrip()):]
+        text_prefix = prompt + data.format_completion(prefix, chat) + prefix[len(prefix.rstrip()):]
         text = text_prefix + final
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         start, end = len(text_prefix), len(text)
@@ -170,34 +122,35 @@ def answer_spans(tokenizer, prompts: Sequence[str], answers: Sequence[str],
     return out
 
 
+def answer_logp(model, hidden: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor,
+                normed: bool = True) -> torch.Tensor:
+    """The one answer scorer: ``[k, vocab]`` float64 log-probs of the next token at ``(rows[i],
+    pos[i])`` of ``hidden [b, T, d]``, the final norm's output (``normed``) or the last residual."""
+    dev = hidden.device  # the last layer's (a model spread over GPUs)
+    h = hidden[rows.to(dev), pos.to(dev)]
+    logits = models.head_logits(model, h) if normed else models.unembed(model, h)
+    return torch.log_softmax(logits.double(), -1)
+
+
 @torch.no_grad()
 def answer_logprob(model, tokenizer, prompts: Sequence[str], answers: Sequence[str],
                    batch_size: int = 32, chat: bool = False) -> np.ndarray:
-    """Teacher-forced log P(gold final answer | prompt + gold solution up to "#### "), summed over
-    the answer's tokens (``answer_spans``): ``[n_examples]`` float64. The LM head runs only on the
-    rows that predict answer tokens, so memory beyond the decoder is one ``[rows, vocab]`` slice
-    (never ``[batch, width, vocab]``), upcast to float64 for the log-softmax."""
+    """Teacher-forced log P(gold final answer | prompt + gold solution up to ``"#### "``), natural
+    log summed over the answer's tokens (``answer_spans``): ``[n_examples]`` float64."""
     if len(prompts) == 0:
         raise ValueError("answer_logprob needs at least one example, got none")
     spans = answer_spans(tokenizer, prompts, answers, chat)
-    device = input_device(model)
-    part(model, "head")  # a bare decoder (no LM head) cannot be scored
+    device = models.input_device(model)
+    models.part(model, "head")  # a bare decoder (no LM head) cannot be scored
     result = np.zeros(len(spans), dtype=np.float64)
     for i in range(0, len(spans), batch_size):
         chunk = spans[i : i + batch_size]
-        width = max(len(s["input_ids"]) for s in chunk)
-        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for r, s in enumerate(chunk):  # right padding: positions of real tokens are unchanged
-            ids[r, : len(s["input_ids"])] = torch.tensor(s["input_ids"])
-            mask[r, : len(s["input_ids"])] = 1
-        hidden = decoder(model)(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                use_cache=False).last_hidden_state  # after the final norm
+        ids, mask = models.pad([s["input_ids"] for s in chunk], models.pad_id(tokenizer))
+        hidden = models.decoder(model)(input_ids=ids.to(device), use_cache=False,  # final-normed
+                                       attention_mask=mask.long().to(device)).last_hidden_state
         rows = torch.tensor([r for r, s in enumerate(chunk) for _ in s["answer_positions"]])
         pos = torch.tensor([p for s in chunk for p in s["answer_positions"]])
-        dev = hidden.device  # the last layer's (a model spread over GPUs)
-        logits = head_logits(model, hidden[rows.to(dev), (pos - 1).to(dev)])
-        logp = torch.log_softmax(logits.double(), -1)
+        logp = answer_logp(model, hidden, rows, pos - 1)
         tok = logp.gather(1, ids[rows, pos].to(logp.device)[:, None])[:, 0].cpu()
         result[i : i + len(chunk)] = torch.zeros(len(chunk), dtype=torch.float64).index_add_(
             0, rows, tok).numpy()
@@ -206,10 +159,8 @@ def answer_logprob(model, tokenizer, prompts: Sequence[str], answers: Sequence[s
 
 @dataclasses.dataclass
 class CheckpointEval:
-    """One checkpoint's evaluation on ``n`` held-out problems (``eval-<key>.json`` beside it);
-    ``correct``, ``predictions``, ``outputs``, ``answer_logprob``: ``[n]``, evaluation-set order.
-    Greedy outputs can differ in the last bits with the batch (padding) in half precision, so the
-    batch used is recorded."""
+    """One checkpoint's evaluation on ``n`` held-out problems (``evaluate_checkpoint``);
+    ``correct``, ``predictions``, ``outputs``, ``answer_logprob``: ``[n]``, evaluation-set order."""
 
     checkpoint: str
     step: int | None
@@ -223,82 +174,45 @@ class CheckpointEval:
     answer_logprob: list[float]
     mean_answer_logprob: float
     train_loss: float | None = None
-    batch_size: int | None = None  # the batch generation and scoring ran at (fit_eval_batch)
-
-    def save(self, path: str | Path) -> None:
-        runs.write_json_atomic(path, dataclasses.asdict(self))
-
-    @classmethod
-    def load(cls, path: str | Path) -> CheckpointEval:
-        return cls(**json.loads(Path(path).read_text()))
+    batch_size: int | None = None  # the batch generation and scoring ran at (``batched``)
 
 
-def eval_key(cfg: Config, ds) -> str:
+def eval_key(cfg: Config, ds) -> dict:
     """What an evaluation's numbers depend on besides the weights: the protocol, the set and the
     dtype the model runs in (bf16 greedy outputs differ from float32 ones)."""
-    return runs.hash_obj({"eval": cfg.eval, "source": cfg.eval_source or cfg.data_source,
-                          "generator": cfg.generator, "chat": cfg.chat, "data": dataset_hash(ds),
-                          "dtype": analysis_dtype(cfg)})
+    return {"eval": cfg.eval, "source": cfg.eval_source or cfg.data_source,
+            "generator": cfg.generator, "chat": cfg.chat, "data": data.dataset_hash(ds),
+            "dtype": models.analysis_dtype(cfg)}
 
 
-def evaluate_checkpoint(ckpt: str | Path, cfg: Config, ds=None,
-                        beside: bool = True) -> CheckpointEval:
-    """Accuracy, outputs and answer log-probs of one checkpoint, cached beside it in
-    ``eval-<key>.json`` (keyed by the evaluation settings and set; recomputed when the weights
-    differ from the hash it records) and in ``<root>/evals/<weights hash>-<key>.json``, so the
-    same weights in another run (every seed's step 0 is the base; DPO's and GRPO's step 0 is the
-    final SFT model) are evaluated once. ``beside=False``: the shared store only (a published
-    model's directory is left as it is)."""
+def evaluate_checkpoint(ckpt: str | Path, cfg: Config, ds=None) -> CheckpointEval:
+    """Accuracy, outputs and answer log-probs of one checkpoint, cached by its weights and
+    ``eval_key`` (the same weights are evaluated once), with its manifest's step and train loss."""
     ckpt = Path(ckpt)
-    ds = ds if ds is not None else eval_set(cfg)
-    key = eval_key(cfg, ds)
-    path = ckpt / f"eval-{key}.json"
+    ds = ds if ds is not None else data.eval_set(cfg)
     whash = runs.weights_hash(ckpt)
     manifest_path = ckpt / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
-    shared = cfg.run_root / "evals" / f"{whash}-{key}.json"
-    for where in (path, shared) if beside else (shared,):
-        if not where.is_file():
-            continue
-        try:
-            res = CheckpointEval.load(where)
-            if res.weights_hash == whash and len(res.correct) == len(ds) and res.key == key:
-                if where == shared:  # the same weights evaluated in another run: this one's names
-                    res = dataclasses.replace(res, checkpoint=str(ckpt), step=manifest.get("step"),
-                                              train_loss=manifest.get("train_loss"))
-                    if beside:
-                        res.save(path)
-                # where the checkpoint is now (a moved or copied run), not where it was evaluated
-                return dataclasses.replace(res, checkpoint=str(ckpt))
-        except (ValueError, KeyError, TypeError):
-            pass
-        logger.warning("stale or damaged evaluation cache %s: recomputing", where)
-    model, tokenizer = load_model(ckpt, dtype=cfg.dtype, **placement(cfg))
-    prompts = prompts_for(cfg, tokenizer, ds["question"], few_shot=True)
-    batch = fit_eval_batch(cfg, model, tokenizer, prompts)
-    while True:  # a fitted batch is an estimate: halve it if the GPU runs out after all
-        try:
-            outputs = generate(model, tokenizer, prompts, cfg.eval.max_new_tokens, batch,
-                               cfg.eval.stop, desc=f"generate {ckpt.name}")
-            lp = answer_logprob(model, tokenizer, prompts, ds["answer"], batch, cfg.chat)
-            break
-        except torch.cuda.OutOfMemoryError:
-            if cfg.eval.batch_size or batch == 1:  # a batch the user chose is kept
-                raise
-            batch = max(1, batch // 2)
-            torch.cuda.empty_cache()
-            logger.warning("out of GPU memory evaluating %s: retrying at batch %d", ckpt, batch)
-    preds = [extract_answer(o) for o in outputs]
-    correct = [p is not None and p == g for p, g in zip(preds, ds["final_answer"])]
-    res = CheckpointEval(
-        checkpoint=str(ckpt), step=manifest.get("step"), weights_hash=whash, key=key,
-        accuracy=float(np.mean(correct)), n=len(correct), correct=correct, predictions=preds,
-        outputs=outputs, answer_logprob=lp.tolist(), mean_answer_logprob=float(lp.mean()),
-        train_loss=manifest.get("train_loss"), batch_size=batch)
-    if beside:
-        res.save(path)
-    res.save(shared)
-    return res
+    key = {"weights": whash, **eval_key(cfg, ds)}
+
+    def compute() -> CheckpointEval:
+        model, tokenizer = models.load_model(ckpt, dtype=cfg.dtype, **models.placement(cfg))
+        prompts = data.prompts_for(cfg, tokenizer, ds["question"], few_shot=True)
+        (outputs, lp), batch = batched(cfg, model, len(prompts), lambda b: (
+            generate(model, tokenizer, prompts, cfg.eval.max_new_tokens, b, cfg.eval.stop,
+                     desc=f"generate {ckpt.name}"),
+            answer_logprob(model, tokenizer, prompts, ds["answer"], b, cfg.chat)))
+        preds = [data.extract_answer(o) for o in outputs]
+        correct = [p is not None and p == g for p, g in zip(preds, ds["final_answer"])]
+        return CheckpointEval(
+            checkpoint=str(ckpt), step=None, weights_hash=whash, key=runs.hash_obj(key),
+            accuracy=float(np.mean(correct)), n=len(correct), correct=correct,
+            predictions=preds, outputs=outputs, answer_logprob=lp.tolist(),
+            mean_answer_logprob=float(lp.mean()), batch_size=batch)
+
+    res = runs.cached(cfg.run_root / "evals" / f"eval-{runs.hash_obj(key)}", key, compute)
+    return dataclasses.replace(res, checkpoint=str(ckpt), step=manifest.get("step"),
+                               train_loss=manifest.get("train_loss"))
 
 
 def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -312,15 +226,6 @@ def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def evaluate_run(run_dir: str | Path, cfg: Config, ds=None) -> list[CheckpointEval]:
-    """Evaluate every complete checkpoint of a run (cached), ordered by step."""
-    ckpts = runs.list_checkpoints(run_dir)
-    if not ckpts:
-        raise ValueError(f"no complete checkpoints in {run_dir}")
-    ds = ds if ds is not None else eval_set(cfg)
-    return [evaluate_checkpoint(d, cfg, ds) for _, d in tqdm(ckpts, desc="checkpoints")]
-
-
 @dataclasses.dataclass
 class FlipTable:
     """Flips (wrong at the first checkpoint, right at the last) and controls (right in both), rows
@@ -330,25 +235,17 @@ class FlipTable:
     flips: list[dict]
     controls: list[dict]
 
-    def save(self, path: str | Path) -> None:
-        runs.write_json_atomic(path, dataclasses.asdict(self))
-
-    @classmethod
-    def load(cls, path: str | Path) -> FlipTable:
-        return cls(**json.loads(Path(path).read_text()))
-
 
 def flip_table(results: list[CheckpointEval], cfg: Config, ds=None) -> FlipTable:
     """The flips and controls between the first and the last of ``results``."""
-    ds = ds if ds is not None else eval_set(cfg)
+    ds = ds if ds is not None else data.eval_set(cfg)
     first, last = results[0], results[-1]
     if len(first.correct) != len(ds) or len(last.correct) != len(ds):
         raise ValueError("evaluation results do not match the evaluation set")
     table = FlipTable([], [])
     for i, (a, b) in enumerate(zip(first.correct, last.correct)):
-        rows = table.flips if (not a and b) else table.controls if (a and b) else None
-        if rows is not None:
-            rows.append({
+        if b:  # right at the last: a control if right at the first too, else a flip
+            (table.controls if a else table.flips).append({
                 "index": i, "question": ds[i]["question"], "answer": ds[i]["answer"],
                 "final_answer": ds[i]["final_answer"], "base_output": first.outputs[i],
                 "tuned_output": last.outputs[i], "base_answer_logprob": first.answer_logprob[i],

@@ -1,15 +1,6 @@
-"""Context managers that read or overwrite module outputs by hook-point name.
-
-Hook points (TransformerLens-style), all ``[batch, seq, d_model]``: ``embed`` (the residual
-entering layer 0: layer 0's input, so Gemma's scaled and GPT-2's positional embeddings count),
-``layers.{l}.resid`` (the residual stream after decoder layer ``l``, before the final norm) and
-``layers.{l}.attn`` / ``layers.{l}.mlp`` (what the attention and the MLP add to the residual: the
-sublayer output, after its own norm where the family has one, e.g. Gemma's and OLMo 2's), so
-``resid(l) = resid(l-1) + attn(l) + mlp(l)`` in every supported family. Hooks read and replace
-element 0 of a tuple output (attention returns ``(output, weights)``). Overwrite hooks are
-*prepended*, so ``record`` and transformers' own capturing hooks see the edited value; every
-context manager removes exactly the hooks it added, also on error.
-"""
+"""Context managers that read or overwrite module outputs by hook-point name, ``[batch, seq,
+d_model]``: ``embed``, ``layers.{l}.resid|attn|mlp`` (``resid(l) = resid(l-1) + attn(l) + mlp(l)``).
+Definitions and pitfalls: docs/measures.md#hook-points"""
 
 from __future__ import annotations
 
@@ -30,17 +21,13 @@ Edit = Union[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
 
 def hook_points(model: torch.nn.Module, kinds: Iterable[str] = ("resid",),
                 include_embed: bool = True) -> list[str]:
-    """Hook-point names of the given kinds in depth order (within a layer: resid, attn, mlp),
-    e.g. ``["embed", "layers.0.resid", ..., "layers.{L-1}.resid"]``."""
+    """Hook-point names of ``kinds`` in depth order, e.g. ``["embed", "layers.0.resid", ...]``."""
     kinds = [kinds] if isinstance(kinds, str) else list(kinds)
     bad = [k for k in kinds if k not in KINDS]
     if bad:
         raise ValueError(f"unknown hook kind(s) {bad}; use any of {list(KINDS)}")
-    kinds = [k for k in KINDS if k in kinds]
-    names = ["embed"] if include_embed else []
-    for layer in range(n_layers(model)):
-        names += [f"layers.{layer}.{k}" for k in kinds]
-    return names
+    layers = [f"layers.{i}.{k}" for i in range(n_layers(model)) for k in KINDS if k in kinds]
+    return (["embed"] if include_embed else []) + layers
 
 
 def parse_hook_point(name: str) -> tuple[int | None, str]:
@@ -52,8 +39,7 @@ def parse_hook_point(name: str) -> tuple[int | None, str]:
 
 
 def module_for(model: torch.nn.Module, name: str) -> torch.nn.Module:
-    """The module whose output is hook point ``name``, or for ``embed`` layer 0, whose *input* it
-    is (ValueError for a layer out of range)."""
+    """The module whose output (``embed``: layer 0's input) is ``name``; ValueError if none."""
     layer, kind = parse_hook_point(name)
     layers = decoder_layers(model)
     if kind == "embed":
@@ -80,31 +66,24 @@ def select(model: torch.nn.Module, names: Names) -> list[str]:
     return out
 
 
-def _main(output):
-    return output[0] if isinstance(output, tuple) else output
-
-
 def _hook(model: torch.nn.Module, name: str, fn: Callable[[torch.Tensor], torch.Tensor | None],
           prepend: bool = False):
-    """Register ``fn`` on hook point ``name``: it gets the value, and what it returns (unless
-    None) replaces it. ``embed`` is layer 0's input (a pre-hook), the rest module outputs."""
+    """Register ``fn`` on hook point ``name``; what it returns (unless None) replaces the value."""
     module = module_for(model, name)
     if name == "embed":
         def pre(_mod, args, kwargs):
             new = fn(args[0] if args else kwargs["hidden_states"])
             if new is None:
                 return None
-            if args:
-                return (new,) + tuple(args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": new}
+            return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
 
         return module.register_forward_pre_hook(pre, with_kwargs=True, prepend=prepend)
 
     def post(_mod, _inp, out):
-        new = fn(_main(out))
+        new = fn(out[0] if isinstance(out, tuple) else out)
         if new is None:
             return None
-        return (new,) + tuple(out[1:]) if isinstance(out, tuple) else new
+        return (new, *out[1:]) if isinstance(out, tuple) else new
 
     return module.register_forward_hook(post, prepend=prepend)
 
@@ -113,44 +92,28 @@ def _hook(model: torch.nn.Module, name: str, fn: Callable[[torch.Tensor], torch.
 def record(model: torch.nn.Module, names: Names,
            reduce: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
            detach: bool = True) -> Iterator[dict[str, torch.Tensor]]:
-    """Record hook-point outputs during the forward passes run inside the block.
-
-    Example::
-
-        with record(model, ["embed", "layers.3.resid"]) as cache:
-            model(input_ids)
-        cache["layers.3.resid"]  # [batch, seq, d_model]
-
+    """Record hook-point outputs, ``{name: [batch, seq, d_model]}``, of the forwards in the block
+    (a later forward overwrites): ``with record(model, ["layers.3.resid"]) as cache: model(ids)``.
     ``names`` as in ``select``; ``reduce(name, output)`` runs inside the hook (e.g. pooling
-    ``[b, T, d] -> [b, d]``) so the full output is never kept; ``detach=False`` keeps the graph.
-    The dict is filled at each forward (a later forward overwrites an earlier one's entries).
-    """
+    ``[b, T, d] -> [b, d]``) so the full output is never kept; ``detach=False`` keeps the graph."""
     store: dict[str, torch.Tensor] = {}
-    handles = []
-    try:
+    with contextlib.ExitStack() as hooks:  # removes every hook added, also on error
         for name in select(model, names):
             def read(t, name=name):
                 t = t.detach() if detach else t
                 store[name] = reduce(name, t) if reduce is not None else t
 
-            handles.append(_hook(model, name, read))
+            hooks.callback(_hook(model, name, read).remove)
         yield store
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @contextlib.contextmanager
 def overwrite(model: torch.nn.Module, edits: dict[str, Edit]) -> Iterator[None]:
-    """Replace hook-point outputs during the forward passes run inside the block.
-
-    ``edits``: ``name -> tensor`` replaces the whole output (same shape; cast to its dtype and
-    device), ``name -> fn(output) -> new_output`` edits it. ValueError for a bad name (on entry)
-    or a replacement of the wrong shape (at the forward); TypeError for an edit that is neither a
-    tensor nor a callable returning one.
-    """
-    handles = []
-    try:
+    """Replace hook-point outputs of the forwards in the block: ``edits`` maps a name to a tensor
+    (the whole output, cast to its dtype and device) or to ``fn(output) -> new_output``.
+    ValueError for a bad name or a replacement of the wrong shape; TypeError for an edit neither
+    a tensor nor a callable returning one."""
+    with contextlib.ExitStack() as hooks:  # removes every hook added, also on error
         for name, edit in edits.items():
             module_for(model, name)  # validates
             if not callable(edit) and not isinstance(edit, torch.Tensor):
@@ -168,8 +131,5 @@ def overwrite(model: torch.nn.Module, edits: dict[str, Edit]) -> Iterator[None]:
                                      f"the module output has {tuple(main.shape)}")
                 return new.to(device=main.device, dtype=main.dtype)
 
-            handles.append(_hook(model, name, apply, prepend=True))
+            hooks.callback(_hook(model, name, apply, prepend=True).remove)
         yield
-    finally:
-        for h in handles:
-            h.remove()

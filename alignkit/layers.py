@@ -1,9 +1,5 @@
-"""Layer correspondence and transitions: pure numpy functions of CKA matrices and curves.
-
-``cka_mat: [L_a, L_b]`` holds CKA between layer ``i`` of model A and layer ``j`` of model B
-(``cka.cka_matrix``, as in the layer-correspondence plots of Kornblith et al. 2019); a layerwise
-curve ``[L]`` holds CKA of matching layers (``cka.layerwise_cka``), and ``first_departure``
-compares checkpoints' curves with a noise band (``controls.noise_floor``)."""
+"""Layer correspondence and transitions: pure numpy functions of CKA matrices ``[L_a, L_b]``
+and layerwise curves ``[L]``. Formulas and pitfalls: docs/measures.md#layer-correspondence"""
 
 from __future__ import annotations
 
@@ -37,14 +33,8 @@ def best_match(cka_mat: ArrayLike) -> np.ndarray:
 
 
 def alignment_path(cka_mat: ArrayLike) -> list[tuple[int, int]]:
-    """Monotone layer alignment by dynamic time warping on the cost ``1 - CKA``.
-
-    Steps are ``(i+1, j)``, ``(i, j+1)`` or ``(i+1, j+1)``; the path runs from ``(0, 0)`` to
-    ``(L_a - 1, L_b - 1)`` and minimises the summed cost. Ties prefer the diagonal step.
-
-    Returns:
-        The path as a list of ``(i, j)`` index pairs.
-    """
+    """Monotone layer alignment, a list of ``(i, j)`` from ``(0, 0)`` to ``(L_a - 1, L_b - 1)``:
+    dynamic time warping (Sakoe & Chiba 1978) on the cost ``1 - CKA``, diagonal steps on ties."""
     cost = 1.0 - _as_float64(cka_mat, "cka_mat", 2)
     la, lb = cost.shape
     acc = np.full((la + 1, lb + 1), np.inf)
@@ -55,21 +45,15 @@ def alignment_path(cka_mat: ArrayLike) -> list[tuple[int, int]]:
     path = [(la - 1, lb - 1)]
     i, j = la, lb
     while (i, j) != (1, 1):
-        moves = [(acc[i - 1, j - 1], i - 1, j - 1), (acc[i - 1, j], i - 1, j),
-                 (acc[i, j - 1], i, j - 1)]
-        _, i, j = min(moves, key=lambda t: t[0])  # min keeps the first (diagonal) on ties
+        _, i, j = min([(acc[i - 1, j - 1], i - 1, j - 1), (acc[i - 1, j], i - 1, j),
+                       (acc[i, j - 1], i, j - 1)], key=lambda t: t[0])  # diagonal first on ties
         path.append((i - 1, j - 1))
     return path[::-1]
 
 
 def remapping_index(cka_mat: ArrayLike) -> float:
-    """How far layers moved: mean ``|best_match(i) - i|`` over the layers of a square ``[L, L]``
-    matrix (two models of the same depth).
-
-    Returns:
-        0.0 when every layer matches itself best; larger values mean the best-matching layer
-        shifted, in units of layers.
-    """
+    """How far layers moved, in layers: mean ``|best_match(i) - i|`` over a square ``[L, L]``
+    matrix (two models of the same depth); 0.0 when every layer matches itself best."""
     m = _as_float64(cka_mat, "cka_mat", 2)
     if m.shape[0] != m.shape[1]:
         raise ValueError(f"remapping_index needs a square matrix, got shape {m.shape}")
@@ -77,31 +61,21 @@ def remapping_index(cka_mat: ArrayLike) -> float:
 
 
 def transition_layer(layerwise_values: ArrayLike) -> int:
-    """The layer where a layerwise curve ``[L]`` (e.g. layerwise CKA(base, tuned), ``L >= 2``)
-    drops most steeply.
-
-    Returns:
-        ``argmin_l (v[l] - v[l-1])``: the index of the layer *after* the steepest drop, in
-        ``1..L-1`` (the first such layer on ties). A curve that never drops still gets the layer
-        after its smallest increase; check ``np.diff`` if that matters.
-    """
+    """The layer after the steepest drop of a layerwise curve ``v: [L]`` (``L >= 2``), e.g.
+    CKA(base, tuned): ``argmin_l (v[l] - v[l-1])`` in ``1..L-1``, the first on ties."""
     v = _as_float64(layerwise_values, "layerwise_values", 1)
     return int(np.argmin(np.diff(v)) + 1)
 
 
 def first_departure(steps: Sequence[int] | np.ndarray, cka_by_step: ArrayLike,
                     lo_band: ArrayLike | float) -> np.ndarray:
-    """For each layer, the first checkpoint step whose CKA falls below the noise band.
+    """For each layer, the first checkpoint step whose CKA falls below the noise band: ``[L]``
+    int64, the first ``steps[t]`` with ``cka_by_step[t, l] < lo_band[l]``, ``-1`` if none.
 
     Args:
-        steps: ``[n_ckpt]`` increasing training steps of the checkpoints.
+        steps: ``[n_ckpt]`` strictly increasing training steps of the checkpoints.
         cka_by_step: ``[n_ckpt, L]`` layerwise CKA(base, checkpoint).
-        lo_band: ``[L]`` (or a scalar) lower edge of the noise band, e.g.
-            ``controls.noise_floor(...)["lo"]`` or ``1 - half_width``.
-
-    Returns:
-        ``[L]`` int64 array: the first ``steps[t]`` with ``cka_by_step[t, l] < lo_band[l]``, or
-        ``-1`` where the layer never leaves the band.
+        lo_band: ``[L]`` or a scalar, e.g. ``controls.noise_floor(...)["lo"]``.
     """
     s = np.asarray(steps)
     c = _as_float64(cka_by_step, "cka_by_step", 2)
@@ -112,5 +86,4 @@ def first_departure(steps: Sequence[int] | np.ndarray, cka_by_step: ArrayLike,
         raise ValueError(f"steps must be strictly increasing, got {s.tolist()}")
     lo = np.broadcast_to(np.asarray(lo_band, dtype=np.float64), (c.shape[1],))
     below = c < lo[None, :]
-    first = below.argmax(0)
-    return np.where(below.any(0), s[first], -1).astype(np.int64)
+    return np.where(below.any(0), s[below.argmax(0)], -1).astype(np.int64)

@@ -1,30 +1,16 @@
-"""Loading any checkpoint, choosing its device, and the one table of supported architectures.
-
-``ARCHITECTURES`` maps a model class to the attribute paths of the parts alignkit touches: the
-decoder stack, its layers, the final norm and LM head, and inside a layer the modules whose outputs
-the attention and the MLP add to the residual stream (``attn``, ``mlp``) and the MLP branch
-(``mlp_branch``, the modules that turn the mid-layer residual into the MLP's contribution), which
-patching reruns after an attention patch. Block layouts covered:
-
-* pre-norm ``h = x + attn(norm1(x)); out = h + mlp(norm2(h))`` (Qwen2/2.5, Qwen3, Llama 3.x,
-  Mistral, Phi-3, GPT-2, GPT-NeoX with ``use_parallel_residual=False``);
-* sandwich norms ``h = x + norm_a(attn(norm1(x))); out = h + norm_m(mlp(norm2(h)))`` (Gemma 2
-  and 3, whose embedding is scaled by sqrt(d) and whose logits may be soft-capped);
-* norms after the sublayers ``h = x + norm_a(attn(x)); out = h + norm_m(mlp(h))`` (OLMo 2);
-* parallel ``out = mlp(norm2(x)) + attn(norm1(x)) + x`` (GPT-NeoX/Pythia by default).
-
-The residual entering layer 0 (hook point ``embed``) is read at layer 0's input, so scaled and
-positional embeddings (Gemma, GPT-2's ``wpe``) are included. Any other class raises
-``NotImplementedError`` naming it, its ``model_type`` and the supported list.
-"""
+"""Loading any checkpoint, choosing its device, and the one table of supported architectures
+(``ARCHITECTURES``: attribute paths per class; any other class raises ``NotImplementedError``).
+Block layouts of each family: docs/measures.md#architectures-and-block-layouts"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 from pathlib import Path
+from typing import Iterator, Sequence
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -33,20 +19,22 @@ from alignkit.config import Config
 
 logger = logging.getLogger(__name__)
 
+# a layer's paths and, where a family has one, the config field of its logit soft-cap
 _PRE_NORM = dict(attn="self_attn", mlp="mlp", mlp_branch=("post_attention_layernorm", "mlp"))
 _SANDWICH = dict(attn="post_attention_layernorm", mlp="post_feedforward_layernorm",
-                 mlp_branch=("pre_feedforward_layernorm", "mlp", "post_feedforward_layernorm"))
+                 mlp_branch=("pre_feedforward_layernorm", "mlp", "post_feedforward_layernorm"),
+                 softcap="final_logit_softcapping")
 _POST_NORM = dict(attn="post_attention_layernorm", mlp="post_feedforward_layernorm",
                   mlp_branch=("mlp", "post_feedforward_layernorm"))
 
 
 def _family(causal: str, bare: str, block: dict, decoder: str = "model",
             embed: str = "embed_tokens", layers: str = "layers", norm: str = "norm",
-            head: str = "lm_head", parallel: str | None = None,
-            softcap: str | None = None) -> dict[str, dict]:
+            parallel: str | None = None) -> dict[str, dict]:
     """Table entries of one family: its causal LM class and its bare decoder class."""
-    full = dict(decoder=decoder, embed=f"{decoder}.{embed}", layers=f"{decoder}.{layers}",
-                norm=f"{decoder}.{norm}", head=head, parallel=parallel, softcap=softcap, **block)
+    full = {"decoder": decoder, "embed": f"{decoder}.{embed}", "layers": f"{decoder}.{layers}",
+            "norm": f"{decoder}.{norm}", "head": "lm_head", "parallel": parallel, "softcap": None,
+            **block}
     return {causal: full, bare: dict(full, decoder=None, embed=embed, layers=layers, norm=norm,
                                      head=None)}
 
@@ -57,17 +45,16 @@ ARCHITECTURES: dict[str, dict] = {
     **_family("LlamaForCausalLM", "LlamaModel", _PRE_NORM),
     **_family("MistralForCausalLM", "MistralModel", _PRE_NORM),
     **_family("Phi3ForCausalLM", "Phi3Model", _PRE_NORM),
-    **_family("Gemma2ForCausalLM", "Gemma2Model", _SANDWICH, softcap="final_logit_softcapping"),
-    **_family("Gemma3ForCausalLM", "Gemma3TextModel", _SANDWICH,
-              softcap="final_logit_softcapping"),
+    **_family("Gemma2ForCausalLM", "Gemma2Model", _SANDWICH),
+    **_family("Gemma3ForCausalLM", "Gemma3TextModel", _SANDWICH),
     **_family("Olmo2ForCausalLM", "Olmo2Model", _POST_NORM),
     **_family("GPTNeoXForCausalLM", "GPTNeoXModel",
               dict(attn="attention", mlp="mlp", mlp_branch=("post_attention_layernorm", "mlp")),
               decoder="gpt_neox", embed="embed_in", norm="final_layer_norm",
               parallel="use_parallel_residual"),
-    **_family("GPT2LMHeadModel", "GPT2Model", dict(attn="attn", mlp="mlp",
-                                                   mlp_branch=("ln_2", "mlp")),
-              decoder="transformer", embed="wte", layers="h", norm="ln_f"),
+    **_family("GPT2LMHeadModel", "GPT2Model",
+              dict(attn="attn", mlp="mlp", mlp_branch=("ln_2", "mlp")), decoder="transformer",
+              embed="wte", layers="h", norm="ln_f"),
 }
 # config fields that must agree for one model's activations (and layers) to fit the other
 SHAPE_FIELDS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
@@ -130,8 +117,7 @@ def mlp_branch(model: torch.nn.Module, layer: torch.nn.Module, h: torch.Tensor) 
 
 
 def head_logits(model: torch.nn.Module, normed: torch.Tensor) -> torch.Tensor:
-    """Logits ``[..., vocab]`` from final-norm outputs: the LM head, soft-capped where the model's
-    config caps its logits (Gemma 2: ``cap * tanh(logits / cap)``), as its own forward does."""
+    """Logits ``[..., vocab]`` from final-norm outputs: the LM head, soft-capped as in forward."""
     logits = part(model, "head")(normed)
     field = architecture(model)["softcap"]
     cap = getattr(model.config, field, None) if field else None
@@ -144,17 +130,54 @@ def unembed(model: torch.nn.Module, resid: torch.Tensor) -> torch.Tensor:
 
 
 def input_device(model: torch.nn.Module) -> torch.device:
-    """Where a model's inputs go: its token embedding's device (a model spread by a device map
-    starts there; one offloaded to disk runs on the CPU)."""
+    """Where inputs go: the token embedding's device (a device map starts there), CPU if on disk."""
     d = next(part(model, "embed").parameters()).device
     return torch.device("cpu") if d.type == "meta" else d
 
 
+@contextlib.contextmanager
+def eval_mode(*models: torch.nn.Module) -> Iterator[None]:
+    """The models in eval mode under ``torch.no_grad()``; each one's mode restored after."""
+    modes = [m.training for m in models]
+    try:
+        for m in models:
+            m.eval()
+        with torch.no_grad():
+            yield
+    finally:
+        for m, mode in zip(models, modes):
+            m.train(mode)
+
+
+def pad_id(tokenizer) -> int:
+    """The id that fills padded positions: the pad token, else the end-of-sequence token, else 0."""
+    return next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
+
+
+def pad(seqs: Sequence[Sequence[int]], pad_token: int,
+        left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one padded batch: ``ids [b, T]`` (long), ``mask [b, T]`` (bool, True on real tokens)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_token, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.bool)
+    for r, s in enumerate(seqs):
+        first = width - len(s) if left else 0
+        ids[r, first: first + len(s)] = torch.as_tensor(list(s), dtype=torch.long)
+        mask[r, first: first + len(s)] = True
+    return ids, mask
+
+
+def by_length(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices in batches of ``batch_size``, longest sequence first (little padding)."""
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+
+
 def device_for(cfg: Config, rank: int | None = None) -> torch.device:
-    """The one device chooser: ``cfg.device`` when explicit (``"cuda:1"`` is honoured), else
-    ``cuda:<local rank>`` when a GPU is present (rank from ``LOCAL_RANK`` under a launcher), else
-    the CPU. With ``cfg.device == "map"`` (models spread over the GPUs, ``placement``): the first
-    GPU (or the CPU), where inputs and pooled results go."""
+    """The one device chooser: ``cfg.device`` when explicit, else ``cuda:<LOCAL_RANK>`` when a GPU
+    is present, else the CPU; with ``cfg.device == "map"``, the first GPU (or the CPU)."""
     if cfg.device not in ("auto", "map"):
         return torch.device(cfg.device)
     if not torch.cuda.is_available():
@@ -166,22 +189,17 @@ def device_for(cfg: Config, rank: int | None = None) -> torch.device:
 
 
 def placement(cfg: Config) -> dict:
-    """``load_model``'s ``device`` and ``device_map`` for the analyses under ``cfg``: the whole
-    model on ``device_for(cfg)``; with ``cfg.device == "map"`` (``--set device=map``) each model is
-    spread over every visible GPU by transformers' ``device_map="auto"`` (accelerate's balanced
-    placement, the same for models of one shape; what does not fit goes to the CPU), for models
-    larger than one GPU. Training never uses a map (one model per process)."""
+    """``load_model``'s ``device`` and ``device_map`` for the analyses: ``device_for(cfg)``, and
+    ``device_map="auto"`` (accelerate: every visible GPU, the rest on CPU) with ``"map"``."""
     return {"device": device_for(cfg), "device_map": "auto" if cfg.device == "map" else None}
 
 
 def native_bf16(device: str | torch.device) -> bool:
     """Whether ``device`` computes in bfloat16 natively: the CPU, ROCm, a CUDA GPU of compute
-    capability 8 or more (Ampere on). Not Colab's T4 (7.5), where ``torch.cuda.is_bf16_supported()``
-    still says yes because bf16 tensors can be made there (emulated, and refused by the Trainer)."""
+    capability 8 or more (not a T4, whatever ``torch.cuda.is_bf16_supported()`` says)."""
     device = torch.device(device)
-    if device.type != "cuda":
-        return True
-    return bool(torch.version.hip) or torch.cuda.get_device_capability(device)[0] >= 8
+    return (device.type != "cuda" or bool(torch.version.hip)
+            or torch.cuda.get_device_capability(device)[0] >= 8)
 
 
 _WARNED: set[str] = set()
@@ -189,8 +207,7 @@ _WARNED: set[str] = set()
 
 def compute_dtype(dtype: str, device: str | torch.device) -> str:
     """``dtype`` for models analysed on ``device``, except that ``"bfloat16"`` on a GPU without
-    native bf16 becomes ``"float32"`` (logged once per device): correct first (fp16 can overflow
-    Qwen's residual stream), and a 0.6B model in float32 fits a 16 GB T4."""
+    native bf16 becomes ``"float32"`` (logged once per device)."""
     if dtype == "bfloat16" and not native_bf16(device):
         if str(device) not in _WARNED:
             _WARNED.add(str(device))
@@ -202,19 +219,15 @@ def compute_dtype(dtype: str, device: str | torch.device) -> str:
 
 
 def analysis_dtype(cfg: Config) -> str:
-    """The dtype analyses load checkpoints in: ``cfg.dtype`` on ``device_for(cfg)`` as
-    ``compute_dtype`` resolves it. Cache keys use it, so activations computed in float32 on a T4
-    are never read as bfloat16 ones."""
+    """``cfg.dtype`` on ``device_for(cfg)`` as ``compute_dtype`` resolves it (loads, cache keys)."""
     return compute_dtype(cfg.dtype, device_for(cfg))
 
 
 def dims(config) -> dict[str, int]:
-    """A decoder config's sizes under one set of names, whatever the family calls them:
-    ``d`` (width), ``layers``, ``ffn`` (MLP width; GPT-2's ``n_inner`` or 4 d), ``vocab``,
-    ``heads``, ``kv`` (key-value heads; all heads where the family has no GQA), ``head_dim``."""
+    """A decoder config's sizes under one set of names: ``d`` (width), ``layers``, ``ffn`` (MLP
+    width), ``vocab``, ``heads``, ``kv`` (key-value heads; all heads without GQA), ``head_dim``."""
     d, heads = config.hidden_size, config.num_attention_heads
-    ffn = (getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
-           or 4 * d)
+    ffn = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * d
     return {"d": d, "layers": config.num_hidden_layers, "ffn": ffn, "vocab": config.vocab_size,
             "heads": heads, "kv": getattr(config, "num_key_value_heads", None) or heads,
             "head_dim": getattr(config, "head_dim", None) or d // heads}
@@ -223,9 +236,7 @@ def dims(config) -> dict[str, int]:
 def load_model(path: str | Path, dtype: str = "float32", device: str | torch.device = "cpu",
                device_map: str | dict | None = None, offload_folder: str | Path | None = None):
     """A causal LM and its tokenizer from a directory or hub id, in eval mode on ``device``, or
-    spread by ``device_map`` (``"auto"`` or an explicit ``{module: device}``, accelerate's
-    dispatch: each module runs where its weights are; ``offload_folder`` for ``"disk"``
-    entries)."""
+    spread by ``device_map`` (``"auto"`` or ``{module: device}``; ``offload_folder`` for "disk")."""
     p = Path(path).expanduser()
     if p.exists():
         if not (p / "config.json").is_file():
@@ -248,35 +259,31 @@ def load_model(path: str | Path, dtype: str = "float32", device: str | torch.dev
 
 
 def check_model_dir(path: str | Path) -> Path:
-    """``path`` when it is a complete ``from_pretrained`` directory: ValueError naming what is
-    missing (config.json, weights, tokenizer files)."""
+    """``path`` if it is a complete model directory; else ValueError naming what is missing."""
     p = Path(path).expanduser()
     if not p.is_dir():
         raise ValueError(f"model directory {path} does not exist" if not p.exists() else
                          f"{path} is a file, not a model directory")
-    missing = [what for what, globs in (
-        ("config.json", ["config.json"]), ("weights (*.safetensors or *.bin)",
-                                           ["*.safetensors", "*.bin"]),
-        ("a tokenizer (tokenizer.json or tokenizer_config.json)",
-         ["tokenizer.json", "tokenizer_config.json"])) if not any(any(p.glob(g)) for g in globs)]
+    required = (("config.json", ["config.json"]),
+                ("weights (*.safetensors or *.bin)", ["*.safetensors", "*.bin"]),
+                ("a tokenizer (tokenizer.json or tokenizer_config.json)",
+                 ["tokenizer.json", "tokenizer_config.json"]))
+    missing = [what for what, globs in required if not any(any(p.glob(g)) for g in globs)]
     if missing:
         raise ValueError(f"model directory {path} is missing {', '.join(missing)}")
     return p
 
 
 def preflight(path: str | Path, chat: bool) -> None:
-    """The checks a base model must pass before any long work, each a ValueError (or
-    NotImplementedError) naming the problem: a complete model directory (a hub id is checked
-    after download), a supported architecture, a tokenizer with a pad token and, for a chat
-    config, a chat template."""
+    """ValueError (or NotImplementedError) naming the problem unless the base is a complete model
+    directory (or hub id) of a supported class with a pad token and, if ``chat``, a template."""
     p = Path(path).expanduser()
     if p.exists() or str(path).startswith((".", "/", "~")):
         check_model_dir(p)
     config = AutoConfig.from_pretrained(str(path))
     arch = (getattr(config, "architectures", None) or ["?"])[0]
     if arch not in ARCHITECTURES:
-        err = _unsupported(arch, config.model_type)
-        raise NotImplementedError(f"{path}: {err}")
+        raise NotImplementedError(f"{path}: {_unsupported(arch, config.model_type)}")
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     if tokenizer.pad_token is None:
         raise ValueError(f"the tokenizer of {path} has no pad token (batched training and "
@@ -316,8 +323,7 @@ def _merges(tokenizer) -> list | None:
 
 
 def check_same_tokenizer(tok_a, tok_b) -> None:
-    """ValueError unless two tokenizers have the same vocabulary, BPE merges (one vocabulary can
-    split text differently) and special tokens: the condition for pairing token positions."""
+    """ValueError unless two tokenizers share vocabulary, BPE merges and special tokens."""
     va, vb = tok_a.get_vocab(), tok_b.get_vocab()
     if va != vb:
         diff = sorted(t for t in set(va) | set(vb) if va.get(t) != vb.get(t))
@@ -339,10 +345,8 @@ def check_same_tokenizer(tok_a, tok_b) -> None:
 
 
 def resolve_model(spec: str | Path, revision: str | None = None) -> Path:
-    """A local ``from_pretrained`` directory for a model given as a directory or a hub id: a
-    directory is checked (``check_model_dir``); a hub id is fetched with
-    ``huggingface_hub.snapshot_download`` at ``revision`` (its cache's snapshot directory, named
-    after the commit). ValueError naming the problem otherwise."""
+    """A local ``from_pretrained`` directory for a directory (``check_model_dir``) or a hub id (its
+    snapshot at ``revision``, downloaded); ValueError naming the problem otherwise."""
     p = Path(spec).expanduser()
     if p.exists() or str(spec).startswith((".", "/", "~")):
         if revision is not None:
@@ -361,9 +365,8 @@ def resolve_model(spec: str | Path, revision: str | None = None) -> Path:
 
 
 def shape_differences(configs: dict) -> dict[str, list[str]]:
-    """``{model: [config fields that differ from the first's]}`` for every model after the first
-    of ``configs`` (``{label: PretrainedConfig}``): the architecture class, then each of
-    ``SHAPE_FIELDS`` (empty: one shape)."""
+    """``{label: [fields that differ from the first config's]}`` for every later model of
+    ``configs`` (``{label: PretrainedConfig}``): ``architectures``, then ``SHAPE_FIELDS``."""
     ref = configs[next(iter(configs))]
     return {k: ([] if c.architectures == ref.architectures else ["architectures"])
             + [f for f in SHAPE_FIELDS if getattr(ref, f, None) != getattr(c, f, None)]
@@ -371,12 +374,8 @@ def shape_differences(configs: dict) -> dict[str, list[str]]:
 
 
 def check_compatible(paths: dict[str, Path], same_shape: bool = True) -> None:
-    """Before any long work: every model against the first (the reference) has a supported
-    architecture and the same tokenizer (vocabulary, merges, special tokens: the probes and their
-    pooled positions must be the same tokens); with ``same_shape`` also the same architecture and
-    shape (``SHAPE_FIELDS``, ``shape_differences``: same-layer comparisons pair layers and
-    positions). ValueError or NotImplementedError naming the model and the difference.
-    """
+    """ValueError or NotImplementedError naming the model and the difference unless every model has
+    a supported class, the first's tokenizer and, with ``same_shape``, its ``shape_differences``."""
     names = list(paths)
     configs = {k: AutoConfig.from_pretrained(str(v)) for k, v in paths.items()}
     for k, c in configs.items():
@@ -391,7 +390,7 @@ def check_compatible(paths: dict[str, Path], same_shape: bool = True) -> None:
             va, vb = getattr(configs[ref], f, None), getattr(configs[k], f, None)
             raise ValueError(f"{k} differs from the reference {ref} in config.{f}: {va!r} vs "
                              f"{vb!r}; same-layer comparisons need one shape (cross-layer CKA runs "
-                             "across shapes: stages.ensure_models_cka)")
+                             "across shapes: analyses.cka.ensure_cross)")
         try:
             check_same_tokenizer(tok, AutoTokenizer.from_pretrained(str(paths[k])))
         except ValueError as e:

@@ -1,34 +1,27 @@
-"""Run and checkpoint directories, manifests, atomic writes and the content-keyed cache.
-
-Layout of a run (``run_dir(cfg, method)`` = ``<root>/<method>/<preset>[-smoke]-<run_key>``)::
-
-    checkpoints/step-000000/   the starting model (step 0), from_pretrained-loadable
-    checkpoints/step-NNNNNN/   one directory per scheduled step, each with manifest.json
-    trainer/checkpoint-N/      TRL/transformers state used only to resume
-    train_log.json             the training-loss history (and the method's own metrics)
-    activations/               captures (alignkit.capture)
-    analysis/<stage>-<key>/    stage results (alignkit.stages): key.json + result/
-
-Everything that takes longer than a second to build is written under a temporary name and
-renamed into place, so a reader never sees a half-written file or directory as complete, and
-every cached result records the key it was built under: a stale entry is never read as fresh.
-"""
+"""Run and checkpoint directories, manifests, atomic writes, and the one content-keyed cache with
+the one generic save/load of results. Directory layout: docs/layout.md#on-disk"""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import hashlib
+import importlib
 import json
 import logging
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
 import numpy as np
+import pandas as pd
+import torch
 from filelock import FileLock
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from alignkit.config import Config
 from alignkit.data import POST_TRAINING_STREAM
@@ -54,17 +47,15 @@ _SHA_MEMO: dict[tuple[str, int, int], str] = {}
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Full sha256 hex digest of a file's bytes, memoised by (path, size, mtime_ns): any rewrite
-    or truncation changes size or mtime and is hashed afresh."""
+    """Full sha256 hex digest of a file's bytes, memoised by (path, size, mtime_ns)."""
     st = os.stat(path)
     key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
-    if key in _SHA_MEMO:
-        return _SHA_MEMO[key]
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    _SHA_MEMO[key] = h.hexdigest()
+    if key not in _SHA_MEMO:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while block := f.read(chunk):
+                h.update(block)
+        _SHA_MEMO[key] = h.hexdigest()
     return _SHA_MEMO[key]
 
 
@@ -82,8 +73,7 @@ def weights_hash(model_dir: str | os.PathLike, length: int = 16) -> str:
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any, sort_keys: bool = True) -> None:
-    """Write ``obj`` as pretty JSON to ``path`` through a temporary file and a rename (keys
-    sorted unless ``sort_keys=False``, which keeps the order of every dict, as results need)."""
+    """Write ``obj`` as pretty JSON to ``path`` through a temporary file and a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(obj, indent=2, sort_keys=sort_keys, default=str)
@@ -102,8 +92,7 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, sort_keys: bool = True)
 
 @contextlib.contextmanager
 def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary directory beside ``final``, renamed to ``final`` on success (replacing
-    an existing one only then); on any exception it is removed and ``final`` left untouched."""
+    """A temporary directory beside ``final``, renamed to it on success; removed on error."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
@@ -132,8 +121,7 @@ def build_lock(path: str | os.PathLike, timeout: float = -1) -> Iterator[None]:
 
 
 def manifest_matches(model_dir: str | os.PathLike) -> bool:
-    """Whether ``model_dir/manifest.json`` records the hash of the weights there now (False for
-    missing, truncated or damaged files: such a directory is rebuilt, never read as valid)."""
+    """Whether ``model_dir/manifest.json`` records the hash of the weights there now."""
     manifest = Path(model_dir) / "manifest.json"
     if not manifest.is_file():
         return False
@@ -144,8 +132,7 @@ def manifest_matches(model_dir: str | os.PathLike) -> bool:
 
 
 def ensure_writable(path: str | os.PathLike, need_bytes: int = 0) -> Path:
-    """Fail before any long work (OSError naming the directory and the remedy) unless ``path``
-    can be created and written and has ``need_bytes`` free."""
+    """``path``, created; OSError naming it and a fix unless writable with ``need_bytes`` free."""
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -177,8 +164,7 @@ def check_method(method: str) -> None:
 
 
 def run_key(cfg: Config, method: str) -> str:
-    """Cache key of a run: base, data, every knob, the SFT run a DPO/GRPO run starts from
-    (``init="sft"``) and, for GRPO, the stop strings that cut completions."""
+    """Cache key of a run: base, data, knobs, the SFT run it starts from, GRPO's stop strings."""
     check_method(method)
     base = {"model": cfg.model, "tiny": cfg.tiny if cfg.model == "tiny" else None,
             "data": cfg.data_source, "generator": cfg.generator, "chat": cfg.chat,
@@ -205,19 +191,9 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
 
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     """Complete checkpoints of a run (weights match their manifest) as (step, directory)."""
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
+    root = Path(run_dir) / "checkpoints"  # glob finds nothing in a missing directory
     return [(int(d.name.split("-")[1]), d) for d in sorted(root.glob("step-*"))
             if d.is_dir() and manifest_matches(d)]
-
-
-def checkpoint_hashes(run_dir: Path) -> list[tuple[int, Path, str]]:
-    """``(step, dir, weights_hash)`` of every complete checkpoint; ValueError when none."""
-    ckpts = list_checkpoints(run_dir)
-    if not ckpts:
-        raise ValueError(f"no complete checkpoints in {run_dir}")
-    return [(s, d, json.loads((d / "manifest.json").read_text())["weights_hash"]) for s, d in ckpts]
 
 
 def export_checkpoint(model, tokenizer, ckpt: Path, manifest: dict) -> None:
@@ -231,38 +207,167 @@ def export_checkpoint(model, tokenizer, ckpt: Path, manifest: dict) -> None:
 R = TypeVar("R")
 
 
-def save_arrays(path: str | Path, arrays: dict[str, np.ndarray], meta: dict) -> None:
-    """Write ``path/arrays.npz`` (no pickle) and ``path/result.json`` (``meta``) atomically."""
-    with atomic_dir(path) as tmp:
-        np.savez(tmp / "arrays.npz", **arrays)
-        write_json_atomic(tmp / "result.json", meta, sort_keys=False)
+def _encode(obj: Any, arrays: dict[str, torch.Tensor], where: str) -> Any:
+    """``obj`` as JSON, its arrays moved into ``arrays`` (under their first place: stored once)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        cls = type(obj)
+        return {"__type__": f"{cls.__module__}:{cls.__qualname__}",
+                **{f.name: _encode(getattr(obj, f.name), arrays, f"{where}.{f.name}")
+                   for f in dataclasses.fields(obj)}}
+    if isinstance(obj, (torch.Tensor, np.ndarray)):
+        seen = arrays.setdefault("", {})  # id -> name of the arrays already stored
+        if id(obj) not in seen:
+            seen[id(obj)] = where
+            arrays[where] = (obj.detach().cpu() if isinstance(obj, torch.Tensor)
+                             else torch.from_numpy(np.asarray(obj, order="C")))
+        return {"__array__": seen[id(obj)], "numpy": isinstance(obj, np.ndarray)}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, pd.DataFrame):
+        return {"__frame__": {c: _encode(list(obj[c]), arrays, f"{where}.{c}")
+                              for c in obj.columns},
+                "attrs": _encode(dict(obj.attrs), arrays, f"{where}.attrs")}
+    if isinstance(obj, Path):
+        return {"__path__": str(obj)}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_encode(v, arrays, f"{where}.{i}") for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_encode(v, arrays, f"{where}.{i}") for i, v in enumerate(obj)]
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) and not k.startswith("__") for k in obj):
+            return {k: _encode(v, arrays, f"{where}.{k}") for k, v in obj.items()}
+        return {"__items__": [[_encode(k, arrays, f"{where}.key{i}"),
+                               _encode(v, arrays, f"{where}.{i}")]
+                              for i, (k, v) in enumerate(obj.items())]}
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    raise TypeError(f"cannot save a {type(obj).__name__} at {where}")
 
 
-def load_arrays(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
-    """``(arrays, meta)`` of a ``save_arrays`` directory."""
+def _decode(obj: Any, arrays: Callable[[str], torch.Tensor]) -> Any:
+    if isinstance(obj, list):
+        return [_decode(v, arrays) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if "__type__" in obj:
+        module, name = obj["__type__"].split(":")
+        if module.split(".")[0] != "alignkit":
+            raise ValueError(f"refusing to build {obj['__type__']}: not an alignkit class")
+        cls = importlib.import_module(module)
+        for part in name.split("."):
+            cls = getattr(cls, part)
+        return cls(**{k: _decode(v, arrays) for k, v in obj.items() if k != "__type__"})
+    if "__array__" in obj:
+        t = arrays(obj["__array__"])
+        return t.numpy() if obj["numpy"] else t
+    if "__frame__" in obj:
+        df = pd.DataFrame({c: _decode(v, arrays) for c, v in obj["__frame__"].items()})
+        df.attrs.update(_decode(obj["attrs"], arrays))
+        return df
+    if "__path__" in obj:
+        return Path(obj["__path__"])
+    if "__tuple__" in obj:
+        return tuple(_decode(v, arrays) for v in obj["__tuple__"])
+    if "__items__" in obj:
+        return {_decode(k, arrays): _decode(v, arrays) for k, v in obj["__items__"]}
+    return {k: _decode(v, arrays) for k, v in obj.items()}
+
+
+def save_result(obj: Any, path: str | Path) -> None:
+    """Write a result (a dataclass of arrays, tables, nested results and plain values) as
+    ``path/result.json`` and, when it holds arrays, ``path/arrays.safetensors``; no pickle."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    arrays: dict[str, torch.Tensor] = {}
+    meta = _encode(obj, arrays, "r")
+    arrays.pop("", None)
+    if arrays:
+        save_file({k: v.contiguous() for k, v in arrays.items()}, path / "arrays.safetensors")
+    write_json_atomic(path / "result.json", meta, sort_keys=False)
+
+
+def load_result(path: str | Path, mmap: bool = False) -> Any:
+    """What ``save_result`` wrote at ``path``; ``mmap``: tensors memory-mapped (``mmap_tensor``)."""
     path = Path(path)
     meta = json.loads((path / "result.json").read_text())
-    with np.load(path / "arrays.npz", allow_pickle=False) as f:
-        return {k: f[k] for k in f.files}, meta
+    file = path / "arrays.safetensors"
+    if not file.is_file():
+        return _decode(meta, lambda name: (_ for _ in ()).throw(ValueError(f"{name} missing")))
+    with safe_open(str(file), framework="pt") as f:
+        return _decode(meta, lambda name: mmap_tensor(file, name) if mmap else f.get_tensor(name))
 
 
-def cached(path: Path, key: dict, compute: Callable[[], R], load: Callable[[Path], R]) -> R:
-    """The result stored at ``path`` under ``key``, else ``compute()`` saved there: ``result/``
-    holds what its ``save`` wrote (``load`` reads it), ``key.json`` the key. A directory whose key
-    differs or whose files are damaged is recomputed with a warning and replaced atomically."""
+# safetensors dtype codes -> (numpy dtype of the raw bytes, torch dtype to view them as)
+_SAFETENSORS_DTYPES = {"F16": (np.float16, torch.float16), "BF16": (np.int16, torch.bfloat16),
+                       "F32": (np.float32, torch.float32), "F64": (np.float64, torch.float64)}
+
+
+def mmap_tensor(path: str | os.PathLike, name: str) -> torch.Tensor:
+    """Tensor ``name`` of a safetensors file, memory-mapped (copy-on-write) instead of read."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        (n_header,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n_header))
+    if name not in header:
+        names = sorted(k for k in header if k != "__metadata__")
+        raise ValueError(f"{path} holds no tensor {name!r} (tensors: {names})")
+    info = header[name]
+    if info["dtype"] not in _SAFETENSORS_DTYPES:
+        raise ValueError(f"{path}: tensor {name!r} has dtype {info['dtype']}; memory-mapping "
+                         f"supports {sorted(_SAFETENSORS_DTYPES)}")
+    np_dtype, torch_dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+    shape = tuple(int(s) for s in info["shape"])
+    start, end = (int(o) for o in info["data_offsets"])
+    offset = 8 + n_header + start
+    if end - start != int(np.prod(shape, dtype=np.int64)) * np.dtype(np_dtype).itemsize or \
+            offset + (end - start) > path.stat().st_size:
+        raise ValueError(f"{path}: the header's offsets for {name!r} do not fit its shape {shape} "
+                         "or the file size")
+    if end == start:
+        return torch.empty(shape, dtype=torch_dtype)
+    t = torch.from_numpy(np.memmap(path, dtype=np_dtype, mode="c", offset=offset, shape=shape))
+    return t.view(torch_dtype) if t.dtype != torch_dtype else t
+
+
+_DAMAGE = (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, ImportError,
+           SafetensorError)
+
+
+def load_entry(path: str | Path, mmap: bool = False, key: dict | None = None) -> Any:
+    """The result of a ``cached`` entry at ``path``, verified as a hit is (checksums; ``key`` when
+    given); ValueError naming what failed."""
+    path = Path(path)
+    if not (path / "key.json").is_file():
+        raise ValueError(f"{path} is not a cache entry (no key.json)")
+    try:
+        record = json.loads((path / "key.json").read_text())
+        if key is not None and record.get("key") != key:
+            raise ValueError("it was stored under another key (stale)")
+        for name, digest in record["files"].items():
+            if sha256_file(path / "result" / name) != digest:
+                raise ValueError(f"{name} does not match its checksum (damaged)")
+        return load_result(path / "result", mmap)
+    except _DAMAGE as e:
+        raise ValueError(f"cache entry {path}: {e}") from None
+
+
+def cached(path: str | Path, key: dict, compute: Callable[[], R], mmap: bool = False) -> R:
+    """The one cache: the result stored at ``path`` under ``key``, else ``compute()`` saved there
+    (``save_result``) with ``key.json``; a stale or damaged entry is recomputed (logged)."""
+    path = Path(path)
+    want = json.loads(stable_json(key))
     with build_lock(path):
         if path.exists():
             try:
-                if json.loads((path / "key.json").read_text()) != json.loads(stable_json(key)):
-                    raise ValueError("it was stored under another key (stale)")
-                result = load(path / "result")
+                result = load_entry(path, mmap, want)
                 logger.info("reusing %s", path)
                 return result
-            except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+            except ValueError as e:
                 logger.warning("result %s is damaged or stale (%s); recomputing it", path, e)
         result = compute()
         with atomic_dir(path) as tmp:
-            result.save(tmp / "result")
-            write_json_atomic(tmp / "key.json", json.loads(stable_json(key)))
+            save_result(result, tmp / "result")
+            files = {f.name: sha256_file(f) for f in sorted((tmp / "result").iterdir())}
+            write_json_atomic(tmp / "key.json", {"key": want, "files": files})
         logger.info("wrote %s", path)
-        return result
+        return load_result(path / "result", mmap) if mmap else result

@@ -1,29 +1,5 @@
-"""Effective rank of layer activations from their singular values: RankMe, Rényi ranks, PR.
-
-Pure functions of ``X: [n, d]`` (``n`` examples) or ``acts: [L, n, d]``, torch or numpy in any
-float dtype, computed in float64; one eigendecomposition per layer serves every metric
-(``layer_spectra`` and the ``*_from_spectrum`` forms). ``Xc`` is ``X`` minus its column means
-(``center=True``; ``center=False`` uses ``X``), ``sigma_k`` its singular values, descending, and
-``lambda_k = sigma_k^2`` (``n - 1`` times the covariance eigenvalues: every metric is scale free).
-ValueError for a wrong shape, ``n < 2``, NaN/Inf or zero variance, naming the layer of a stack
-(e.g. last-token states at the embedding when every prompt ends with the same token).
-
-* RankMe (Garrido et al. 2023): ``exp(-sum_k p_k log p_k)``, ``p_k = sigma_k / sum sigma + eps``:
-  singular values, not variances (with ``sigma^2`` it is the Rényi-1 rank below).
-* Rényi effective rank of order ``alpha >= 0`` of the covariance spectrum, non-increasing in
-  ``alpha``: ``exp(log(sum_k p_k^alpha) / (1 - alpha))``, ``p_k = lambda_k / sum lambda``.
-  ``alpha = 1``: Shannon, ``exp(-sum p log p)`` (Roy & Vetterli 2007, on variances); ``2``: the
-  participation ratio ``(sum lambda)^2 / sum lambda^2``; ``inf``: ``1 / max p``; ``0``: the
-  numerical rank, the count of ``lambda_k > tol = max(lambda) * max(n, d) * eps64`` (numpy's
-  ``matrix_rank`` rule: eigenvalues at or below it are round-off, 0 for every order).
-* Every effective rank is capped by ``min(n - 1, d)`` centred (``min(n, d)`` otherwise): with
-  fewer examples than features it measures the probe set as much as the model (``rank_vs_n``);
-  compare checkpoints at equal ``n``.
-* Massive activations (attention sinks, outlier dimensions) dominate ``sigma_1`` and pull every
-  rank towards 1: which token positions go into ``X`` is the caller's choice (``alignkit.capture``)
-  and ``center`` is explicit. Singular values come from a float64 Gram matrix, so those below
-  ``~1e-7 sigma_1`` are 0 or inaccurate: harmless here, but ``spectrum`` is no tail-SVD.
-"""
+"""Effective rank of activations ``[n, d]`` or ``[L, n, d]`` from their singular values: RankMe
+(Garrido et al. 2023) and Rényi ranks. Formulas and pitfalls: docs/measures.md#effective-rank"""
 
 from __future__ import annotations
 
@@ -43,17 +19,16 @@ logger = logging.getLogger(__name__)
 Alpha = Union[float, int]  # an order of the Rényi rank
 
 __all__ = ["spectrum", "layer_spectra", "singular_values_from_gram", "rankme",
-           "rankme_from_spectrum", "renyi_effective_rank", "renyi_from_spectrum",
-           "participation_ratio", "participation_ratio_from_spectrum", "top_k_variance_fraction",
-           "top_k_variance_fraction_from_spectrum", "metric_key", "layer_metrics",
-           "bootstrap_layer_metrics", "paired_delta", "rank_vs_n"]
+           "rankme_from_spectrum", "renyi_effective_rank", "renyi_from_spectrum", "metric_key",
+           "layer_metrics", "bootstrap_layer_metrics", "paired_delta", "rank_vs_n"]
 
 _EPS64 = float(np.finfo(np.float64).eps)
 _BOOT_BUDGET = 16 * 1024**2  # bytes of resampled Gram / covariance matrices held at once
 
 
-def _check_shape(t: torch.Tensor, ndim: int, name: str) -> None:
-    """``[n, d]`` (``ndim = 2``) or ``[L, n, d]`` (3) with ``L >= 1``, ``n >= 2``, ``d >= 1``."""
+def _as_tensor(X: ArrayLike, ndim: int, name: str) -> torch.Tensor:
+    """``X`` as a float tensor, checked to be ``[n, d]`` (``ndim = 2``) or ``[L, n, d]`` (3)."""
+    t = stats.as_float_tensor(X, name)
     if t.ndim != ndim:
         what = "2-D [n, d] matrix" if ndim == 2 else "3-D [n_layers, n, d] stack"
         raise ValueError(f"{name}: expected a {what}, got shape {tuple(t.shape)}")
@@ -63,6 +38,7 @@ def _check_shape(t: torch.Tensor, ndim: int, name: str) -> None:
         raise ValueError(f"{name} needs at least 2 rows, got {t.shape[-2]}")
     if t.shape[-1] == 0:
         raise ValueError(f"{name} has no features (shape {tuple(t.shape)})")
+    return t
 
 
 def _check_alphas(alpha: Alpha | Sequence[Alpha]) -> tuple[list[float], bool]:
@@ -78,11 +54,6 @@ def _check_alphas(alpha: Alpha | Sequence[Alpha]) -> tuple[list[float], bool]:
         if not float(a) >= 0:  # NaN included
             raise ValueError(f"alpha must be >= 0, got {float(a):g}")
     return [float(a) for a in values], is_scalar
-
-
-def _check_k(k: int) -> None:
-    if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k must be an integer >= 1, got {k!r}")
 
 
 def _check_spectrum(s: ArrayLike) -> np.ndarray:
@@ -104,57 +75,45 @@ def _check_spectrum(s: ArrayLike) -> np.ndarray:
 def _prepare(x: torch.Tensor, center: bool, name: str) -> tuple[torch.Tensor, float]:
     """``(x / scale, scale)``: float64, centred if ``center``, ``max|entry| = 1`` (conditioning)."""
     stats.check_finite(x, name, "spectral metrics need finite activations")
-    # Decided on the stored values: float64 centring of identical rows can leave ~1e-16.
     if center and bool((x == x[0:1]).all()):
         raise stats.zero_variance_error(name, "its effective rank")
     xc = x.to(torch.float64)
     if center:
         xc = xc - xc.mean(0, keepdim=True)
     scale = float(xc.abs().max())
-    if scale == 0.0:
-        if center:
-            raise stats.zero_variance_error(name, "its effective rank")
+    if scale == 0.0:  # uncentred only: centred, it means identical rows (caught above)
         raise ValueError(f"{name} is all zeros (zero variance even without centring); "
                          "its effective rank is undefined")
     return xc / scale, scale
 
 
 def singular_values_from_gram(eigenvalues: torch.Tensor, shape: tuple[int, int]) -> np.ndarray:
-    """Singular values ``[..., k]`` (float64 numpy, descending) of ``X: [n, d]`` from its Gram
-    eigenvalues ``[..., k]`` (of ``X^T X`` or ``X X^T``, ascending), ``shape = (n, d)``.
-
-    Eigenvalues at or below ``tol`` (module docstring) become 0, not ``~1e-8 sigma_1`` of noise.
-    """
+    """Singular values ``[..., k]`` (float64 numpy, descending) of ``X: [n, d]`` from the
+    ascending eigenvalues ``[..., k]`` of ``X^T X`` or ``X X^T``, ``shape = (n, d)``; those at or
+    below ``tol`` (docs/measures.md#effective-rank) become 0, not ``~1e-8 sigma_1`` of noise."""
     lam = eigenvalues.flip(-1)
     tol = lam[..., :1] * (max(shape) * _EPS64)
     lam = torch.where(lam > tol, lam, torch.zeros((), dtype=lam.dtype, device=lam.device))
     return lam.sqrt_().cpu().numpy()
 
 
-def _eig_spectrum(xc: torch.Tensor) -> np.ndarray:
-    """Descending singular values ``[min(n, d)]`` of ``xc: [n, d]`` via the smaller Gram matrix."""
+def _eig_spectrum(xc: torch.Tensor, scale: float = 1.0) -> np.ndarray:
+    """Singular values ``[min(n, d)]``, descending, of ``scale * xc`` via the smaller Gram."""
     n, d = xc.shape
     g = xc @ xc.T if n <= d else xc.T @ xc
-    return singular_values_from_gram(torch.linalg.eigvalsh(g), (n, d))
+    return singular_values_from_gram(torch.linalg.eigvalsh(g), (n, d)) * scale
 
 
 def spectrum(X: ArrayLike, center: bool = True) -> np.ndarray:
     """Singular values ``[min(n, d)]`` of ``X: [n, d]`` (``n >= 2``), descending, float64."""
-    x = stats.as_float_tensor(X, "X")
-    _check_shape(x, 2, "X")
-    xc, scale = _prepare(x, center, "X")
-    return _eig_spectrum(xc) * scale
+    return _eig_spectrum(*_prepare(_as_tensor(X, 2, "X"), center, "X"))
 
 
 def layer_spectra(acts: ArrayLike, center: bool = True) -> np.ndarray:
     """Singular values ``[L, min(n, d)]`` of each layer of ``acts: [L, n, d]`` (as ``spectrum``)."""
-    a = stats.as_float_tensor(acts, "acts")
-    _check_shape(a, 3, "acts")
-    out = []
-    for i in range(a.shape[0]):
-        xc, scale = _prepare(a[i], center, f"acts layer {i}")
-        out.append(_eig_spectrum(xc) * scale)
-    return np.stack(out)
+    a = _as_tensor(acts, 3, "acts")
+    return np.stack([_eig_spectrum(*_prepare(a[i], center, f"acts layer {i}"))
+                     for i in range(len(a))])
 
 
 def _out(v: np.ndarray) -> float | np.ndarray:
@@ -162,11 +121,8 @@ def _out(v: np.ndarray) -> float | np.ndarray:
 
 
 def rankme_from_spectrum(s: ArrayLike, eps: float = 1e-7) -> float | np.ndarray:
-    """RankMe (Garrido et al. 2023) of singular values ``s: [..., k]``: a float or ``[...]``.
-
-    The paper's ``eps = 1e-7`` adds ``~k * eps * (1 - log eps)`` to the entropy, so a rank-1
-    spectrum of length ``k`` scores ``~1 + 1.7e-6 k``; ``eps = 0`` gives the plain entropy.
-    """
+    """RankMe (Garrido et al. 2023) of singular values ``s: [..., k]``: a float or ``[...]``. The
+    paper's ``eps = 1e-7`` scores a rank-1 spectrum ``~1 + 1.7e-6 k``; ``eps = 0``: the entropy."""
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
     s = _check_spectrum(s)
@@ -177,12 +133,9 @@ def rankme_from_spectrum(s: ArrayLike, eps: float = 1e-7) -> float | np.ndarray:
 
 def renyi_from_spectrum(s: ArrayLike, alpha: Alpha | Sequence[Alpha], *,
                         shape: tuple[int, int] | None = None) -> float | np.ndarray:
-    """Rényi effective rank(s) of singular values ``s: [..., k]`` (module docstring).
-
-    ``alpha``: an order ``>= 0`` (``inf`` allowed) or a list; returns a float (1-D ``s``) or
-    ``[...]``, and ``[..., len(alpha)]`` for a list. ``shape = (n, d)`` of the matrix behind
-    ``s`` sets ``tol`` (``None``: ``k`` for ``max(n, d)``).
-    """
+    """Rényi effective rank(s) (order 1: Roy & Vetterli 2007) of order ``alpha >= 0`` or ``inf`` of
+    singular values ``s: [..., k]``: a float (1-D ``s``) or ``[...]``; ``[..., len(alpha)]`` for a
+    list. ``shape = (n, d)`` of the matrix behind ``s`` sets ``tol`` (``None``: ``k``)."""
     alphas, is_scalar = _check_alphas(alpha)
     s = _check_spectrum(s)
     s = s / s.max(-1, keepdims=True)  # scale invariant; keeps s^2 in range
@@ -211,22 +164,6 @@ def renyi_from_spectrum(s: ArrayLike, alpha: Alpha | Sequence[Alpha], *,
     return _out(vals[0]) if is_scalar else np.stack(vals, -1)
 
 
-def participation_ratio_from_spectrum(s: ArrayLike) -> float | np.ndarray:
-    """``(sum lambda)^2 / sum lambda^2`` of ``s: [..., k]`` (Rényi 2): a float or ``[...]``."""
-    s = _check_spectrum(s)
-    lam = s * s
-    lam = lam / lam.max(-1, keepdims=True)  # no overflow in lambda^2
-    return _out(lam.sum(-1) ** 2 / (lam * lam).sum(-1))
-
-
-def top_k_variance_fraction_from_spectrum(s: ArrayLike, k: int) -> float | np.ndarray:
-    """``sum_{i<k} lambda_i / sum lambda`` of ``s: [..., m]`` (``k >= 1``; ``k >= m``: 1.0)."""
-    _check_k(k)
-    s = _check_spectrum(s)
-    lam = np.sort(s * s, axis=-1)[..., ::-1]
-    return _out(lam[..., :k].sum(-1) / lam.sum(-1))
-
-
 def rankme(X: ArrayLike, center: bool = True, eps: float = 1e-7) -> float:
     """RankMe of ``X: [n, d]`` (Garrido et al. 2023), between ~1 and ``min(n, d)``."""
     return rankme_from_spectrum(spectrum(X, center), eps)
@@ -239,17 +176,6 @@ def renyi_effective_rank(X: ArrayLike, alpha: Alpha | Sequence[Alpha],
     return renyi_from_spectrum(spectrum(X, center), alpha, shape=tuple(X.shape))
 
 
-def participation_ratio(X: ArrayLike, center: bool = True) -> float:
-    """Participation ratio ``(sum lambda)^2 / sum lambda^2`` of the covariance of ``X: [n, d]``."""
-    return participation_ratio_from_spectrum(spectrum(X, center))
-
-
-def top_k_variance_fraction(X: ArrayLike, k: int, center: bool = True) -> float:
-    """Fraction of the variance of ``X: [n, d]`` in its top ``k >= 1`` principal directions."""
-    _check_k(k)
-    return top_k_variance_fraction_from_spectrum(spectrum(X, center), k)
-
-
 def metric_key(alpha: float) -> str:
     """Table key of the Rényi rank of order ``alpha``: ``"renyi_0.5"``, ``"renyi_inf"``."""
     return f"renyi_{float(alpha):g}"
@@ -260,9 +186,7 @@ def _metrics_from_spectra(s: np.ndarray, alphas: list[float], shape: tuple[int, 
     """All table metrics of spectra ``s: [..., k]``: ``{"rankme": [...], "renyi_a": [...]}``."""
     out = {"rankme": np.asarray(rankme_from_spectrum(s, eps), dtype=np.float64)}
     ren = np.asarray(renyi_from_spectrum(s, alphas, shape=shape))
-    for j, a in enumerate(alphas):
-        out[metric_key(a)] = ren[..., j]
-    return out
+    return out | {metric_key(a): ren[..., j] for j, a in enumerate(alphas)}
 
 
 def layer_metrics(acts: ArrayLike, alphas: Sequence[Alpha] = (0.5, 1, 2, float("inf")),
@@ -270,18 +194,12 @@ def layer_metrics(acts: ArrayLike, alphas: Sequence[Alpha] = (0.5, 1, 2, float("
     """RankMe and Rényi ranks of every layer of ``acts: [L, n, d]``, one decomposition each:
     ``{"rankme": [L], "renyi_0.5": [L], ...}`` (keys from ``metric_key``)."""
     alphas_l, _ = _check_alphas(list(alphas))
-    s = layer_spectra(acts, center)
-    return _metrics_from_spectra(s, alphas_l, tuple(acts.shape)[1:], eps)
+    return _metrics_from_spectra(layer_spectra(acts, center), alphas_l, tuple(acts.shape)[1:], eps)
 
 
 def _resampled_spectra(xc: torch.Tensor, idx: torch.Tensor, center: bool,
                        pool: ThreadPoolExecutor | None = None) -> np.ndarray:
-    """Singular values ``[B, min(m, d)]`` of the row resamples ``xc[idx[b]]``, re-centred.
-
-    ``m <= d``: the full Gram matrix indexed, ``G[idx][:, idx]``, and double-centred (= centring
-    the rows); ``m > d``: the rows' covariance. Both are exact with duplicate rows; a ``pool``
-    runs the chunks of resamples in its threads.
-    """
+    """Re-centred singular values ``[B, min(m, d)]`` of the row resamples ``xc[idx[b]]: [m, d]``."""
     d = xc.shape[1]
     b, m = idx.shape
     gram = m <= d
@@ -311,30 +229,17 @@ def bootstrap_layer_metrics(
         seed: int = 0, ci: float = 0.95, *, center: bool = True,
         scheme: Literal["subsample", "resample"] = "subsample", frac: float = 0.8,
         eps: float = 1e-7, eig_workers: int = 1) -> dict[str, dict]:
-    """Per-layer effective ranks of ``acts: [L, n, d]`` with intervals over the probe rows.
-
-    All layers share the row draws, so intervals across layers (and ``paired_delta`` of two
-    bootstraps with equal settings) are paired. The resamples give only the spread: the interval
-    is ``stats.centred_interval`` around the point (widened to contain it against round-off),
-    covering the sampling noise of ``n`` probe rows, not the bias of finite ``n`` (``rank_vs_n``).
-
-    * ``"subsample"`` (default): ``m = round(frac * n)`` distinct rows (with replacement ~37 % of
-      rows are lost, biasing every rank low). A size-``m`` estimate varies around the size-``n``
-      one with variance ``~ sigma^2 (1/m - 1/n)``, so deviations are scaled by
-      ``sqrt(m / (n - m))`` (delete-d jackknife; 2 at ``frac = 0.8``). Over 100 Gaussian data sets
-      with a decaying spectrum the sd ``(hi - lo) / 3.92`` was 0.92-1.0 of the truth at ``n = 2d``,
-      0.72-0.89 at ``n < d`` (0.44-0.8 with ``frac = 0.5``).
-    * ``"resample"``: ``n`` rows with replacement, unscaled (``n < d``: 1.46x too wide for
-      RankMe, 0.74x for ``renyi_2``).
+    """Per-layer effective ranks of ``acts: [L, n, d]`` with intervals from ``n_boot >= 2``
+    resamples of the probe rows, shared by all layers (docs/measures.md#effective-rank).
 
     Args:
-        n_boot: number of resamples (>= 2), drawn by ``numpy.random.default_rng(seed)``.
-        eig_workers: threads for the ``L * n_boot`` eigendecompositions, torch single-threaded
-            meanwhile (faster here than threaded LAPACK); agrees with ``1`` to ~1e-12.
+        scheme: ``"subsample"`` (``round(frac * n)`` distinct rows) or ``"resample"`` (``n`` rows
+            with replacement).
+        eig_workers: threads for the ``L * n_boot`` eigendecompositions.
 
     Returns:
-        ``{metric: {"point", "lo", "hi", "mean": [L], "samples": [n_boot, L], "scheme": str,
-        "m": int, "n": int, "ci": float, "scale": float}}`` for the metrics of ``layer_metrics``.
+        ``{metric: {"point", "lo", "hi", "mean": [L], "samples": [n_boot, L], "scheme", "m",
+        "n", "ci", "scale"}}`` for the metrics of ``layer_metrics``.
     """
     if not 0.0 < ci < 1.0:
         raise ValueError(f"ci must be in (0, 1), got {ci}")
@@ -347,18 +252,15 @@ def bootstrap_layer_metrics(
     if isinstance(eig_workers, bool) or not isinstance(eig_workers, int) or eig_workers < 1:
         raise ValueError(f"eig_workers must be a positive int, got {eig_workers!r}")
     alphas_l, _ = _check_alphas(list(alphas))
-    a = stats.as_float_tensor(acts, "acts")
-    _check_shape(a, 3, "acts")
+    a = _as_tensor(acts, 3, "acts")
     n_layers, n, d = a.shape
     m = n if scheme == "resample" else int(round(frac * n))
     if scheme == "subsample" and not 2 <= m < n:
         raise ValueError(f"subsampling {frac:g} of {n} rows keeps {m}; the subsample bootstrap "
                          "needs 2 <= m < n (use more rows or another frac)")
     rng = np.random.default_rng(seed)
-    if scheme == "resample":
-        rows = rng.integers(0, n, size=(n_boot, n))
-    else:
-        rows = np.stack([rng.permutation(n)[:m] for _ in range(n_boot)])
+    rows = (rng.integers(0, n, size=(n_boot, n)) if scheme == "resample"
+            else np.stack([rng.permutation(n)[:m] for _ in range(n_boot)]))
     logger.info("bootstrap_layer_metrics: %d layers, %d %ss of %d/%d rows, %s path",
                 n_layers, n_boot, scheme, m, n, "Gram" if m <= d else "covariance")
     point_s, boot_s = [], []
@@ -371,29 +273,25 @@ def bootstrap_layer_metrics(
         for i in range(n_layers):
             xc, _ = _prepare(a[i], center, f"acts layer {i}")
             point_s.append(_eig_spectrum(xc))
-            idx = torch.from_numpy(rows).to(xc.device)
-            boot_s.append(_resampled_spectra(xc, idx, center, pool))
+            boot_s.append(_resampled_spectra(xc, torch.from_numpy(rows).to(xc.device), center,
+                                             pool))
     point = _metrics_from_spectra(np.stack(point_s), alphas_l, (n, d), eps)
     samples = _metrics_from_spectra(np.stack(boot_s, 1), alphas_l, (m, d), eps)
     scale = 1.0 if scheme == "resample" else math.sqrt(m / (n - m))
     out = {}
     for key, p in point.items():
-        smp = samples[key]
-        lo, hi = stats.centred_interval(p, smp, ci, scale)
+        lo, hi = stats.centred_interval(p, samples[key], ci, scale)
         out[key] = {"point": p, "lo": np.minimum(lo, p), "hi": np.maximum(hi, p),
-                    "mean": smp.mean(0), "samples": smp, "scheme": scheme, "m": m, "n": n,
-                    "ci": ci, "scale": scale}
+                    "mean": samples[key].mean(0), "samples": samples[key], "scheme": scheme,
+                    "m": m, "n": n, "ci": ci, "scale": scale}
     return out
 
 
 def paired_delta(boot_tuned: Mapping[str, Mapping],
                  boot_base: Mapping[str, Mapping]) -> dict[str, dict[str, np.ndarray]]:
-    """Per-layer change tuned − base of each metric, ``{metric: {"point", "lo", "hi": [L]}}``.
-
-    Both from ``bootstrap_layer_metrics`` with equal ``n``, ``n_boot``, ``seed`` and scheme, so
-    resample ``b`` used the same rows in both: the interval centres the resampled differences on
-    the point difference (``centred_interval``, same scale).
-    """
+    """Per-layer change tuned − base of each metric, ``{metric: {"point", "lo", "hi": [L]}}``, of
+    two ``bootstrap_layer_metrics`` with equal ``n``, ``n_boot``, ``seed`` and scheme (resample
+    ``b`` drew the same rows in both): ``centred_interval`` of the paired differences."""
     out = {}
     for key, t in boot_tuned.items():
         if key not in boot_base:
@@ -411,15 +309,14 @@ def paired_delta(boot_tuned: Mapping[str, Mapping],
 
 def rank_vs_n(acts: ArrayLike, ns: Sequence[int], seed: int = 0, center: bool = True,
               n_repeats: int = 1, eps: float = 1e-7) -> dict[str, np.ndarray]:
-    """RankMe per layer of ``acts: [L, N, d]`` on random subsets of ``n in ns`` examples.
+    """RankMe per layer of ``acts: [L, N, d]`` on nested random subsets of ``n in ns`` examples
+    (docs/measures.md#effective-rank).
 
-    Shows how far ``n`` caps the rank and whether the layer order holds as ``n`` grows. Each
-    repeat nests its subsets (the first ``n`` rows of one permutation from ``default_rng(seed)``).
-    Returns ``{"n": [len(ns)], "rankme": [len(ns), L]`` (mean over repeats), ``"rankme_std"``
-    (0 for one repeat), ``"cap": [len(ns)]`` (the cap of the module docstring)``}``.
+    Returns:
+        ``{"n": [len(ns)], "rankme": [len(ns), L]`` (mean over repeats), ``"rankme_std"``,
+        ``"cap": [len(ns)]`` (``min(n - 1, d)`` centred, else ``min(n, d)``)``}``.
     """
-    a = stats.as_float_tensor(acts, "acts")
-    _check_shape(a, 3, "acts")
+    a = _as_tensor(acts, 3, "acts")
     n_layers, n_all, d = a.shape
     ns_arr = np.asarray(list(ns), dtype=np.int64)
     if ns_arr.ndim != 1 or ns_arr.size == 0:

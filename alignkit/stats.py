@@ -1,4 +1,5 @@
-"""Input checks and intervals shared by the measures: array conversion, finiteness, bootstraps."""
+"""Input checks and intervals shared by the measures: array conversion, finiteness, bootstraps.
+Formulas, controls and pitfalls: docs/measures.md#intervals"""
 
 from __future__ import annotations
 
@@ -38,17 +39,11 @@ class Band(Mapping):
         """The ``point``/``lo``/``hi`` of a mapping (e.g. a bootstrap result), as float64."""
         return cls(*(np.asarray(d[k], dtype=np.float64) for k in ("point", "lo", "hi")))
 
-    def stack(self) -> np.ndarray:
-        """``[3, ...]``: point, lo, hi (for storage)."""
-        return np.stack([self.point, self.lo, self.hi])
-
 
 def as_float_tensor(x: ArrayLike, name: str) -> torch.Tensor:
-    """``x`` as a floating torch tensor (no copy when possible), kept on CPU or CUDA.
-
-    Integer and boolean input becomes float64; complex input and other types raise TypeError
-    naming ``name``. Devices without float64 (e.g. MPS) are moved to the CPU.
-    """
+    """``x`` as a floating torch tensor (no copy when possible) on CPU or CUDA (devices without
+    float64, e.g. MPS, move to the CPU). Integers and booleans become float64; complex input and
+    other types raise TypeError naming ``name``."""
     if isinstance(x, torch.Tensor):
         t = x.detach()
     elif isinstance(x, np.ndarray):
@@ -89,13 +84,9 @@ def zero_variance_error(name: str, what: str = "CKA") -> ValueError:
 
 def centred_interval(point: np.ndarray, samples: np.ndarray, ci: float = 0.95,
                      scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """``point`` plus the centred percentiles of resampled values, times ``scale``.
-
-    The resamples estimate the *spread* only: ``lo, hi = point + scale * quantile(samples -
-    mean(samples))`` at ``(1 - ci) / 2`` and ``(1 + ci) / 2`` over axis 0 (NaN rows skipped), so
-    a location shift of the resampled values (duplicates, half-size samples) cannot move it.
-    ``scale`` rescales the spread of size-``m`` subsamples to size ``n`` (``sqrt(m / (n - m))``).
-    """
+    """``lo, hi = point + scale * quantile(samples - mean(samples))`` at ``(1 -+ ci) / 2`` over
+    axis 0, NaN rows skipped; ``scale = sqrt(m / (n - m))`` takes size-``m`` subsamples to size
+    ``n`` (docs/measures.md#intervals)."""
     if not 0.0 < ci < 1.0:
         raise ValueError(f"ci must be in (0, 1), got {ci}")
     dev = samples - np.nanmean(samples, 0)
@@ -106,14 +97,9 @@ def centred_interval(point: np.ndarray, samples: np.ndarray, ci: float = 0.95,
 
 def bootstrap_mean(values: np.ndarray, n_boot: int = 1000, seed: int = 0,
                    ci: float = 0.95) -> dict[str, np.ndarray]:
-    """Mean of ``values: [n_examples, ...]`` over examples, with a percentile bootstrap interval.
-
-    NaN entries (e.g. masked NPE) are left out of every mean; a column that is all NaN gives NaN.
-
-    Returns:
-        ``{"point", "lo", "hi", "n"}``, each of the shape of one example's values (``n``: the
-        number of non-NaN examples behind each point).
-    """
+    """Mean of ``values: [n_examples, ...]`` over examples, NaN entries left out, with a
+    percentile bootstrap interval: ``{"point", "lo", "hi", "n"}`` of one example's shape (``n``:
+    the non-NaN examples behind each point; an all-NaN column gives NaN)."""
     v = np.asarray(values, dtype=np.float64)
     if v.ndim < 1 or v.shape[0] == 0:
         raise ValueError("bootstrap_mean needs values of shape [n_examples, ...] with n_examples "
@@ -122,22 +108,12 @@ def bootstrap_mean(values: np.ndarray, n_boot: int = 1000, seed: int = 0,
         raise ValueError(f"n_boot must be a positive int, got {n_boot!r}")
     if not 0 < ci < 1:
         raise ValueError(f"ci must be in (0, 1), got {ci!r}")
-    n = v.shape[0]
-    flat = v.reshape(n, -1)
+    flat = v.reshape(v.shape[0], -1)
     ok = np.isfinite(flat)
     if np.isinf(flat).any():
         raise ValueError("bootstrap_mean got infinite values")
-    filled = np.where(ok, flat, 0.0)
-    rng = np.random.default_rng(seed)
-    counts = rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        point = filled.sum(0) / ok.sum(0)
-        boots = (counts @ filled) / (counts @ ok)  # [n_boot, cols]; NaN: no valid row drawn
-    lo, hi = np.full(flat.shape[1], np.nan), np.full(flat.shape[1], np.nan)
-    some = ok.any(0)
-    if some.any():
-        alpha = (1 - ci) / 2
-        lo[some], hi[some] = np.nanquantile(boots[:, some], [alpha, 1 - alpha], axis=0)
+    point, boots = ratio_bootstrap(np.where(ok, flat, 0.0), ok.astype(np.float64), n_boot, seed)
+    lo, hi = _percentiles(boots, ci)
     shape = v.shape[1:]
     return {"point": point.reshape(shape), "lo": lo.reshape(shape), "hi": hi.reshape(shape),
             "n": ok.sum(0).reshape(shape)}
@@ -145,12 +121,9 @@ def bootstrap_mean(values: np.ndarray, n_boot: int = 1000, seed: int = 0,
 
 def ratio_bootstrap(num: np.ndarray, den: np.ndarray, n_boot: int,
                     seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """``sum(num) / sum(den)`` over rows of ``num, den: [n, k]`` per column, and the same ratio on
-    ``n_boot`` bootstrap resamples of the rows (multinomial counts from ``default_rng(seed)``),
-    one resample shared by every column, so differences between columns are paired.
-
-    Returns ``point: [k]`` and ``boots: [n_boot, k]``; a ratio with a zero denominator is NaN.
-    """
+    """``point: [k]``, ``sum(num) / sum(den)`` over the rows of ``num, den: [n, k]``, and
+    ``boots: [n_boot, k]``, the same on multinomial resamples of the rows (``default_rng(seed)``)
+    shared by every column (paired); NaN where a resampled denominator is 0."""
     n = num.shape[0]
     counts = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=n_boot)
     counts = counts.astype(np.float64)
@@ -161,21 +134,22 @@ def ratio_bootstrap(num: np.ndarray, den: np.ndarray, n_boot: int,
     return point, boots
 
 
+def _percentiles(boots: np.ndarray, ci: float) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile interval over axis 0 of ``boots: [n_boot, k]``; NaN for an all-NaN column."""
+    alpha = (1 - ci) / 2
+    lo, hi = np.full(boots.shape[1], np.nan), np.full(boots.shape[1], np.nan)
+    some = np.isfinite(boots).any(0)
+    if some.any():
+        lo[some], hi[some] = np.nanquantile(boots[:, some], [alpha, 1 - alpha], axis=0)
+    return lo, hi
+
+
 def gap_fraction(delta: np.ndarray, gap: np.ndarray, n_boot: int = 1000, seed: int = 0,
                  ci: float = 0.95) -> Band:
-    """Fraction of the mean gap a patch recovers: ``mean_i delta_i / mean_i gap_i`` per column.
-
-    The summary a patching curve plots (mean Δ against the mean gap), unlike the mean of
-    per-example ratios (NPE), which is heavy-tailed where a gap is small. The interval is a
-    paired percentile bootstrap over examples: numerator and denominator come from one resample.
-
-    Args:
-        delta: ``[n, ...]`` per-example effect of the patch (NaN entries are left out of their
-            column, with their gap).
-        gap: ``[n]`` per-example full effect (``LP(donor) - LP(receiver)``).
-
-    ValueError for mismatched lengths, infinite values, or a mean gap of 0.
-    """
+    """Fraction of the mean gap a patch recovers, ``mean_i delta_i / mean_i gap_i`` per column of
+    ``delta: [n, ...]`` (NaN entries left out with their gap; ``gap: [n]`` the full effect
+    ``LP(donor) - LP(receiver)``), with a paired percentile bootstrap interval over examples.
+    ValueError for mismatched lengths, infinite values, or a mean gap of 0."""
     d = np.asarray(delta, dtype=np.float64)
     g = np.asarray(gap, dtype=np.float64)
     if g.ndim != 1 or d.ndim < 1 or d.shape[0] != g.shape[0] or g.shape[0] == 0:
@@ -192,25 +166,16 @@ def gap_fraction(delta: np.ndarray, gap: np.ndarray, n_boot: int = 1000, seed: i
     if np.all(den.sum(0) == 0):
         raise ValueError("gap_fraction: the mean gap is 0, so no fraction of it is defined")
     point, boots = ratio_bootstrap(num, den, n_boot, seed)
-    alpha = (1 - ci) / 2
-    lo, hi = np.full(flat.shape[1], np.nan), np.full(flat.shape[1], np.nan)
-    some = np.isfinite(boots).any(0)
-    if some.any():
-        lo[some], hi[some] = np.nanquantile(boots[:, some], [alpha, 1 - alpha], axis=0)
+    lo, hi = _percentiles(boots, ci)
     shape = d.shape[1:]
     return Band(point.reshape(shape), lo.reshape(shape), hi.reshape(shape))
 
 
 def near_best(values: np.ndarray, n_boot: int = 1000, seed: int = 0,
               ci: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
-    """The best column of ``values: [n, ..., K]`` (largest mean over examples, per leading index)
-    and every column tied with it: those whose paired bootstrap interval of ``mean(best) -
-    mean(column)`` reaches 0. An argmax among ties is not a finding; the tied set is.
-
-    Returns:
-        ``best: [...]`` (int) and ``ties: [..., K]`` (bool, the best included; all-NaN columns
-        never tie).
-    """
+    """The best column of ``values: [n, ..., K]`` (largest mean over examples) and every column
+    whose paired bootstrap interval of ``mean(best) - mean(column)`` reaches 0: ``best: [...]``
+    (int) and ``ties: [..., K]`` (bool, the best included, all-NaN columns never)."""
     v = np.asarray(values, dtype=np.float64)
     if v.ndim < 2 or v.shape[0] == 0:
         raise ValueError(f"near_best needs values [n, ..., K] with n >= 1, got {v.shape}")
@@ -228,12 +193,8 @@ def near_best(values: np.ndarray, n_boot: int = 1000, seed: int = 0,
 
 
 def mcnemar(correct_a, correct_b) -> dict:
-    """McNemar's exact test for two models scored on the same problems (paired accuracies).
-
-    ``b``: problems only ``a`` gets right, ``c``: only ``b``; the two-sided p-value is the exact
-    binomial ``P(min(b, c) or fewer of b + c | p = 1/2)``, doubled and capped at 1 (1 when
-    ``b + c = 0``). ``diff`` is ``acc(b) - acc(a)``.
-    """
+    """McNemar's exact test (McNemar 1947) of two models' ``[n]`` boolean scores on the same
+    problems: ``{"only_a", "only_b", "n", "p", "diff"}`` (``diff = acc(b) - acc(a)``)."""
     a, b = np.asarray(correct_a, dtype=bool), np.asarray(correct_b, dtype=bool)
     if a.shape != b.shape or a.ndim != 1 or a.size == 0:
         raise ValueError(f"mcnemar needs two [n] boolean arrays over the same problems, got "
@@ -246,9 +207,8 @@ def mcnemar(correct_a, correct_b) -> dict:
 
 
 def envelope(bands: list[Band]) -> Band:
-    """Seeds combined: the mean of the seeds' points and the envelope of their intervals
-    (lowest ``lo``, highest ``hi``), which covers both the within-run interval and the spread
-    between training seeds. A sign claim holds across seeds when this excludes 0."""
+    """Seeds combined: the mean of the seeds' points and the envelope (lowest ``lo``, highest
+    ``hi``) of their intervals (docs/measures.md#intervals)."""
     if not bands:
         raise ValueError("envelope needs at least one seed's Band")
     return Band(np.mean([b.point for b in bands], 0), np.min([b.lo for b in bands], 0),
@@ -257,18 +217,12 @@ def envelope(bands: list[Band]) -> Band:
 
 def sign_verdict(bands: list[Band], claimed: int) -> str:
     """``"agrees"``, ``"disagrees"`` or ``"cannot tell"`` for a claimed sign (+1 / -1) of a scalar
-    quantity measured in each training seed (one Band per seed, 0-d).
-
-    Agrees (disagrees) when at least 2 seeds were run and every seed's interval lies above
-    (below) 0 in the claimed (opposite) direction, i.e. the ``envelope`` excludes 0; one seed
-    cannot tell, since training variance is then unknown.
-    """
+    measured in each training seed (one 0-d Band per seed): agrees (disagrees) when the
+    ``envelope`` of at least 2 seeds lies on the claimed (opposite) side of 0."""
     if claimed not in (1, -1):
         raise ValueError(f"claimed must be +1 or -1, got {claimed!r}")
     env = envelope(bands)
-    lo, hi = float(env.lo) * claimed, float(env.hi) * claimed
-    if claimed < 0:
-        lo, hi = hi, lo
+    lo, hi = (float(env.lo), float(env.hi)) if claimed > 0 else (-float(env.hi), -float(env.lo))
     if len(bands) < 2:
         return "cannot tell"
     return "agrees" if lo > 0 else ("disagrees" if hi < 0 else "cannot tell")

@@ -1,12 +1,5 @@
-"""The embedded base: a locally trained tokenizer and a small Qwen3 pretrained from scratch.
-
-The pretraining corpus teaches the problem world and arithmetic: narratives (a problem's events
-as sentences, each with its outcome), standalone equations, direct ``Question: ...\\nAnswer: N``
-lines and problems followed by plain working (``... Working: 5+3=8. 8*2=16. The result is 16.``),
-as reasoning appears in web text. Never GSM8K's solution format (no ``<<a+b=c>>``, no ``####``, no
-worked solution after ``Answer:``): the base answers directly, and SFT teaches it to write the
-solution first.
-"""
+"""The embedded base: a locally trained tokenizer and a small Qwen3 pretrained from scratch on a
+corpus without GSM8K's solution format (docs/embedded.md)."""
 
 from __future__ import annotations
 
@@ -17,6 +10,7 @@ import os
 import random
 import shutil
 import time
+from itertools import islice
 from pathlib import Path
 
 import datasets
@@ -52,15 +46,10 @@ def pretraining_corpus(tcfg: TinyModelConfig, gcfg: GeneratorConfig) -> list[str
     """Documents of the pretraining corpus, shuffled: train-split problems of generator stream 1, so
     no evaluation question is ever seen and SFT data (stream 0) is not reused verbatim."""
     rng = random.Random(tcfg.seed)
-    docs: list[str] = []
     it = iter_problems("train", gcfg, stream=1)
-    for _ in range(tcfg.n_narratives):
-        docs.append(next(it).narrative)
-    for _ in range(tcfg.n_direct):
-        p = next(it)
-        docs.append(f"{format_prompt(p.question)} {p.final}")
-    for _ in range(tcfg.n_worked):
-        p = next(it)
+    docs = [p.narrative for p in islice(it, tcfg.n_narratives)]
+    docs += [f"{format_prompt(p.question)} {p.final}" for p in islice(it, tcfg.n_direct)]
+    for p in islice(it, tcfg.n_worked):
         work = " ".join(f"{a}{op}{b}={r}." for a, op, b, r in p.steps)
         docs.append(f"{p.question} Working: {work} The result is {p.final}.")
     # standalone equations: the same arithmetic facts the problems use, drawn from their steps
@@ -74,12 +63,8 @@ def pretraining_corpus(tcfg: TinyModelConfig, gcfg: GeneratorConfig) -> list[str
 
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> Qwen2Tokenizer:
-    """Byte-level BPE trained on ``texts`` with Qwen2/Qwen3's own pre-tokenisation, so the embedded
-    path meets the real tokenizer's quirks: ``transformers.Qwen2Tokenizer`` builds the public split
-    regex (single digits; `` ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*`` punctuation runs, so ``"#### -10"``
-    -> ``####``, `` -``, ``1``, ``0`` and ``".\\n"`` is one piece; newline runs), its NFC normaliser
-    and byte-level decoder. ChatML and thinking tokens, the chat template with ``enable_thinking``;
-    ``<|endoftext|>`` ends and pads. ``vocab_size`` counts every token (the specials included)."""
+    """A ``Qwen2Tokenizer``: byte-level BPE on ``texts`` with Qwen2/Qwen3's pre-tokenisation, ChatML
+    and thinking tokens and chat template (docs/embedded.md); ``vocab_size`` counts the specials."""
     template = Qwen2Tokenizer()
     bpe = Tokenizer(models.BPE())
     bpe.normalizer = template._tokenizer.normalizer
@@ -142,9 +127,8 @@ def _base_bytes(tcfg: TinyModelConfig) -> int:
 
 
 def ensure_base(cfg: Config) -> Path:
-    """Build the embedded base once (tokenizer + pretrained Qwen3; it loads like a hub model) and
-    return its directory, or a non-tiny ``cfg.model`` unchanged. A cached base is reused only when
-    its weights match its manifest's hash; an unwritable or full disk fails before the build."""
+    """The embedded base's directory, built once (a non-tiny ``cfg.model`` unchanged); fails before
+    building on an unwritable or full disk or, not yet built, under a multi-process launch."""
     if cfg.model != "tiny":
         return Path(cfg.model)
     out, tcfg = base_dir(cfg), cfg.tiny

@@ -1,15 +1,11 @@
-"""Post-training through TRL (SFT, DPO, GRPO) with one checkpoint schedule, manifests and resume.
-
-Step 0 of SFT is the base; step 0 of DPO and GRPO is their init: the final SFT checkpoint
-(``init="sft"``) or the base (``init="base"``). All three share one driver and differ only in the
-data they build and the TRL trainer they hand it to; ``alignkit.runs`` holds the layout."""
+"""Post-training through TRL (SFT, DPO, GRPO): one driver, checkpoint schedule, manifests and
+resume (docs/post-training.md); step 0 is the base (SFT) or the init (DPO, GRPO)."""
 
 from __future__ import annotations
 
 import contextlib
 import copy
 import dataclasses
-import json
 import logging
 import os
 import shutil
@@ -26,7 +22,7 @@ from trl import DPOTrainer, GRPOTrainer, SFTTrainer
 
 from alignkit import data, runs
 from alignkit.config import PRECISIONS, Config, EvalConfig
-from alignkit.evaluate import GiB, fit_eval_batch, generate
+from alignkit.evaluate import batched, generate
 from alignkit.models import device_for, dims, load_model, native_bf16, preflight
 from alignkit.runs import checkpoint_dir, list_checkpoints, run_dir, run_key
 from alignkit.tiny import ensure_base
@@ -37,8 +33,7 @@ INITS = ("sft", "base")
 
 
 class _ScheduleCallback(TrainerCallback):
-    """Save at the scheduled steps as clean, atomic checkpoints whose manifests hold the recent mean
-    of the loss and of ``metrics`` (e.g. GRPO's ``reward``); the history goes to train_log.json."""
+    """Export the scheduled steps with the recent mean loss and ``metrics`` in their manifests."""
 
     def __init__(self, run_dir: Path, steps: list[int], tokenizer, base_manifest: dict, t0: float,
                  metrics: Sequence[str] = ()):
@@ -59,7 +54,6 @@ class _ScheduleCallback(TrainerCallback):
                    for key in ("loss",) + self.metrics}
         recent = {key: [v for s, v in hist if s > step - window] for key, hist in history.items()}
         means = {key: float(sum(v) / len(v)) if v else None for key, v in recent.items()}
-        # wall time since this (possibly resumed) training process started
         manifest = dict(self.base_manifest, step=step, fraction=step / state.max_steps,
                         train_loss=means.pop("loss"), wall_time_s=time.time() - self.t0)
         if self.metrics:
@@ -79,9 +73,8 @@ def sft_dataset(cfg: Config, tokenizer=None, ds=None):
 
 
 def training_precision(cfg: Config, device: torch.device) -> str:
-    """The autocast of training (master weights, gradients and optimizer states stay fp32):
-    ``cfg.precision``, or for ``"auto"`` bf16 on a GPU that has it, fp16 with loss scaling on one
-    that does not (Colab's T4: ``models.native_bf16``), fp32 on the CPU."""
+    """Training's autocast, ``"bf16"``, ``"fp16"`` or ``"fp32"``, for ``cfg.precision`` on
+    ``device`` (``"auto"``: docs/real-path.md); ValueError for an unknown one or fp16 off CUDA."""
     if cfg.precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {cfg.precision!r}")
     if cfg.precision == "fp16" and device.type != "cuda":
@@ -109,9 +102,8 @@ def batch_plan(method: str, batch_size: int, micro_batch_size: int, world: int) 
 
 
 def generation_batch(batch_size: int, micro: int, world: int, num_generations: int) -> int:
-    """GRPO's completions generated at once (over all processes): the smallest multiple of one
-    micro-step (``micro * world``) holding whole groups that divides the step's ``batch_size``, so
-    generation memory follows the micro-batch, not the step."""
+    """GRPO's completions generated at once (all processes): the smallest multiple of
+    ``micro * world`` holding whole groups that divides ``batch_size``; ValueError if none."""
     step = micro * world
     for n in range(step, batch_size + 1, step):
         if n % num_generations == 0 and batch_size % n == 0:
@@ -123,31 +115,22 @@ def generation_batch(batch_size: int, micro: int, world: int, num_generations: i
 
 def memory_estimate(cfg: Config, method: str, model_config, world: int = 1,
                     precision: str = "bf16", micro: int | None = None) -> dict[str, float]:
-    """Estimated peak GPU memory (GiB) of one training process, by part: fp32 weights, gradients
-    and AdamW states (16 bytes per parameter) plus the autocast copies, the frozen reference (DPO;
-    GRPO with beta > 0), the stored activations (per layer input only under gradient
-    checkpointing) and the logits of one micro-batch (half-precision logits, their fp32 upcast
-    and its gradient), GRPO's key-value cache while generating; ``"total"`` adds 15 % and 0.5 GiB
-    for the allocator and CUDA context. Sequences are taken at the length limit; an unresolved
-    ``gradient_checkpointing="auto"`` counts as on (``resolve_checkpointing`` decides it)."""
+    """Estimated peak GPU memory (GiB) of one training process by part, and their ``"total"``
+    (the parts and margins: docs/real-path.md)."""
     c = dims(model_config)
     d, L, f, v = c["d"], c["layers"], c["ffn"], c["vocab"]
     heads, kv, hd = c["heads"], c["kv"], c["head_dim"]
-    embed = v * d
-    n_params = embed * (1 if getattr(model_config, "tie_word_embeddings", False) else 2) + L * (
+    n_params = v * d * (1 if getattr(model_config, "tie_word_embeddings", False) else 2) + L * (
         d * hd * (heads * 2 + kv * 2) + 3 * d * f + 4 * d)
     k = getattr(cfg, method)
     micro, _ = batch_plan(method, k.batch_size, micro or k.micro_batch_size, world)
     act = 4 if precision == "fp32" else 2
     parts = {"weights, gradients, AdamW": 16 * n_params / GiB,
              "autocast copies": 0 if precision == "fp32" else 2 * n_params / GiB}
-    if method == "sft":
-        seqs, length, logit_len = micro, k.max_length, k.max_length
-    elif method == "dpo":
-        seqs, length, logit_len = 2 * micro, k.max_length, k.max_length  # chosen and rejected
-    else:
-        prompt = 256
-        seqs, length, logit_len = micro, prompt + k.max_completion_length, k.max_completion_length
+    if method != "grpo":  # DPO holds chosen and rejected
+        seqs, length, logit_len = (2 if method == "dpo" else 1) * micro, k.max_length, k.max_length
+    else:  # prompts taken as 256 tokens
+        seqs, length, logit_len = micro, 256 + k.max_completion_length, k.max_completion_length
         gen = generation_batch(k.batch_size, micro, world, k.num_generations) // world
         parts["generation KV cache"] = gen * length * L * 2 * kv * hd * 4 / GiB
     if method == "dpo" or (method == "grpo" and k.beta > 0):
@@ -164,9 +147,8 @@ def memory_estimate(cfg: Config, method: str, model_config, world: int = 1,
 
 def fit_micro_batch(cfg: Config, method: str, model_config, world: int, precision: str,
                     have_gib: float) -> int:
-    """``{method}.micro_batch_size`` when set, else the largest that divides the per-process
-    batch and whose ``memory_estimate`` fits ``have_gib`` (1 when none fits: training then stops
-    in ``plan_memory`` with the estimate)."""
+    """``{method}.micro_batch_size`` when set, else the largest divisor of the per-process batch
+    whose ``memory_estimate`` fits ``have_gib`` (1 when none fits)."""
     k = getattr(cfg, method)
     if k.micro_batch_size:
         return k.micro_batch_size
@@ -177,25 +159,17 @@ def fit_micro_batch(cfg: Config, method: str, model_config, world: int, precisio
     return 1
 
 
-def check_checkpointing(cfg: Config) -> bool | str:
-    """``cfg.gradient_checkpointing`` when it is true, false or ``"auto"``; ValueError else."""
-    g = cfg.gradient_checkpointing
-    if not (g is True or g is False or g == "auto"):
-        raise ValueError(f"gradient_checkpointing must be true, false or 'auto', got {g!r}")
-    return g
-
-
+GiB = 2**30
 ROOM_WITHOUT_CHECKPOINTING = 0.7  # "auto" turns recomputation off only with this much headroom
 
 
 def resolve_checkpointing(cfg: Config, method: str, model_config, world: int, precision: str,
                           have_gib: float | None) -> bool:
-    """``cfg.gradient_checkpointing`` as a bool. ``"auto"`` (the real presets) is off when a GPU of
-    ``have_gib`` holds a micro-batch without it within 70 % of its memory by ``memory_estimate``
-    (the set ``micro_batch_size``, else the whole per-process share: no recomputation and no
-    accumulation, the fastest plan, e.g. the real presets' SFT on an 80 GB GPU), else on, the
-    CPU included (``have_gib=None``: nothing to size it by, so memory over speed)."""
-    g = check_checkpointing(cfg)
+    """``cfg.gradient_checkpointing`` as a bool (ValueError unless true, false or ``"auto"``);
+    ``"auto"`` (docs/real-path.md) is on for the CPU, ``have_gib=None``."""
+    g = cfg.gradient_checkpointing
+    if not (g is True or g is False or g == "auto"):
+        raise ValueError(f"gradient_checkpointing must be true, false or 'auto', got {g!r}")
     if g != "auto":
         return g
     if have_gib is None:
@@ -209,22 +183,18 @@ def resolve_checkpointing(cfg: Config, method: str, model_config, world: int, pr
 
 def fit_plan(cfg: Config, method: str, model_config, world: int, precision: str,
              have_gib: float) -> tuple[int, bool, dict[str, float]]:
-    """The training plan for a GPU of ``have_gib``: ``(micro-batch, gradient checkpointing,
-    memory_estimate at them)``, checkpointing by ``resolve_checkpointing`` and then the
-    micro-batch by ``fit_micro_batch`` with that choice."""
+    """``(micro-batch, gradient checkpointing, memory_estimate at them)`` for a GPU of ``have_gib``:
+    ``resolve_checkpointing``, then ``fit_micro_batch`` with that choice."""
     checkpointing = resolve_checkpointing(cfg, method, model_config, world, precision, have_gib)
     cfg = dataclasses.replace(cfg, gradient_checkpointing=checkpointing)
     micro = fit_micro_batch(cfg, method, model_config, world, precision, have_gib)
-    return micro, checkpointing, memory_estimate(cfg, method, model_config, world, precision,
-                                                 micro)
+    return micro, checkpointing, memory_estimate(cfg, method, model_config, world, precision, micro)
 
 
 def plan_memory(cfg: Config, method: str, model_path, device: torch.device, world: int,
                 precision: str) -> tuple[int, bool]:
-    """``(micro-batch, gradient checkpointing)`` of one process: on a GPU ``fit_plan``, on the CPU
-    the whole share; RuntimeError before training when even
-    micro-batch 1 is estimated not to fit, naming the estimate, the GPU and the knobs that lower
-    it."""
+    """``(micro-batch, gradient checkpointing)`` of one process (``fit_plan``; the CPU: the whole
+    share); RuntimeError with the estimate when even micro-batch 1 does not fit the GPU."""
     k = getattr(cfg, method)
     if device.type != "cuda":
         return (batch_plan(method, k.batch_size, k.micro_batch_size, world)[0],
@@ -253,22 +223,19 @@ class _Job:
     tokenizer: object
     manifest: dict  # method-specific manifest fields (start model, data hashes)
     make_trainer: Callable  # (common TrainingArguments kwargs, callbacks) -> a TRL trainer
-    start_path: Path  # the checkpoint training starts from (its config sizes the memory estimate)
     metrics: tuple[str, ...] = ()
 
 
-def _train_scheduled(cfg: Config, method: str, prepare: Callable[[object], _Job]) -> Path:
-    """The one driver of all three trainers: lock, skip if done, export step 0, resume, train, tidy.
-    ``prepare(device)`` loads the starting model and builds the data only when training is needed,
-    so a finished run returns at once."""
+def _train_scheduled(cfg: Config, method: str, start: Callable[[], Path],
+                     prepare: Callable[[object, Path], _Job]) -> Path:
+    """The one driver of the trainers: lock, skip if done, export step 0, resume, train, tidy."""
     rdir = run_dir(cfg, method)
     knobs = getattr(cfg, method)
     steps = runs.schedule_steps(knobs.max_steps, knobs.schedule)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if rank == 0:
         runs.ensure_writable(rdir.parent)
-    # under `accelerate launch` every process runs this; a file lock held by one would block the
-    # others' process-group rendezvous, so a distributed run relies on being launched once
+    # no lock under `accelerate launch`: one process holding it would block the others' rendezvous
     with runs.build_lock(rdir) if world == 1 else contextlib.nullcontext():
         done = dict(list_checkpoints(rdir))
         if all(s in done for s in steps):
@@ -280,9 +247,10 @@ def _train_scheduled(cfg: Config, method: str, prepare: Callable[[object], _Job]
                            method.upper(), rdir, missing)
         device = device_for(cfg)
         precision = training_precision(cfg, device)
-        check_checkpointing(cfg)  # before prepare(): DPO may sample for minutes there
-        job = prepare(device)
-        micro, checkpointing = plan_memory(cfg, method, job.start_path, device, world, precision)
+        start_path = start()  # the checkpoint training starts from (its config sizes the plan)
+        # the memory plan before prepare(), where DPO may sample for minutes
+        micro, checkpointing = plan_memory(cfg, method, start_path, device, world, precision)
+        job = prepare(device, start_path)
         micro, accumulation = batch_plan(method, knobs.batch_size, micro, world)
         base_manifest = dict(job.manifest, kind=method, run_key=run_key(cfg, method),
                              config_hash=runs.hash_obj(knobs), max_steps=knobs.max_steps,
@@ -297,8 +265,8 @@ def _train_scheduled(cfg: Config, method: str, prepare: Callable[[object], _Job]
         common = dict(  # TrainingArguments of every method; the schedule callback decides saves
             output_dir=str(rdir / "trainer"), max_steps=knobs.max_steps, seed=knobs.seed,
             per_device_train_batch_size=micro, gradient_accumulation_steps=accumulation,
-            learning_rate=knobs.learning_rate,
-            lr_scheduler_type="cosine", weight_decay=knobs.weight_decay,
+            learning_rate=knobs.learning_rate, lr_scheduler_type="cosine",
+            weight_decay=knobs.weight_decay,
             warmup_steps=max(1, round(knobs.warmup_ratio * knobs.max_steps)),
             logging_steps=max(1, knobs.max_steps // 50), save_strategy="no", save_total_limit=2,
             report_to="none", bf16=precision == "bf16", fp16=precision == "fp16",
@@ -315,11 +283,9 @@ def _train_scheduled(cfg: Config, method: str, prepare: Callable[[object], _Job]
 
 def _resume_point(run_dir: Path, done: dict[int, Path]) -> Path | None:
     """The newest trainer state with a complete exported checkpoint; drop newer, unmatched ones."""
-    tdir = run_dir / "trainer"
-    if not tdir.is_dir():
-        return None
     best = None
-    for d in sorted(tdir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])):
+    states = (run_dir / "trainer").glob("checkpoint-*")  # nothing when the directory is missing
+    for d in sorted(states, key=lambda p: int(p.name.split("-")[1])):
         if int(d.name.split("-")[1]) in done and (d / "trainer_state.json").is_file():
             best = d
         else:
@@ -328,12 +294,14 @@ def _resume_point(run_dir: Path, done: dict[int, Path]) -> Path | None:
 
 
 def train_sft(cfg: Config) -> Path:
-    """Fine-tune the base with TRL's SFTTrainer on the schedule; return the run directory. A
-    finished run returns at once, an interrupted one resumes from its last complete checkpoint."""
+    """Fine-tune the base with TRL's SFTTrainer on the schedule (resumable); the run directory."""
 
-    def prepare(device: str) -> _Job:
+    def start() -> Path:
         base_path = ensure_base(cfg)
         preflight(base_path, cfg.chat)
+        return base_path
+
+    def prepare(device: str, base_path: Path) -> _Job:
         model, tokenizer = load_model(base_path, dtype="float32", device=device)  # fp32 master
         rows = data.load_gsm8k(cfg.data_source, "train", cfg.sft.n_train, cfg.generator)
         train_ds = sft_dataset(cfg, tokenizer, rows)
@@ -344,9 +312,9 @@ def train_sft(cfg: Config) -> Path:
                               processing_class=tokenizer, callbacks=callbacks)
 
         manifest = {"base": str(base_path), "data_hash": data.dataset_hash(rows)}
-        return _Job(model, tokenizer, manifest, make_trainer, base_path)
+        return _Job(model, tokenizer, manifest, make_trainer)
 
-    return _train_scheduled(cfg, "sft", prepare)
+    return _train_scheduled(cfg, "sft", start, prepare)
 
 
 def _check_post_training(cfg: Config, method: str) -> None:
@@ -398,8 +366,7 @@ def _post_training_rows(cfg: Config, n: int) -> datasets.Dataset:
     return data.load_gsm8k(cfg.data_source, "train", n, cfg.generator, data.POST_TRAINING_STREAM)
 
 
-def _start(cfg: Config, method: str, device: str):
-    init_path = init_checkpoint(cfg, method)
+def _start(cfg: Config, method: str, device: str, init_path: Path):
     model, tokenizer = load_model(init_path, dtype="float32", device=device)  # fp32 master
     # TRL rebuilds a GRPO reference (beta > 0) from this path: it must be the unchanged init
     model.config._name_or_path = str(init_path)
@@ -411,9 +378,8 @@ def _start(cfg: Config, method: str, device: str):
 
 def dpo_dataset(cfg: Config, tokenizer=None, rows=None, model=None,
                 cache_dir: Path | None = None, model_hash: str = "") -> datasets.Dataset:
-    """DPO pairs (prompt, chosen, rejected) from ``_post_training_rows``; with
-    ``cfg.dpo.rejected == "sampled"`` ``model`` (the init) samples the rejected solutions (cached
-    in ``cache_dir`` when given, see ``sampled_preference_pairs``)."""
+    """DPO pairs (prompt, chosen, rejected) from ``_post_training_rows``; with ``cfg.dpo.rejected ==
+    "sampled"`` ``model`` (the init) samples the rejected ones (``sampled_preference_pairs``)."""
     rows = rows if rows is not None else _post_training_rows(cfg, cfg.dpo.n_pairs)
     pairs = data.preference_pairs(rows, seed=cfg.dpo.seed, tokenizer=tokenizer, chat=cfg.chat,
                                   p_final=cfg.dpo.wrong_final_share)
@@ -427,35 +393,25 @@ def dpo_dataset(cfg: Config, tokenizer=None, rows=None, model=None,
 def sampled_preference_pairs(model, tokenizer, rows, fallback: list[dict], cfg: Config,
                              cache_dir: Path | None = None, model_hash: str = "") -> list[dict]:
     """``fallback`` with the model's own wrong answer as the rejected solution where one of its
-    ``cfg.dpo.n_samples`` samples (at ``sample_temperature``, cut as evaluation cuts them) has a
-    wrong number; each pair gains ``rejected_source``: "sampled" or "corrupt". With ``cache_dir``
-    the samples are drawn once (by the main process under a distributed launch, the others wait
-    and read them) and kept in ``cache_dir/sampled-<key>.json``, keyed by ``model_hash`` (the
-    init's ``runs.weights_hash``), the prompts and the sampling knobs: a resumed or multi-process
-    run never samples again."""
+    ``cfg.dpo.n_samples`` samples has one; each pair gains ``rejected_source``: "sampled" or
+    "corrupt". ``cache_dir``: samples cached there (``runs.cached``, keyed by ``model_hash``)."""
     k = cfg.dpo.n_samples
     prompts = [p["prompt"] for p in fallback]
 
     def sample() -> list[str]:
-        batch = fit_eval_batch(cfg, model, tokenizer, prompts, num_samples=k)
-        return generate(model, tokenizer, prompts, cfg.eval.max_new_tokens, batch,
-                        cfg.eval.stop, desc="sample rejected", num_samples=k,
-                        temperature=cfg.dpo.sample_temperature, seed=cfg.dpo.seed)
+        return batched(cfg, model, len(prompts), lambda b: generate(
+            model, tokenizer, prompts, cfg.eval.max_new_tokens, b, cfg.eval.stop,
+            desc="sample rejected", num_samples=k, temperature=cfg.dpo.sample_temperature,
+            seed=cfg.dpo.seed), per_prompt=k)[0]
 
     if cache_dir is None:
         outs = sample()
     else:
-        key = runs.hash_obj({"prompts": prompts, "weights": model_hash, "k": k,
-                             "t": cfg.dpo.sample_temperature, "seed": cfg.dpo.seed,
-                             "eval": [cfg.eval.max_new_tokens, cfg.eval.batch_size,
-                                      list(cfg.eval.stop)]})
-        path = Path(cache_dir) / f"sampled-{key}.json"
+        key = {"prompts": prompts, "weights": model_hash, "k": k, "t": cfg.dpo.sample_temperature,
+               "seed": cfg.dpo.seed, "eval": [cfg.eval.max_new_tokens, cfg.eval.batch_size,
+                                               list(cfg.eval.stop)]}
         with PartialState().main_process_first():  # the main process samples, the others read
-            if path.is_file():
-                outs = json.loads(path.read_text())
-            else:
-                outs = sample()
-                runs.write_json_atomic(path, outs)
+            outs = runs.cached(Path(cache_dir) / f"sampled-{runs.hash_obj(key)}", key, sample)
     pairs = []
     for i, (row, pair) in enumerate(zip(rows, fallback)):
         gold = data.normalize_number(str(row["final_answer"]))
@@ -471,12 +427,11 @@ def sampled_preference_pairs(model, tokenizer, rows, fallback: list[dict], cfg: 
 
 
 def train_dpo(cfg: Config) -> Path:
-    """Direct preference optimisation with TRL's DPOTrainer on ``dpo_dataset`` against a frozen copy
-    of the init, otherwise as ``train_sft``."""
+    """DPO (TRL's DPOTrainer) on ``dpo_dataset`` against a frozen copy of the init, else as SFT."""
     _check_post_training(cfg, "dpo")
 
-    def prepare(device: str) -> _Job:
-        model, tokenizer, manifest = _start(cfg, "dpo", device)
+    def prepare(device: str, init_path: Path) -> _Job:
+        model, tokenizer, manifest = _start(cfg, "dpo", device, init_path)
         rows = _post_training_rows(cfg, cfg.dpo.n_pairs)
         train_ds = dpo_dataset(cfg, tokenizer, rows, model=model, cache_dir=run_dir(cfg, "dpo"),
                                model_hash=manifest["init_weights_hash"])
@@ -488,15 +443,14 @@ def train_dpo(cfg: Config) -> Path:
 
         def make_trainer(common: dict, callbacks: list) -> DPOTrainer:
             args = trl.DPOConfig(**common, beta=cfg.dpo.beta, max_length=cfg.dpo.max_length)
-            # an explicit frozen copy (with ref_model=None TRL would reload it from _name_or_path)
             return DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args,
                               train_dataset=train_ds, processing_class=tokenizer,
                               callbacks=callbacks)
 
         metrics = ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
-        return _Job(model, tokenizer, manifest, make_trainer, Path(manifest["init"]), metrics)
+        return _Job(model, tokenizer, manifest, make_trainer, metrics)
 
-    return _train_scheduled(cfg, "dpo", prepare)
+    return _train_scheduled(cfg, "dpo", lambda: init_checkpoint(cfg, "dpo"), prepare)
 
 
 def _completion_text(completion) -> str:
@@ -549,16 +503,13 @@ def grpo_dataset(cfg: Config, tokenizer=None, rows=None) -> datasets.Dataset:
 
 
 def train_grpo(cfg: Config) -> Path:
-    """Group relative policy optimisation with TRL's GRPOTrainer, otherwise as ``train_sft``: each
-    step samples ``num_generations`` completions per prompt, rewards them (``correctness_reward``
-    + ``cfg.grpo.format_reward`` * ``format_reward``, cut as evaluation cuts them, so training
-    rewards what evaluation scores) and pushes the policy towards those above their group's mean,
-    with a KL penalty ``beta`` to the init."""
+    """GRPO (TRL's GRPOTrainer) with ``correctness_reward`` + ``cfg.grpo.format_reward`` *
+    ``format_reward`` and a KL penalty ``beta`` to the init, otherwise as ``train_sft``."""
     _check_post_training(cfg, "grpo")
     g = cfg.grpo
 
-    def prepare(device: str) -> _Job:
-        model, tokenizer, manifest = _start(cfg, "grpo", device)
+    def prepare(device: str, init_path: Path) -> _Job:
+        model, tokenizer, manifest = _start(cfg, "grpo", device, init_path)
         rows = _post_training_rows(cfg, g.n_prompts)
         train_ds = grpo_dataset(cfg, tokenizer, rows)
         manifest.update(data_hash=data.dataset_hash(rows), stop=list(cfg.eval.stop))
@@ -573,15 +524,14 @@ def train_grpo(cfg: Config) -> Path:
                 **common, num_generations=g.num_generations, generation_batch_size=gen,
                 max_completion_length=g.max_completion_length, beta=g.beta, log_completions=False,
                 temperature=g.temperature, reward_weights=[1.0, g.format_reward])
-            # no ref_model argument: with beta > 0 TRL loads the reference from _name_or_path
             return GRPOTrainer(model=model, reward_funcs=rewards, args=args, train_dataset=train_ds,
                                processing_class=tokenizer, callbacks=callbacks)
 
         metrics = ("reward", "rewards/correctness_reward/mean", "rewards/format_reward/mean", "kl",
                    "completions/mean_length")
-        return _Job(model, tokenizer, manifest, make_trainer, Path(manifest["init"]), metrics)
+        return _Job(model, tokenizer, manifest, make_trainer, metrics)
 
-    return _train_scheduled(cfg, "grpo", prepare)
+    return _train_scheduled(cfg, "grpo", lambda: init_checkpoint(cfg, "grpo"), prepare)
 
 
 TRAINERS = {"sft": train_sft, "dpo": train_dpo, "grpo": train_grpo}

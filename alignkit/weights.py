@@ -1,36 +1,6 @@
-"""Weight-space drift: how far, how sparsely and in which directions post-training moved weights.
-
-Compares base ``W`` and tuned ``W'`` (modules or state dicts of one architecture and shape) one
-parameter tensor at a time, ``dW = W' - W`` in float64, so memory stays at a few copies of the
-largest matrix. One row per tensor: ``q, k, v, o, gate, up, down``, the norms, ``embed``,
-``final_norm``, and ``lm_head`` only when untied (a state-dict copy sharing storage with, or
-equal to, ``embed_tokens.weight`` is dropped). Columns and their controls:
-
-* ``rel_change = ||dW||_F / ||W||_F`` (0 for ``dW = 0``; ``inf`` when ``W = 0 != dW``).
-* ``frac_changed``: share of entries with ``|dW| > tol``. Control ``frac_changed_dense``: the share
-  for a dense Gaussian update of the same RMS, ``erfc(tol / (rms sqrt 2))``; far below it means
-  the update is sparser than dense noise of the same size.
-* ``frac_unchanged_bf16``: share of entries equal after rounding both models to bfloat16 (the
-  update sparsity of Mukherjee et al. 2025, who compare released bf16 checkpoints): an update
-  below half a bf16 step of ``|w|`` (``2^-9 |w|``) leaves the entry unchanged.
-* ``frac_mass``: smallest share of entries (largest ``|dW|`` first) holding ``mass`` of
-  ``||dW||_F^2``, scale free. Control ``frac_mass_dense``: the same for a dense Gaussian update
-  (``gaussian_mass_share``: 0.4446 at ``mass = 0.9``; a uniform update gives 0.9).
-* 2-D ``[d_out, d_in]`` only (NaN for 1-D): ``eff_rank``, RankMe (Garrido et al. 2023) of
-  ``dW``'s singular values, and ``rank_delta``, its numerical rank (``alignkit.spectral``'s
-  tolerance); controls ``eff_rank_dense`` (RankMe of a seeded Gaussian matrix of the same shape)
-  and the cap ``eff_rank_max = min(d_out, d_in)``. ``overlap_left`` / ``overlap_right``: mean
-  squared cosine of the principal angles between ``dW``'s top ``k_delta = min(k, rank_delta)``
-  left (output) / right (input) singular vectors and ``W``'s top ``k_base = min(k, rank W)``,
-  ``||U_dW^T U_W||_F^2 / k_delta``: 1 when the update lies in the base's principal subspace.
-  Controls ``chance_left = k_base / d_out``, ``chance_right = k_base / d_in``: the expectation for
-  random directions (a random unit vector puts ``k/d`` of its length^2 in a ``k``-dim subspace).
-
-A zero update gets 0 in every column, never NaN (the rank of the zero matrix is 0). GPT-2's
-``Conv1D`` stores ``[d_in, d_out]``: given modules, its weights are transposed to ``nn.Linear``'s
-``[d_out, d_in]``, so ``left`` is the output space in every family (state dicts are taken as they
-are). Layers are found as ``layers.{i}`` or GPT-2's ``h.{i}``.
-"""
+"""Weight-space drift: how far, how sparsely and in which directions post-training moved weights,
+one parameter tensor at a time, each metric with its control (Mukherjee et al. 2025; Garrido et
+al. 2023; Zhu et al. 2025). Formulas, controls and pitfalls: docs/measures.md#weight-drift"""
 
 from __future__ import annotations
 
@@ -58,18 +28,18 @@ MATRIX_METRICS = ("eff_rank", "rank_delta", "eff_rank_dense", "eff_rank_max", "o
 _SHORT = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate",
           "up_proj": "up", "down_proj": "down", "input_layernorm": "input_norm",
           "post_attention_layernorm": "post_attn_norm", "q_norm": "q_norm", "k_norm": "k_norm"}
+_OUTSIDE = {"embed_tokens": "embed", "wte": "embed", "embed_in": "embed", "norm": "final_norm",
+            "ln_f": "final_norm", "final_layer_norm": "final_norm", "lm_head": "lm_head"}
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.(.+)$")
 _SAME_ARCH = "weight_drift compares two models of the same architecture"
 _DENSE_RANK: dict[tuple, float] = {}  # (shape, eps) -> eff_rank_dense, computed once per process
+_CHUNK = 1 << 22  # entries per slice of the elementwise counts (32 MiB of float64)
 
 
 def module_name(name: str, n_layers: int) -> tuple[int, str]:
-    """``(layer, module)`` of a parameter name: ``(3, "q")`` for ``*.layers.3.*.q_proj.weight``.
-
-    Layer ``-1`` is the token embedding; ``n_layers`` (the number of decoder layers) holds the
-    final norm, an untied ``lm_head`` and anything else outside ``layers.{i}``. Biases get a
-    ``.bias`` suffix (``"q.bias"``); unknown sublayer names are kept as their path.
-    """
+    """``(layer, module)`` of a parameter name: ``(3, "q")`` for ``*.layers.3.*.q_proj.weight``,
+    ``(-1, "embed")``, ``(n_layers, ...)`` for the rest outside ``layers.{i}`` (final norm, untied
+    ``lm_head``); biases get ``.bias`` (``"q.bias"``), unknown sublayer names keep their path."""
     stem, _, leaf = name.rpartition(".")
     if leaf not in ("weight", "bias") or not stem:
         stem, leaf = name, ""
@@ -78,10 +48,7 @@ def module_name(name: str, n_layers: int) -> tuple[int, str]:
     if m:
         path = m.group(2)
         return int(m.group(1)), _SHORT.get(path.rsplit(".", 1)[-1], path) + suffix
-    last = stem.rsplit(".", 1)[-1]
-    short = {"embed_tokens": "embed", "wte": "embed", "embed_in": "embed", "norm": "final_norm",
-             "ln_f": "final_norm", "final_layer_norm": "final_norm", "lm_head": "lm_head"}.get(
-                 last, stem)
+    short = _OUTSIDE.get(stem.rsplit(".", 1)[-1], stem)
     return (-1 if short == "embed" else n_layers), short + suffix
 
 
@@ -114,7 +81,6 @@ def _params(model: ModelLike, side: str) -> dict[str, torch.Tensor]:
 def _paired_params(base: ModelLike, tuned: ModelLike) -> tuple[dict, dict]:
     """Floating parameters of both models by name, checked to pair up by name and shape."""
     pb, pt = _params(base, "base"), _params(tuned, "tuned")
-    # a tied lm_head saved twice: dropped where it equals the embedding in every model having it
     heads = [n for n in {**pb, **pt} if n.rsplit(".", 2)[-2:] == ["lm_head", "weight"]]
     embeds = [n for n in {**pb, **pt} if n.rsplit(".", 2)[-2:] == ["embed_tokens", "weight"]]
     if len(heads) == 1 and len(embeds) == 1:
@@ -146,11 +112,8 @@ def _paired_params(base: ModelLike, tuned: ModelLike) -> tuple[dict, dict]:
 
 
 def gaussian_mass_share(mass: float = 0.9) -> float:
-    """Share of a Gaussian matrix's entries, largest ``|x|`` first, holding ``mass`` of ``sum x^2``.
-
-    For ``x ~ N(0, 1)`` the entries with ``|x| > c`` are a share ``erfc(c / sqrt 2)`` of all and
-    carry ``2 c phi(c) + erfc(c / sqrt 2)`` of ``E[x^2]``; ``c`` is found by bisection.
-    """
+    """Share of a Gaussian matrix's entries, largest ``|x|`` first, holding ``mass`` of ``sum x^2``
+    (the control of ``frac_mass``; derivation: docs/measures.md#weight-drift)."""
     if not 0.0 < mass <= 1.0:
         raise ValueError(f"mass must be in (0, 1], got {mass}")
     if mass == 1.0:
@@ -164,20 +127,15 @@ def gaussian_mass_share(mass: float = 0.9) -> float:
     return math.erfc(lo / math.sqrt(2.0))
 
 
-_CHUNK = 1 << 22  # entries per slice of the elementwise counts (32 MiB of float64)
-
-
 def _slices(x: torch.Tensor):
-    """``x`` flattened, in slices of ``_CHUNK`` entries: elementwise counts over a tensor as large
-    as Qwen's 151,936 x 1,024 embedding without full-size temporaries."""
+    """``x`` flattened, in slices of ``_CHUNK`` entries (no full-size temporaries)."""
     flat = x.reshape(-1)
     for i in range(0, flat.numel(), _CHUNK):
         yield flat[i : i + _CHUNK]
 
 
 def _mass_share_(d: torch.Tensor, mass: float) -> float:
-    """Smallest share of entries of ``d`` holding ``mass`` of ``sum d^2`` (0 for ``d = 0``).
-    **Overwrites** ``d`` (its squares are sorted in its own storage: no full-size copy)."""
+    """Smallest share of entries of ``d`` holding ``mass`` of ``sum d^2``; **overwrites** ``d``."""
     sq = d.reshape(-1).square_()
     total = float(sq.sum())
     if total == 0.0:
@@ -196,9 +154,8 @@ def _mass_share_(d: torch.Tensor, mass: float) -> float:
 
 
 def bf16_unchanged_share(w: torch.Tensor, d: torch.Tensor, scale: float = 1.0) -> float:
-    """Share of entries with ``bf16(w + scale * d) == bf16(w)``, ``w + scale * d`` taken in
-    float32 as a checkpoint stores it: ``frac_unchanged_bf16`` of an update rescaled by ``scale``
-    (e.g. to another update's norm, to separate its size from its shape)."""
+    """``frac_unchanged_bf16`` of the update ``d`` rescaled by ``scale``, the share of entries with
+    ``bf16(w + scale * d) == bf16(w)`` (docs/measures.md#weight-drift); ValueError on bad shapes."""
     if w.shape != d.shape or w.numel() == 0:
         raise ValueError(f"w and d must have one non-empty shape, got {tuple(w.shape)} and "
                          f"{tuple(d.shape)}")
@@ -210,9 +167,7 @@ def bf16_unchanged_share(w: torch.Tensor, d: torch.Tensor, scale: float = 1.0) -
 
 
 def _gaussian_spectrum(m: int, n: int, dev: torch.device) -> np.ndarray:
-    """Singular values of a seeded standard Gaussian ``[m, n]`` matrix (the dense control of
-    ``eff_rank``). Above ``_CHUNK`` entries (an embedding) the matrix is never held whole: its
-    smaller Gram matrix is summed over blocks of rows (or columns) drawn one after another."""
+    """Singular values of a seeded standard Gaussian ``[m, n]`` (``eff_rank_dense``), by blocks."""
     g = torch.Generator().manual_seed(0)
     if m * n <= _CHUNK:
         z = torch.randn((m, n), generator=g, dtype=torch.float64)
@@ -227,9 +182,7 @@ def _gaussian_spectrum(m: int, n: int, dev: torch.device) -> np.ndarray:
 
 
 def _top_singular(x: torch.Tensor, k: int) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
-    """``sigma: [min(m, n)]`` (numpy, descending) of ``x: [m, n]`` and top vectors ``U: [m, r]``,
-    ``V: [n, r]``, ``r = min(k, rank)``, from the smaller Gram matrix of ``x / max|x|`` (top
-    vectors accurate to ~1e-12); the other side's are ``x v / sigma`` (or ``x^T u / sigma``)."""
+    """``sigma`` (descending) and top ``min(k, rank)`` singular vectors ``U``, ``V`` of ``x``."""
     m, n = x.shape
     scale = max(float(x.max()), -float(x.min()))  # max |x| without a full-size |x|
     if scale == 0.0:
@@ -256,22 +209,17 @@ def weight_drift(base: ModelLike, tuned: ModelLike, tol: float = 1e-5, k: int = 
                  progress: bool = True) -> pd.DataFrame:
     """Per-parameter drift of ``tuned`` from ``base``: size, sparsity, rank and direction of ``dW``.
 
-    Columns and controls are defined in the module docstring. ``tol`` is absolute, on ``|dW|``:
-    ``1e-5`` is far above float32 round-off (``<= 6e-8`` for ``|w| <= 1``) and below any change
-    representable in bfloat16 for typical weights (``2^-8 |w|``, ``|w| ~ 0.01-0.1``); ``tol=0``
-    counts any bitwise change. Cost per matrix: Gram eigendecompositions of ``W`` and ``dW`` (the
-    Gaussian control's once per shape) and a sort of ``|dW|^2`` (benchmarks/RESULTS_scale.md).
-
     Args:
-        k, mass: as in the module docstring (``k >= 1``, ``mass`` in ``(0, 1]``).
+        tol: absolute threshold on ``|dW|`` of ``frac_changed`` (``0``: any bitwise change).
+        k, mass: subspace size of the overlaps (``>= 1``); ``frac_mass``'s share, in ``(0, 1]``.
         eps: RankMe's smoothing constant.
         device: where to compute (``None``: each parameter's device; CPU where float64 is missing).
 
     Returns:
-        One row per parameter tensor, in the base's order: ``name, layer, module, shape, numel,
-        norm_base, norm_delta`` and the module docstring's columns; ``df.attrs`` holds ``tol, k,
-        mass, eps, n_layers``. ValueError names the first parameter in one model only, of unequal
-        shape or with NaN/Inf; also for models of different classes or bad arguments.
+        One row per tensor, in the base's order: ``name, layer, module, shape, numel, norm_base,
+        norm_delta`` and the columns of docs/measures.md#weight-drift; ``df.attrs`` holds ``tol,
+        k, mass, eps, n_layers``. ValueError names the first parameter in one model only, of
+        unequal shape or with NaN/Inf; also for models of different classes or bad arguments.
     """
     if not (isinstance(tol, (int, float)) and tol >= 0 and math.isfinite(tol)):
         raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
@@ -327,13 +275,9 @@ def weight_drift(base: ModelLike, tuned: ModelLike, tol: float = 1e-5, k: int = 
 
 
 def summarize_drift(df: pd.DataFrame, by: str | list[str] = "module") -> pd.DataFrame:
-    """Pool a ``weight_drift`` table by ``by`` (``"module"``, ``"layer"``, or a list of both).
-
-    One row per group: ``n_tensors, numel``; ``rel_change = sqrt(sum ||dW||^2 / sum ||W||^2)``
-    (the whole group's change, not a mean of ratios); ``frac_changed(_dense)`` weighted by entries;
-    ``frac_unchanged_bf16`` likewise; ``frac_mass(_dense)``, ``eff_rank(_dense)``, ``overlap_*``,
-    ``chance_*``: NaN-skipping means.
-    """
+    """Pool a ``weight_drift`` table by ``by`` (``"module"``, ``"layer"``, or a list of both): one
+    row per group, ``n_tensors``, ``numel`` and the pooled columns (docs/measures.md#weight-drift).
+    ValueError for a table without ``weight_drift``'s columns."""
     keys = [by] if isinstance(by, str) else list(by)
     missing = [c for c in keys + ["norm_base", "norm_delta", "numel"] if c not in df.columns]
     if missing:
@@ -343,10 +287,9 @@ def summarize_drift(df: pd.DataFrame, by: str | list[str] = "module") -> pd.Data
         nb2, nd2 = float((g["norm_base"] ** 2).sum()), float((g["norm_delta"] ** 2).sum())
         w = g["numel"] / g["numel"].sum()
         out = {"n_tensors": len(g), "numel": int(g["numel"].sum()),
-               "rel_change": 0.0 if nd2 == 0 else (math.sqrt(nd2 / nb2) if nb2 > 0 else math.inf),
-               "frac_changed": float((w * g["frac_changed"]).sum()),
-               "frac_changed_dense": float((w * g["frac_changed_dense"]).sum()),
-               "frac_unchanged_bf16": float((w * g["frac_unchanged_bf16"]).sum())}
+               "rel_change": 0.0 if nd2 == 0 else (math.sqrt(nd2 / nb2) if nb2 > 0 else math.inf)}
+        for c in ("frac_changed", "frac_changed_dense", "frac_unchanged_bf16"):
+            out[c] = float((w * g[c]).sum())
         for c in ("frac_mass", "frac_mass_dense", "eff_rank", "eff_rank_dense", "overlap_left",
                   "overlap_right", "chance_left", "chance_right"):
             out[c] = float(g[c].mean()) if g[c].notna().any() else math.nan

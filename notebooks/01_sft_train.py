@@ -40,7 +40,7 @@ if "google.colab" in sys.modules:
 import os
 
 PRESET = "tiny"  # "tiny" (offline, CPU), "qwen3-0.6b-base" or "qwen3-0.6b" (real path, GPU)
-SMOKE = os.environ.get("ALIGNKIT_SMOKE") == "1"  # CI: tiny sizes; only the default run writes images/
+SMOKE = os.environ.get("ALIGNKIT_SMOKE") == "1"  # CI: tiny sizes; figures go to figure_dir(cfg)
 OVERRIDES: dict = {}  # e.g. {"model": "/data/Qwen3-0.6B", "data_source": "/data/gsm8k/train.jsonl"}
 N_SEEDS = None  # training seeds; None: the preset's (tiny 3, smoke 2, real presets 1: GPU hours)
 N_SHOWN = 5  # flip examples printed below
@@ -52,10 +52,10 @@ import logging
 import pandas as pd
 from IPython.display import Markdown, display
 
+from alignkit.analyses import behaviour
+from alignkit.analyses.common import each_seed, over_seeds, publish
 from alignkit.config import get_config
 from alignkit.plots import figure_dir, plot_sft_training, save_figure
-from alignkit.report import save_summary, summarize_sft
-from alignkit.stages import ensure_results, over_seeds
 from alignkit.tiny import ensure_base
 
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -79,16 +79,16 @@ if manifest_path.is_file():
 
 # %% [markdown]
 # ## 2 · SFT with scheduled checkpoints, each evaluated, for every training seed
-# Loss is on the solution only (TRL masks the prompt). `ensure_results` trains (resuming from the
-# last complete checkpoint after an interruption; a finished run returns at once), then evaluates
-# every checkpoint on held-out problems (cached next to each checkpoint, keyed by the evaluation
-# settings and the weights) and saves the flip table. One run is one sample of training noise (the
+# Loss is on the solution only (TRL masks the prompt). `over_seeds` trains (resuming from the
+# last complete checkpoint after an interruption; a finished run returns at once), then
+# `behaviour.ensure` evaluates every checkpoint on held-out problems (cached under `runs/evals/`,
+# keyed by the weights and the evaluation settings) and saves the flip table. One run is one sample of training noise (the
 # same seed on another machine of the same kind gave other numbers), so `over_seeds` repeats it
 # for `cfg.n_seeds` training seeds: the same base, data and knobs, another order of the training
 # examples (`config.with_seed`). Every figure below draws each seed.
 
 # %%
-results = over_seeds(ensure_results, cfg, "sft")
+results = over_seeds(behaviour.ensure, cfg, "sft")
 res = results[0]
 print(f"{len(results)} training seeds; runs: {[r.run_dir.name for r in results]}\n"
       f"checkpoints at steps: {res.steps}")
@@ -124,13 +124,13 @@ for row in res.table.flips[:N_SHOWN]:
 
 # %% [markdown]
 # ## 4 · What these runs show
-# Computed from the results above by `alignkit.report.summarize_sft` (not typed in): what holds in
-# how many training seeds, each seed's own numbers below it.
+# Computed from the results above by `alignkit.analyses.behaviour.summarize` (not typed in): what
+# holds in how many training seeds, each seed's own numbers below it.
 
 # %%
-summary = summarize_sft(results, smoke=SMOKE)
-save_summary(summary, "01_sft_train", figure_dir(cfg))  # beside the figures: what the README quotes
-display(Markdown(summary))
+display(Markdown(publish(behaviour.summarize(results), "01_sft_train", figure_dir(cfg), SMOKE)))
+display(Markdown(publish(each_seed(results, behaviour.summarize), "01_sft_train_seeds",
+                         figure_dir(cfg), SMOKE)))
 
 # %% [markdown]
 # ## The real path: Qwen3-0.6B on GSM8K

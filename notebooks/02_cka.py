@@ -44,14 +44,11 @@ SMOKE = os.environ.get("ALIGNKIT_SMOKE") == "1"
 # headless runs (make test / make reproduce) set ALIGNKIT_STATIC=1: no frontend, so no live widgets
 # (nbclient can hang on widget output, jupyter/nbclient#312)
 INTERACTIVE = os.environ.get("ALIGNKIT_STATIC") != "1"
+# every knob is a config field: e.g. {"cka.pooling": "mean", "cka.n_boot": 500} (cfg.cka below);
+# "question" pooling: the mean over the question's own tokens, the template every probe shares left
+# out; "mean" (every prompt token, template included; cka.old_pooling) is what section 5 compares
 OVERRIDES: dict = {}
 N_SEEDS = None  # training seeds; None: the preset's (tiny 3, smoke 2, real presets 1)
-POOLINGS = ("question", "last")  # the first is used for the saved figures
-# "question": the mean over the question's own tokens, the template every probe shares left out;
-# "mean" (over every prompt token, template included) was the default before: section 5 compares
-OLD_POOLING = "mean"
-N_BOOT = 20 if SMOKE else 200
-N_PERM = 5 if SMOKE else 50
 
 # %%
 import logging
@@ -61,30 +58,27 @@ import numpy as np
 import pandas as pd
 from IPython.display import Markdown, display
 
-from alignkit import cka, controls
-from alignkit.capture import varying_points
+from alignkit.analyses import cka
+from alignkit.analyses.common import each_seed, over_seeds, publish
 from alignkit.config import get_config
 from alignkit.plots import figure_dir, plot_heatmap, plot_layer_curves, save_figure
-from alignkit.report import pooling_effect, save_summary, summarize_cka, summarize_pooling
-from alignkit.stages import ensure_captures, ensure_cka, over_seeds
 
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 cfg = get_config(PRESET, smoke=SMOKE, overrides=OVERRIDES | ({"n_seeds": N_SEEDS} if N_SEEDS else {}))
+cfg.cka
 
 # %% [markdown]
 # ## 1 · Activations and every CKA result
 # The project's one capture path (`alignkit.capture`), cached on disk by checkpoint content hash,
-# probe set, hook points and pooling (`ensure_captures` trains and evaluates what is missing, so
-# this notebook runs first in a fresh clone too). Hook points whose rows are identical for every
+# probe set, hook points and pooling (`over_seeds` trains what is missing, so this notebook runs
+# first in a fresh clone too). Hook points whose rows are identical for every
 # prompt (the embedding output under last-token pooling: every prompt ends with the same token)
-# have zero variance, where CKA is undefined: they are dropped and named. `ensure_cka` computes
+# have zero variance, where CKA is undefined: they are dropped and named. `cka.ensure` computes
 # every result of this notebook once and caches it in the run's `analysis/` (`python -m alignkit
 # cka` writes the same file), for each training seed (`over_seeds`; notebook 01 says why).
 
 # %%
-captures = ensure_captures(cfg, "sft", POOLINGS + (OLD_POOLING,))  # the first seed's, for section 7
-results = over_seeds(ensure_cka, cfg, "sft", pooling=POOLINGS[0], alt_pooling=POOLINGS[1],
-                     n_boot=N_BOOT, n_perm=N_PERM)
+results = over_seeds(cka.ensure, cfg, "sft")
 res = results[0]
 steps, labels, has_embed = res.steps, res.labels, res.labels[0] == "embed"
 print(f"{len(results)} training seeds, {len(labels)} hook points, checkpoints at steps {steps}"
@@ -99,12 +93,11 @@ print(f"{len(results)} training seeds, {len(labels)} hook points, checkpoints at
 
 # %%
 fig, axes = plt.subplots(1, 2, figsize=(14, 4.5))
-for ax, kind, name in ((axes[0], "classic", "Classic"), (axes[1], "debiased", "Debiased")):
+for ax, kind in zip(axes, ("classic", "debiased")):
     noise = np.max([getattr(r, f"noise_{kind}") for r in results], axis=0)
     plot_layer_curves({f"step {s}": [getattr(r, kind)[s] for r in results] for s in steps[1:]}, ax=ax,
-                      has_embed=has_embed,
-                      ylabel=f"{name.lower()} linear CKA (base, checkpoint)",
-                      title=f"{name} CKA per layer ({res.pooling} pooling)",
+                      has_embed=has_embed, ylabel=f"{kind} linear CKA (base, checkpoint)",
+                      title=f"{kind.capitalize()} CKA per layer ({res.pooling} pooling)",
                       band={"lo": 1 - noise, "hi": np.ones(len(labels))},
                       band_label="noise floor (split-half, 95 %)")
 fig.tight_layout()
@@ -154,8 +147,7 @@ pd.concat({f"seed {k + 1}": pd.DataFrame({
 # of cells three or more layers off it; 0 = flat).
 
 # %%
-old = over_seeds(ensure_cka, cfg, "sft", pooling=OLD_POOLING, alt_pooling=POOLINGS[1], n_boot=N_BOOT,
-                 n_perm=N_PERM)
+old = over_seeds(cka.ensure_old_pooling, cfg, "sft")
 fig, axes = plt.subplots(2, len(results), figsize=(5.5 * len(results), 9), squeeze=False)
 for row, rs in enumerate((results, old)):
     for k, r in enumerate(rs):
@@ -164,13 +156,11 @@ for row, rs in enumerate((results, old)):
                      has_embed=r.labels[0] == "embed", cmap="viridis")
 fig.tight_layout()
 save_figure(fig, "CKA_pooling", figure_dir(cfg))
-pd.DataFrame([pooling_effect(r) | {"pooling": r.pooling, "seed": k + 1}
+pd.DataFrame([r.pooling_effect() | {"pooling": r.pooling, "seed": k + 1}
               for rs in (results, old) for k, r in enumerate(rs)]).set_index(["pooling", "seed"]).round(3)
 
 # %%
-pooling_summary = summarize_pooling(results, old)
-save_summary(pooling_summary, "02_cka_pooling", figure_dir(cfg))
-display(Markdown(pooling_summary))
+display(Markdown(publish(cka.summarize_pooling(results, old), "02_cka_pooling", figure_dir(cfg), SMOKE)))
 
 # %% [markdown]
 # ## 6 · Drift over training
@@ -196,22 +186,21 @@ save_figure(fig, "cka_over_training", figure_dir(cfg))
 
 # %% [markdown]
 # ## 7 · Explore: checkpoint and pooling
-# With a live kernel, the dropdowns redraw the layerwise curve and the heatmap of the first
-# training seed; without one (CI, a static export) the figure below is drawn once with the
-# defaults.
+# With a live kernel, the dropdowns redraw the layerwise curve of one checkpoint of the first
+# training seed under either pooling (from the cached results above: nothing is recomputed), beside
+# the cross-layer heatmap of the final checkpoint; without one (CI, a static export) the figure
+# below is drawn once with the defaults.
 
 # %%
-def show(step=steps[-1], pooling=POOLINGS[0]):
-    keep, labs, _ = varying_points(captures[pooling].values())
-    base, tuned = (captures[pooling][s].acts[keep] for s in (steps[0], step))
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
-    b = controls.bootstrap_layerwise_cka(base, tuned, n_boot=N_BOOT, seed=0)
-    plot_layer_curves({f"step {step}": b}, ax=axes[0], ylabel="linear CKA",
-                      has_embed=labs[0] == "embed", title=f"Layerwise CKA, {pooling} pooling")
-    plot_heatmap(cka.cka_matrix(base, tuned), ax=axes[1], vmin=0, vmax=1, cbar_label="CKA",
-                 has_embed=labs[0] == "embed", xlabel=f"SFT layer (step {step})",
-                 ylabel="base layer", title="Cross-layer CKA")
-    fig.tight_layout()
+by_pooling = {r.pooling: r for r in (results[0], old[0])}
+
+
+def show(step=steps[-1], pooling=res.pooling):
+    r, axes = by_pooling[pooling], plt.subplots(1, 2, figsize=(13, 4.5))[1]
+    plot_layer_curves({f"step {step}": r.classic[step]}, ax=axes[0], ylabel="linear CKA",
+                      has_embed=r.labels[0] == "embed", title=f"Layerwise CKA, {pooling} pooling")
+    plot_heatmap(r.matrix, ax=axes[1], vmin=0, vmax=1, cbar_label="CKA", has_embed=r.labels[0] == "embed",
+                 xlabel=f"SFT layer (step {steps[-1]})", ylabel="base layer", title="Cross-layer CKA")
     plt.show()
 
 
@@ -219,16 +208,15 @@ if INTERACTIVE:
     import ipywidgets as widgets
 
     widgets.interact(show, step=widgets.Dropdown(options=steps[1:], value=steps[-1]),
-                     pooling=widgets.Dropdown(options=list(captures), value=POOLINGS[0]))
+                     pooling=widgets.Dropdown(options=list(by_pooling), value=res.pooling))
 else:
     show()
 
 # %% [markdown]
 # ## 8 · What these runs show
-# Computed from the results above by `alignkit.report.summarize_cka`: what holds in how many
+# Computed from the results above by `alignkit.analyses.cka.summarize`: what holds in how many
 # training seeds, each seed's own numbers below it.
 
 # %%
-summary = summarize_cka(results, smoke=SMOKE)
-save_summary(summary, "02_cka", figure_dir(cfg))  # beside the figures: what the README quotes
-display(Markdown(summary))
+display(Markdown(publish(cka.summarize(results), "02_cka", figure_dir(cfg), SMOKE)))
+display(Markdown(publish(each_seed(results, cka.summarize), "02_cka_seeds", figure_dir(cfg), SMOKE)))

@@ -41,11 +41,10 @@ SMOKE = os.environ.get("ALIGNKIT_SMOKE") == "1"
 # headless runs (make test / make reproduce) set ALIGNKIT_STATIC=1: no frontend, so no live widgets
 # (nbclient can hang on widget output, jupyter/nbclient#312)
 INTERACTIVE = os.environ.get("ALIGNKIT_STATIC") != "1"
+# every knob is a config field: e.g. {"spectral.pooling": "mean", "spectral.n_boot": 500} (cfg.spectral
+# below); pooling "question" (mean over the question's own tokens), "mean" (every prompt token), "last"
 OVERRIDES: dict = {}
 N_SEEDS = None  # training seeds; None: the preset's (tiny 3, smoke 2, real presets 1)
-POOLING = "question"  # "question" (mean over the question's own tokens), "mean" (every prompt token), "last", "tokens"
-ALPHAS = (0.5, 1.0, 2.0, float("inf"))
-N_BOOT = 20 if SMOKE else 200
 
 # %%
 import logging
@@ -55,21 +54,23 @@ import numpy as np
 import pandas as pd
 from IPython.display import Markdown, display
 
+from alignkit.analyses import spectral
+from alignkit.analyses.common import each_seed, over_seeds, publish
 from alignkit.config import get_config
 from alignkit.plots import figure_dir, plot_layer_curves, plot_scatter, save_figure
-from alignkit.report import rank_drift_correlation, rank_stability, save_summary, summarize_spectral
 from alignkit.spectral import metric_key
-from alignkit.stages import ensure_spectral, over_seeds
 
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 cfg = get_config(PRESET, smoke=SMOKE, overrides=OVERRIDES | ({"n_seeds": N_SEEDS} if N_SEEDS else {}))
+ALPHAS = cfg.spectral.alphas
+cfg.spectral
 
 # %% [markdown]
 # ## 1 · Activations and effective ranks
 # One capture path for the whole project (`alignkit.capture`): the residual stream after every
 # decoder layer (and the embedding output) for each held-out prompt, pooled per prompt (over the
-# question's own tokens, the shared template left out: `POOLING`), cached by
-# checkpoint content hash, probe set, hook points and pooling. `ensure_spectral` computes every
+# question's own tokens, the shared template left out: `cfg.spectral.pooling`), cached by
+# checkpoint content hash, probe set, hook points and pooling. `spectral.ensure` computes every
 # result of this notebook once (bootstrap metrics with the same subsamples for every checkpoint,
 # rank vs probe size, the CKA drift per layer) and caches it in the run's `analysis/`
 # (`python -m alignkit spectral` writes the same file); it trains what is missing. Once per
@@ -77,7 +78,7 @@ cfg = get_config(PRESET, smoke=SMOKE, overrides=OVERRIDES | ({"n_seeds": N_SEEDS
 # seed's final checkpoint.
 
 # %%
-results = over_seeds(ensure_spectral, cfg, "sft", pooling=POOLING, alphas=ALPHAS, n_boot=N_BOOT)
+results = over_seeds(spectral.ensure, cfg, "sft")
 res = results[0]
 steps, labels, has_embed = res.steps, res.labels, res.labels[0] == "embed"
 print(f"{len(results)} training seeds, {res.n} probe prompts, {len(steps)} checkpoints, hook points "
@@ -138,7 +139,7 @@ ax.set(xlabel="probe prompts n", ylabel="RankMe, mean over layers",
 ax.set_xscale("log", base=2)
 ax.legend(fontsize=8)
 print(f"share of (n, layer) cells whose Δ RankMe sign equals the sign at n = {res.ns[-1]}, per seed: "
-      + ", ".join(f"{rank_stability(r):.2f}" for r in results))
+      + ", ".join(f"{r.stability():.2f}" for r in results))
 
 # %% [markdown]
 # ## 5 · CKA and effective rank are different signals
@@ -154,7 +155,7 @@ for k, r in enumerate(results):
                  title="Drift vs change of effective rank per layer", label=f"seed {k + 1}")
 ax.legend(fontsize=8)
 print("Spearman correlation across layers, per seed: "
-      + ", ".join(f"{rank_drift_correlation(r):.2f}" for r in results))
+      + ", ".join(f"{r.drift_correlation():.2f}" for r in results))
 
 # %% [markdown]
 # ## 6 · Explore: α and checkpoint
@@ -180,10 +181,10 @@ else:
 
 # %% [markdown]
 # ## 7 · What these runs show
-# Computed from the results above by `alignkit.report.summarize_spectral`: what holds in how many
+# Computed from the results above by `alignkit.analyses.spectral.summarize`: what holds in how many
 # training seeds, each seed's own numbers below it.
 
 # %%
-summary = summarize_spectral(results, smoke=SMOKE)
-save_summary(summary, "03_spectral", figure_dir(cfg))  # beside the figures: what the README quotes
-display(Markdown(summary))
+display(Markdown(publish(spectral.summarize(results), "03_spectral", figure_dir(cfg), SMOKE)))
+display(Markdown(publish(each_seed(results, spectral.summarize), "03_spectral_seeds", figure_dir(cfg),
+                         SMOKE)))

@@ -15,7 +15,7 @@
 #
 # Each patch is summarised per example by Δ = LP(patched) − LP(receiver), by the normalised effect
 # NPE = Δ / (LP(donor) − LP(receiver)) (0: nothing, 1: the whole gap; masked where the gap is
-# below `MIN_GAP` nats, where the ratio means nothing) and by the KL divergence from the donor's
+# below `cfg.patching.min_gap` nats, where the ratio means nothing) and by the KL divergence from the donor's
 # next-token distributions at the answer positions. Every curve is a mean over examples with a
 # bootstrap 95 % interval, computed on the **flips** (wrong before SFT, right after) and on the
 # **controls** (right in both): an effect that is as large on the controls is not about what SFT
@@ -55,20 +55,10 @@ SMOKE = os.environ.get("ALIGNKIT_SMOKE") == "1"
 # headless runs (make test / make reproduce) set ALIGNKIT_STATIC=1: no frontend, so no live widgets
 # (nbclient can hang on widget output, jupyter/nbclient#312)
 INTERACTIVE = os.environ.get("ALIGNKIT_STATIC") != "1"
+# every knob is a config field: e.g. {"patching.n_examples": 32, "lens.steer_layers": (0, 4, 8)}
+# (cfg.patching and cfg.lens below); the lens takes its examples, batch and min_gap from cfg.patching
 OVERRIDES: dict = {}
 N_SEEDS = None  # training seeds; None: the preset's (tiny 3, smoke 2, real presets 1)
-N_EXAMPLES = 8 if SMOKE else 64  # flips (and controls) patched, at most, per training seed
-N_CROSS = 4 if SMOKE else 32  # examples per set for the L x L cross-layer grid
-COMPONENTS = ("resid", "attn", "mlp")
-POSITIONS = "all"  # "all", "prompt", "answer" (answer-predicting positions) or token indices
-BATCH_SIZE = 8 if SMOKE else 32
-MIN_GAP = 0.1  # nats: NPE is masked where |LP(donor) - LP(receiver)| is smaller
-MIN_SET = 2  # a set with fewer examples is replaced by a labelled substitute (smoke runs have no flips)
-N_BOOT = 50 if SMOKE else 1000
-SEED = 0
-N_FIRST = 5  # the difference lens's first tokens (positions 0..N_FIRST-1 of every example)
-N_TEXTS = 8 if SMOKE else 32  # texts (prompt + gold solution) of the per-token KL
-STEER_LAYERS = None  # decoder layers the lens steers at (None: every one; a subset on a CPU)
 
 # %%
 import logging
@@ -80,32 +70,20 @@ import pandas as pd
 from IPython.display import Markdown, display
 from transformers import AutoTokenizer
 
-from alignkit import patching
+from alignkit import figures, plots
+from alignkit import patching as measures
+from alignkit.analyses import behaviour, lens, patching
+from alignkit.analyses.common import each_seed, from_run, over_seeds, publish
+from alignkit.analyses.patching import curve
 from alignkit.config import get_config
 from alignkit.layers import alignment_path, best_match
 from alignkit.lens import token_text
-from alignkit.plots import (
-    figure_dir,
-    plot_heatmap,
-    plot_layer_curves,
-    plot_lens_tokens,
-    plot_steering,
-    plot_token_kl,
-    save_figure,
-)
-from alignkit.report import (
-    best_donors,
-    patch_fraction,
-    save_summary,
-    steering,
-    summarize_lens,
-    summarize_patching,
-)
-from alignkit.report import curve as report_curve
-from alignkit.stages import ensure_lens, ensure_patching, ensure_results, over_seeds
 
+# %%
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 cfg = get_config(PRESET, smoke=SMOKE, overrides=OVERRIDES | ({"n_seeds": N_SEEDS} if N_SEEDS else {}))
+N_BOOT, SEED = cfg.patching.n_boot, cfg.patching.seed  # the curves' bootstrap
+cfg.patching, cfg.lens
 
 # %% [markdown]
 # ## 1 · Models, examples and every sweep
@@ -113,17 +91,15 @@ cfg = get_config(PRESET, smoke=SMOKE, overrides=OVERRIDES | ({"n_seeds": N_SEEDS
 # notebook 01's flip table. When a set is (nearly) empty — a smoke run's models solve nothing — it
 # is replaced by held-out problems ranked by how much SFT raised their answer log-prob (top of the
 # ranking for flips, smallest change for controls), and labelled as a substitute.
-# `ensure_patching` runs every sweep of this notebook once (sections 2–5; donor activations are
+# `patching.ensure` runs every sweep of this notebook once (sections 2–5; donor activations are
 # captured once per batch and a patch at layer *l* reruns only layers *l+1…L−1*) and caches the
 # result in the run's `analysis/` (`python -m alignkit patching` writes the same file). Every
 # training seed has its own tuned model, flips and sweeps (`over_seeds`; notebook 01 says why);
 # the table and the single examples are the first seed's.
 
 # %%
-run = ensure_results(cfg, "sft")  # builds notebook 01's artifacts if missing
-pats = over_seeds(ensure_patching, cfg, "sft", n_examples=N_EXAMPLES, n_cross=N_CROSS,
-                  components=COMPONENTS, positions=POSITIONS, batch_size=BATCH_SIZE, min_gap=MIN_GAP,
-                  min_set=MIN_SET)
+run = behaviour.ensure(cfg, from_run(cfg, "sft"))  # builds notebook 01's artifacts if missing
+pats = over_seeds(patching.ensure, cfg, "sft")
 pat = pats[0]
 sets, labels, L = pat.sets, pat.labels, pat.cka_matrix.shape[0]
 print(f"{len(pats)} training seeds; flips patched per seed: {[len(p.sets['flips']) for p in pats]}")
@@ -145,40 +121,21 @@ pd.DataFrame([{"set": labels[k], "n patched": len(sets[k]), "n in flip table": l
 # others (each with its own flips and gap).
 
 # %%
-def curve(values):
-    return report_curve(values, n_boot=N_BOOT, seed=SEED)
-
-
-fig, axes = plt.subplots(2, len(COMPONENTS), figsize=(6 * len(COMPONENTS), 8.5), squeeze=False)
-for row, direction in enumerate(("denoise", "noise")):
-    for col, comp in enumerate(COMPONENTS):
-        ax = axes[row, col]
-        arrow = "tuned → base" if direction == "denoise" else "base → tuned"
-        plot_layer_curves({labels[s]: [curve(p.sweep(s, comp, direction).delta) for p in pats] for s in sets},
-                          ax=ax, ylabel="Δ answer log-prob (nats)", has_embed=False, cmap="tab10",
-                          title=f"{direction} ({arrow}): {comp}")
-        for k, p in enumerate(pats):
-            r = p.sweep("flips", comp, direction)
-            ax.axhline(np.mean(r.lp_donor - r.lp_receiver), color="C0", ls="--", lw=1 if k == 0 else 0.6,
-                       label="full gap (flips)" if k == 0 else None)
-        ax.axhline(0, color="0.4", lw=0.8)
-        ax.set_xlabel("layer" + (" (residual stream after it)" if comp == "resid" else f" ({comp} output)"))
-        ax.legend(fontsize=8, loc="best")
-fig.tight_layout()
-save_figure(fig, "activation_patching", figure_dir(cfg))
+fig = figures.plot_patching_sweeps(pats, N_BOOT, SEED)
+plots.save_figure(fig, "activation_patching", plots.figure_dir(cfg))
 
 # %% [markdown]
 # The same sweeps as the **fraction of the mean gap** they recover, mean Δ / mean gap (what the
 # curves above show against the dashed gap; 1 = the whole gap, 0 = nothing), with a paired
-# bootstrap interval (`report.patch_fraction`). This is the summary every sentence of this project
-# uses. The mean of per-example ratios (NPE, masked where a gap is below `MIN_GAP`) is
+# bootstrap interval (`analyses.patching.fraction`). This is the summary every sentence of this
+# project uses. The mean of per-example ratios (NPE, masked where a gap is below `min_gap`) is
 # heavy-tailed where gaps are small; its median is shown beside it for the resid denoise sweep.
 # One block of columns per training seed.
 
 # %%
 def fraction_table(p):
-    frac = {f"{comp} {d}": patch_fraction(p.sweep("flips", comp, d), N_BOOT, SEED)
-            for comp in COMPONENTS for d in ("denoise", "noise")}
+    frac = {f"{comp} {d}": patching.fraction(p.sweep("flips", comp, d), N_BOOT, SEED)
+            for comp in p.components() for d in ("denoise", "noise")}
     table = pd.DataFrame({k: [f"{v:.2f} [{lo:.2f}, {hi:.2f}]" for v, lo, hi in zip(b.point, b.lo, b.hi)]
                           for k, b in frac.items()})
     table["resid denoise, median NPE"] = np.nanmedian(p.sweep("flips", "resid", "denoise").npe, 0).round(2)
@@ -187,7 +144,7 @@ def fraction_table(p):
 
 print("NPE masked per seed: " + ", ".join(
     f"{p.sweep('flips', 'resid', 'denoise').meta['n_npe_masked']} of {len(p.sets['flips'])} flips" for p in pats)
-      + f" (|gap| < {MIN_GAP} nats)")
+      + f" (|gap| < {cfg.patching.min_gap} nats)")
 pd.concat({f"seed {k + 1}": fraction_table(p) for k, p in enumerate(pats)}, axis=1).rename_axis("layer")
 
 # %% [markdown]
@@ -200,7 +157,7 @@ pd.concat({f"seed {k + 1}": fraction_table(p) for k, p in enumerate(pats)}, axis
 
 # %%
 fig, ax = plt.subplots(figsize=(7.5, 4.2))
-plot_layer_curves({f"{q} positions": [curve(p.by_pos[q].delta) for p in pats] for q in pat.by_pos}, ax=ax,
+plots.plot_layer_curves({f"{q} positions": [curve(p.by_pos[q].delta, N_BOOT, SEED) for p in pats] for q in pat.by_pos}, ax=ax,
                   has_embed=False, ylabel="Δ answer log-prob (nats)", cmap="tab10",
                   title=f"Resid denoise by patched positions ({labels['flips']})")
 ax.axhline(0, color="0.4", lw=0.8)
@@ -220,25 +177,10 @@ fig.tight_layout()
 # per training seed; the table below is the first seed's.
 
 # %%
-vmax = max(float(np.nanmax(np.abs(curve(r.delta).point))) for p in pats for r in p.cross.values())
-fig, axes = plt.subplots(len(pat.cross), len(pats), figsize=(6.5 * len(pats), 5.2 * len(pat.cross)),
-                         squeeze=False)
-for k, p in enumerate(pats):
-    for row, (s, r) in enumerate(p.cross.items()):
-        ax = axes[row, k]
-        plot_heatmap(curve(r.delta).point, ax=ax, path=alignment_path(p.cka_matrix), has_embed=False,
-                     xlabel=f"tuned layer j (donor, step {p.final_step})", ylabel="base layer i (receiver)",
-                     cbar_label="mean Δ answer log-prob (nats)", vmin=-vmax, vmax=vmax, cmap="RdBu_r",
-                     title=f"Cross-layer Δ, {p.labels[s]} (n={r.lp_patched.shape[0]}), seed {k + 1}")
-        best, ties = best_donors(p, s, N_BOOT, SEED)
-        ti, tj = np.nonzero(ties)
-        ax.plot(tj, ti, ".", color="black", ms=3, label="tied with the best")
-        ax.plot(best, np.arange(L), "o", color="white", mec="black", ms=5, label="best donor layer")
-        ax.legend(loc="upper left", fontsize=8)
-fig.tight_layout()
-save_figure(fig, "cross_layer_patching", figure_dir(cfg))
+fig = figures.plot_cross_layer(pats, N_BOOT, SEED)
+plots.save_figure(fig, "cross_layer_patching", plots.figure_dir(cfg))
 cka_path = alignment_path(pat.cka_matrix)
-best, ties = best_donors(pat, "flips", N_BOOT, SEED)
+best, ties = pat.best_donors("flips", N_BOOT, SEED)
 pd.DataFrame({"best tuned donor (patching, flips)": best,
               "donors tied with it": [np.flatnonzero(t).tolist() for t in ties],
               "best tuned match (CKA)": best_match(pat.cka_matrix),
@@ -266,23 +208,8 @@ pd.DataFrame({"best tuned donor (patching, flips)": best,
 # thin: the others.
 
 # %%
-fig, axes = plt.subplots(1, 3, figsize=(18, 4.6))
-for ax, kind, title in ((axes[0], "revert", "Revert one layer to base, in tuned (necessity)"),
-                        (axes[1], "graft", "Graft one tuned layer into base (sufficiency)")):
-    plot_layer_curves({labels[s]: [curve(p.ablation[f"{s}/{kind}"].delta) for p in pats] for s in sets},
-                      ax=ax, ylabel="Δ answer log-prob (nats)", title=title, has_embed=False, cmap="tab10")
-    ax.axhline(0, color="0.4", lw=0.8)
-    ax.set_xlabel("decoder layer whose weights are swapped")
-plot_layer_curves({"all rows: mean kept": [curve(p.ablation["flips/mean_diff"].delta) for p in pats],
-                   "all rows: difference removed": [curve(p.sweep("flips", "resid", "noise").delta) for p in pats]}
-                  | {f"{q} rows: {what}": [curve(p.ablation[f"flips/{key}@{q}"].delta) for p in pats]
-                     for q in ("prompt", "answer") for what, key in (("mean kept", "mean_diff"),
-                                                                     ("difference removed", "noise"))},
-                  ax=axes[2], ylabel="Δ answer log-prob (nats)", has_embed=False, cmap="tab10",
-                  title=f"Residual difference ablated, {labels['flips']}")
-axes[2].axhline(0, color="0.4", lw=0.8)
-fig.tight_layout()
-save_figure(fig, "weight_ablation", figure_dir(cfg))
+fig = figures.plot_weight_ablation(pats, N_BOOT, SEED)
+plots.save_figure(fig, "weight_ablation", plots.figure_dir(cfg))
 
 # %% [markdown]
 # ## 6 · Browse single examples
@@ -293,8 +220,8 @@ save_figure(fig, "weight_ablation", figure_dir(cfg))
 
 # %%
 tokenizer = AutoTokenizer.from_pretrained(run.evals[0].checkpoint)
-examples = patching.examples_from_table(sets["flips"], tokenizer, chat=cfg.chat)
-spans = patching.tokenize_examples(tokenizer, examples)
+examples = measures.examples_from_table(sets["flips"], tokenizer, chat=cfg.chat)
+spans = measures.tokenize_examples(tokenizer, examples)
 
 
 def show_example(k=0):
@@ -303,18 +230,17 @@ def show_example(k=0):
     display(Markdown(f"**Problem {sets['flips'][k]['index']}** — answer tokens {answer} at positions "
                      f"{span['answer_positions']}; LP base {denoise.lp_receiver[k]:.3f}, LP tuned "
                      f"{denoise.lp_donor[k]:.3f} nats.\n\n```\n{textwrap.fill(examples[k]['prompt'], 110)}\n```"))
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4))
-    for ax, direction in zip(axes, ("denoise", "noise")):
-        plot_layer_curves({comp: {"point": pat.sweep("flips", comp, direction).delta[k]} for comp in COMPONENTS},
+    for ax, direction in zip(plt.subplots(1, 2, figsize=(13, 4))[1], ("denoise", "noise")):
+        plots.plot_layer_curves({comp: {"point": pat.sweep("flips", comp, direction).delta[k]} for comp in pat.components()},
                           ax=ax, ylabel="Δ answer log-prob (nats)", title=f"Example {k}: {direction}",
-                          has_embed=False, band=curve(pat.sweep("flips", "resid", direction).delta),
+                          has_embed=False, band=curve(pat.sweep("flips", "resid", direction).delta, N_BOOT, SEED),
                           band_label="flip-set resid 95 % interval", cmap="tab10")
         ax.axhline(0, color="0.4", lw=0.8)
         ax.set_xlabel("layer")
-    fig.tight_layout()
     plt.show()
 
 
+# %%
 if INTERACTIVE:
     import ipywidgets as widgets
 
@@ -327,8 +253,8 @@ else:
 # ## 7 · What changed: the difference lens and per-token KL
 # Sections 2–5 say *where* the gain lives; this one asks *what* SFT wrote there (after Minder et
 # al. 2025, who read narrow fine-tuning off the mean activation difference at the first tokens).
-# `ensure_lens` takes the flips and, per decoder layer, the **mean tuned − base residual
-# difference** at two position sets: the first `N_FIRST` tokens of every example (the `Question:`
+# `lens.ensure` takes the flips and, per decoder layer, the **mean tuned − base residual
+# difference** at two position sets: the first `cfg.lens.n_first` tokens of every example (the `Question:`
 # template, the same tokens in every example) and the answer-predicting positions. Each mean is:
 #
 # * **read** through the base's final norm and LM head (the logit lens applied to the
@@ -344,44 +270,42 @@ else:
 # the first seed's.
 
 # %%
-lenses = over_seeds(ensure_lens, cfg, "sft", n_examples=N_EXAMPLES, n_first=N_FIRST, n_texts=N_TEXTS,
-                    batch_size=BATCH_SIZE, min_gap=MIN_GAP, min_set=MIN_SET, seed=SEED,
-                    steer_layers=STEER_LAYERS)
+lenses = over_seeds(lens.ensure, cfg, "sft")
 fig, axes = plt.subplots(1, 2, figsize=(15, 4.4), sharey=True)
 for ax, name in zip(axes, ("first", "answer")):
-    plot_steering([steering(r, name, N_BOOT, SEED) for r in lenses], ax=ax,
+    plots.plot_steering([r.steering(name, cfg.lens.n_boot, cfg.lens.seed) for r in lenses], ax=ax,
                   title=f"Steering base with the mean difference at the {name} positions")
     ax.set_xlabel("decoder layer where the vector is added")
 fig.tight_layout()
-save_figure(fig, "difference_lens", figure_dir(cfg))
+plots.save_figure(fig, "difference_lens", plots.figure_dir(cfg))
 
 # %%
 fig, axes = plt.subplots(1, 2, figsize=(18, 0.32 * L + 1.2))
 for ax, name in zip(axes, ("first", "answer")):
-    plot_lens_tokens(lenses[0].tokens[name]["base"], ax=ax,
+    plots.plot_lens_tokens(lenses[0].tokens[name]["base"], ax=ax,
                      title=f"Mean difference at the {name} positions, read by the base's head (seed 1)")
 fig.tight_layout()
-save_figure(fig, "difference_lens_tokens", figure_dir(cfg))
+plots.save_figure(fig, "difference_lens_tokens", plots.figure_dir(cfg))
 
 # %%
 lz = lenses[0]
 ids = tokenizer(lz.texts[0], add_special_tokens=False)["input_ids"]
-fig = plot_token_kl([token_text(tokenizer, t) for t in ids], lz.token_kl[0], n_prompt=lz.n_prompt[0],
+fig = plots.plot_token_kl([token_text(tokenizer, t) for t in ids], lz.token_kl[0], n_prompt=lz.n_prompt[0],
                     title="Per-token KL(tuned ‖ base) on one flip (seed 1)")
-save_figure(fig, "token_kl", figure_dir(cfg))
+plots.save_figure(fig, "token_kl", plots.figure_dir(cfg))
 pd.DataFrame(lz.ranked[:10]).round(3)
 
 # %% [markdown]
 # ## 8 · What these runs show
-# Computed from the results above by `alignkit.report.summarize_patching` and
-# `summarize_lens`: what holds in how many training seeds, each seed's own numbers below it.
+# Computed from the results above by `alignkit.analyses.patching.summarize` and
+# `lens.summarize`: what holds in how many training seeds, each seed's own numbers below it.
 
 # %%
-summary = summarize_patching(pats, n_boot=N_BOOT, seed=SEED, min_gap=MIN_GAP, smoke=SMOKE)
-save_summary(summary, "04_patching", figure_dir(cfg))  # beside the figures: what the README quotes
-display(Markdown(summary))
+display(Markdown(publish(patching.summarize(pats, cfg), "04_patching", plots.figure_dir(cfg), SMOKE)))
+display(Markdown(publish(each_seed(pats, lambda r: patching.summarize(r, cfg)), "04_patching_seeds",
+                         plots.figure_dir(cfg), SMOKE)))
 
 # %%
-lens_summary = summarize_lens(lenses, n_boot=N_BOOT, seed=SEED, smoke=SMOKE)
-save_summary(lens_summary, "04_lens", figure_dir(cfg))
-display(Markdown(lens_summary))
+display(Markdown(publish(lens.summarize(lenses, cfg), "04_lens", plots.figure_dir(cfg), SMOKE)))
+display(Markdown(publish(each_seed(lenses, lambda r: lens.summarize(r, cfg)), "04_lens_seeds",
+                         plots.figure_dir(cfg), SMOKE)))

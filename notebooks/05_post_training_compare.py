@@ -31,7 +31,7 @@
 #
 # **Any checkpoints instead**: set `MODELS` (below) to `{"base": dir or hub id, "sft": ..., ...}`,
 # the first the reference, and the same atlas is drawn for those models without training
-# (`stages.ensure_models_compare`, as `python -m alignkit compare --models ...`): each model's own
+# (`compare.ensure` on `common.from_models`, as `python -m alignkit compare --models ...`): each model's own
 # init is the one listed before it (`INITS = "series"`, a published series such as SFT → DPO →
 # RL) or the reference (`"reference"`); one "seed", so the verdicts cannot tell, and a claim is
 # tested only for models labelled `sft`, `dpo` or `grpo` (the stages it names). Section 8 then adds
@@ -63,23 +63,13 @@ SMOKE = os.environ.get("ALIGNKIT_SMOKE") == "1"
 # headless runs (make test / make reproduce) set ALIGNKIT_STATIC=1: no frontend, so no live widgets
 # (nbclient can hang on widget output, jupyter/nbclient#312)
 INTERACTIVE = os.environ.get("ALIGNKIT_STATIC") != "1"
+# every knob is a config field: e.g. {"compare.n_boot": 500, "weights.tol": 1e-6} (cfg.compare and
+# cfg.weights below; the flips, batch and min_gap are cfg.patching's, the lens of section 8 cfg.lens's)
 OVERRIDES: dict = {}
 N_SEEDS = None  # training seeds; None: the preset's (tiny 3, smoke 2, real presets 1)
 METHODS = ("sft", "dpo", "grpo")
 MODELS: dict | None = None  # {"base": dir or hub id, "sft": ...}: compare these instead of our runs
 INITS = "series"  # with MODELS: each model's init is the one before it ("series") or "reference"
-STEER_LAYERS = None  # with MODELS: decoder layers the lens steers at (None: every one; a subset on a CPU)
-POOLING = "question"  # probe pooling, as in notebooks 02 and 03 (the question's own tokens)
-N_BOOT = 20 if SMOKE else 200  # CKA and effective-rank bootstraps
-N_SPLITS = 20  # split halves for the CKA noise floor
-N_EXAMPLES = 8 if SMOKE else 64  # SFT flips patched, at most, per training seed
-MIN_SET = 2  # fewer flips than this: substitute examples (smoke runs have none), as in notebook 04
-BATCH_SIZE = 8 if SMOKE else 32
-MIN_GAP = 0.1  # nats: NPE masked where |LP(donor) - LP(receiver)| is smaller
-N_BOOT_PATCH = 50 if SMOKE else 1000
-TOL = 1e-5  # |ΔW| above which an entry counts as changed (float32 round-off of |w| <= 1 is <= 6e-8)
-K = 8  # top singular directions of W and ΔW compared
-SEED = 0
 
 # %%
 import logging
@@ -89,40 +79,27 @@ import pandas as pd
 from IPython.display import Markdown, display
 from transformers import AutoTokenizer
 
-from alignkit import plots
+from alignkit import figures, plots
+from alignkit.analyses import cka, compare, lens
+from alignkit.analyses.common import each_seed, from_models, over_seeds, publish
+from alignkit.analyses.patching import fraction
 from alignkit.config import get_config
 from alignkit.lens import token_text
-from alignkit.report import (
-    patch_fraction,
-    save_summary,
-    steering,
-    summarize_compare,
-    summarize_cross,
-    summarize_lens,
-)
-from alignkit.stages import (
-    claims_over_seeds,
-    ensure_compare,
-    ensure_models_cka,
-    ensure_models_compare,
-    ensure_models_lens,
-    given_models,
-    over_seeds,
-)
 
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 cfg = get_config(PRESET, smoke=SMOKE, overrides=OVERRIDES | ({"n_seeds": N_SEEDS} if N_SEEDS else {}))
+cfg.compare, cfg.weights
+
+# %%
 # trains and evaluates what is missing, then every measure below, cached (`python -m alignkit compare`),
-# once per training seed; the verdicts pool the seeds
-params = dict(pooling=POOLING, n_boot=N_BOOT, n_splits=N_SPLITS, n_examples=N_EXAMPLES, min_set=MIN_SET,
-              batch_size=BATCH_SIZE, min_gap=MIN_GAP, n_boot_patch=N_BOOT_PATCH, tol=TOL, k=K, seed=SEED)
-if MODELS:  # any checkpoints, no training: one comparison
-    results = [ensure_models_compare(cfg, MODELS, inits=INITS, **params)]
+# once per training seed; the verdicts pool the seeds. With MODELS: any checkpoints, no training.
+if MODELS:
+    results = [compare.ensure(cfg, from_models(cfg, MODELS, inits=INITS))]
 else:
-    results = over_seeds(ensure_compare, cfg, METHODS, **params)
+    results = over_seeds(compare.ensure, cfg, METHODS)
 res = results[0]
 METHODS = tuple(res.methods)  # with MODELS: the given models' labels
-verdicts = claims_over_seeds(results, n_boot=N_BOOT, seed=SEED)
+K = cfg.weights.k
 
 # %% [markdown]
 # ## 0 · The models
@@ -140,7 +117,7 @@ pd.DataFrame([{"method": m, "starts from": res.init[m], "final step": res.accura
 # seed, whiskers spanning every seed's 95 % Wilson interval; the dashed line is the base.
 
 # %%
-plots.plot_compare_accuracy(results)
+figures.plot_compare_accuracy(results)
 pd.DataFrame({f"seed {k + 1}": {m: r.accuracy[m]["accuracy"] for m in ("base", *r.methods)}
               for k, r in enumerate(results)}).round(3)
 
@@ -155,7 +132,7 @@ pd.DataFrame({f"seed {k + 1}": {m: r.accuracy[m]["accuracy"] for m in ("base", *
 
 # %%
 print(f"{len(res.labels)} hook points" + (f"; dropped (zero variance): {res.dropped}" if res.dropped else ""))
-plots.plot_compare_cka(results)
+figures.plot_compare_cka(results)
 pd.concat({f"seed {k + 1}": pd.DataFrame({m: c.point for m, c in r.cka.items()}, index=r.labels).T
            for k, r in enumerate(results)}).round(3)
 
@@ -168,8 +145,8 @@ pd.concat({f"seed {k + 1}": pd.DataFrame({m: c.point for m, c in r.cka.items()},
 
 # %%
 fig, axes = plt.subplots(1, 2, figsize=(14, 4.2), sharey=True)
-plots.plot_compare_rank(results, ax=axes[0])
-plots.plot_compare_rank(results, ax=axes[1], own=True)
+figures.plot_compare_rank(results, ax=axes[0])
+figures.plot_compare_rank(results, ax=axes[1], own=True)
 fig.tight_layout()
 
 # %% [markdown]
@@ -180,12 +157,12 @@ fig.tight_layout()
 # Δ answer log-prob with bootstrap 95 % intervals; dashed: each method's full gap LP(final) − LP(base)
 # on these examples. Where a curve reaches its gap is where that method's advantage has been written
 # into the residual stream. The table: the fraction of each method's mean gap recovered per layer,
-# mean Δ / mean gap (1 = the whole gap; `report.patch_fraction`, as in notebook 04). Every training
+# mean Δ / mean gap (1 = the whole gap; `analyses.patching.fraction`, as in notebook 04). Every training
 # seed has its own SFT flips (thick: the first seed; thin: the others).
 
 # %%
-plots.plot_compare_patching(results)
-pd.concat({f"seed {k + 1}": pd.DataFrame({m: patch_fraction(p).point for m, p in r.patches.items()}).T
+figures.plot_compare_patching(results)
+pd.concat({f"seed {k + 1}": pd.DataFrame({m: fraction(p).point for m, p in r.patches.items()}).T
            for k, r in enumerate(results)}).round(2)
 
 # %% [markdown]
@@ -200,8 +177,8 @@ pd.concat({f"seed {k + 1}": pd.DataFrame({m: patch_fraction(p).point for m, p in
 
 # %%
 fig, axes = plt.subplots(1, 2, figsize=(16, 4.8), gridspec_kw={"width_ratios": [1, 1.6]})
-plots.plot_drift_modules(results, ax=axes[0])
-plots.plot_compare_drift(results, ax=axes[1])
+figures.plot_drift_modules(results, ax=axes[0])
+figures.plot_compare_drift(results, ax=axes[1])
 fig.tight_layout()
 
 # %% [markdown]
@@ -210,16 +187,16 @@ fig.tight_layout()
 # %%
 fig, axes = plt.subplots(2, len(res.methods), figsize=(6.5 * len(res.methods), 8.5), squeeze=False)
 for j, m in enumerate(res.methods):
-    plots.plot_weight_drift(res.own[m], "frac_mass", ax=axes[0, j],
+    plots.plot_weight_drift(res.weights.own[m], "frac_mass", ax=axes[0, j],
                             title=f"{m}: 90 %-mass share of its own update, seed 1")
-    plots.plot_weight_drift(res.own[m], "overlap_right", ax=axes[1, j],
+    plots.plot_weight_drift(res.weights.own[m], "overlap_right", ax=axes[1, j],
                             title=f"{m}: overlap with W's top-{K}, input space, seed 1")
 fig.tight_layout()
 
 # %%
-plots.plot_compare_structure(results)
+figures.plot_compare_structure(results)
 pd.concat({f"seed {k + 1}": pd.DataFrame({g: {m: float(v.point) for m, v in d.items()}
-                                          for g, d in r.structure.items()}) for k, r in enumerate(results)}).round(4)
+                                          for g, d in r.weights.structure.items()}) for k, r in enumerate(results)}).round(4)
 
 # %% [markdown]
 # ## 6 · The atlas
@@ -232,7 +209,7 @@ pd.concat({f"seed {k + 1}": pd.DataFrame({g: {m: float(v.point) for m, v in d.it
 # every panel (thin lines, dots).
 
 # %%
-fig = plots.plot_atlas(results, title=f"Post-training atlas: SFT, DPO and GRPO against one base "
+fig = figures.plot_atlas(results, title=f"Post-training atlas: SFT, DPO and GRPO against one base "
                                   f"({cfg.preset} preset, {len(results)} training seeds{', smoke sizes' if SMOKE else ''})")
 plots.save_figure(fig, "post_training_atlas", plots.figure_dir(cfg))
 
@@ -243,7 +220,7 @@ plots.save_figure(fig, "post_training_atlas", plots.figure_dir(cfg))
 
 # %%
 def show(method=METHODS[-1], comparison="own update", metric="rel_change"):
-    df = res.own[method] if comparison == "own update" else res.drift[method]
+    df = res.weights.own[method] if comparison == "own update" else res.weights.drift[method]
     plots.plot_weight_drift(df, metric, title=f"{method}, {comparison}: {metric}")
     plt.show()
 
@@ -260,54 +237,53 @@ else:
 # ## 8 · Any checkpoints: cross-layer CKA and what changed
 # With `MODELS` set, two views this project's own runs get from notebooks 02 and 04:
 #
-# * **cross-layer CKA** of every model against the reference (`stages.ensure_models_cka`): each
+# * **cross-layer CKA** of every model against the reference (`analyses.cka.ensure_cross`): each
 #   reference layer (rows) against each of the model's layers (columns), white dots the reference
 #   layers tied for a column's best match (bootstrap over probes), grey crosses the cells whose
 #   interval reaches the shuffled-rows chance level. It needs one tokenizer, not one shape:
 #   `python -m alignkit compare --models` runs it for models of other depths or families too,
 #   where the same-layer measures above cannot run;
-# * **what changed** (`stages.ensure_models_lens`, notebook 04 §7 on these models): steering the
-#   reference with the mean residual difference at the first tokens and at the answer-predicting
-#   positions against its shuffled control, and the per-token KL(model ‖ reference) on one text
-#   (a bar where the prompt ends).
+# * **what changed** (`analyses.lens.ensure` of each model against the reference, notebook 04 §7):
+#   steering the reference with the mean residual difference at the first tokens and at the
+#   answer-predicting positions against its shuffled control, and the per-token KL(model ‖
+#   reference) on one text (a bar where the prompt ends).
 #
 # Without `MODELS` this section draws nothing: notebook 02 has SFT's cross-layer CKA, notebook 04
 # its difference lens.
 
 # %%
 if MODELS:
-    cross = ensure_models_cka(cfg, MODELS, n_boot=N_BOOT, seed=SEED)
+    given = from_models(cfg, MODELS, inits=INITS)
+    cross = cka.ensure_cross(cfg, given)
     fig, axes = plt.subplots(1, len(cross.models), figsize=(6.5 * len(cross.models), 5.2), squeeze=False)
     for ax, m in zip(axes[0], cross.models):
         plots.plot_cross_cka(cross, m, ax=ax)
     fig.tight_layout()
-    display(Markdown(summarize_cross(cross)))
+    display(Markdown(cka.summarize_cross(cross)))
 else:
     print("our own runs: notebook 02 draws SFT's cross-layer CKA, notebook 04 its difference lens")
 
 # %%
-if MODELS:
-    lenses = ensure_models_lens(cfg, MODELS, n_examples=N_EXAMPLES, batch_size=BATCH_SIZE, min_gap=MIN_GAP,
-                                min_set=MIN_SET, seed=SEED, steer_layers=STEER_LAYERS)
-    reference = AutoTokenizer.from_pretrained(str(given_models(cfg, MODELS)["base"]))
-    for m, lz in lenses.items():
-        fig, axes = plt.subplots(1, 3, figsize=(20, 4.4), gridspec_kw={"width_ratios": [1, 1, 1.6]})
-        for ax, name in zip(axes[:2], ("first", "answer")):
-            plots.plot_steering([steering(lz, name, N_BOOT_PATCH, SEED)], ax=ax,
-                                title=f"{m}: steering with the mean difference, {name} positions")
-        ids = reference(lz.texts[0], add_special_tokens=False)["input_ids"]
-        plots.plot_token_kl([token_text(reference, t) for t in ids], lz.token_kl[0], ax=axes[2],
-                            n_prompt=lz.n_prompt[0], width=8, title=f"Per-token KL({m} ‖ reference)")
-        fig.tight_layout()
-        display(Markdown(f"**{m}**\n\n" + summarize_lens(lz, n_boot=N_BOOT_PATCH, seed=SEED)))
+for m in given.labels[1:] if MODELS else ():
+    lz, reference = lens.ensure(cfg, given.pair(m)), AutoTokenizer.from_pretrained(str(given.paths["base"]))
+    fig, axes = plt.subplots(1, 3, figsize=(20, 4.4), gridspec_kw={"width_ratios": [1, 1, 1.6]})
+    for ax, name in zip(axes[:2], ("first", "answer")):
+        plots.plot_steering([lz.steering(name, cfg.lens.n_boot, cfg.lens.seed)], ax=ax,
+                            title=f"{m}: steering with the mean difference, {name} positions")
+    ids = reference(lz.texts[0], add_special_tokens=False)["input_ids"]
+    plots.plot_token_kl([token_text(reference, t) for t in ids], lz.token_kl[0], ax=axes[2],
+                        n_prompt=lz.n_prompt[0], width=8, title=f"Per-token KL({m} ‖ reference)")
+    fig.tight_layout()
+    display(Markdown(f"**{m}**\n\n" + lens.summarize([lz], cfg)))
 
 # %% [markdown]
 # ## 9 · What these runs show
-# Computed from the results above by `alignkit.report.summarize_compare` (per method what holds in
-# how many training seeds, then the three published claims with their verdicts over the seeds,
-# `stages.claims_over_seeds`; each seed's own numbers below).
+# Computed from the results above by `alignkit.analyses.compare.summarize` (per method what holds
+# in how many training seeds, then the three published claims with their verdicts over the seeds,
+# `compare.claims_over_seeds`; each seed's own numbers below).
 
 # %%
-summary = summarize_compare(results, verdicts, smoke=SMOKE)
-save_summary(summary, "05_post_training_compare", plots.figure_dir(cfg))  # what the README quotes
-display(Markdown(summary))
+display(Markdown(publish(compare.summarize(results, cfg), "05_post_training_compare", plots.figure_dir(cfg),
+                         SMOKE)))
+display(Markdown(publish(each_seed(results, lambda r: compare.summarize(r, cfg)),
+                         "05_post_training_compare_seeds", plots.figure_dir(cfg), SMOKE)))

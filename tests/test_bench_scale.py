@@ -50,8 +50,9 @@ def test_scatter_vocab_keeps_the_split_and_spans_the_vocabulary():
 
 
 def test_quick_pipeline_on_a_tiny_config(tmp_path):
-    from alignkit.capture import capture, load_activations
+    from alignkit.capture import capture
     from alignkit.models import load_model
+    from alignkit.runs import load_entry
 
     spec = bench_scale.quick_spec(model=TINY, n_texts=12, n_patch=2, n_boot=4, threads=1, tokenizer_corpus=300)
     rep = bench_scale.run(spec, tmp_path)
@@ -74,10 +75,10 @@ def test_quick_pipeline_on_a_tiny_config(tmp_path):
 
     # the stored capture: float16 on disk, memory-mapped from the cache file, equal to float32
     base_dir = bench_scale.model_dirs(spec, tmp_path)[0]
-    path = bench_scale._acts_entry(tmp_path, "base")
-    acts16 = load_activations(path, mmap=True)
+    entry = bench_scale._acts_entry(tmp_path, "base")
+    acts16 = load_entry(entry, mmap=True)
     assert acts16.acts.dtype == torch.float16 and list(acts16.acts.shape) == [3, 12, 64]
-    assert str(path.resolve()) in _mapped_files(acts16.acts.data_ptr())
+    assert str((entry / "result" / "arrays.safetensors").resolve()) in _mapped_files(acts16.acts.data_ptr())
     model, tok = load_model(base_dir)
     texts = bench_scale.probe_texts(spec)
     acts32 = capture(model, tok, texts, pooling="mean", dtype=torch.float32)
@@ -121,7 +122,7 @@ def test_compare_mode_on_a_tiny_config(tmp_path):
     assert 0 < c["work_s"] <= c["wall_s"] and 0.1 < c["peak_rss_gib"] < 8
     assert c["n_eval"] == 8 and c["n_patch"] == 2 and c["n_layers"] == 2 and c["n_probes"] == 8
     assert [p["phase"].split(" ")[0] for p in c["phases"]] == [
-        "imports", "ensure_models_cka", "ensure_models_compare", "ensure_models_lens"]
+        "imports", "cka.ensure_cross", "compare.ensure", "lens.ensure"]
     assert np.isfinite(c["kl_mean"]) and c["drift_tensors"] > 2
     md = bench_scale.compare_markdown(rep)
-    assert "| compare |" in md and "peak" in md and "ensure_models_lens" in md
+    assert "| compare |" in md and "peak" in md and "lens.ensure" in md

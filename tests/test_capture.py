@@ -16,6 +16,7 @@ from transformers import (
 )
 
 import alignkit.capture as act
+from alignkit import runs as cache
 from alignkit.capture import (
     Activations,
     capture,
@@ -63,28 +64,25 @@ def reference(model, tok, text, name):
 # ---------------------------------------------------------------- pooling and padding invariance
 
 
-@pytest.mark.parametrize("pooling", ["last", "mean", "tokens"])
+@pytest.mark.parametrize("pooling", ["last", "mean"])
 def test_padding_and_batching_do_not_change_the_result(any_model, tok, tok_left, pooling):
-    kw = dict(hook_points=POINTS, pooling=pooling, max_rows=40 if pooling == "tokens" else None)
+    kw = dict(hook_points=POINTS, pooling=pooling)
     base = capture(any_model, tok, TEXTS, batch_size=1, **kw)
     for t in (tok, tok_left):
         for bs in (3, 8, 32):
             other = capture(any_model, t, TEXTS, batch_size=bs, **kw)
-            assert other.acts.shape == base.acts.shape and other.meta["row_text"] == base.meta["row_text"]
+            assert other.acts.shape == base.acts.shape
             torch.testing.assert_close(other.acts, base.acts, **TOL)
     # against the texts run one at a time through the full model
     for p, name in enumerate(POINTS):
-        for r in range(base.acts.shape[1]):
-            i = base.meta["row_text"][r]
-            h = reference(any_model, tok, TEXTS[i], name)
-            ref = {"last": lambda: h[-1], "mean": lambda: h.mean(0),
-                   "tokens": lambda: h[base.meta["row_pos"][r]]}[pooling]()
-            torch.testing.assert_close(base.acts[p, r].double(), ref, **TOL)
-    # not vacuous: rows are O(1) and differ from each other by far more than the tolerance (texts
-    # differ; tokens may repeat, e.g. the same first word of two texts sees the same context)
+        for i, text in enumerate(TEXTS):
+            h = reference(any_model, tok, text, name)
+            ref = h[-1] if pooling == "last" else h.mean(0)
+            torch.testing.assert_close(base.acts[p, i].double(), ref, **TOL)
+    # not vacuous: rows are O(1) and differ from each other by far more than the tolerance
     resid = base.acts[POINTS.index("layers.2.resid")].double()
     dist = torch.cdist(resid, resid).fill_diagonal_(1e9)
-    assert resid.abs().mean() > 0.3 and (dist.min() > 1e-2 if pooling != "tokens" else dist.median() > 1)
+    assert resid.abs().mean() > 0.3 and dist.min() > 1e-2
 
 
 PROMPTS = [f"Question : {t}\nAnswer :" for t in TEXTS]
@@ -125,7 +123,7 @@ def test_shapes_and_meta(qwen3, tok):
     assert a.hook_points == POINTS and a.pooling == "last"
     m = a.meta
     assert m["n_texts"] == m["n_rows"] == len(TEXTS) and m["n_tokens"] == sum(lengths)
-    assert m["row_text"] == list(range(len(TEXTS))) and m["row_pos"] == [n - 1 for n in lengths]
+    assert m["row_pos"] == [n - 1 for n in lengths]
     assert m["probe_hash"] == texts_hash(TEXTS) and m["model_class"] == "Qwen3ForCausalLM"
     assert m["n_layers"] == 3 and m["d_model"] == 32 and m["vocab_size"] == len(tok)
     assert json.loads(json.dumps(m)) == m  # plain JSON: the cache stores it as is
@@ -134,27 +132,6 @@ def test_shapes_and_meta(qwen3, tok):
     assert default.pooling == "last"
     mlps = capture(qwen3, tok, TEXTS[:3], lambda n: n.endswith(".mlp"))
     assert mlps.hook_points == ["layers.0.mlp", "layers.1.mlp", "layers.2.mlp"]
-
-
-def test_tokens_rows_and_cap(qwen3, tok):
-    lengths = [len(tok(t, add_special_tokens=False)["input_ids"]) for t in TEXTS]
-    full = capture(qwen3, tok, TEXTS, POINTS, pooling="tokens", batch_size=4)
-    assert full.acts.shape[1] == sum(lengths)
-    assert list(zip(full.meta["row_text"], full.meta["row_pos"])) == [
-        (i, p) for i, n in enumerate(lengths) for p in range(n)]
-    capped = capture(qwen3, tok, TEXTS, POINTS, pooling="tokens", max_rows=25, seed=3, batch_size=5)
-    rows = list(zip(capped.meta["row_text"], capped.meta["row_pos"]))
-    assert len(rows) == 25 == capped.acts.shape[1] and rows == sorted(rows) and len(set(rows)) == 25
-    # the capped rows are exactly those rows of the uncapped capture
-    index = [list(zip(full.meta["row_text"], full.meta["row_pos"])).index(r) for r in rows]
-    torch.testing.assert_close(capped.acts, full.acts[:, index], **TOL)
-    # deterministic in the seed, whatever the batch size; another seed draws other rows
-    again = capture(qwen3, tok, TEXTS, POINTS, pooling="tokens", max_rows=25, seed=3, batch_size=1)
-    assert again.meta["row_text"] == capped.meta["row_text"] and again.meta["row_pos"] == capped.meta["row_pos"]
-    other = capture(qwen3, tok, TEXTS, POINTS, pooling="tokens", max_rows=25, seed=4, batch_size=5)
-    assert list(zip(other.meta["row_text"], other.meta["row_pos"])) != rows
-    # a cap above the number of tokens keeps them all
-    assert capture(qwen3, tok, TEXTS, POINTS, pooling="tokens", max_rows=10_000).acts.shape == full.acts.shape
 
 
 def test_constant_points_recorded(qwen3, tok):
@@ -206,8 +183,6 @@ def test_capture_errors(qwen3, tok):
         capture(qwen3, tok, "Tom has 5 apples .")
     with pytest.raises(ValueError, match="pooling must be one of"):
         capture(qwen3, tok, TEXTS, pooling="max")
-    with pytest.raises(ValueError, match="max_rows applies to pooling='tokens' only"):
-        capture(qwen3, tok, TEXTS, pooling="last", max_rows=5)
     with pytest.raises(ValueError, match="batch_size must be a positive int, got 0"):
         capture(qwen3, tok, TEXTS, batch_size=0)
     with pytest.raises(ValueError, match="dtype must be a floating"):
@@ -274,13 +249,12 @@ def test_cache_hit_and_misses(model_dir, qwen3, tok, tmp_path, monkeypatch):
     assert spy.captures == 1
     # anything in the key changes -> a miss
     misses = [dict(texts=TEXTS[:-1]), dict(pooling="last"), dict(hook_points=POINTS[:2]),
-              dict(dtype=torch.float64), dict(pooling="tokens", max_rows=20),
-              dict(pooling="tokens", max_rows=20, seed=1)]
+              dict(dtype=torch.float64), dict(add_special_tokens=True)]
     for i, change in enumerate(misses, start=2):
         kw = {"texts": TEXTS, "hook_points": POINTS, "pooling": "mean", **change}
         capture_cached(model_dir, tok, kw.pop("texts"), kw.pop("hook_points"), kw.pop("pooling"), cdir, **kw)
         assert spy.captures == i, change
-    assert len(list(cdir.glob("acts-*.safetensors"))) == len(misses) + 1
+    assert len(list(cdir.glob("acts-*"))) == len(misses) + 1
     assert not list(cdir.glob(".*.tmp"))
 
 
@@ -321,25 +295,30 @@ def _damage_record_stale(_path, rec):
     rec.write_text(json.dumps(info))
 
 
+def _damage_result_json(path, _rec):  # the non-array part of the result, same size
+    meta = path.with_name("result.json")
+    meta.write_text(meta.read_text().replace('"mean"', '"last"'))
+
+
 def _damage_record_garbage(_path, rec):
     rec.write_text("{not json")
 
 
 @pytest.mark.parametrize("damage", [_damage_truncate, _damage_flip, _damage_record_missing, _damage_record_stale,
-                                    _damage_record_garbage])
+                                    _damage_record_garbage, _damage_result_json])
 def test_damaged_cache_is_rebuilt(model_dir, tok, tmp_path, monkeypatch, caplog, damage):
     spy = Spy(monkeypatch)
     cdir = tmp_path / "cache"
-    a = capture_cached(model_dir, tok, TEXTS, POINTS, "tokens", cdir, max_rows=30)
-    (path,) = cdir.glob("acts-*.safetensors")
-    damage(path, path.with_suffix(".json"))
-    with caplog.at_level(logging.WARNING, logger="alignkit.capture"):
-        b = capture_cached(model_dir, tok, TEXTS, POINTS, "tokens", cdir, max_rows=30)
-    assert spy.captures == 2 and "damaged or stale" in caplog.text and "rebuilding" in caplog.text
+    a = capture_cached(model_dir, tok, TEXTS, POINTS, "mean", cdir)
+    (entry,) = cdir.glob("acts-*")
+    damage(entry / "result" / "arrays.safetensors", entry / "key.json")
+    with caplog.at_level(logging.WARNING, logger="alignkit.runs"):
+        b = capture_cached(model_dir, tok, TEXTS, POINTS, "mean", cdir)
+    assert spy.captures == 2 and "damaged or stale" in caplog.text and "recomputing" in caplog.text
     assert torch.equal(a.acts, b.acts) and a.meta == b.meta
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="alignkit.capture"):
-        capture_cached(model_dir, tok, TEXTS, POINTS, "tokens", cdir, max_rows=30)
+    with caplog.at_level(logging.WARNING, logger="alignkit.runs"):
+        capture_cached(model_dir, tok, TEXTS, POINTS, "mean", cdir)
     assert spy.captures == 2 and not caplog.text  # the rebuilt entry is a clean hit
 
 
@@ -355,22 +334,28 @@ def test_cache_argument_errors(model_dir, qwen3, tok, tmp_path):
     assert not list(tmp_path.glob("acts-*"))
 
 
-def test_capture_run_over_checkpoints(tok, tmp_path, monkeypatch):
-    from alignkit import runs as cache
+def test_captures_of_a_set_of_checkpoints(tok, tmp_path, monkeypatch):
+    from alignkit.analyses.common import Checkpoints, captures
+    from alignkit.config import get_config
 
-    run = tmp_path / "run"
+    paths = {}
     for step in (0, 10):
-        d = run / "checkpoints" / f"step-{step}"
-        make_model("qwen3", seed=step).save_pretrained(d)
-        tok.save_pretrained(d)
-        (d / "manifest.json").write_text(json.dumps({"weights_hash": cache.weights_hash(d)}))
-    out = act.capture_run(run, TEXTS, pooling="mean")
-    assert sorted(out) == [0, 10] and all(a.acts.shape == (4, len(TEXTS), 32) for a in out.values())
+        paths[str(step)] = tmp_path / "run" / f"step-{step}"
+        make_model("qwen3", seed=step).save_pretrained(paths[str(step)])
+        tok.save_pretrained(paths[str(step)])
+    ckpts = Checkpoints(paths, {"0": 0, "10": 10}, {}, tmp_path / "store")
+    cfg = get_config("tiny", overrides={"root": str(tmp_path / "root")})
+    out = captures(cfg, ckpts, "mean", TEXTS)
+    assert list(out) == ["0", "10"] and all(a.acts.shape == (4, len(TEXTS), 32) for a in out.values())
+    assert len(list((tmp_path / "root" / "activations").glob("acts-*"))) == 2  # by content, under the root
     spy = Spy(monkeypatch)
-    again = act.capture_run(run, TEXTS, pooling="mean")  # all hits
-    assert spy.captures == 0 and all(torch.equal(again[s].acts, out[s].acts) for s in out)
-    with pytest.raises(ValueError, match="no complete checkpoints"):
-        act.capture_run(tmp_path / "empty", TEXTS)
+    again = captures(cfg, ckpts, "mean", TEXTS)  # all hits
+    assert spy.captures == 0 and all(torch.equal(again[k].acts, out[k].acts) for k in out)
+    deeper = tmp_path / "deeper"
+    make_model("qwen3", num_hidden_layers=4).save_pretrained(deeper)
+    tok.save_pretrained(deeper)
+    with pytest.raises(ValueError, match="cannot compare: a has 3 layers, b has 4"):
+        captures(cfg, Checkpoints({"0": paths["0"], "x": deeper}, {"0": 0, "x": 1}, {}, tmp_path), "mean", TEXTS)
 
 
 # ---------------------------------------------------------------- comparability
@@ -398,11 +383,6 @@ def test_check_comparable(qwen3, tok):
     with pytest.raises(ValueError, match="tokenized differently"):
         check_comparable(a, retok)
     check_comparable(a, retok, same_tokenization=False)
-    t20 = capture(qwen3, tok, TEXTS, pooling="tokens", max_rows=20)
-    with pytest.raises(ValueError, match=r"cannot compare: a has 20 rows, b has 30"):
-        check_comparable(t20, capture(qwen3, tok, TEXTS, pooling="tokens", max_rows=30))
-    with pytest.raises(ValueError, match="rows are different tokens"):
-        check_comparable(t20, capture(qwen3, tok, TEXTS, pooling="tokens", max_rows=20, seed=1))
 
 
 def test_check_same_tokenizer(tok, tmp_path):
@@ -426,17 +406,17 @@ def test_mmap_cache_entries(model_dir, qwen3, tok, tmp_path, monkeypatch, dtype)
     built = capture_cached(model_dir, tok, TEXTS, POINTS, "mean", cdir, dtype=dtype, mmap=True)
     ref = capture(qwen3, tok, TEXTS, POINTS, pooling="mean", dtype=dtype)
     assert built.acts.dtype == dtype and torch.equal(built.acts, ref.acts)
-    (path,) = cdir.glob("acts-*.safetensors")
+    (entry,) = cdir.glob("acts-*")
     # a hit with mmap=True: same values and meta, no model run
     hit = capture_cached(model_dir, tok, TEXTS, POINTS, "mean", cdir, dtype=dtype, mmap=True)
     assert spy.captures == 1 and torch.equal(hit.acts, ref.acts) and hit.meta == built.meta
-    # load_activations by path, memory-mapped or read
+    # the entry by path (runs.load_entry), memory-mapped or read
     for mm in (True, False):
-        got = act.load_activations(path, mmap=mm)
+        got = cache.load_entry(entry, mmap=mm)
         assert torch.equal(got.acts, ref.acts) and got.hook_points == POINTS and got.meta == built.meta
     # copy-on-write: writing to the mapped tensor never changes the file
     hit.acts[0, 0, 0] = 1234.0
-    assert torch.equal(act.load_activations(path).acts, ref.acts)
+    assert torch.equal(cache.load_entry(entry).acts, ref.acts)
 
 
 def test_mmap_reads_pages_from_the_file(tmp_path):
@@ -445,7 +425,7 @@ def test_mmap_reads_pages_from_the_file(tmp_path):
     x = torch.arange(24, dtype=torch.float16).reshape(2, 3, 4)
     path = tmp_path / "t.safetensors"
     save_file({"acts": x, "other": torch.ones(5)}, str(path))
-    t = act.mmap_tensor(path, "acts")
+    t = cache.mmap_tensor(path, "acts")
     assert torch.equal(t, x) and t.dtype == torch.float16
     # the tensor is a view of the file: an in-place change of the file's bytes shows through
     data = bytearray(path.read_bytes())
@@ -457,17 +437,15 @@ def test_mmap_reads_pages_from_the_file(tmp_path):
         f.write(torch.tensor([-7.0], dtype=torch.float16).numpy().tobytes())
     assert float(t[0, 0, 0]) == -7.0
     with pytest.raises(ValueError, match=r"holds no tensor 'nope' \(tensors: \['acts', 'other'\]\)"):
-        act.mmap_tensor(path, "nope")
+        cache.mmap_tensor(path, "nope")
 
 
-def test_load_activations_errors(model_dir, tok, tmp_path, caplog):
-    with pytest.raises(ValueError, match="is not an activation cache entry"):
-        act.load_activations(tmp_path / "acts-missing.safetensors")
+def test_load_entry_errors(model_dir, tok, tmp_path):
+    with pytest.raises(ValueError, match="is not a cache entry"):
+        cache.load_entry(tmp_path / "acts-missing")
     cdir = tmp_path / "cache"
     capture_cached(model_dir, tok, TEXTS, POINTS, "mean", cdir, dtype=torch.float16)
-    (path,) = cdir.glob("acts-*.safetensors")
-    _damage_flip(path, None)
-    with caplog.at_level(logging.WARNING, logger="alignkit.capture"), \
-            pytest.raises(ValueError, match="failed verification"):
-        act.load_activations(path)
-    assert "sha256 does not match" in caplog.text
+    (entry,) = cdir.glob("acts-*")
+    _damage_flip(entry / "result" / "arrays.safetensors", None)
+    with pytest.raises(ValueError, match="arrays.safetensors does not match its checksum"):
+        cache.load_entry(entry)

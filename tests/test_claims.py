@@ -137,7 +137,7 @@ def test_sparsity_at_matched_update_size_separates_shape_from_size():
                                                             ("grpo", "tiny"))}
         tables = {m: weight_drift(base, f, k=2, progress=False) for m, f in finals.items()}
         norm = {m: float(np.sqrt((t["norm_delta"] ** 2).sum())) for m, t in tables.items()}
-        for m in ("dpo", "grpo"):  # the definition stages._matched_unchanged computes
+        for m in ("dpo", "grpo"):  # the definition analyses.weights.matched_unchanged computes
             share = {n: bf16_unchanged_share(w, finals["sft"][n] - w, norm[m] / norm["sft"])
                      for n, w in base.items()}
             tables["sft"][f"unchanged_bf16_at_{m}"] = tables["sft"]["name"].map(share)

@@ -1,8 +1,8 @@
-"""The headless CLI (``python -m alignkit``) and the cached pipeline stages it shares with the notebooks.
+"""The headless CLI (``python -m alignkit``) and the cached analyses it shares with the notebooks.
 
 Stages run in-process on the tiny preset in smoke size (the session's smoke run); their artifacts
-must load through the notebooks' calls (``alignkit.stages``, ``capture_run``) with every
-expensive function patched to raise, i.e. without recomputation.
+must load through the notebooks' calls (``alignkit.analyses``) with every expensive function
+patched to raise, i.e. without recomputation.
 """
 
 import json
@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 from conftest import smoke_config
 
-from alignkit import cli, results
-from alignkit import report as report_mod
-from alignkit import stages as pipeline
-from alignkit.runs import METHODS, list_checkpoints
-from alignkit.stages import ensure_results
+from alignkit import cli
+from alignkit.analyses import behaviour, cka, compare, lens, patching, spectral
+from alignkit.analyses.common import captures, from_methods, from_run
+from alignkit.config import with_values
+from alignkit.runs import list_checkpoints
 from alignkit.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -135,7 +135,7 @@ def test_full_size_on_the_cpu_is_warned_before_any_work(caplog):
     real = get_config("qwen3-0.6b-base", overrides={"device": "cpu"})
     cli.warn_if_slow(real, "train")
     assert "qwen3-0.6b-base at full size on the CPU" in caplog.text
-    assert "1000 steps: ~3.0 days" in caplog.text
+    assert "so 1000 steps take days" in caplog.text and "benchmarks/RESULTS_real.md" in caplog.text
     caplog.clear()
     for cfg, cmd in ((get_config("tiny"), "train"),
                      (get_config("qwen3-0.6b", smoke=True, overrides={"device": "cpu"}), "all"),
@@ -204,7 +204,8 @@ def _no_compute(monkeypatch):
 def staged(smoke_root, smoke_run):
     """Every stage through ``cli.main`` on the session's smoke run; returns the argv prefix."""
     argv = ["--smoke", "--root", str(smoke_root), "--seeds", "1"]  # the seed loop: test_seeds_flag
-    for stage in (["train", "sft"], ["evaluate"], ["capture"], ["cka"], ["spectral"], ["patching"], ["lens"]):
+    for stage in (["train", "sft"], ["evaluate"], ["capture"], ["cka"], ["spectral"], ["patching"], ["lens"],
+                  ["weights"]):
         assert cli.main(argv + stage) == 0, stage
     return argv
 
@@ -219,9 +220,12 @@ def test_train_stage_reuses_the_run(staged, smoke_cfg, smoke_run, monkeypatch):
 
 def test_evaluate_stage_artifacts_load_in_notebook_helpers(staged, smoke_cfg, smoke_run, monkeypatch):
     assert (smoke_run / "flips.json").is_file()
-    assert all(len(list(d.glob("eval-*.json"))) == 1 for _, d in list_checkpoints(smoke_run))
+    from alignkit.runs import weights_hash
+
+    distinct = {weights_hash(d) for _, d in list_checkpoints(smoke_run)}  # equal weights: one evaluation
+    assert len(list((smoke_cfg.run_root / "evals").glob("eval-*"))) >= len(distinct)
     _no_compute(monkeypatch)
-    res = ensure_results(smoke_cfg)  # what notebooks 01-04 call first
+    res = behaviour.ensure(smoke_cfg, from_run(smoke_cfg))  # what notebook 01 calls
     assert res.run_dir == smoke_run and res.steps == [s for s, _ in list_checkpoints(smoke_run)]
     assert all(r.n == smoke_cfg.eval.n_eval for r in res.evals)
     table = json.loads((smoke_run / "flips.json").read_text())
@@ -229,39 +233,37 @@ def test_evaluate_stage_artifacts_load_in_notebook_helpers(staged, smoke_cfg, sm
 
 
 def test_capture_stage_fills_the_notebooks_cache(staged, smoke_cfg, smoke_run, monkeypatch):
-    from alignkit.capture import capture_cached, capture_run
     from alignkit.data import probe_texts
 
     texts = probe_texts(smoke_cfg)
     _no_compute(monkeypatch)
-    steps = [s for s, _ in list_checkpoints(smoke_run)]
+    ckpts = from_run(smoke_cfg)
+    assert list(ckpts.steps.values()) == [s for s, _ in list_checkpoints(smoke_run)]
     for pooling in ("question", "mean", "last"):  # notebook 02 (all three), 03-05 (question)
-        caps = capture_run(smoke_run, texts, pooling=pooling)
-        assert sorted(caps) == steps
-        a = caps[steps[-1]]
+        caps = captures(smoke_cfg, ckpts, pooling)
+        assert list(caps) == ckpts.labels
+        a = caps[ckpts.tuned]
         assert a.acts.shape == (smoke_cfg.tiny.num_hidden_layers + 1, len(texts), smoke_cfg.tiny.hidden_size)
-    # notebook 04's call for base and tuned hits the same entries
-    ckpts = dict(list_checkpoints(smoke_run))
-    capture_cached(ckpts[steps[0]], None, texts, None, "question", cache_dir=smoke_run / "activations")
+    captures(smoke_cfg, ckpts.pair(ckpts.tuned), "question")  # notebook 04's pair: the same entries
 
 
 def test_cka_stage_matches_a_direct_computation(staged, smoke_cfg, smoke_run, monkeypatch):
-    from alignkit import cka, controls
-    from alignkit.capture import capture_run
-    from alignkit.data import probe_texts
+    from alignkit import cka as measure
+    from alignkit import controls
 
-    caps = capture_run(smoke_run, probe_texts(smoke_cfg), pooling="question")
+    ckpts = from_run(smoke_cfg)
+    caps = {ckpts.steps[k]: a for k, a in captures(smoke_cfg, ckpts, "question").items()}
     steps = sorted(caps)
     keep = [i for i, n in enumerate(caps[steps[0]].hook_points)
             if not any(n in a.meta["constant_points"] for a in caps.values())]
     base, final = caps[steps[0]].acts[keep], caps[steps[-1]].acts[keep]
-    direct = {"matrix": cka.cka_matrix(base, final), "lw": cka.layerwise_cka(base, final),
+    direct = {"matrix": measure.cka_matrix(base, final), "lw": measure.layerwise_cka(base, final),
               "boot": controls.bootstrap_layerwise_cka(base, caps[steps[1]].acts[keep], n_boot=20, seed=0,
                                                        debiased=True),
               "noise": controls.noise_floor(base, final, n_splits=20, seed=0)}
     _no_compute(monkeypatch)
-    res = pipeline.ensure_cka(smoke_cfg)  # notebook 02's call: read, not computed
-    assert isinstance(res, results.CKAResult) and list(pipeline.analysis_dir(smoke_run).glob("cka-*"))
+    res = cka.ensure(smoke_cfg, ckpts)  # notebook 02's call: read, not computed
+    assert isinstance(res, cka.CKAResult) and list((smoke_run / "analysis").glob("cka-*"))
     assert res.steps == steps and res.labels[0] == "embed" and len(res.labels) == len(keep)
     np.testing.assert_array_equal(res.matrix, np.asarray(direct["matrix"], dtype=np.float64))
     np.testing.assert_allclose(res.classic[steps[-1]].point, direct["lw"], rtol=0, atol=1e-12)
@@ -275,67 +277,69 @@ def test_cka_stage_matches_a_direct_computation(staged, smoke_cfg, smoke_run, mo
 
 
 def test_stale_or_damaged_results_are_recomputed(staged, smoke_cfg, smoke_run, caplog):
-    res = pipeline.ensure_cka(smoke_cfg)
-    other = pipeline.ensure_cka(smoke_cfg, n_boot=21)  # other parameters: another key, another file
-    assert len(list(pipeline.analysis_dir(smoke_run).glob("cka-*"))) == 2
+    ckpts = from_run(smoke_cfg)
+    res = cka.ensure(smoke_cfg, ckpts)
+    more = with_values(smoke_cfg, {"cka.n_boot": 21})
+    other = cka.ensure(more, ckpts)  # other parameters: another key, another file
+    assert len(list((smoke_run / "analysis").glob("cka-*"))) == 2
     np.testing.assert_array_equal(other.matrix, res.matrix)
     final = res.steps[-1]
     assert not np.array_equal(other.classic[final].lo, res.classic[final].lo)
-    path = next(p for p in pipeline.analysis_dir(smoke_run).glob("cka-*") if p.stat().st_mtime_ns ==
-                max(q.stat().st_mtime_ns for q in pipeline.analysis_dir(smoke_run).glob("cka-*")))
+    path = next(p for p in (smoke_run / "analysis").glob("cka-*") if p.stat().st_mtime_ns ==
+                max(q.stat().st_mtime_ns for q in (smoke_run / "analysis").glob("cka-*")))
     info = json.loads((path / "key.json").read_text())
-    info["params"]["n_boot"] = 999  # a result stored under another key is never read
+    info["key"]["params"]["n_boot"] = 999  # a result stored under another key is never read
     (path / "key.json").write_text(json.dumps(info))
-    again = pipeline.ensure_cka(smoke_cfg, n_boot=21)
+    again = cka.ensure(more, ckpts)
     assert "damaged or stale" in caplog.text
     np.testing.assert_array_equal(again.classic[final].lo, other.classic[final].lo)
-    with pytest.raises(TypeError, match="unknown stage parameter"):
-        pipeline.ensure_cka(smoke_cfg, n_bot=21)
+    with pytest.raises(ValueError, match="unknown config key 'cka.n_bot'"):
+        with_values(smoke_cfg, {"cka.n_bot": 21})
 
 
 def test_spectral_stage_matches_a_direct_computation(staged, smoke_cfg, smoke_run, monkeypatch):
-    from alignkit import spectral
-    from alignkit.capture import capture_run
-    from alignkit.data import probe_texts
+    from alignkit import spectral as measure
 
-    caps = capture_run(smoke_run, probe_texts(smoke_cfg), pooling="question")
+    ckpts = from_run(smoke_cfg)
+    caps = {ckpts.steps[k]: a for k, a in captures(smoke_cfg, ckpts, "question").items()}
     steps = sorted(caps)
-    boot = {s: spectral.bootstrap_layer_metrics(caps[s].acts, alphas=(0.5, 1.0, 2.0, float("inf")),
-                                                n_boot=20, seed=0) for s in (steps[0], steps[-1])}
+    boot = {s: measure.bootstrap_layer_metrics(caps[s].acts, alphas=(0.5, 1.0, 2.0, float("inf")),
+                                               n_boot=20, seed=0) for s in (steps[0], steps[-1])}
     _no_compute(monkeypatch)
-    res = pipeline.ensure_spectral(smoke_cfg)  # notebook 03's call
+    res = spectral.ensure(smoke_cfg, ckpts)  # notebook 03's call
     assert res.steps == steps and res.dropped == [] and res.ns == [16, 32]
     for metric, d in boot[steps[-1]].items():
         for k in ("point", "lo", "hi"):
             np.testing.assert_array_equal(getattr(res, k)[metric][-1], d[k])
         np.testing.assert_array_equal(res.samples[metric][-1], d["samples"])
-    np.testing.assert_allclose(res.point["rankme"][0][-1], spectral.rankme(caps[steps[0]].acts[-1]),
+    np.testing.assert_allclose(res.point["rankme"][0][-1], measure.rankme(caps[steps[0]].acts[-1]),
                                rtol=1e-10)
-    delta = spectral.paired_delta(boot[steps[-1]], boot[steps[0]])["rankme"]  # as notebook 03 reads it
+    delta = measure.paired_delta(boot[steps[-1]], boot[steps[0]])["rankme"]  # as notebook 03 reads it
     for k in ("point", "lo", "hi"):
         np.testing.assert_allclose(res.delta("rankme", steps[-1])[k], delta[k], rtol=0, atol=1e-12)
     assert res.rank_vs_n.shape == (2, 2, len(res.labels))
 
 
 def test_patching_stage_round_trips_exactly(staged, smoke_cfg, smoke_run, monkeypatch):
-    from alignkit import patching
+    from alignkit import patching as measure
     from alignkit.models import load_model
 
-    run = ensure_results(smoke_cfg)
-    sets, labels = pipeline.patching_sets(smoke_cfg, run, 8, 2)
+    ckpts = from_run(smoke_cfg)
+    run = behaviour.ensure(smoke_cfg, ckpts)
+    sets, labels = behaviour.example_sets(smoke_cfg, run)
     base, tok = load_model(run.evals[0].checkpoint)
     tuned, _ = load_model(run.evals[-1].checkpoint)
-    exs = patching.examples_from_table(sets["controls"], tok)
-    direct = patching.layer_sweep(base, tuned, tok, exs, component="mlp", direction="noise", batch_size=8,
-                                  progress=False)
+    exs = measure.examples_from_table(sets["controls"], tok)
+    direct = measure.layer_sweep(base, tuned, tok, exs, component="mlp", direction="noise", batch_size=8,
+                                 progress=False)
     _no_compute(monkeypatch)
-    res = pipeline.ensure_patching(smoke_cfg)  # notebook 04's call
+    res = patching.ensure(smoke_cfg, ckpts)  # notebook 04's call
     assert res.sets == sets and res.labels == labels
     L = smoke_cfg.tiny.num_hidden_layers
     assert set(res.sweeps) == {f"{s}/{c}/{d}" for s in ("flips", "controls") for c in ("resid", "attn", "mlp")
                                for d in ("denoise", "noise")}
     got = res.sweep("controls", "mlp", "noise")
-    assert isinstance(got, patching.PatchResult) and got.delta.shape == (len(exs), L)
+    assert isinstance(got, measure.PatchResult) and got.delta.shape == (len(exs), L)
     for f in ("lp_patched", "delta", "npe", "kl", "lp_receiver", "lp_donor", "npe_valid"):
         np.testing.assert_array_equal(getattr(got, f), getattr(direct, f))
     assert got.meta == direct.meta
@@ -346,21 +350,22 @@ def test_patching_stage_round_trips_exactly(staged, smoke_cfg, smoke_run, monkey
 
 
 def test_lens_stage_round_trips_exactly(staged, smoke_cfg, smoke_run, monkeypatch):
-    from alignkit import lens, patching
+    from alignkit import lens as measure
+    from alignkit import patching as sweeps
     from alignkit.models import load_model
-    from alignkit.report import summarize_lens
 
-    run = ensure_results(smoke_cfg)
-    sets, labels = pipeline.patching_sets(smoke_cfg, run, 8, 2)
+    ckpts = from_run(smoke_cfg)
+    run = behaviour.ensure(smoke_cfg, ckpts)
+    sets, labels = behaviour.example_sets(smoke_cfg, run)
     base, tok = load_model(run.evals[0].checkpoint)
     tuned, _ = load_model(run.evals[-1].checkpoint)
-    exs = patching.examples_from_table(sets["flips"], tok)
-    direct = patching.weight_sweep(base, tuned, tok, exs, mean_positions="answer", kinds=("steer",), batch_size=8,
-                                   progress=False)["steer"]
-    diff = patching.mean_difference(base, tuned, tok, exs, positions=list(range(5)), batch_size=8, progress=False)
+    exs = sweeps.examples_from_table(sets["flips"], tok)
+    direct = sweeps.weight_sweep(base, tuned, tok, exs, mean_positions="answer", kinds=("steer",), batch_size=8,
+                                 progress=False)["steer"]
+    diff = sweeps.mean_difference(base, tuned, tok, exs, positions=list(range(5)), batch_size=8, progress=False)
     _no_compute(monkeypatch)
-    monkeypatch.setattr(lens, "token_kl", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
-    res = pipeline.ensure_lens(smoke_cfg)  # notebook 04's call, read from the CLI's cache
+    monkeypatch.setattr(measure, "token_kl", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
+    res = lens.ensure(smoke_cfg, ckpts)  # notebook 04's call, read from the CLI's cache
     assert res.label == labels["flips"] and list(res.positions) == ["first", "answer"]
     np.testing.assert_array_equal(res.steer["answer"].lp_patched, direct.lp_patched)
     np.testing.assert_array_equal(res.diff["first"], diff)
@@ -370,70 +375,47 @@ def test_lens_stage_round_trips_exactly(staged, smoke_cfg, smoke_run, monkeypatc
     assert len(res.token_kl) == len(res.texts) == len(res.n_prompt) == min(8, len(exs))
     assert all(len(k) == len(tok(t, add_special_tokens=False)["input_ids"]) for k, t in zip(res.token_kl, res.texts))
     assert res.ranked[0]["kl"] == max(k.max() for k in res.token_kl)
-    text = summarize_lens([res, res], n_boot=20, smoke=True)
+    text = lens.summarize([res, res], smoke_cfg)
     assert "Steering at the first tokens" in text and "Per-token KL" in text and "in all 2 seeds" in text
 
 
 def test_lens_at_some_layers_equals_the_full_lens_there(staged, smoke_cfg, smoke_run):
-    """``--steer-layers`` steers at those decoder layers only: the same numbers as the full lens
-    there, reported and drawn at their own layers; the default key leaves the knob out, so
-    lenses cached before it existed are still read."""
+    """``lens.steer_layers`` (one config field, ``--set lens.steer_layers=[0,2]``) steers at those
+    decoder layers only: the same numbers as the full lens there, reported and drawn at their own
+    layers."""
     import matplotlib.pyplot as plt
 
     from alignkit import plots
 
-    full = pipeline.ensure_lens(smoke_cfg)
-    assert cli.main(staged + ["lens", "--steer-layers", "0", "2"]) == 0
-    sub = pipeline.ensure_lens(smoke_cfg, steer_layers=[0, 2])
+    ckpts = from_run(smoke_cfg)
+    full = lens.ensure(smoke_cfg, ckpts)
+    assert cli.main(staged + ["lens", "--set", "lens.steer_layers=[0, 2]"]) == 0
+    sub = lens.ensure(with_values(smoke_cfg, {"lens.steer_layers": [0, 2]}), ckpts)  # the CLI's
     for name in ("first", "answer"):
         for kind in ("steer", "control"):
             np.testing.assert_array_equal(getattr(sub, kind)[name].delta,
                                           getattr(full, kind)[name].delta[:, [0, 2]])
         assert list(sub.steer[name].meta["layers"]) == [0, 2]
-        st = report_mod.steering(sub, name, 50)
+        st = sub.steering(name, 50)
         assert list(st["layers"]) == [0, 2] and st["peak"] == [0, 2][st["at"]]
         np.testing.assert_array_equal(sub.diff[name], full.diff[name])
-    assert "Steering at the answer-predicting positions" in report_mod.summarize_lens(sub, 50)
-    fig = plots.plot_steering([report_mod.steering(sub, "answer", 50)])
+    assert "Steering at the answer-predicting positions" in lens.summarize([sub])
+    fig = plots.plot_steering([sub.steering("answer", 50)])
     assert list(fig.axes[0].lines[0].get_xdata()) == [0, 2]
     plt.close(fig)
-    assert "steer_layers" not in pipeline._lens_key(pipeline.lens_defaults(True))
-    assert cli.main(staged + ["compare", "--steer-layers", "1"]) == 2  # --models only
 
 
-def test_notebook_parameters_match_pipeline_defaults(monkeypatch):
-    """A notebook run after the CLI must ask for exactly the CLI's results (same cache keys)."""
-    import jupytext
-
-    def params(name, smoke):
-        monkeypatch.setenv("ALIGNKIT_SMOKE", "1" if smoke else "0")
-        nb = jupytext.read(ROOT / "notebooks" / name, fmt="py:percent")
-        ns: dict = {}
-        exec(next(c.source for c in nb.cells if "parameters" in c.metadata.get("tags", [])), ns)
-        return ns
-
-    for smoke in (False, True):
-        p = params("02_cka.py", smoke)
-        d = pipeline.cka_defaults(smoke)
-        assert (*p["POOLINGS"], p["N_BOOT"], p["N_PERM"]) == (d["pooling"], d["alt_pooling"], d["n_boot"],
-                                                              d["n_perm"])
-        p = params("03_spectral.py", smoke)
-        d = pipeline.spectral_defaults(smoke)
-        assert (p["POOLING"], tuple(p["ALPHAS"]), p["N_BOOT"]) == (d["pooling"], d["alphas"], d["n_boot"])
-        p = params("04_patching.py", smoke)
-        d = pipeline.patching_defaults(smoke)
-        assert {k: p[k.upper()] for k in d} == d
-        d = pipeline.lens_defaults(smoke)  # the lens's own knobs; the rest shared with patching
-        assert {k: p[k.upper()] for k in d if k not in ("k", "top")} == {k: v for k, v in d.items()
-                                                                        if k not in ("k", "top")}
-        p = params("05_post_training_compare.py", smoke)
-        d = pipeline.compare_defaults(smoke)
-        assert {k: p[k.upper()] for k in d} == d and tuple(p["METHODS"]) == METHODS
+def test_a_knob_is_one_field_settable_everywhere(capsys):
+    """Every analysis knob is a config field: ``--set`` takes it, typed like its default."""
+    assert cli.parse_overrides(["lens.steer_layers=[0, 4]", "cka.n_boot=500", "patching.min_gap=1"]) == {
+        "lens.steer_layers": [0, 4], "cka.n_boot": 500, "patching.min_gap": 1.0}
+    rc, err = _error(capsys, ["--set", "cka.n_boot=many", "cka"])
+    assert (rc, err) == (2, PROG + "config key 'cka.n_boot' expects int (preset value 200), got 'many'\n")
 
 
 def test_figures_runs_a_notebook_on_the_cached_results(staged, smoke_root, smoke_run):
-    analysis = {p: p.stat().st_mtime_ns for p in pipeline.analysis_dir(smoke_run).iterdir()}
-    acts = {p: p.stat().st_mtime_ns for p in (smoke_run / "activations").iterdir()}
+    analysis = {p: p.stat().st_mtime_ns for p in (smoke_run / "analysis").iterdir()}
+    acts = {p: p.stat().st_mtime_ns for p in (smoke_root / "activations").iterdir()}
     assert cli.main(staged + ["figures", "--notebooks", "03"]) == 0
     out = smoke_root / "reports" / "tiny-smoke" / "03_spectral.ipynb"
     nb = json.loads(out.read_text())
@@ -444,8 +426,8 @@ def test_figures_runs_a_notebook_on_the_cached_results(staged, smoke_root, smoke
     errors = [o for c in nb["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
     # the notebook read the CLI's captures and spectral result instead of computing new ones
-    assert {p: p.stat().st_mtime_ns for p in pipeline.analysis_dir(smoke_run).iterdir()} == analysis
-    assert {p: p.stat().st_mtime_ns for p in (smoke_run / "activations").iterdir()} == acts
+    assert {p: p.stat().st_mtime_ns for p in (smoke_run / "analysis").iterdir()} == analysis
+    assert {p: p.stat().st_mtime_ns for p in (smoke_root / "activations").iterdir()} == acts
 
 
 # ----------------------------------------------------------------------------- local model and data
@@ -475,7 +457,7 @@ def test_local_model_and_jsonl_fully_offline(tmp_path, smoke_base, monkeypatch):
     manifest = json.loads((ckpts[0][1] / "manifest.json").read_text())
     assert manifest["base"] == str(smoke_base.resolve()) and [s for s, _ in ckpts] == [0, 1, 2]
     assert eval_set(cfg)["question"] == [json.loads(l)["question"] for l in test_file.read_text().splitlines()]
-    res = pipeline.ensure_cka(cfg)
+    res = cka.ensure(cfg, from_run(cfg))
     assert res.steps == [0, 1, 2] and res.matrix.shape == (len(res.labels),) * 2
 
 
@@ -497,33 +479,34 @@ def test_dpo_and_grpo_stages(staged, smoke_cfg, smoke_run, monkeypatch):
         step0 = json.loads((list_checkpoints(rdir)[0][1] / "manifest.json").read_text())
         assert step0["weights_hash"] == sft_final  # both start from the final SFT checkpoint
     _no_compute(monkeypatch)
-    res = pipeline.ensure_cka(smoke_cfg, "dpo")
+    res = cka.ensure(smoke_cfg, from_run(smoke_cfg, "dpo"))
     assert res.steps == [s for s, _ in list_checkpoints(run_dir(smoke_cfg, "dpo"))]
-    assert pipeline.analysis_dir(run_dir(smoke_cfg, "dpo")).is_dir()
-    assert pipeline.ensure_spectral(smoke_cfg, "grpo").steps[0] == 0
-    assert len(ensure_results(smoke_cfg, "dpo").evals) == len(res.steps)
+    assert (run_dir(smoke_cfg, "dpo") / "analysis").is_dir()
+    assert spectral.ensure(smoke_cfg, from_run(smoke_cfg, "grpo")).steps[0] == 0
+    assert len(behaviour.ensure(smoke_cfg, from_run(smoke_cfg, "dpo")).evals) == len(res.steps)
 
 
 def test_compare_stage_then_every_stage_is_cached(staged, smoke_cfg, monkeypatch):
     assert cli.main(staged + ["compare"]) == 0
-    first = pipeline.ensure_compare(smoke_cfg)
+    first = compare.ensure(smoke_cfg, from_methods(smoke_cfg))
     _no_compute(monkeypatch)
-    res = pipeline.ensure_compare(smoke_cfg)  # notebook 05's call: read, not computed
-    assert isinstance(res, results.CompareResult) and res.methods == ["sft", "dpo", "grpo"]
+    res = compare.ensure(smoke_cfg, from_methods(smoke_cfg))  # notebook 05's call: read, not computed
+    assert isinstance(res, compare.CompareResult) and res.methods == ["sft", "dpo", "grpo"]
     assert res.init == {"sft": "base", "dpo": "sft", "grpo": "sft"}
     for m in ("dpo", "grpo"):  # the size control of the sparsity claim, per tensor
-        shares = res.own["sft"][f"unchanged_bf16_at_{m}"]
+        shares = res.weights.own["sft"][f"unchanged_bf16_at_{m}"]
         assert shares.notna().all() and shares.between(0, 1).all()
     for m in res.methods:
         np.testing.assert_array_equal(res.cka[m].point, first.cka[m].point)
         np.testing.assert_array_equal(res.patches[m].delta, first.patches[m].delta)
-        assert res.own[m].equals(first.own[m]) and res.own[m].attrs == first.own[m].attrs
-    assert res.structure_controls == first.structure_controls
+        assert res.weights.own[m].equals(first.weights.own[m])
+        assert res.weights.own[m].attrs == first.weights.own[m].attrs
+    assert res.weights.structure_controls == first.weights.structure_controls
     assert cli.main(staged + ["all", "--skip", "figures"]) == 0  # every stage cached: nothing recomputed
 
 
 def test_seeds_flag_runs_every_stage_once_per_training_seed(capsys, monkeypatch, tmp_path):
-    import alignkit.stages as stages_mod
+    import alignkit.analyses.common as common_mod
     import alignkit.train as train_mod
 
     args = cli.build_parser().parse_args(["--smoke", "--seeds", "3", "train", "sft"])
@@ -534,9 +517,11 @@ def test_seeds_flag_runs_every_stage_once_per_training_seed(capsys, monkeypatch,
     cli.stage_train(cfg, "sft")
     assert trained == [("sft", 0), ("sft", 1), ("sft", 2)]
     seen = []
-    monkeypatch.setattr(stages_mod, "ensure_cka", lambda c, m: seen.append(c.sft.seed) or c.sft.seed)
-    monkeypatch.setattr(report_mod, "summarize_cka", lambda res: f"{len(res)} results")
-    assert cli.stage_analysis("cka", cfg, "sft") == [0, 1, 2] and seen == [0, 1, 2]
+    monkeypatch.setattr(common_mod, "checkpoints", lambda c, m: m)
+    monkeypatch.setattr(cka, "ensure", lambda c, ckpts: seen.append((c.sft.seed, ckpts)) or c.sft.seed)
+    monkeypatch.setattr(cka, "summarize", lambda res, cfg=None: f"{len(res)} results")
+    assert cli.stage_analysis("cka", cfg, "sft") == [0, 1, 2]
+    assert seen == [(0, "sft"), (1, "sft"), (2, "sft")]
     capsys.readouterr()  # the seeds' progress bar
     rc, err = _error(capsys, ["--seeds", "0", "train", "sft"])
     assert (rc, err) == (2, PROG + "--seeds must be at least 1, got 0\n")

@@ -10,31 +10,34 @@ import torch
 from tiny_models import ARCHS, make_model, make_unsupported
 
 from alignkit import cli
-from alignkit import stages as pipeline
+from alignkit.analyses import behaviour, cka, compare, lens, patching, spectral
+from alignkit.analyses.common import from_models, from_run
+from alignkit.config import with_values
 from alignkit.data import generate_problems
 from alignkit.tiny import train_tokenizer
 
 
 def test_own_checkpoints_reproduce_the_runs_analysis(smoke_cfg, smoke_run):
-    run = pipeline.ensure_results(smoke_cfg)
+    ckpts = from_run(smoke_cfg)
+    run = behaviour.ensure(smoke_cfg, ckpts)
     base, final = run.evals[0].checkpoint, run.evals[-1].checkpoint
-    res = pipeline.ensure_models_compare(smoke_cfg, {"base": base, "sft": final})
+    res = compare.ensure(smoke_cfg, from_models(smoke_cfg, {"base": base, "sft": final}))
     assert res.methods == ["sft"] and res.init == {"sft": "base"}
     assert res.accuracy["sft"]["accuracy"] == run.summary()[-1]["accuracy"]
     assert res.correct["base"] == list(run.evals[0].correct)
     # CKA: the point of the final checkpoint's layerwise curve (the same probes and pooling)
-    cka = pipeline.ensure_cka(smoke_cfg)
-    idx = [cka.labels.index(lab) for lab in res.labels]
-    np.testing.assert_allclose(res.cka["sft"].point, cka.classic[run.steps[-1]].point[idx], rtol=0, atol=1e-6)
+    own = cka.ensure(smoke_cfg, ckpts)
+    idx = [own.labels.index(lab) for lab in res.labels]
+    np.testing.assert_allclose(res.cka["sft"].point, own.classic[run.steps[-1]].point[idx], rtol=0, atol=1e-6)
     # effective rank: the paired Δ RankMe of the final checkpoint against the base
-    spec = pipeline.ensure_spectral(smoke_cfg)
+    spec = spectral.ensure(smoke_cfg, ckpts)
     d = spec.delta("rankme", run.steps[-1])
     np.testing.assert_allclose(res.rank_vs_base["sft"].point, d["point"][idx], rtol=0, atol=1e-6)
     # patching: the resid denoise sweep on the same flips
-    pat = pipeline.ensure_patching(smoke_cfg)
+    pat = patching.ensure(smoke_cfg, ckpts)
     np.testing.assert_allclose(res.patches["sft"].delta, pat.sweep("flips", "resid", "denoise").delta, rtol=0,
                                atol=1e-6)
-    again = pipeline.ensure_models_compare(smoke_cfg, {"base": base, "sft": final})  # from the cache
+    again = compare.ensure(smoke_cfg, from_models(smoke_cfg, {"base": base, "sft": final}))  # cached
     np.testing.assert_array_equal(again.cka["sft"].point, res.cka["sft"].point)
 
 
@@ -69,13 +72,13 @@ def test_whole_comparison_on_every_family(arch, family_tok, tmp_path, smoke_cfg)
     cfg = dataclasses.replace(smoke_cfg, root=str(tmp_path / "runs"))
     cfg.eval = dataclasses.replace(cfg.eval, n_eval=16, max_new_tokens=8)
     pair = save_pair(arch, family_tok, tmp_path)
-    res = pipeline.ensure_models_compare(cfg, {"base": str(pair["base"]), "sft": str(pair["tuned"])},
-                                         n_boot=5, n_splits=2, n_boot_patch=5)
+    cfg = with_values(cfg, {"compare.n_boot": 5, "compare.n_splits": 2, "compare.n_boot_patch": 5})
+    res = compare.ensure(cfg, from_models(cfg, {"base": str(pair["base"]), "sft": str(pair["tuned"])}))
     L = 3
     assert res.cka["sft"].point.shape == (len(res.labels),) and np.isfinite(res.cka["sft"].point).all()
     assert (res.cka["sft"].point < 1 - 1e-6).any()  # the perturbed layers moved
     assert res.patches["sft"].delta.shape[1] == L and np.isfinite(res.patches["sft"].delta).all()
-    moved = res.drift["sft"][res.drift["sft"]["layer"].between(0, L - 1)]
+    moved = res.weights.drift["sft"][res.weights.drift["sft"]["layer"].between(0, L - 1)]
     assert (moved["rel_change"] > 0).all() and len(moved) > 0
     assert np.isfinite(res.rank_vs_base["sft"].point).all()
 
@@ -93,21 +96,21 @@ def test_mismatched_models_are_refused_before_any_work(family_tok, tmp_path, smo
     make_model("qwen3", vocab_size=len(other_tok)).save_pretrained(odd)
     other_tok.save_pretrained(odd)
     with pytest.raises(ValueError, match="sft and the reference base: tokenizers differ"):
-        pipeline.ensure_models_compare(cfg, {"base": str(pair["base"]), "sft": str(odd)})
+        from_models(cfg, {"base": str(pair["base"]), "sft": str(odd)})
     deeper = tmp_path / "deeper"
     make_model("qwen3", vocab_size=len(family_tok), num_hidden_layers=4).save_pretrained(deeper)
     family_tok.save_pretrained(deeper)
     with pytest.raises(ValueError, match="config.num_hidden_layers: 3 vs 4"):
-        pipeline.ensure_models_compare(cfg, {"base": str(pair["base"]), "sft": str(deeper)})
+        from_models(cfg, {"base": str(pair["base"]), "sft": str(deeper)})
     bloom = tmp_path / "bloom"
     make_unsupported(len(family_tok)).save_pretrained(bloom)
     family_tok.save_pretrained(bloom)
     with pytest.raises(NotImplementedError, match=r"BloomForCausalLM \(model_type 'bloom'\)"):
-        pipeline.ensure_models_compare(cfg, {"base": str(pair["base"]), "sft": str(bloom)})
+        from_models(cfg, {"base": str(pair["base"]), "sft": str(bloom)})
     with pytest.raises(ValueError, match="could not fetch no-such/model@main"):
-        pipeline.ensure_models_compare(cfg, {"base": str(pair["base"]), "sft": "no-such/model"})
+        from_models(cfg, {"base": str(pair["base"]), "sft": "no-such/model"})
     with pytest.raises(ValueError, match="at least one other model"):
-        pipeline.ensure_models_compare(cfg, {"base": str(pair["base"])})
+        from_models(cfg, {"base": str(pair["base"])})
     assert cli.main(["--smoke", "--root", str(tmp_path), "compare", "--models", "base"]) == 2
 
 
@@ -118,7 +121,7 @@ def test_cross_layer_cka_runs_across_depths_and_families(family_tok, tmp_path, s
     import dataclasses
     import logging
 
-    from alignkit import plots, report
+    from alignkit import plots
 
     cfg = dataclasses.replace(smoke_cfg, root=str(tmp_path / "runs"))
     cfg.eval = dataclasses.replace(cfg.eval, n_eval=16, max_new_tokens=8)
@@ -130,7 +133,8 @@ def test_cross_layer_cka_runs_across_depths_and_families(family_tok, tmp_path, s
     make_model("llama", vocab_size=len(family_tok)).save_pretrained(llama)
     family_tok.save_pretrained(llama)
     models = {"base": str(pair["base"]), "same": str(pair["base"]), "deeper": str(deeper), "llama": str(llama)}
-    res = pipeline.ensure_models_cka(cfg, models, n_boot=10, n_perm=2)
+    cfg = with_values(cfg, {"cka.n_boot": 10, "cka.n_perm": 2})
+    res = cka.ensure_cross(cfg, from_models(cfg, models, same_shape=False))
     assert res.models == ["same", "deeper", "llama"]
     assert res.shape["same"] == [] and res.shape["deeper"] == ["num_hidden_layers", "layer_types"]
     assert res.shape["llama"][0] == "architectures"
@@ -141,25 +145,25 @@ def test_cross_layer_cka_runs_across_depths_and_families(family_tok, tmp_path, s
         assert np.isfinite(res.cka[m]).all() and (res.lo[m] <= res.cka[m] + 1e-12).all()
         assert res.ties[m][res.best[m], np.arange(res.cka[m].shape[1])].all()
         assert res.chance[m].shape == res.cka[m].shape
-    text = report.summarize_cross(res)
+    text = cka.summarize_cross(res)
     assert ("**deeper** (5 hook points against the reference's 4; differs from the reference in num_hidden_layers, "
             "layer_types)") in text
     fig = plots.plot_cross_cka(res, "deeper")
     assert fig.axes[0].get_xlabel() == "deeper layer (differs in num_hidden_layers, layer_types)"
-    again = pipeline.ensure_models_cka(cfg, models, n_boot=10, n_perm=2)  # from the cache
+    again = cka.ensure_cross(cfg, from_models(cfg, models, same_shape=False))  # from the cache
     np.testing.assert_array_equal(again.cka["deeper"], res.cka["deeper"])
     argv = ["--smoke", "--root", str(tmp_path / "runs"), "--set", "eval.n_eval=16", "--set", "eval.max_new_tokens=8",
             "compare", "--models", f"base={pair['base']}", f"deeper={deeper}"]
     with caplog.at_level(logging.INFO, logger="alignkit.cli"):
         assert cli.main(argv) == 0
-    assert "cross-layer" in caplog.text and "accuracy (95 % Wilson)" in caplog.text
+    assert "Cross-layer CKA" in caplog.text and "Accuracy (95 % Wilson)" in caplog.text
     assert "need the reference's shape: deeper differs in num_hidden_layers" in caplog.text
-    assert not (tmp_path / "runs" / "models" / "compare").exists()  # nothing same-layer was run
+    assert not list((tmp_path / "runs" / "models").glob("compare-*"))  # nothing same-layer was run
     # a pair labelled otherwise than sft / dpo / grpo: compared, no published claim tested
-    res = pipeline.ensure_models_compare(cfg, {"base": str(pair["base"]), "tuned": str(pair["tuned"])},
-                                         n_boot=5, n_splits=2, n_boot_patch=5)
+    cfg = with_values(cfg, {"compare.n_boot": 5, "compare.n_splits": 2, "compare.n_boot_patch": 5})
+    res = compare.ensure(cfg, from_models(cfg, {"base": str(pair["base"]), "tuned": str(pair["tuned"])}))
     assert res.methods == ["tuned"] and res.claims == []
-    assert "None tested: each claim is about a named stage" in report.summarize_compare([res])
+    assert "None tested: each claim is about a named stage" in compare.summarize([res])
 
 
 def test_notebook_05_draws_any_checkpoints(smoke_cfg, smoke_run):
@@ -169,7 +173,7 @@ def test_notebook_05_draws_any_checkpoints(smoke_cfg, smoke_run):
     import nbformat
     from nbclient import NotebookClient
 
-    run = pipeline.ensure_results(smoke_cfg)
+    run = behaviour.ensure(smoke_cfg, from_run(smoke_cfg))
     models = {"base": run.evals[0].checkpoint, "sft": run.evals[-1].checkpoint}
     path = Path(__file__).resolve().parent.parent / "notebooks" / "05_post_training_compare.ipynb"
     nb = nbformat.read(path, as_version=4)
@@ -198,16 +202,16 @@ def test_cli_compare_models_with_what_changed(smoke_cfg, smoke_run, caplog):
     equal to the run's own lens on the same checkpoints."""
     import logging
 
-    run = pipeline.ensure_results(smoke_cfg)
+    run = behaviour.ensure(smoke_cfg, from_run(smoke_cfg))
     argv = ["--smoke", "--root", str(smoke_cfg.run_root), "compare", "--models",
             f"base={run.evals[0].checkpoint}", f"sft={run.evals[-1].checkpoint}"]
     with caplog.at_level(logging.INFO, logger="alignkit.cli"):
         assert cli.main(argv) == 0
-    assert "what changed, sft against the reference" in caplog.text and "Per-token KL" in caplog.text
-    lenses = pipeline.ensure_models_lens(smoke_cfg, {"base": run.evals[0].checkpoint,
-                                                     "sft": run.evals[-1].checkpoint})
-    own = pipeline.ensure_lens(smoke_cfg)
-    np.testing.assert_allclose(lenses["sft"].diff["answer"], own.diff["answer"], rtol=0, atol=1e-6)
-    for a, b in zip(lenses["sft"].token_kl, own.token_kl):
+    assert "What changed, sft against the reference" in caplog.text and "Per-token KL" in caplog.text
+    given = from_models(smoke_cfg, {"base": run.evals[0].checkpoint, "sft": run.evals[-1].checkpoint})
+    theirs = lens.ensure(smoke_cfg, given.pair("sft"))
+    own = lens.ensure(smoke_cfg, from_run(smoke_cfg))
+    np.testing.assert_allclose(theirs.diff["answer"], own.diff["answer"], rtol=0, atol=1e-6)
+    for a, b in zip(theirs.token_kl, own.token_kl):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
     assert cli.main(argv[:-1] + ["sft=no/such-model-here"]) == 1  # a named error, one line

@@ -1,5 +1,5 @@
-"""The README's "When something goes wrong" table, row by row: each situation is triggered here and
-the message the code raises must contain the table's excerpt ("…" stands for any text)."""
+"""docs/errors.md's table, row by row: each situation is triggered here and the message the code
+raises must contain the table's excerpt ("…" stands for any text)."""
 
 import re
 import shutil
@@ -27,13 +27,12 @@ from alignkit.models import (
 )
 from alignkit.tiny import ensure_base
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ERRORS = Path(__file__).resolve().parent.parent / "docs" / "errors.md"
 
 
 def readme_rows() -> dict[str, str]:
-    """{situation: message excerpt} from the README table."""
-    text = README.read_text()
-    section = text.split("## When something goes wrong", 1)[1].split("\n## ", 1)[0]
+    """{situation: message excerpt} from the docs/errors.md table."""
+    section = ERRORS.read_text()
     rows = {}
     for line in section.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]

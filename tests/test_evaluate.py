@@ -6,12 +6,12 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from alignkit import runs
 from alignkit.data import format_prompt
 from alignkit.evaluate import (
     answer_logprob,
     answer_spans,
     evaluate_checkpoint,
-    evaluate_run,
     flip_table,
     generate,
     summary,
@@ -93,14 +93,15 @@ def test_wilson_interval():
 
 
 def test_evaluate_run_cached_and_flips(smoke_cfg, smoke_run):
-    results = evaluate_run(smoke_run, smoke_cfg)
+    results = [evaluate_checkpoint(d, smoke_cfg) for _, d in list_checkpoints(smoke_run)]
     assert [r.step for r in results] == [s for s, _ in list_checkpoints(smoke_run)]
     for r in results:
         assert r.n == smoke_cfg.eval.n_eval and 0 <= r.accuracy <= 1
         assert all(math.isfinite(x) and x <= 0 for x in r.answer_logprob)
     # second call reads the cache (same object content, no recomputation)
     ckpt = list_checkpoints(smoke_run)[-1][1]
-    (cached,) = [p for p in ckpt.glob("eval-*.json")]
+    (cached,) = [p / "key.json" for p in (smoke_cfg.run_root / "evals").glob("eval-*")
+                 if runs.load_entry(p).weights_hash == runs.weights_hash(ckpt)]
     mtime = cached.stat().st_mtime_ns
     assert evaluate_checkpoint(ckpt, smoke_cfg) == results[-1]
     assert cached.stat().st_mtime_ns == mtime
@@ -140,25 +141,20 @@ def test_same_weights_are_evaluated_once(smoke_cfg, smoke_run, tmp_path, monkeyp
     first = evaluate_checkpoint(ckpt, smoke_cfg)
     twin = tmp_path / "other-run" / "checkpoints" / ckpt.name
     shutil.copytree(ckpt, twin)
-    for f in twin.glob("eval-*.json"):
-        f.unlink()
     real_generate = evaluate_mod.generate
     monkeypatch.setattr(evaluate_mod, "generate", lambda *a, **k: pytest.fail("generated again"))
     again = evaluate_checkpoint(twin, smoke_cfg)
     assert again.checkpoint == str(twin) and again.correct == first.correct
-    assert again.answer_logprob == first.answer_logprob and len(list(twin.glob("eval-*.json"))) == 1
-    moved = tmp_path / "moved-run" / "checkpoints" / ckpt.name  # a run moved with its evaluations
-    shutil.copytree(twin, moved)
-    assert evaluate_checkpoint(moved, smoke_cfg).checkpoint == str(moved)
-    for f in [*twin.glob("eval-*.json"), *(smoke_cfg.run_root / "evals").glob("*.json")]:
+    assert again.answer_logprob == first.answer_logprob and not list(twin.glob("eval-*"))
+    for f in (smoke_cfg.run_root / "evals").glob("eval-*/key.json"):
         f.write_text("{not json")
     monkeypatch.setattr(evaluate_mod, "generate", real_generate)
     assert evaluate_checkpoint(twin, smoke_cfg).correct == first.correct
 
 
-def test_a_fitted_batch_halves_when_the_gpu_runs_out(smoke_cfg, smoke_run, monkeypatch, tmp_path):
-    """``eval.batch_size=0``: an out-of-memory error retries at half the batch (recorded); a batch
-    the user set is never changed."""
+def test_a_fitted_batch_shrinks_when_the_gpu_runs_out(smoke_cfg, smoke_run, monkeypatch, tmp_path):
+    """``eval.batch_size=0``: an out-of-memory error retries at a smaller batch (accelerate's
+    ``find_executable_batch_size``; recorded); a batch the user set is never changed."""
     import dataclasses
 
     from alignkit import evaluate
@@ -168,18 +164,21 @@ def test_a_fitted_batch_halves_when_the_gpu_runs_out(smoke_cfg, smoke_run, monke
     def pretend_gpu(model, tok, prompts, max_new, batch, *args, **kwargs):
         calls.append(batch)
         if batch > 12:
-            raise torch.cuda.OutOfMemoryError("pretend: CUDA out of memory")
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (pretend)")
         return real(model, tok, prompts, max_new, batch, *args, **kwargs)
 
     monkeypatch.setattr(evaluate, "generate", pretend_gpu)
     ckpt = list_checkpoints(smoke_run)[-1][1]
     cfg = dataclasses.replace(smoke_cfg, root=str(tmp_path),
                               eval=dataclasses.replace(smoke_cfg.eval, batch_size=0))
-    res = evaluate_checkpoint(ckpt, cfg, beside=False)
-    assert calls == [48, 24, 12] and res.batch_size == 12 and res.n == 48
+    res = evaluate_checkpoint(ckpt, cfg)
+    assert calls[0] == 48 and res.batch_size == calls[-1] <= 12 and res.n == 48
+    assert all(b < a for a, b in zip(calls, calls[1:]))
+    calls.clear()
     with pytest.raises(torch.cuda.OutOfMemoryError):
         evaluate_checkpoint(ckpt, dataclasses.replace(cfg, root=str(tmp_path / "fixed"),
-                            eval=dataclasses.replace(cfg.eval, batch_size=48)), beside=False)
+                            eval=dataclasses.replace(cfg.eval, batch_size=48)))
+    assert calls == [48]
 
 
 def test_the_eval_cache_is_keyed_by_the_dtype(smoke_cfg):

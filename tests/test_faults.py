@@ -16,10 +16,10 @@ from safetensors.torch import load_file
 
 from alignkit import cka, spectral
 from alignkit import runs as cache
-from alignkit.capture import capture_run
+from alignkit.analyses import behaviour
+from alignkit.analyses.common import captures, from_run
 from alignkit.data import probe_texts
 from alignkit.runs import checkpoint_dir, list_checkpoints, run_dir
-from alignkit.stages import ensure_results
 from alignkit.tiny import base_dir, ensure_base
 
 
@@ -65,7 +65,7 @@ def killed_and_clean(tmp_path_factory):
         proc = python(TRAIN, str(roots[k]))
         out = proc.communicate()[0]
         assert proc.returncode == 0, f"{k} training failed:\n{out[-3000:]}"
-    results = {k: ensure_results(c) for k, c in cfgs.items()}  # training finished: evaluation only
+    results = {k: behaviour.ensure(c, from_run(c)) for k, c in cfgs.items()}  # evaluation only
     return cfgs, results, state
 
 
@@ -92,7 +92,8 @@ def test_two_runs_with_one_seed_give_identical_numbers(killed_and_clean):
         np.testing.assert_allclose(ra.answer_logprob, rb.answer_logprob, rtol=0, atol=1e-6)
     assert [r["index"] for r in table_a.flips] == [r["index"] for r in table_b.flips]
     texts = probe_texts(cfgs["clean"])
-    acts = {k: capture_run(results[k].run_dir, texts, pooling="mean") for k in results}
+    acts = {k: {int(s): a for s, a in captures(c, from_run(c), "mean", texts).items()}
+            for k, c in cfgs.items()}
     steps = sorted(acts["clean"])
     for k in acts:
         assert sorted(acts[k]) == steps
@@ -207,6 +208,6 @@ def test_training_under_accelerate_launch_with_two_processes(smoke_base, smoke_r
                  "dpo.schedule=[0,1]", "train", "dpo")
     assert out.count("DPO run finished") == 2
     [dpo] = list((tmp_path / "dpo").iterdir())
-    assert len(list(dpo.glob("sampled-*.json"))) == 1 and list_checkpoints(dpo)
+    assert len(list(dpo.glob("sampled-*"))) == 1 and list_checkpoints(dpo)
     out = launch("--set", "grpo.max_steps=2", "--set", "grpo.schedule=[0,1]", "train", "grpo")
     assert out.count("GRPO run finished") == 2

@@ -372,11 +372,8 @@ def test_mismatched_architectures(tok, pairs, examples):
         patching.layer_sweep(bloom, bloom, tok, examples)
 
 
-def test_mismatched_tokenizers(tok, pairs, examples):
+def test_a_tokenizer_that_is_not_the_models(tok, pairs, examples):
     base, tuned = pairs["qwen3"]
-    other = train_tokenizer([p["question"] for p in generate_problems(50, "train")], 280)
-    with pytest.raises(ValueError, match="tokenizers differ"):
-        patching.layer_sweep(base, tuned, tok, examples, tuned_tokenizer=other)
     bigger = train_tokenizer([p["question"] + " " + p["answer"] for p in generate_problems(200, "train")], 400)
     with pytest.raises(ValueError, match="tokenizer has 400 tokens but the models' vocabulary has 300"):
         patching.cross_layer_sweep(base, tuned, bigger, examples)

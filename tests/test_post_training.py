@@ -9,11 +9,12 @@ from conftest import smoke_config
 from transformers import AutoModelForCausalLM
 
 from alignkit import train as train_mod
+from alignkit.analyses import behaviour
+from alignkit.analyses.common import from_run
 from alignkit.config import get_config
 from alignkit.data import eval_set, extract_answer, load_gsm8k
 from alignkit.models import load_model
 from alignkit.runs import list_checkpoints, run_dir, run_key, schedule_steps
-from alignkit.stages import ensure_results
 from alignkit.tiny import base_dir
 from alignkit.train import correctness_reward, format_reward, train, train_dpo, train_grpo
 
@@ -72,7 +73,7 @@ def test_run_keys(tmp_path):
 @pytest.mark.parametrize("overrides, fn, message", [
     ({}, lambda c: train(c, "ppo"), r"unknown method 'ppo'; choose one of \('sft', 'dpo', 'grpo'\)"),
     ({}, lambda c: run_dir(c, "rlhf"), "unknown method 'rlhf'"),
-    ({}, lambda c: ensure_results(c, "ppo"), "unknown method 'ppo'"),
+    ({}, lambda c: from_run(c, "ppo"), "unknown method 'ppo'"),
     ({"dpo.n_pairs": 0}, train_dpo, r"dpo.n_pairs must be >= 1 \(DPO needs preference pairs\), got 0"),
     ({"grpo.n_prompts": 0}, train_grpo, r"grpo.n_prompts must be >= 1 \(GRPO needs prompts\), got 0"),
     ({"grpo.batch_size": 6, "grpo.num_generations": 4}, train_grpo,
@@ -254,15 +255,15 @@ def test_finished_run_returns_at_once(method, request, monkeypatch):
     assert last.stat().st_mtime_ns == mtime
 
 
-def test_ensure_results_evaluates_every_checkpoint(dpo_run):
+def test_behaviour_evaluates_every_checkpoint(dpo_run):
     cfg, run, _ = dpo_run
-    res = ensure_results(cfg, "dpo")
+    res = behaviour.ensure(cfg, from_run(cfg, "dpo"))
     results = res.evals
     assert res.run_dir == run
     assert [r.step for r in results] == [s for s, _ in list_checkpoints(run)]
     assert all(r.n == cfg.eval.n_eval for r in results)
     # step 0 is the SFT final checkpoint: same weights, same greedy outputs as SFT's own evaluation
-    sft_last = ensure_results(cfg, "sft").evals[-1]
+    sft_last = behaviour.ensure(cfg, from_run(cfg, "sft")).evals[-1]
     assert results[0].outputs == sft_last.outputs and results[0].correct == sft_last.correct
     assert (run / "flips.json").is_file()
     for r in results:

@@ -1,14 +1,20 @@
-"""The README's results section quotes the notebooks' computed summaries and types no number."""
+"""The README is a front page: at most 300 lines, every page of docs/ linked from it, every link
+alive. Its results section and docs/results.md quote the notebooks' computed summaries and type no
+number."""
 
 import re
+import sys
 from pathlib import Path
 
 import pytest
 
-from alignkit.report import SUMMARY_BLOCK, fill_readme
-
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tools"))
+from readme import SUMMARY_BLOCK, differences, fill_readme  # noqa: E402
+
 README = (REPO / "README.md").read_text()
+DOCS = sorted((REPO / "docs").glob("*.md"))
+NOTEBOOKS = [nb.stem for nb in sorted((REPO / "notebooks").glob("0[1-5]_*.py"))]
 
 
 def results_section(text: str) -> str:
@@ -17,24 +23,47 @@ def results_section(text: str) -> str:
     return text[start:end]
 
 
-def test_every_quoted_summary_is_the_computed_one():
+def quoted(text: str) -> set[str]:
+    return {m["path"] for m in SUMMARY_BLOCK.finditer(text)}
+
+
+def test_the_readme_is_a_front_page():
+    assert len(README.splitlines()) <= 300
+    linked = set(re.findall(r"\]\((docs/[^)#]+)", README))
+    assert {f"docs/{p.name}" for p in DOCS} == linked, "every docs/ page is linked from the README"
+    for page, text in [(REPO / "README.md", README), *((p, p.read_text()) for p in DOCS)]:
+        for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", text):
+            assert (page.parent / target).exists(), f"{page.name} links to {target}, which is missing"
+
+
+@pytest.mark.parametrize("page", [REPO / "README.md", *DOCS], ids=lambda p: p.name)
+def test_every_quoted_summary_is_the_computed_one(page):
     """Each ``<!-- summary: images/NN_*.md -->`` block holds exactly the file the default run's
     notebook wrote (``make readme`` copies them): a caption and its result cannot disagree."""
-    assert fill_readme(README, REPO) == README, "README differs from images/*.md: run make readme"
-    quoted = {m["path"] for m in SUMMARY_BLOCK.finditer(results_section(README))}
-    for nb in sorted((REPO / "notebooks").glob("0[1-5]_*.py")):
-        assert f"images/{nb.stem}.md" in quoted, f"the results section does not quote {nb.stem}"
+    text = page.read_text()
+    assert fill_readme(text, REPO) == text, f"{page.name} differs from images/*.md: run make readme"
 
 
-def test_no_number_is_typed_by_hand_in_the_results_section():
-    text = SUMMARY_BLOCK.sub("", results_section(README))
+def test_the_summaries_of_every_notebook_are_quoted():
+    front, full = quoted(results_section(README)), quoted((REPO / "docs" / "results.md").read_text())
+    for nb in NOTEBOOKS:
+        assert f"images/{nb}.md" in front, f"the README's results do not quote {nb}"
+        assert f"images/{nb}_seeds.md" in full, f"docs/results.md does not quote {nb}'s seeds"
+    assert {"images/04_lens.md"} <= front and {"images/04_lens_seeds.md",
+                                               "images/02_cka_pooling.md"} <= full
+
+
+@pytest.mark.parametrize("text", [results_section(README), (REPO / "docs" / "results.md").read_text()],
+                         ids=["README", "docs/results.md"])
+def test_no_number_is_typed_by_hand_in_the_results(text):
+    text = SUMMARY_BLOCK.sub("", text)
     text = re.sub(r"!\[[^\]]*\]\([^)]*\)", "", text)  # images
     text = re.sub(r"`[^`]*`", "", text)  # code: file and function names
     text = re.sub(r"\bnotebooks? 0\d(–0\d)?\b|\b0\d_[a-z_]+", "", text)
     # not results: interval levels, the bootstrap's subsample share, years, issues, dtype names
     text = re.sub(r"\b(95|80) %|\b(19|20)\d\d\b|#\d+|\b(bfloat|float|bf|fp)\d+\b", "", text)
     typed = [line for line in text.splitlines() if re.search(r"\d", line)]
-    assert not typed, "numbers typed by hand in the results section:\n" + "\n".join(typed)
+    assert not typed, "numbers typed by hand in the results:\n" + "\n".join(typed)
 
 
 def test_fill_readme(tmp_path):
@@ -43,5 +72,20 @@ def test_fill_readme(tmp_path):
     text = "x\n<!-- summary: images/a.md -->\nold\n<!-- /summary -->\ny\n"
     assert fill_readme(text, tmp_path) == ("x\n<!-- summary: images/a.md -->\n- seven in 2 of 3 seeds\n"
                                            "<!-- /summary -->\ny\n")
-    with pytest.raises(FileNotFoundError, match="quotes images/b.md"):
+    with pytest.raises(FileNotFoundError, match="images/b.md is quoted but does not exist"):
         fill_readme(text.replace("a.md", "b.md"), tmp_path)
+
+
+def test_differences_name_changed_verdicts_and_sentences(tmp_path):
+    """``make reproduce`` reports where a reproduction differs from the published summaries."""
+    fresh, published = tmp_path / "fresh", tmp_path / "published"
+    for d, verdict, value in ((fresh, "agrees", 1), (published, "disagrees", 2)):
+        d.mkdir()
+        (d / "05.md").write_text(f"- x {value}\n\n1. *Claim one* (src) — q: items. Verdict over 3 "
+                                 f"training seeds: **{verdict}**.\n")
+        (d / "01.md").write_text("- same\n")
+    text = differences(fresh, published)
+    assert "- *Claim one*: **disagrees** → **agrees**" in text and "Identical: 01.md." in text
+    assert "-- x 2\n+- x 1" in text and "### 01.md" not in text
+    with pytest.raises(FileNotFoundError, match="run make reproduce first"):
+        differences(tmp_path / "empty", published)

@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import rehearsal  # noqa: E402
 from tiny_models import ARCHS, make_model, make_unsupported  # noqa: E402
 
-from alignkit import data, evaluate, models, stages, train  # noqa: E402
+from alignkit import data, evaluate, models, train  # noqa: E402
+from alignkit.analyses import behaviour, common  # noqa: E402
 from alignkit.config import get_config  # noqa: E402
 from alignkit.runs import list_checkpoints  # noqa: E402
 
@@ -240,7 +241,7 @@ def test_checkpointing_is_off_only_where_the_gpu_holds_the_step_without_it(tmp_p
     whole_off = train.memory_estimate(dataclasses.replace(cfg, gradient_checkpointing=False),
                                       "sft", QWEN3_06B, 1, "bf16", 16)["total"]
     assert 0.7 * 24 < whole_off <= 0.7 * 80  # both sides of the rule are exercised
-    assert f"SFT's {whole_off:.1f} GiB on an 80 GB GPU" in (REPO / "README.md").read_text()
+    assert f"SFT's {whole_off:.1f} GiB on an 80 GB GPU" in (REPO / "docs" / "real-path.md").read_text()
     resolve = train.resolve_checkpointing
     assert resolve(cfg, "sft", QWEN3_06B, 1, "bf16", 80.0) is False
     assert resolve(cfg, "sft", QWEN3_06B, 1, "bf16", 24.0) is True
@@ -277,7 +278,6 @@ def test_memory_estimates_read_every_supported_family(arch):
     dims = models.dims(c)
     assert dims["kv"] <= dims["heads"] and dims["ffn"] > 0 and dims["head_dim"] > 0
     cfg = get_config("qwen3-0.6b-base")
-    assert evaluate.eval_memory(c, 10, 5, 2) > 0
     assert train.memory_estimate(cfg, "sft", c, 1, "bf16", 2)["total"] > 0
     if arch == "gpt2":
         assert dims["ffn"] == (c.n_inner or 4 * c.n_embd) and dims["kv"] == c.n_head
@@ -297,49 +297,29 @@ def test_a_gpu_without_native_bf16_gets_fp16_training_and_float32_analysis(monke
         assert models.compute_dtype(cfg.dtype, gpu) == analysis
         assert models.compute_dtype("float16", gpu) == "float16"
         on_gpu = dataclasses.replace(cfg, device="cuda:0")  # keys use the dtype actually run
-        assert models.analysis_dtype(on_gpu) == stages.run_on(on_gpu)["model_dtype"] == analysis
+        assert models.analysis_dtype(on_gpu) == common.run_on(on_gpu)["model_dtype"] == analysis
     assert models.compute_dtype("bfloat16", "cpu") == "bfloat16"
 
 
-def test_eval_batch_is_fitted_to_the_gpu(monkeypatch, qwen_tok):
-    """``eval.batch_size=0`` (the real presets): 64 on the CPU, on a GPU the most prompts whose
-    estimate fits the free memory (at most 256), evened out over the batches."""
+def test_eval_batch_is_fitted_to_the_gpu(monkeypatch):
+    """``eval.batch_size=0`` (the real presets): at most 64 prompts on the CPU and 256 on a GPU
+    (divided by the sequences per prompt), evened out over the batches, smaller on out-of-memory
+    only; a batch the user set is used as is."""
     cfg = get_config("qwen3-0.6b-base")
     assert cfg.eval.batch_size == 0
-    # one more token of length adds the key-value cache (28 layers x K and V x 8 heads x 128 x 2
-    # bytes) and the layer activations (4 x 1024 + 3 x 3072 values): counted by hand
-    per_token = 28 * 2 * 8 * 128 * 2 + (4 * 1024 + 3 * 3072) * 2
-    assert (evaluate.eval_memory(QWEN3_06B, 100, 321, 2)
-            - evaluate.eval_memory(QWEN3_06B, 100, 320, 2)) == per_token
-    prompts = data.prompts_for(cfg, qwen_tok, ["Tom has 3 apples. How many now?"] * 1319)
-    cpu = types.SimpleNamespace(config=QWEN3_06B, parameters=lambda: iter([torch.zeros(1)]))
-    monkeypatch.setattr(evaluate, "input_device", lambda m: torch.device("cpu"))
-    assert evaluate.fit_eval_batch(cfg, cpu, qwen_tok, prompts) == 63  # 21 batches of <= 64
-    assert evaluate.fit_eval_batch(cfg, cpu, qwen_tok, prompts[:64]) == 64
-    gpu = types.SimpleNamespace(config=QWEN3_06B,
-                                parameters=lambda: iter([torch.zeros(1, dtype=torch.bfloat16)]))
-    monkeypatch.setattr(evaluate, "input_device", lambda m: torch.device("cuda", 0))
-    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d=None: 0)
-    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d=None: 0)
-    longest = max(len(x) for x in qwen_tok(prompts, add_special_tokens=False)["input_ids"])
-    per = evaluate.eval_memory(QWEN3_06B, longest, cfg.eval.max_new_tokens, 2)
-    for free_gib, want in ((78, 220), (20, None), (0.5, 1)):
-        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d=None, f=free_gib: (
-            int(f * 2**30), 80 * 2**30))
-        batch = evaluate.fit_eval_batch(cfg, gpu, qwen_tok, prompts)
-        if want is not None:
-            assert batch == want
-        else:  # the fitted batch fits, one more per batch would not have
-            assert 1.15 * per * batch + 2**30 <= free_gib * 2**30
-            cap = int((free_gib * 2**30 - 2**30) / (1.15 * per))
-            assert 50 < cap < 256 and batch == -(-1319 // -(-1319 // cap))
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    for where, n, per_prompt, want in ((cpu, 1319, 1, 63), (cpu, 64, 1, 64), (gpu, 1319, 1, 220),
+                                       (gpu, 4800, 4, 64), (gpu, 10, 1, 10)):
+        monkeypatch.setattr(evaluate.models, "input_device", lambda m, d=where: d)
+        seen = []
+        out, batch = evaluate.batched(cfg, None, n, lambda b: seen.append(b) or "done", per_prompt)
+        assert (out, batch, seen) == ("done", want, [want])  # 21 batches of 63; 6 of 220; ...
     for fixed in (8, 300):
-        assert evaluate.fit_eval_batch(dataclasses.replace(
-            cfg, eval=dataclasses.replace(cfg.eval, batch_size=fixed)), gpu, qwen_tok,
-            prompts) == fixed
+        fixed_cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, batch_size=fixed))
+        assert evaluate.batched(fixed_cfg, None, 1319, lambda b: b) == (fixed, fixed)
     with pytest.raises(ValueError, match="eval.batch_size must be >= 0"):
-        evaluate.fit_eval_batch(dataclasses.replace(
-            cfg, eval=dataclasses.replace(cfg.eval, batch_size=-1)), gpu, qwen_tok, prompts)
+        evaluate.batched(dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, batch_size=-1)),
+                         None, 10, lambda b: b)
 
 
 def test_named_errors_before_long_work(tmp_path, small_qwen, qwen_tok):
@@ -391,7 +371,7 @@ def test_both_presets_run_all_end_to_end(tmp_path, preset, compare):
     GRPO and their analyses cost ~6 CPU minutes at the real vocabulary; the tiny preset's
     notebook 05 runs that code in CI); ``ALIGNKIT_SLOW=1`` adds the chat preset's full ``all``
     (both presets' full runs passed here in ~9 min each)."""
-    from alignkit import cli, stages
+    from alignkit import cli
 
     paths = rehearsal.build(tmp_path / "inputs", layers=2, n_train=32, n_test=16,
                             chat=preset == "qwen3-0.6b")
@@ -404,24 +384,26 @@ def test_both_presets_run_all_end_to_end(tmp_path, preset, compare):
         argv += ["--set", f"{method}.schedule=[0, 1]"]
     assert cli.main(argv + ["all", "--skip", "figures"] + ([] if compare else ["compare"])) == 0
     cfg, _ = cli.config_from_args(cli.build_parser().parse_args(argv + ["all"]))
-    res = stages.ensure_results(cfg, "sft")
+    ckpts = common.from_run(cfg, "sft")
+    res = behaviour.ensure(cfg, ckpts)
     assert [e.n for e in res.evals] == [8, 8] and [e.batch_size for e in res.evals] == [8, 8]
     assert all(np.isfinite(e.answer_logprob).all() for e in res.evals)
-    probes = stages.run_probes(cfg, res.run_dir)
+    probes = common.probes(cfg, ckpts)
     assert probes[0].endswith("<think>\n\n</think>\n\n" if cfg.chat else "\nAnswer:")
     ckpts = list_checkpoints(res.run_dir)  # fp32 checkpoints that moved
     assert _changed_share(ckpts[0][1], ckpts[-1][1]) > 0.9
     if compare:  # GRPO's random policy earns no reward, hence no gradient: DPO must move
-        ckpts = list_checkpoints(stages.train(cfg, "dpo"))
+        ckpts = list_checkpoints(train.train(cfg, "dpo"))
         assert _changed_share(ckpts[0][1], ckpts[-1][1]) > 0.9
-        assert [s for s, _ in list_checkpoints(stages.train(cfg, "grpo"))] == [0, 2]
-        assert set(stages.ensure_compare(cfg).methods) == {"sft", "dpo", "grpo"}
+        assert [s for s, _ in list_checkpoints(train.train(cfg, "grpo"))] == [0, 2]
+        assert set(compare.ensure(cfg, common.from_methods(cfg)).methods) == {"sft", "dpo", "grpo"}
 
 
 def test_only_the_default_run_writes_images(tmp_path):
-    from alignkit.plots import IMAGES, figure_dir
+    from alignkit.plots import figure_dir
 
-    assert figure_dir(get_config("tiny", overrides={"root": str(tmp_path)})) == IMAGES
+    published = REPO / "images"  # written by make publish only, never by a run
+    assert figure_dir(get_config("tiny", overrides={"root": str(tmp_path)})) == tmp_path / "images"
     others = [get_config("tiny", smoke=True, overrides={"root": str(tmp_path)}),
               get_config("tiny", overrides={"root": str(tmp_path), "sft.max_steps": 50}),
               get_config("qwen3-0.6b-base", overrides={"root": str(tmp_path)}),
@@ -430,3 +412,4 @@ def test_only_the_default_run_writes_images(tmp_path):
     assert len(set(dirs)) == 4
     for d in dirs:
         assert d.is_relative_to(tmp_path / "reports") and d.name == "images"
+    assert all(not d.is_relative_to(published) for d in dirs)

@@ -1,5 +1,6 @@
-"""Stage results: every class saves and loads back exactly; the content-keyed cache never reads a
-stale or damaged entry."""
+"""Results: every class saves and loads back exactly through the one generic save/load
+(``runs.save_result``: arrays to safetensors, the rest to JSON, no pickle); the one content-keyed
+cache never reads a stale or damaged entry."""
 
 import json
 import logging
@@ -9,10 +10,15 @@ import pytest
 import torch
 from tiny_models import make_model
 
-from alignkit import runs, spectral, stages, weights
+from alignkit import runs, spectral, weights
+from alignkit.analyses.behaviour import BehaviourResult
+from alignkit.analyses.cka import CKAResult
+from alignkit.analyses.compare import CompareResult, compare_claims
+from alignkit.analyses.patching import PatchingResult
+from alignkit.analyses.spectral import SpectralResult
+from alignkit.analyses.weights import WeightsResult, structure
 from alignkit.evaluate import CheckpointEval, FlipTable
 from alignkit.patching import PatchResult
-from alignkit.results import CKAResult, CompareResult, PatchingResult, RunResults, SpectralResult
 from alignkit.stats import Band
 
 RNG = np.random.default_rng(0)
@@ -68,19 +74,25 @@ def assert_same(a, b):
         assert a == b, (a, b)
 
 
+def round_trip(obj, path):
+    runs.save_result(obj, path)
+    assert not list(path.glob("*.pkl")) and (path / "result.json").is_file()
+    return runs.load_result(path)
+
+
 def test_cka_result_round_trip(tmp_path):
     res = cka_result()
-    res.save(tmp_path / "r")
-    back = CKAResult.load(tmp_path / "r")
+    back = round_trip(res, tmp_path / "r")
     assert_same(res, back)
+    assert list(back.classic) == [5, 10]  # integer keys stay integers
     assert back.by_step().shape == (3, L) and np.all(back.by_step()[0] == 1)
 
 
 def test_spectral_result_round_trip_and_paired_delta(tmp_path):
     res, boot = spectral_result()
-    res.save(tmp_path / "r")
-    back = SpectralResult.load(tmp_path / "r")
+    back = round_trip(res, tmp_path / "r")
     assert_same(res, back)
+    assert back.alphas == (1.0, 2.0)  # tuples stay tuples
     direct = spectral.paired_delta(boot[10], boot[0])["renyi_2"]
     got = back.delta("renyi_2", 10)
     for k in ("point", "lo", "hi"):
@@ -95,8 +107,9 @@ def test_patching_result_round_trip(tmp_path):
         sweeps={"flips/resid/denoise": patch_result()}, by_pos={"all": patch_result()},
         cross={"flips": patch_result(2, (L, L))}, ablation={"flips/revert": patch_result()},
         cka_matrix=RNG.random((L, L)))
-    res.save(tmp_path / "r")
-    assert_same(res, PatchingResult.load(tmp_path / "r"))
+    res.by_pos["all"] = res.sweeps["flips/resid/denoise"]  # one object held twice: stored once
+    back = round_trip(res, tmp_path / "r")
+    assert_same(res, back)
     assert res.sweep("flips", "resid", "denoise") is res.sweeps["flips/resid/denoise"]
 
 
@@ -104,6 +117,10 @@ def test_compare_result_round_trip(tmp_path):
     base, tuned = make_model("qwen3", seed=0), make_model("qwen3", seed=1)
     drift = weights.weight_drift(base, tuned, progress=False)
     methods = ["sft", "grpo"]
+    own = {m: drift for m in methods}
+    values, controls = structure(own, 20, 0, 1e-5)
+    w = WeightsResult("base", methods, {"sft": "base", "grpo": "sft"}, own, own, values, controls,
+                      {"grpo": 0.25})
     res = CompareResult(
         methods=methods, init={"sft": "base", "grpo": "sft"},
         accuracy={"base": {"step": 0, "accuracy": 0.1}, "sft": {"step": 4, "accuracy": 0.5},
@@ -112,73 +129,78 @@ def test_compare_result_round_trip(tmp_path):
         cka={m: band(4) for m in methods}, cka_floor=RNG.random(4),
         rank_vs_base={m: band(4) for m in methods}, rank_vs_init={m: band(4) for m in methods},
         patch_set="flips", patches={m: patch_result(3, (3,)) for m in methods},
-        patch_curves={m: band(3) for m in methods}, drift={m: drift for m in methods},
-        own={m: drift for m in methods},
-        structure={g: {m: Band(*np.array([[0.4], [0.3], [0.5]])) for m in methods}
-                   for g in ("90 %-mass share", "overlap, output space", "overlap, input space")},
-        structure_controls={"90 %-mass share": 0.4446, "overlap, output space": 0.1,
-                            "overlap, input space": 0.2},
+        patch_curves={m: band(3) for m in methods}, weights=w,
         correct={k: [True, False, True] for k in ("base", *methods)},
-        last_states={k: RNG.random((6, 4)) for k in ("base", *methods)},
-        matched_unchanged={"grpo": 0.25}, claims=[])
-    res.claims = stages.compare_claims([res.last_states], [res.own], [res.matched_unchanged], res.init,
-                                       n_boot=10)
-    res.save(tmp_path / "r")
-    back = CompareResult.load(tmp_path / "r")
-    assert [v.to_dict() for v in back.claims] == [v.to_dict() for v in res.claims]
+        last_states={k: RNG.random((6, 4)) for k in ("base", *methods)}, claims=[])
+    res.claims = compare_claims([res.last_states], [own], [w.matched_unchanged], res.init, n_boot=10)
+    back = round_trip(res, tmp_path / "r")
     assert back.claims[0].sentence() == res.claims[0].sentence()
-    res.claims = back.claims = []
     assert_same(res, back)
-    assert back.drift["sft"]["shape"].iloc[0] == drift["shape"].iloc[0]
-    assert set(back.drift_by_layer()) == {"sft vs base", "grpo vs base", "grpo own update"}
+    assert back.weights.drift["sft"]["shape"].iloc[0] == drift["shape"].iloc[0]  # a tuple again
+    assert set(back.weights.drift_by_layer()) == {"sft vs base", "grpo vs base", "grpo own update"}
     assert back.gap("sft") == pytest.approx(np.mean(res.patches["sft"].lp_donor - res.patches["sft"].lp_receiver))
 
 
-def test_run_results_reads_the_training_log(tmp_path):
+def test_behaviour_result_round_trip_and_training_log(tmp_path):
     ev = CheckpointEval(checkpoint=str(tmp_path), step=0, weights_hash="h", key="k", accuracy=0.5, n=2,
                         correct=[True, False], predictions=["1", None], outputs=["1", "x"],
                         answer_logprob=[-1.0, -2.0], mean_answer_logprob=-1.5)
-    ev.save(tmp_path / "eval.json")
-    assert CheckpointEval.load(tmp_path / "eval.json") == ev
+    assert round_trip(ev, tmp_path / "e") == ev
     table = FlipTable(flips=[{"index": 1}], controls=[])
-    table.save(tmp_path / "flips.json")
-    assert FlipTable.load(tmp_path / "flips.json") == table
-    res = RunResults(tmp_path, [ev], table)
+    res = BehaviourResult(["0"], [ev], table, tmp_path)
+    assert round_trip(res, tmp_path / "b") == res  # Path fields come back as paths
     assert res.loss() == [] and res.steps == [0] and res.summary()[0]["accuracy"] == 0.5
     (tmp_path / "train_log.json").write_text(json.dumps({"loss": [[1, 2.5], [2, 2.0]]}))
     assert res.loss() == [(1, 2.5), (2, 2.0)]
+    assert BehaviourResult(["base"], [ev], table).loss() == []  # given models: no run, no log
+
+
+def test_save_result_refuses_what_it_cannot_store_and_classes_it_does_not_own(tmp_path):
+    with pytest.raises(TypeError, match="cannot save a set at r.x"):
+        runs.save_result({"x": {1, 2}}, tmp_path / "a")
+    runs.save_result(Band(np.zeros(2), np.zeros(2), np.ones(2)), tmp_path / "b")
+    meta = json.loads((tmp_path / "b" / "result.json").read_text())
+    meta["__type__"] = "os:system"
+    (tmp_path / "b" / "result.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="refusing to build os:system"):
+        runs.load_result(tmp_path / "b")
+
+
+def test_tensors_come_back_exactly_and_memory_mapped(tmp_path):
+    import torch as t
+
+    acts = t.randn(3, 5, 4).to(t.bfloat16)
+    runs.save_result({"acts": acts, "half": t.ones(2, dtype=t.float16)}, tmp_path / "a")
+    back = runs.load_result(tmp_path / "a")
+    mapped = runs.load_result(tmp_path / "a", mmap=True)
+    assert back["acts"].dtype == t.bfloat16 and t.equal(back["acts"], acts)
+    assert t.equal(mapped["acts"], acts) and t.equal(mapped["half"], t.ones(2, dtype=t.float16))
 
 
 class Counted:
-    """A result whose computations are counted."""
+    """A computation whose calls are counted."""
 
     calls = 0
-
-    def __init__(self, value):
-        self.value = value
-
-    def save(self, path):
-        runs.save_arrays(path, {"v": np.array(self.value)}, {"n": 1})
-
-    @classmethod
-    def load(cls, path):
-        return cls(float(runs.load_arrays(path)[0]["v"]))
 
     @classmethod
     def compute(cls):
         cls.calls += 1
-        return cls(3.5)
+        return {"v": np.array(3.5)}
 
 
 def test_cache_reuses_and_never_reads_stale_or_damaged(tmp_path, caplog):
     path, key = tmp_path / "stage-x", {"a": 1}
-    assert runs.cached(path, key, Counted.compute, Counted.load).value == 3.5
-    assert runs.cached(path, key, Counted.compute, Counted.load).value == 3.5 and Counted.calls == 1
+    assert float(runs.cached(path, key, Counted.compute)["v"]) == 3.5
+    assert float(runs.cached(path, key, Counted.compute)["v"]) == 3.5 and Counted.calls == 1
     with caplog.at_level(logging.WARNING):
-        runs.cached(path, {"a": 2}, Counted.compute, Counted.load)  # another key under that path
+        runs.cached(path, {"a": 2}, Counted.compute)  # another key under that path
         assert Counted.calls == 2 and "stale" in caplog.text
-        (path / "result" / "arrays.npz").write_bytes(b"damaged")
-        runs.cached(path, {"a": 2}, Counted.compute, Counted.load)
-        assert Counted.calls == 3 and "damaged or stale" in caplog.text
-    assert json.loads((path / "key.json").read_text()) == {"a": 2}
+        (path / "result" / "arrays.safetensors").write_bytes(b"damaged")
+        runs.cached(path, {"a": 2}, Counted.compute)
+        assert Counted.calls == 3 and "damaged" in caplog.text
+        data = (path / "result" / "arrays.safetensors").read_bytes()  # a flipped byte, same size
+        (path / "result" / "arrays.safetensors").write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+        runs.cached(path, {"a": 2}, Counted.compute)
+        assert Counted.calls == 4 and "does not match its checksum" in caplog.text
+    assert json.loads((path / "key.json").read_text())["key"] == {"a": 2}
     assert not list(tmp_path.glob(".*tmp"))  # no temporary directory left behind

@@ -14,8 +14,6 @@ from alignkit.spectral import (
     layer_metrics,
     layer_spectra,
     paired_delta,
-    participation_ratio,
-    participation_ratio_from_spectrum,
     rank_vs_n,
     rankme,
     rankme_from_spectrum,
@@ -23,7 +21,6 @@ from alignkit.spectral import (
     renyi_from_spectrum,
     singular_values_from_gram,
     spectrum,
-    top_k_variance_fraction,
 )
 
 INF = float("inf")
@@ -133,15 +130,12 @@ def test_renyi_matches_reference(n, d, alpha):
 
 
 @pytest.mark.parametrize("n, d", SHAPES)
-def test_participation_ratio_and_top_k(n, d):
+def test_participation_ratio_is_renyi_2(n, d):
     x = anisotropic(n, d, seed=2)
     lam = ref_sigma(x) ** 2
-    np.testing.assert_allclose(participation_ratio(x), lam.sum() ** 2 / np.sum(lam**2), rtol=1e-10)
-    np.testing.assert_allclose(participation_ratio(x), ref_renyi(x, 2), rtol=1e-10)
-    for k in (1, 3, 10):
-        np.testing.assert_allclose(top_k_variance_fraction(x, k), lam[:k].sum() / lam.sum(),
-                                   rtol=1e-10)
-    assert top_k_variance_fraction(x, 10_000) == pytest.approx(1.0)
+    pr = renyi_effective_rank(x, 2)
+    np.testing.assert_allclose(pr, lam.sum() ** 2 / np.sum(lam**2), rtol=1e-10)
+    np.testing.assert_allclose(pr, ref_renyi(x, 2), rtol=1e-10)
 
 
 def test_list_of_alphas_is_one_spectrum_many_orders():
@@ -162,8 +156,9 @@ def test_from_spectrum_forms_are_vectorised():
     np.testing.assert_allclose(rankme_from_spectrum(s), [rankme_from_spectrum(r) for r in s])
     np.testing.assert_allclose(renyi_from_spectrum(s, [0.5, 2]),
                                [renyi_from_spectrum(r, [0.5, 2]) for r in s])
-    np.testing.assert_allclose(participation_ratio_from_spectrum(s), renyi_from_spectrum(s, 2),
-                               rtol=1e-10)
+    lam = s**2
+    np.testing.assert_allclose(renyi_from_spectrum(s, 2),
+                               lam.sum(-1) ** 2 / (lam**2).sum(-1), rtol=1e-10)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,7 +226,7 @@ def test_isotropic_rank_r_gaussian_has_effective_rank_r():
     n, d, r = 4000, 64, 8
     rng = np.random.default_rng(10)
     x = rng.standard_normal((n, r)) @ random_orthogonal(d, rng)[:r]  # rank r, isotropic inside
-    assert participation_ratio(x) == pytest.approx(r, rel=0.1)
+    assert renyi_effective_rank(x, 2) == pytest.approx(r, rel=0.1)
     assert rankme(x) == pytest.approx(r, rel=0.1)
     assert renyi_effective_rank(x, 1) == pytest.approx(r, rel=0.1)
     assert renyi_effective_rank(x, 0) == r
@@ -370,7 +365,7 @@ def test_errors_name_the_problem():
     with pytest.raises(ValueError, match="zero variance"):
         rankme(np.tile(good[:1], (6, 1)))  # identical rows
     with pytest.raises(ValueError, match="zero variance"):
-        participation_ratio(np.zeros((6, 3)), center=False)
+        renyi_effective_rank(np.zeros((6, 3)), 2, center=False)
     with pytest.raises(TypeError, match="torch.Tensor or numpy.ndarray"):
         rankme([[1.0, 2.0], [3.0, 4.0]])
 

@@ -165,7 +165,7 @@ def test_load_model_errors(tmp_path):
 def test_real_path_with_local_files(tmp_path, smoke_base):
     """The qwen3-0.6b preset's code path (local model dir + GSM8K jsonl), shrunk to smoke size on CPU."""
     from alignkit.data import generate_problems
-    from alignkit.evaluate import evaluate_run
+    from alignkit.evaluate import evaluate_checkpoint
 
     for split, n in (("train", 40), ("test", 8)):
         with open(tmp_path / f"{split}.jsonl", "w") as f:
@@ -179,6 +179,6 @@ def test_real_path_with_local_files(tmp_path, smoke_base):
         "sft.n_train": 40})
     assert ensure_base(cfg) == smoke_base
     run = train_sft(cfg)
-    results = evaluate_run(run, cfg)
+    results = [evaluate_checkpoint(d, cfg) for _, d in list_checkpoints(run)]
     assert [r.step for r in results] == schedule_steps(cfg.sft.max_steps, cfg.sft.schedule)
     assert all(r.n == 8 for r in results)
