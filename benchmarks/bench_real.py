@@ -3,7 +3,7 @@ a random model of Qwen3-0.6B's exact shape (28 layers, vocabulary 151,936; ``reh
 tokenizer that splits like Qwen's and GSM8K-format data with negative, comma and decimal answers.
 
 Unlike ``bench_scale.py`` (the analysis functions on two hand-built models), every stage here goes
-through ``alignkit.stages`` with the preset's config, as ``python -m alignkit`` runs it: SFT
+through ``alignkit.analyses`` with the preset's config, as ``python -m alignkit`` runs it: SFT
 (shortened to ``--steps`` optimizer steps at the preset's batch of 16, fp32 master weights,
 gradient checkpointing, micro-batches of ``--micro`` with accumulation), evaluation scoring
 (``answer_logprob`` at the preset's batch size; generation is GPU work and is left to the GPU
@@ -81,51 +81,59 @@ def vmhwm_gib() -> float:
 
 def child(stage: str, args) -> dict:
     """One stage, in this (fresh) process: its work time and what it measured."""
-    from alignkit import runs, spectral, stages
+    from alignkit import runs, spectral
+    from alignkit.analyses import cka, common, patching
+    from alignkit.analyses import spectral as spectral_analysis
+    from alignkit.config import with_values
     from alignkit.data import eval_set, prompts_for
-    from alignkit.evaluate import answer_logprob, fit_eval_batch
+    from alignkit.evaluate import answer_logprob, batched
     from alignkit.models import load_model
+    from alignkit.train import train
 
     cfg = config(args.workdir, args.layers, args.n_eval, args.steps, args.micro)
     t0 = time.perf_counter()
     out: dict = {}
     if stage == "train":
-        run = stages.train(cfg, "sft")
+        run = train(cfg, "sft")
         out["checkpoints"] = [s for s, _ in runs.list_checkpoints(run)]
     elif stage == "score":
-        last = runs.list_checkpoints(stages.train(cfg, "sft"))[-1][1]
+        last = runs.list_checkpoints(train(cfg, "sft"))[-1][1]
         model, tok = load_model(last, "float32", "cpu")
         ds = eval_set(cfg)
         prompts = prompts_for(cfg, tok, ds["question"])
-        t0 = time.perf_counter()  # scoring alone, the model loaded
-        batch = fit_eval_batch(cfg, model, tok, prompts)  # the preset's 0 is 64 on the CPU
-        lp = answer_logprob(model, tok, prompts, ds["answer"], batch, cfg.chat)
+        t0 = time.perf_counter()  # scoring alone, the model loaded; the preset's 0 is 64 on the CPU
+        lp, _ = batched(cfg, model, len(prompts),
+                        lambda b: answer_logprob(model, tok, prompts, ds["answer"], b, cfg.chat))
         out["finite"] = bool(all(v == v for v in lp))
         out["tokens"] = sum(len(tok(p + " " + a)["input_ids"]) for p, a in zip(prompts, ds["answer"]))
-    elif stage == "capture":
-        caps = stages.ensure_captures(cfg, "sft")
+    elif stage == "capture":  # what notebooks 02-05 capture: three poolings of every checkpoint
+        ckpts = common.from_run(cfg)
+        caps = {p: common.captures(cfg, ckpts, p) for p in ("question", "mean", "last")}
         out["shape"] = list(next(iter(caps["mean"].values())).acts.shape)
     elif stage == "cka":
-        out["transition"] = stages.ensure_cka(cfg, "sft").transition
+        out["transition"] = cka.ensure(cfg, common.from_run(cfg)).transition
     elif stage == "spectral":
-        stages.ensure_spectral(cfg, "sft")
+        spectral_analysis.ensure(cfg, common.from_run(cfg))
     elif stage == "analysis-full":  # notebooks 02 and 03 at the preset's probe count
         n, layers = 1319, args.layers or 28
         caps = synthetic_captures(n, layers)
-        stages.run_probes = lambda cfg, run_dir: [f"probe {i}" for i in range(n)]
-        stages.capture_run = lambda run_dir, texts, pooling="mean", **kw: caps
-        stages.runs.checkpoint_hashes = lambda run_dir: [(s, None, str(s)) for s in FULL_STEPS]
+        fake = common.Checkpoints({str(s): args.workdir / f"synthetic-{s}" for s in FULL_STEPS},
+                                  {str(s): s for s in FULL_STEPS}, {}, args.workdir / "full")
+        cka.probes = lambda cfg, ckpts: [f"probe {i}" for i in range(n)]
+        cka.captures = lambda cfg, ckpts, pooling, texts=None: {str(s): caps[s] for s in FULL_STEPS}
+        common.Checkpoints.hashes = lambda self: dict(zip(self.paths, self.paths))
         t0 = time.perf_counter()
-        cka_res = stages.ensure_cka(cfg, "sft")
+        cka_res = cka.ensure(cfg, fake)
         out["cka_s"] = time.perf_counter() - t0
-        t1 = time.perf_counter()  # ensure_spectral's bootstrap, of one checkpoint (x 6 in a run)
+        t1 = time.perf_counter()  # spectral.ensure's bootstrap, of one checkpoint (x 6 in a run)
         spectral.bootstrap_layer_metrics(caps[0].acts, alphas=(0.5, 1.0, 2.0, float("inf")),
                                          n_boot=200, seed=0)
         out["spectral_one_s"] = time.perf_counter() - t1
         out["transition"] = cka_res.transition
     elif stage == "patching":
-        pat = stages.ensure_patching(cfg, "sft", n_examples=args.n_patch, n_cross=1,
-                                     batch_size=args.n_patch)
+        small = with_values(cfg, {"patching.n_examples": args.n_patch, "patching.n_cross": 1,
+                                  "patching.batch_size": args.n_patch})
+        pat = patching.ensure(small, common.from_run(small))
         out["sweeps"] = len(pat.sweeps)
     out.update(work_s=time.perf_counter() - t0, peak_rss_gib=vmhwm_gib())
     return out

@@ -29,7 +29,7 @@ and touched, e.g. safetensors weights during loading):
 1. ``capture:<model>``: ``load_model`` by path, then ``capture.capture_cached`` of the mean-pooled
    residual stream at all 29 hook points (``embed`` + 28 ``layers.l.resid``), stored as float16
    safetensors and returned memory-mapped (``mmap=True``). The decoder runs without the LM head.
-2. ``cka``: both captures memory-mapped (``capture.load_activations``), the 29 x 29
+2. ``cka``: both captures memory-mapped (``runs.load_entry``), the 29 x 29
    ``cka.cka_matrix`` (biased and debiased; layers are converted to fp32 one at a time).
 3. ``spectral``: ``spectral.layer_metrics`` (RankMe, Rényi ranks) of both models, their
    ``bootstrap_layer_metrics`` (80 % subsampling, ``n_boot``) and ``paired_delta``.
@@ -272,7 +272,8 @@ def rss_gib(field: str = "VmHWM") -> float:
 
 
 def _acts_entry(workdir: Path, name: str) -> Path:
-    (path,) = (workdir / "acts" / name).glob("acts-*.safetensors")
+    """The capture's cache entry (``runs.cached``: ``key.json`` and ``result/``)."""
+    (path,) = (workdir / "acts" / name).glob("acts-*")
     return path
 
 
@@ -305,19 +306,21 @@ def stage_capture(spec: Spec, workdir: Path, name: str) -> dict:
     return {"phases": ph.rows, "shape": list(acts.acts.shape), "dtype": str(acts.acts.dtype),
             "n_tokens": sum(lengths), "len_min": min(lengths), "len_mean": sum(lengths) / len(lengths),
             "len_max": max(lengths), "constant_points": acts.meta["constant_points"],
-            "entry_bytes": _acts_entry(workdir, name).stat().st_size, "vocab": len(tok)}
+            "entry_bytes": (_acts_entry(workdir, name) / "result" / "arrays.safetensors").stat().st_size,
+            "vocab": len(tok)}
 
 
 def _load_pair(workdir: Path, ph: "Phases"):
     """Both models' cached activations, memory-mapped and checked comparable, and the hook points
     with variance in both (constant ones dropped)."""
-    from alignkit.capture import check_comparable, load_activations, varying_points
+    from alignkit.capture import check_comparable, varying_points
+    from alignkit.runs import load_entry
 
     ph.mark("imports")
-    a, b = (load_activations(_acts_entry(workdir, n), mmap=True) for n in ("base", "tuned"))
+    a, b = (load_entry(_acts_entry(workdir, n), mmap=True) for n in ("base", "tuned"))
     check_comparable(a, b)
     keep = varying_points([a, b])[0]
-    ph.mark("load_activations (mmap)")
+    ph.mark("load_entry (verified, mmap)")
     return a, b, keep
 
 
@@ -362,13 +365,13 @@ def stage_patching(spec: Spec, workdir: Path) -> dict:
     base_dir, tuned_dir = model_dirs(spec, workdir)
     base, tok = load_model(base_dir)
     ph.mark("load_model base")
-    tuned, tok_t = load_model(tuned_dir)
+    tuned, _ = load_model(tuned_dir)
     ph.mark("load_model tuned")
     examples = patch_examples(spec)
     spans = patching.tokenize_examples(tok, examples)
     ph.mark("examples")
     res = patching.layer_sweep(base, tuned, tok, examples, component="resid", positions="all", direction="denoise",
-                               batch_size=spec.patch_batch, tuned_tokenizer=tok_t)
+                               batch_size=spec.patch_batch)
     ph.mark(f"layer_sweep resid x {base.config.num_hidden_layers} layers")
     lengths = [len(s["input_ids"]) for s in spans]
     return {"phases": ph.rows, "n_examples": len(examples), "n_layers": int(res.delta.shape[1]),
@@ -380,7 +383,7 @@ def stage_patching(spec: Spec, workdir: Path) -> dict:
 
 def stage_compare(spec: Spec, workdir: Path) -> dict:
     """Compare mode on the two models, the calls `python -m alignkit compare --models` makes
-    (``cli.stage_models_compare``): cross-layer CKA, the whole comparison (evaluation, capture,
+    (``compare.report_models``): cross-layer CKA, the whole comparison (evaluation, capture,
     layerwise CKA, Δ RankMe, resid patching, weight drift of every tensor) and the difference lens
     with steering and per-token KL, from an empty cache root."""
     ph = Phases()
@@ -388,8 +391,9 @@ def stage_compare(spec: Spec, workdir: Path) -> dict:
 
     import numpy as np
 
-    from alignkit import stages
-    from alignkit.config import GeneratorConfig, get_config
+    from alignkit.analyses import cka, compare, lens
+    from alignkit.analyses.common import from_models
+    from alignkit.config import GeneratorConfig, get_config, with_values
 
     ph.mark("imports")
     base_dir, tuned_dir = model_dirs(spec, workdir)
@@ -399,18 +403,19 @@ def stage_compare(spec: Spec, workdir: Path) -> dict:
         spec.min_steps, spec.max_steps, spec.max_number, spec.seed))
     cfg.eval = dataclasses.replace(cfg.eval, n_eval=spec.compare_eval, batch_size=spec.compare_eval,
                                    max_new_tokens=spec.compare_new_tokens)
-    models = {"base": str(base_dir), "tuned": str(tuned_dir)}
-    cross = stages.ensure_models_cka(cfg, models)
-    ph.mark("ensure_models_cka (capture probes, cross-layer CKA + bootstrap)")
-    res = stages.ensure_models_compare(cfg, models, n_examples=spec.compare_patch, batch_size=spec.patch_batch)
-    ph.mark("ensure_models_compare (evaluate, capture, CKA, ranks, patching, weight drift)")
-    lenses = stages.ensure_models_lens(cfg, models, n_examples=spec.compare_patch, n_texts=spec.compare_patch,
-                                       batch_size=spec.patch_batch)
-    ph.mark("ensure_models_lens (mean difference, steering, per-token KL)")
+    cfg = with_values(cfg, {"patching.n_examples": spec.compare_patch, "patching.batch_size": spec.patch_batch,
+                            "lens.n_texts": spec.compare_patch})
+    models = from_models(cfg, {"base": str(base_dir), "tuned": str(tuned_dir)})
+    cross = cka.ensure_cross(cfg, models)
+    ph.mark("cka.ensure_cross (capture probes, cross-layer CKA + bootstrap)")
+    res = compare.ensure(cfg, models)
+    ph.mark("compare.ensure (evaluate, capture, CKA, ranks, patching, weight drift)")
+    lz = lens.ensure(cfg, models)
+    ph.mark("lens.ensure (mean difference, steering, per-token KL)")
     return {"phases": ph.rows, "n_eval": res.n_eval, "n_patch": int(res.patches["tuned"].delta.shape[0]),
             "n_layers": int(res.patches["tuned"].delta.shape[1]), "n_probes": cross.n_probes,
-            "cka_last": float(res.cka["tuned"].point[-1]), "drift_tensors": len(res.drift["tuned"]),
-            "kl_mean": float(np.mean(np.concatenate(lenses["tuned"].token_kl)))}
+            "cka_last": float(res.cka["tuned"].point[-1]), "drift_tensors": len(res.weights.drift["tuned"]),
+            "kl_mean": float(np.mean(np.concatenate(lz.token_kl)))}
 
 
 STAGES = {"build": stage_build, "capture:base": lambda s, w: stage_capture(s, w, "base"),
@@ -518,7 +523,7 @@ def compare_markdown(rep: dict) -> str:
            f"CPUs, {m['mem_total_gib']:.0f} GiB RAM, torch {m['torch']}, Python {m['python']}, {spec['threads']} "
            f"torch threads; load average {m['load_start']:.1f} at start, {m['load_end']:.1f} at end.", "",
            "What ran: the calls of `python -m alignkit compare --models base=DIR tuned=DIR` "
-           "(`stages.ensure_models_cka`, `ensure_models_compare`, `ensure_models_lens`) on the two models of "
+           "(`cka.ensure_cross`, `compare.ensure`, `lens.ensure` on `common.from_models`) on the two models of "
            f"`bench_scale.py` (Qwen3, {L} layers x {spec['model']['hidden_size']}, vocabulary "
            f"{spec['model']['vocab_size']:,}, float32, random weights; tuned = base + depth-growing noise), from an "
            f"empty cache, in one process: {c['n_eval']} generated GSM8K-format problems evaluated per model "

@@ -29,11 +29,16 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import rehearsal  # noqa: E402
 
-from alignkit import runs, stages, weights  # noqa: E402
-from alignkit.config import get_config  # noqa: E402
+from alignkit import runs, weights  # noqa: E402
+from alignkit.analyses import behaviour, cka, common, patching, spectral  # noqa: E402
+from alignkit.config import (
+    get_config,  # noqa: E402
+    with_values,  # noqa: E402
+)
 from alignkit.data import eval_set, prompts_for  # noqa: E402
-from alignkit.evaluate import fit_eval_batch, generate  # noqa: E402
+from alignkit.evaluate import batched, generate  # noqa: E402
 from alignkit.models import load_model  # noqa: E402
+from alignkit.train import train  # noqa: E402
 
 logger = logging.getLogger("gpu_check")
 
@@ -84,16 +89,15 @@ def generation_rate(cfg, ckpt, n: int) -> int:
     evaluation; returns the batch."""
     model, tok = load_model(ckpt, cfg.dtype, cfg.device)
     prompts = prompts_for(cfg, tok, (list(eval_set(cfg)["question"]) * n)[:n])
-    batch = fit_eval_batch(cfg, model, tok, prompts)
-    generate(model, tok, prompts, cfg.eval.max_new_tokens, batch, cfg.eval.stop)
-    return batch
+    return batched(cfg, model, len(prompts), lambda b: generate(
+        model, tok, prompts, cfg.eval.max_new_tokens, b, cfg.eval.stop))[1]
 
 
 def check(variant: str, cfg, rec: Recorder, quick: bool) -> None:
-    rec.run(variant, "train sft", lambda: stages.train(cfg, "sft"), "steps",
+    rec.run(variant, "train sft", lambda: train(cfg, "sft"), "steps",
             lambda _: cfg.sft.max_steps)
-    res = rec.run(variant, "evaluate", lambda: stages.ensure_results(cfg, "sft"), "problems",
-                  lambda r: len(r.evals) * r.evals[0].n)
+    res = rec.run(variant, "evaluate", lambda: behaviour.ensure(cfg, common.from_run(cfg)),
+                  "problems", lambda r: len(r.evals) * r.evals[0].n)
     if res is not None:
         first, last = res.evals[0].checkpoint, res.evals[-1].checkpoint
         rec.rows[-1]["note"] = (f"batch {res.evals[-1].batch_size}; SFT moved "
@@ -103,12 +107,14 @@ def check(variant: str, cfg, rec: Recorder, quick: bool) -> None:
             batch = rec.run(variant, f"generate {n} (fitted batch)", lambda: generation_rate(
                 cfg, last, n), "problems", lambda _: n)
             rec.rows[-1]["note"] = f"batch {batch}, {cfg.eval.max_new_tokens} new tokens each"
-    rec.run(variant, "capture", lambda: stages.ensure_captures(cfg, "sft"))
-    rec.run(variant, "cka", lambda: stages.ensure_cka(cfg, "sft"))
-    rec.run(variant, "spectral", lambda: stages.ensure_spectral(cfg, "sft"))
-    rec.run(variant, "patching", lambda: stages.ensure_patching(
-        cfg, "sft", n_examples=4 if quick else 8, n_cross=2 if quick else 4,
-        batch_size=4 if quick else 8))
+    rec.run(variant, "capture", lambda: [common.captures(cfg, common.from_run(cfg), p)
+                                         for p in ("question", "mean", "last")])
+    rec.run(variant, "cka", lambda: cka.ensure(cfg, common.from_run(cfg)))
+    rec.run(variant, "spectral", lambda: spectral.ensure(cfg, common.from_run(cfg)))
+    small = with_values(cfg, {"patching.n_examples": 4 if quick else 8,
+                              "patching.n_cross": 2 if quick else 4,
+                              "patching.batch_size": 4 if quick else 8})
+    rec.run(variant, "patching", lambda: patching.ensure(small, common.from_run(small)))
     if res is not None:
         def drift():
             device = rec.device if rec.device.startswith("cuda") else None
@@ -117,7 +123,7 @@ def check(variant: str, cfg, rec: Recorder, quick: bool) -> None:
             return weights.weight_drift(a, b, device=device, progress=False)
         rec.run(variant, "weight drift", drift)
     for method in ("dpo", "grpo"):
-        run = rec.run(variant, f"train {method}", lambda m=method: stages.train(cfg, m))
+        run = rec.run(variant, f"train {method}", lambda m=method: train(cfg, m))
         if run is not None:
             ckpts = runs.list_checkpoints(run)
             rec.rows[-1]["note"] = (f"{method.upper()} moved "
