@@ -81,8 +81,9 @@ def _add_common(p: argparse.ArgumentParser, suppress: bool) -> None:
     d = (lambda v: argparse.SUPPRESS) if suppress else (lambda v: v)
     g = p.add_argument_group("global options (before or after the command)")
     g.add_argument("--preset", default=d("tiny"), metavar="NAME",
-                   help="tiny (offline, CPU; default), qwen3-0.6b-base (plain prompts) or "
-                        "qwen3-0.6b (chat template, no thinking); the real presets want a GPU")
+                   help="tiny (offline, CPU; default), smollm2-135m (a real model from PyPI, "
+                        "offline, CPU), qwen3-0.6b-base (plain prompts) or qwen3-0.6b (chat "
+                        "template, no thinking); the two Qwen3 presets want a GPU")
     g.add_argument("--smoke", action="store_true", default=d(False),
                    help="shrink every size (CI)")
     g.add_argument("--set", dest="overrides", action="append", default=d([]), metavar="KEY=VALUE",
@@ -367,9 +368,10 @@ def warn_if_slow(cfg, cmd: str) -> None:
     """A warning, before any work, when a model other than the embedded one runs at full size on
     the CPU, where the real study takes days (benchmarks/RESULTS_real.md). Not an error: a large
     CPU machine may be meant."""
+    from alignkit.config import CPU_PRESETS
     from alignkit.models import device_for
 
-    if cfg.model == "tiny" or cfg.smoke or cmd == "figures" or device_for(cfg).type != "cpu":
+    if cfg.preset in CPU_PRESETS or cfg.smoke or cmd == "figures" or device_for(cfg).type != "cpu":
         return
     logger.warning("%s at full size on the CPU: an SFT step of the real preset takes minutes on "
                    "a small CPU (benchmarks/RESULTS_real.md), so %d steps take days; use a GPU, "

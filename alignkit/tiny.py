@@ -28,18 +28,14 @@ from transformers import (
 from alignkit import runs
 from alignkit.config import Config, GeneratorConfig, TinyModelConfig
 from alignkit.data import format_prompt, generate_problems, iter_problems
+from alignkit.models import PYPI
+from alignkit.pretrained import CHAT_TEMPLATE, ensure_converted
 
 logger = logging.getLogger(__name__)
 
 EOS = "<|endoftext|>"
 SPECIAL = [EOS, "<|im_start|>", "<|im_end|>"]  # Qwen's ChatML tokens
 THINKING = ["<think>", "</think>"]  # Qwen3's thinking tokens (added, not special, as in Qwen3)
-# ChatML with Qwen3's enable_thinking switch: False pre-fills an empty thinking block
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
-    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n"
-    "{% endif %}{% endif %}")
 
 
 def pretraining_corpus(tcfg: TinyModelConfig, gcfg: GeneratorConfig) -> list[str]:
@@ -127,8 +123,11 @@ def _base_bytes(tcfg: TinyModelConfig) -> int:
 
 
 def ensure_base(cfg: Config) -> Path:
-    """The embedded base's directory, built once (a non-tiny ``cfg.model`` unchanged); fails before
-    building on an unwritable or full disk or, not yet built, under a multi-process launch."""
+    """The base's directory: the embedded base built once, a ``pypi:`` model converted once, any
+    other ``cfg.model`` as given. The embedded build fails early on an unwritable or full disk or,
+    not yet built, under a multi-process launch."""
+    if cfg.model.startswith(PYPI):
+        return ensure_converted(cfg.model, cfg.run_root, cfg.base_layers)
     if cfg.model != "tiny":
         return Path(cfg.model)
     out, tcfg = base_dir(cfg), cfg.tiny

