@@ -203,7 +203,7 @@ def main() -> None:
         f"{time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cores, torch {torch.__version__}, float32. Preset `qwen3-0.6b-base` on "
         f"a random Qwen3ForCausalLM of Qwen3-0.6B's shape ({args.layers or 28} layers, "
-        "vocabulary 151,936) with a Qwen-like tokenizer and quirky GSM8K-format data "
+        "vocabulary 151,936) with Qwen3's exact tokenizer and quirky GSM8K-format data "
         f"(`rehearsal.py`); {args.n_eval} held-out problems; SFT {args.steps} step(s) of batch 16 "
         f"in micro-batches of {args.micro}; patching on {args.n_patch} examples per set (every "
         "sweep of notebook 04, cross-layer on 1). Each stage in its own process; peak RSS is its "

@@ -1,6 +1,6 @@
 """GPU check (``make gpu-check``): the real path on a CUDA GPU without weights or internet.
 
-Builds the rehearsal inputs (``rehearsal.py``: a Qwen-like tokenizer, a random ``Qwen3ForCausalLM``
+Builds the rehearsal inputs (``rehearsal.py``: Qwen3's exact tokenizer, a random ``Qwen3ForCausalLM``
 of Qwen3-0.6B's shape saved and loaded by path, GSM8K-format data with GSM8K's quirks) and runs
 every stage of both real presets through the package (``qwen3-0.6b-base``: plain prompts,
 ``qwen3-0.6b``: the chat template without thinking) at short schedules (SFT 20 steps, DPO 5, GRPO 3, 64 evaluation problems). Per stage it

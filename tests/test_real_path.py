@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def small_qwen(tmp_path_factory, qwen_tok):
-    """A 2-layer, 64-wide Qwen3 with the Qwen-like tokenizer, saved (fast to train)."""
+    """A 2-layer, 64-wide Qwen3 with Qwen3's exact tokenizer, saved (fast to train)."""
     path = tmp_path_factory.mktemp("small_qwen")
     model = make_model("qwen3", vocab_size=len(qwen_tok), hidden_size=64, intermediate_size=128,
                        num_hidden_layers=2, initializer_range=0.02,
@@ -76,7 +76,8 @@ SCORING = textwrap.dedent("""
     import rehearsal
     from alignkit import data, evaluate
     rows = rehearsal.quirky_rows(32, "test")
-    tok = rehearsal.qwen_like_tokenizer([r["question"] + "\\n" + r["answer"] for r in rows], 512)
+    from alignkit.pretrained import qwen_tokenizer
+    tok = qwen_tokenizer(chat=False)
     model = rehearsal.real_shaped_model(tok, layers=1).eval()
     long = " ".join(["It adds up, step by step, to the same number."] * 30)
     prompts = [data.format_prompt(r["question"] + " " + long) for r in rows]
@@ -366,7 +367,7 @@ SLOW = os.environ.get("ALIGNKIT_SLOW") == "1"
         not SLOW, reason="~9 CPU minutes; ALIGNKIT_SLOW=1 runs it (passed 2026-12-01)"))])
 def test_both_presets_run_all_end_to_end(tmp_path, preset, compare):
     """``python -m alignkit --preset P --smoke ... all`` through every stage but the notebooks, on
-    a 2-layer model of Qwen3-0.6B's width and vocabulary with a Qwen-like tokenizer, loaded by
+    a 2-layer model of Qwen3-0.6B's width and vocabulary with Qwen3's exact tokenizer, loaded by
     path, and GSM8K-format data with negative, comma and decimal answers. CI skips compare (DPO,
     GRPO and their analyses cost ~6 CPU minutes at the real vocabulary; the tiny preset's
     notebook 05 runs that code in CI); ``ALIGNKIT_SLOW=1`` adds the chat preset's full ``all``
