@@ -362,13 +362,18 @@ SLOW = os.environ.get("ALIGNKIT_SLOW") == "1"
 
 
 @pytest.mark.parametrize("preset,compare", [
-    ("qwen3-0.6b-base", False), ("qwen3-0.6b", False),
+    ("qwen3-0.6b-base", False),
+    pytest.param("qwen3-0.6b", False, marks=pytest.mark.skipif(
+        not SLOW, reason="~6 CPU minutes with Qwen3's exact tokenizer; the chat path runs in CI "
+                         "on the real SmolLM2 (test_pretrained); ALIGNKIT_SLOW=1 runs it")),
     pytest.param("qwen3-0.6b", True, marks=pytest.mark.skipif(
         not SLOW, reason="~9 CPU minutes; ALIGNKIT_SLOW=1 runs it (passed 2026-12-01)"))])
 def test_both_presets_run_all_end_to_end(tmp_path, preset, compare):
     """``python -m alignkit --preset P --smoke ... all`` through every stage but the notebooks, on
     a 2-layer model of Qwen3-0.6B's width and vocabulary with Qwen3's exact tokenizer, loaded by
-    path, and GSM8K-format data with negative, comma and decimal answers. CI skips compare (DPO,
+    path, and GSM8K-format data with negative, comma and decimal answers. CI runs the base preset
+    (~6 min here with Qwen3's exact tokenizer; where that time goes is not yet profiled); the chat
+    path runs in CI through test_pretrained's SmolLM2 preset. CI skips compare (DPO,
     GRPO and their analyses cost ~6 CPU minutes at the real vocabulary; the tiny preset's
     notebook 05 runs that code in CI); ``ALIGNKIT_SLOW=1`` adds the chat preset's full ``all``
     (both presets' full runs passed here in ~9 min each)."""
