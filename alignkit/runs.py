@@ -259,7 +259,8 @@ def _decode(obj: Any, arrays: Callable[[str], torch.Tensor]) -> Any:
         cls = importlib.import_module(module)
         for part in name.split("."):
             cls = getattr(cls, part)
-        return cls(**{k: _decode(v, arrays) for k, v in obj.items() if k != "__type__"})
+        init = {f.name for f in dataclasses.fields(cls) if f.init}  # the rest is derived
+        return cls(**{k: _decode(v, arrays) for k, v in obj.items() if k in init})
     if "__array__" in obj:
         t = arrays(obj["__array__"])
         return t.numpy() if obj["numpy"] else t

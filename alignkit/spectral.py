@@ -131,6 +131,28 @@ def rankme_from_spectrum(s: ArrayLike, eps: float = 1e-7) -> float | np.ndarray:
     return _out(np.exp(-plogp.sum(-1)))
 
 
+def alpha_req_from_spectrum(s: ArrayLike, *,
+                            shape: tuple[int, int] | None = None) -> float | np.ndarray:
+    """α-ReQ (Agrawal et al. 2022; Li et al. 2025) of singular values ``s: [..., k]``: minus the
+    least-squares slope of ``log lambda_i`` on ``log i`` over the eigenvalues ``lambda = s^2`` in
+    descending order, above the numerical tolerance of ``renyi_from_spectrum`` (NaN with fewer
+    than two). Larger: a faster power-law decay, fewer effective directions."""
+    s = _check_spectrum(s)
+    s = -np.sort(-(s / s.max(-1, keepdims=True)), -1)
+    lam = s * s
+    n_max = max(shape) if shape is not None else s.shape[-1]
+    keep = lam > lam[..., :1] * n_max * _EPS64
+    x = np.broadcast_to(np.log(np.arange(1, s.shape[-1] + 1, dtype=np.float64)), s.shape)
+    y = np.log(np.where(keep, lam, 1.0))
+    w = keep.astype(np.float64)
+    n = w.sum(-1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        xc = x - (w * x).sum(-1, keepdims=True) / n
+        yc = y - (w * y).sum(-1, keepdims=True) / n
+        slope = (w * xc * yc).sum(-1) / (w * xc * xc).sum(-1)
+    return _out(np.where(n[..., 0] >= 2, -slope, np.nan))
+
+
 def renyi_from_spectrum(s: ArrayLike, alpha: Alpha | Sequence[Alpha], *,
                         shape: tuple[int, int] | None = None) -> float | np.ndarray:
     """Rényi effective rank(s) (order 1: Roy & Vetterli 2007) of order ``alpha >= 0`` or ``inf`` of
@@ -184,7 +206,8 @@ def metric_key(alpha: float) -> str:
 def _metrics_from_spectra(s: np.ndarray, alphas: list[float], shape: tuple[int, int],
                           eps: float) -> dict[str, np.ndarray]:
     """All table metrics of spectra ``s: [..., k]``: ``{"rankme": [...], "renyi_a": [...]}``."""
-    out = {"rankme": np.asarray(rankme_from_spectrum(s, eps), dtype=np.float64)}
+    out = {"rankme": np.asarray(rankme_from_spectrum(s, eps), dtype=np.float64),
+           "alpha_req": np.asarray(alpha_req_from_spectrum(s, shape=shape), dtype=np.float64)}
     ren = np.asarray(renyi_from_spectrum(s, alphas, shape=shape))
     return out | {metric_key(a): ren[..., j] for j, a in enumerate(alphas)}
 

@@ -4,6 +4,7 @@ Formulas, controls and pitfalls: docs/measures.md#intervals"""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import warnings
 from typing import Iterator, Mapping, Union
@@ -194,35 +195,83 @@ def near_best(values: np.ndarray, n_boot: int = 1000, seed: int = 0,
 
 def mcnemar(correct_a, correct_b) -> dict:
     """McNemar's exact test (McNemar 1947) of two models' ``[n]`` boolean scores on the same
-    problems: ``{"only_a", "only_b", "n", "p", "diff"}`` (``diff = acc(b) - acc(a)``)."""
+    problems: ``{"only_a", "only_b", "n", "p", "diff"}`` (``diff = acc(b) - acc(a)``); the
+    binomial tail is summed in log space, so any number of discordant pairs is exact."""
     a, b = np.asarray(correct_a, dtype=bool), np.asarray(correct_b, dtype=bool)
     if a.shape != b.shape or a.ndim != 1 or a.size == 0:
         raise ValueError(f"mcnemar needs two [n] boolean arrays over the same problems, got "
                          f"{a.shape} and {b.shape}")
     only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
     m, k = only_a + only_b, min(only_a, only_b)
-    tail = sum(math.comb(m, i) for i in range(k + 1)) / 2.0**m if m else 1.0
+    p = 1.0
+    if m:
+        logs = np.array([math.lgamma(m + 1) - math.lgamma(i + 1) - math.lgamma(m - i + 1)
+                         for i in range(k + 1)]) - m * math.log(2.0)
+        top = logs.max()
+        p = min(1.0, 2.0 * math.exp(top + math.log(np.exp(logs - top).sum())))
     return {"only_a": only_a, "only_b": only_b, "n": int(a.size),
-            "diff": float(b.mean() - a.mean()), "p": min(1.0, 2.0 * tail)}
+            "diff": float(b.mean() - a.mean()), "p": p}
 
 
-def envelope(bands: list[Band]) -> Band:
-    """Seeds combined: the mean of the seeds' points and the envelope (lowest ``lo``, highest
-    ``hi``) of their intervals (docs/measures.md#intervals)."""
-    if not bands:
-        raise ValueError("envelope needs at least one seed's Band")
-    return Band(np.mean([b.point for b in bands], 0), np.min([b.lo for b in bands], 0),
-                np.max([b.hi for b in bands], 0))
+@functools.lru_cache(maxsize=256)
+def t_quantile(q: float, df: int) -> float:
+    """Student's t quantile of probability ``q`` in (0.5, 1) with ``df >= 1`` degrees of freedom:
+    the CDF (Gauss–Legendre quadrature of the density, float64) inverted by bisection."""
+    if not 0.5 < q < 1.0 or int(df) != df or df < 1:
+        raise ValueError(f"t_quantile needs q in (0.5, 1) and an integer df >= 1, got {q}, {df}")
+    log_c = (math.lgamma((df + 1) / 2) - math.lgamma(df / 2)
+             - 0.5 * math.log(df * math.pi))
+    nodes, weights = np.polynomial.legendre.leggauss(200)
+
+    def cdf(x: float) -> float:  # P(T <= x), x > 0
+        t = 0.5 * x * (nodes + 1.0)
+        dens = np.exp(log_c - (df + 1) / 2 * np.log1p(t * t / df))
+        return 0.5 + 0.5 * x * float(weights @ dens)
+
+    lo, hi = 0.0, 1.0
+    while cdf(hi) < q:
+        lo, hi = hi, hi * 2.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if cdf(mid) < q else (lo, mid)
+        if hi - lo < 1e-12 * hi:
+            break
+    return 0.5 * (lo + hi)
 
 
-def sign_verdict(bands: list[Band], claimed: int) -> str:
-    """``"agrees"``, ``"disagrees"`` or ``"cannot tell"`` for a claimed sign (+1 / -1) of a scalar
-    measured in each training seed (one 0-d Band per seed): agrees (disagrees) when the
-    ``envelope`` of at least 2 seeds lies on the claimed (opposite) side of 0."""
+def seed_interval(points, ci: float = 0.95) -> Band:
+    """The seed as the unit: the mean of per-seed estimates ``points: [n]`` and its Student-t
+    interval (df = n - 1), a 0-d Band; one seed gives NaN bounds (training noise unknown)."""
+    x = np.asarray(points, dtype=np.float64).ravel()
+    if x.size == 0 or not np.isfinite(x).all():
+        raise ValueError(f"seed_interval needs finite per-seed estimates, got {x.tolist()}")
+    if not 0.0 < ci < 1.0:
+        raise ValueError(f"ci must be in (0, 1), got {ci}")
+    mean = np.float64(x.mean())
+    if x.size < 2:
+        return Band(mean, np.float64(np.nan), np.float64(np.nan))
+    half = t_quantile((1 + ci) / 2, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size)
+    return Band(mean, np.float64(mean - half), np.float64(mean + half))
+
+
+def seed_verdict(points, claimed: int, ci: float = 0.95) -> str:
+    """``"agrees"`` / ``"disagrees"`` when the ``seed_interval`` of the per-seed estimates lies on
+    the claimed (+1 / -1) / opposite side of 0, else ``"inconclusive (n seeds)"``."""
     if claimed not in (1, -1):
         raise ValueError(f"claimed must be +1 or -1, got {claimed!r}")
-    env = envelope(bands)
-    lo, hi = (float(env.lo), float(env.hi)) if claimed > 0 else (-float(env.hi), -float(env.lo))
-    if len(bands) < 2:
-        return "cannot tell"
-    return "agrees" if lo > 0 else ("disagrees" if hi < 0 else "cannot tell")
+    b = seed_interval(points, ci)
+    n = np.size(points)
+    if not np.isfinite(b.lo):
+        return f"inconclusive ({n} seed{'s' if n != 1 else ''})"
+    lo, hi = (float(b.lo), float(b.hi)) if claimed > 0 else (-float(b.hi), -float(b.lo))
+    return "agrees" if lo > 0 else ("disagrees" if hi < 0 else f"inconclusive ({n} seeds)")
+
+
+def sides(bands: list[Band]) -> str:
+    """Where each seed's own interval lies: ``"2 above, 0 below, 1 straddle 0 (3 seeds)"``."""
+    lo = np.array([float(b.lo) for b in bands])
+    hi = np.array([float(b.hi) for b in bands])
+    above, below = int((lo > 0).sum()), int((hi < 0).sum())
+    n = len(bands)
+    return (f"{above} above, {below} below, {n - above - below} straddle 0 "
+            f"({n} seed{'s' if n != 1 else ''})")

@@ -23,7 +23,8 @@ __all__ = ["weight_drift", "summarize_drift", "module_name", "gaussian_mass_shar
 
 ModelLike = Union[torch.nn.Module, Mapping[str, torch.Tensor]]
 MATRIX_METRICS = ("eff_rank", "rank_delta", "eff_rank_dense", "eff_rank_max", "overlap_left",
-                  "overlap_right", "chance_left", "chance_right", "k_delta", "k_base")
+                  "overlap_right", "chance_left", "chance_right", "k_delta", "k_base",
+                  "rotation_left", "rotation_right", "spectrum_drift")
 
 _SHORT = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate",
           "up_proj": "up", "down_proj": "down", "input_layernorm": "input_norm",
@@ -153,16 +154,19 @@ def _mass_share_(d: torch.Tensor, mass: float) -> float:
     return min(count, sq.numel()) / sq.numel()
 
 
-def bf16_unchanged_share(w: torch.Tensor, d: torch.Tensor, scale: float = 1.0) -> float:
-    """``frac_unchanged_bf16`` of the update ``d`` rescaled by ``scale``, the share of entries with
-    ``bf16(w + scale * d) == bf16(w)`` (docs/measures.md#weight-drift); ValueError on bad shapes."""
+def bf16_unchanged_share(w: torch.Tensor, d: torch.Tensor, scale: float = 1.0,
+                         atol: float = 1e-5) -> float:
+    """``frac_unchanged_bf16`` of the update ``d`` rescaled by ``scale``: the share of entries
+    whose bf16 values differ by at most ``atol``, ``|bf16(w + scale * d) - bf16(w)| <= atol``
+    (Mukherjee et al. 2025's ``torch.isclose(..., atol=1e-5)`` on bf16 weights;
+    docs/measures.md#weight-drift); ValueError on bad shapes."""
     if w.shape != d.shape or w.numel() == 0:
         raise ValueError(f"w and d must have one non-empty shape, got {tuple(w.shape)} and "
                          f"{tuple(d.shape)}")
     same = 0
     for ws, ds in zip(_slices(w), _slices(d)):
-        new = (ws.double() + scale * ds.double()).float()
-        same += int((new.bfloat16() == ws.float().bfloat16()).sum())
+        new = (ws.double() + scale * ds.double()).float().bfloat16().float()
+        same += int(((new - ws.float().bfloat16().float()).abs() <= atol).sum())
     return same / w.numel()
 
 
@@ -202,6 +206,13 @@ def _overlap(a: torch.Tensor, b: torch.Tensor) -> float:
     if a.shape[1] == 0 or b.shape[1] == 0:
         return 0.0
     return float((a.T @ b).square().sum()) / a.shape[1]
+
+
+def _spectrum_drift(before: np.ndarray, after: np.ndarray) -> float:
+    """``||sigma_after - sigma_before|| / ||sigma_before||`` of the top singular values (NaN for
+    a zero matrix): how far an update moves W's spectrum (Zhu et al. 2025)."""
+    norm = float(np.linalg.norm(before))
+    return float(np.linalg.norm(after - before)) / norm if norm > 0 else math.nan
 
 
 def weight_drift(base: ModelLike, tuned: ModelLike, tol: float = 1e-5, k: int = 8,
@@ -253,7 +264,9 @@ def weight_drift(base: ModelLike, tuned: ModelLike, tol: float = 1e-5, k: int = 
         if w.ndim == 2 and min(w.shape) > 0:
             m, n = w.shape
             s_d, u_d, v_d = _top_singular(d, k)
-            _, u_w, v_w = _top_singular(w, k)
+            s_w, u_w, v_w = _top_singular(w, k)
+            s_t, u_t, v_t = _top_singular(w + d, k)
+            top = min(k, len(s_w))
             rank = int((s_d > 0).sum())
             if ((m, n), eps) not in _DENSE_RANK:  # RankMe of a seeded Gaussian matrix, once
                 _DENSE_RANK[(m, n), eps] = spectral.rankme_from_spectrum(
@@ -262,7 +275,9 @@ def weight_drift(base: ModelLike, tuned: ModelLike, tol: float = 1e-5, k: int = 
                        rank_delta=rank, eff_rank_dense=_DENSE_RANK[(m, n), eps],
                        eff_rank_max=min(m, n), overlap_left=_overlap(u_d, u_w),
                        overlap_right=_overlap(v_d, v_w), chance_left=u_w.shape[1] / m,
-                       chance_right=v_w.shape[1] / n, k_delta=u_d.shape[1], k_base=u_w.shape[1])
+                       chance_right=v_w.shape[1] / n, k_delta=u_d.shape[1], k_base=u_w.shape[1],
+                       rotation_left=1.0 - _overlap(u_w, u_t), rotation_right=1.0 - _overlap(
+                           v_w, v_t), spectrum_drift=_spectrum_drift(s_w[:top], s_t[:top]))
         row["frac_mass"] = _mass_share_(d, mass)  # last: it overwrites d
         rows.append(row)
         del w, d

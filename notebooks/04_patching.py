@@ -72,7 +72,7 @@ from transformers import AutoTokenizer
 
 from alignkit import figures, plots
 from alignkit import patching as measures
-from alignkit.analyses import behaviour, lens, patching
+from alignkit.analyses import behaviour, cka, lens, observations, patching, spectral
 from alignkit.analyses.common import each_seed, from_run, over_seeds, publish
 from alignkit.analyses.patching import curve
 from alignkit.config import get_config
@@ -309,3 +309,16 @@ display(Markdown(publish(each_seed(pats, lambda r: patching.summarize(r, cfg)), 
 display(Markdown(publish(lens.summarize(lenses, cfg), "04_lens", plots.figure_dir(cfg), SMOKE)))
 display(Markdown(publish(each_seed(lenses, lambda r: lens.summarize(r, cfg)), "04_lens_seeds",
                          plots.figure_dir(cfg), SMOKE)))
+
+# %% [markdown]
+# ## 9 · The seed study's four observations
+# Each observation of the study this project grew from (early-stable / mid-transition / late CKA
+# drift; cross-layer remapping; a late effective-rank rise; late-layer patching with a mid-layer
+# dip) split into items with a claimed sign, computed per training seed from notebooks 02, 03 and
+# this one (cached results) and decided with the seed as the unit
+# (`alignkit.analyses.observations`; definitions: docs/measures.md#observations). The README's
+# Results section opens with this table.
+
+# %%
+obs = observations.table(over_seeds(cka.ensure, cfg, "sft"), over_seeds(spectral.ensure, cfg, "sft"), pats)
+display(Markdown(publish(observations.summarize(obs), "00_observations", plots.figure_dir(cfg), SMOKE)))

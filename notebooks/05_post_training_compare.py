@@ -19,21 +19,23 @@
 #
 # Published work disagrees in interesting ways, and the last section tests three claims on this
 # model, each with the quantity its paper uses (`alignkit.claims`): **(1)** SFT and DPO raise the
-# effective rank of final-layer, last-token representations while RL with verifiable rewards
-# lowers it (Li et al. 2025; RankMe and the covariance definition); **(2)** RL updates, DPO's
-# included, leave most parameters unchanged at bf16 precision while SFT's do not (Mukherjee et
-# al. 2025); **(3)** RLVR updates avoid the principal directions of the pretrained weights, SFT's
-# target them (Zhu et al. 2025; overlap / chance per matrix). All three are about what a stage
-# does, so each is measured against the model the stage started from (DPO and GRPO: the final SFT
-# checkpoint). A verdict needs every training seed's interval on one side of 0 and at least two
-# seeds: this notebook runs `cfg.n_seeds` training seeds (3 on the embedded model; each seed
-# retrains SFT, DPO and GRPO), and every figure draws each of them.
+# effective rank of the final hidden state (after the final norm) at the last token while RL
+# with verifiable rewards lowers it (Li et al. 2025; RankMe and α-ReQ); **(2)** RL updates, DPO's
+# included, leave most parameters unchanged in bf16 at the paper's tolerance (most: over one half)
+# while SFT's do not (Mukherjee et al. 2025); **(3)** RLVR updates avoid the principal directions
+# of the pretrained weights and preserve its spectrum, SFT's do not (Zhu et al. 2025; overlap /
+# chance, rotation of W's top subspace, spectrum drift per matrix). All three are about what a
+# stage does, so each is measured against the model the stage started from (DPO and GRPO: the
+# final SFT checkpoint). The seed is the unit of the decision: an item agrees when the Student-t
+# interval of the seeds' estimates lies on the claimed side of 0 (docs/measures.md#claims-and-
+# the-verdict-rule); this notebook runs `cfg.n_seeds` training seeds (3 on the embedded model;
+# each seed retrains SFT, DPO and GRPO), and every figure draws each of them.
 #
 # **Any checkpoints instead**: set `MODELS` (below) to `{"base": dir or hub id, "sft": ..., ...}`,
 # the first the reference, and the same atlas is drawn for those models without training
 # (`compare.ensure` on `common.from_models`, as `python -m alignkit compare --models ...`): each model's own
 # init is the one listed before it (`INITS = "series"`, a published series such as SFT → DPO →
-# RL) or the reference (`"reference"`); one "seed", so the verdicts cannot tell, and a claim is
+# RL) or the reference (`"reference"`); one "seed", so the verdicts are inconclusive, and a claim is
 # tested only for models labelled `sft`, `dpo` or `grpo` (the stages it names). Section 8 then adds
 # each model's cross-layer CKA against the reference and its difference lens (notebook 04 §7).
 
@@ -285,5 +287,5 @@ for m in given.labels[1:] if MODELS else ():
 # %%
 display(Markdown(publish(compare.summarize(results, cfg), "05_post_training_compare", plots.figure_dir(cfg),
                          SMOKE)))
-display(Markdown(publish(each_seed(results, lambda r: compare.summarize(r, cfg)),
+display(Markdown(publish(each_seed(results, lambda r: compare.summarize(r, cfg, with_claims=False)),
                          "05_post_training_compare_seeds", plots.figure_dir(cfg), SMOKE)))

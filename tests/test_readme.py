@@ -87,5 +87,17 @@ def test_differences_name_changed_verdicts_and_sentences(tmp_path):
     text = differences(fresh, published)
     assert "- *Claim one*: **disagrees** → **agrees**" in text and "Identical: 01.md." in text
     assert "-- x 2\n+- x 1" in text and "### 01.md" not in text
+    (fresh / "00.md").write_text("| table |\n\nObservations (4 items): 1. **agrees**; 2. "
+                                 "**inconclusive (3 seeds)**.\n")
+    (published / "00.md").write_text("| table |\n\nObservations (4 items): 1. **agrees**; 2. "
+                                     "**disagrees**.\n")
+    (fresh / "06.md").write_text("1. *Claim two* (src) — q. Verdict over 2 training seeds (its one "
+                                 "item decides; 1 item at 5 % each): **inconclusive (2 seeds)**.\n")
+    (published / "06.md").write_text("1. *Claim two* (src) — q. Verdict over 2 training seeds (its "
+                                     "one item decides; 1 item at 5 % each): **agrees**.\n")
+    text = differences(fresh, published)
+    assert "- *observation 2*: **disagrees** → **inconclusive (3 seeds)**" in text
+    assert "observation 1" not in text
+    assert "- *Claim two*: **agrees** → **inconclusive (2 seeds)**" in text
     with pytest.raises(FileNotFoundError, match="run make reproduce first"):
         differences(tmp_path / "empty", published)

@@ -66,8 +66,12 @@ def assert_same(a, b):
         assert type(a) is type(b)
         for f in a.__dataclass_fields__:
             assert_same(getattr(a, f), getattr(b, f))
-    elif isinstance(a, np.ndarray):
-        np.testing.assert_array_equal(a, b)
+    elif isinstance(a, list) and a and hasattr(a[0], "__dataclass_fields__"):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same(x, y)
+    elif isinstance(a, (np.ndarray, np.floating)):
+        np.testing.assert_array_equal(a, b)  # NaN equals NaN here
     elif hasattr(a, "equals"):  # DataFrame
         assert a.equals(b) and a.attrs == b.attrs
     else:

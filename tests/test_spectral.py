@@ -271,10 +271,15 @@ def stack(n_layers: int, n: int, d: int, seed: int = 0) -> np.ndarray:
 def test_layer_metrics_matches_per_matrix_functions(n, d):
     acts = stack(3, n, d)
     table = layer_metrics(torch.from_numpy(acts))
-    assert list(table) == ["rankme", "renyi_0.5", "renyi_1", "renyi_2", "renyi_inf"]
+    assert list(table) == ["rankme", "alpha_req", "renyi_0.5", "renyi_1", "renyi_2", "renyi_inf"]
     for key in table:
         assert table[key].shape == (3,) and table[key].dtype == np.float64
     np.testing.assert_allclose(table["rankme"], [ref_rankme(x) for x in acts], rtol=1e-8)
+    for got, x in zip(table["alpha_req"], acts):  # a log-log line fit of the eigenvalues
+        lam = np.linalg.svd(x - x.mean(0), compute_uv=False) ** 2  # descending
+        lam = lam[lam > lam[0] * max(n, d) * np.finfo(float).eps]
+        slope = np.polyfit(np.log(np.arange(1, len(lam) + 1)), np.log(lam), 1)[0]
+        assert got == pytest.approx(-slope, rel=1e-6)
     for a in (0.5, 1, 2, INF):
         np.testing.assert_allclose(table[spectral.metric_key(a)],
                                    [ref_renyi(x, a) for x in acts], rtol=1e-9)

@@ -1,12 +1,23 @@
 """The summaries shared by the reports: fraction of the mean gap, tied best candidates, McNemar,
-and the across-seed verdict rule, each against a slow reference or a case with a known answer."""
+and the across-seed verdict rule (the seed as the unit), each against a slow reference or a case
+with a known answer."""
 
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
 
-from alignkit.stats import Band, envelope, gap_fraction, mcnemar, near_best, sign_verdict
+from alignkit.stats import (
+    Band,
+    gap_fraction,
+    mcnemar,
+    near_best,
+    seed_interval,
+    seed_verdict,
+    sides,
+    t_quantile,
+)
 
 
 def _slow_gap_fraction(delta, gap, n_boot, seed, ci=0.95):
@@ -117,14 +128,66 @@ def _band(point, lo, hi):
     return Band(np.float64(point), np.float64(lo), np.float64(hi))
 
 
-def test_sign_verdict_needs_every_seed_and_two_of_them():
-    up = [_band(1.0, 0.5, 1.5), _band(0.8, 0.1, 1.4), _band(1.2, 0.9, 1.6)]
-    assert sign_verdict(up, +1) == "agrees"
-    assert sign_verdict(up, -1) == "disagrees"
-    assert sign_verdict(up[:1], +1) == "cannot tell"  # one seed: training variance unknown
-    mixed = up[:2] + [_band(0.3, -0.2, 0.8)]
-    assert sign_verdict(mixed, +1) == "cannot tell"
-    env = envelope(mixed)
-    assert (float(env.point), float(env.lo), float(env.hi)) == pytest.approx((0.7, -0.2, 1.5))
+def test_mcnemar_is_exact_beyond_a_thousand_discordant_pairs():
+    """The old ``int / 2.0**m`` overflowed at m >= 1,024; exact rational arithmetic is the
+    reference."""
+    for only_a, only_b in ((500, 600), (1000, 1100), (3000, 3001)):
+        a = np.array([True] * only_a + [False] * only_b)
+        r = mcnemar(a, ~a)
+        m, k = only_a + only_b, min(only_a, only_b)
+        exact = min(Fraction(1), 2 * Fraction(sum(math.comb(m, i) for i in range(k + 1)), 2**m))
+        assert r["p"] == pytest.approx(float(exact), rel=1e-9)
+    assert 0 < mcnemar(np.array([True] * 1000 + [False] * 1100),
+                       np.array([False] * 1000 + [True] * 1100))["p"] < 0.05
+
+
+def test_t_quantile_matches_closed_forms_and_tables():
+    for q in (0.9, 0.975, 0.995):
+        assert t_quantile(q, 1) == pytest.approx(math.tan(math.pi * (q - 0.5)), rel=1e-9)
+        assert t_quantile(q, 2) == pytest.approx((2 * q - 1) / math.sqrt(2 * q * (1 - q)),
+                                                 rel=1e-9)
+    assert t_quantile(0.975, 4) == pytest.approx(2.776445105, rel=1e-8)  # Student's table
+    assert t_quantile(0.975, 10**6) == pytest.approx(1.959966, rel=1e-5)  # the normal's
+    with pytest.raises(ValueError, match="df"):
+        t_quantile(0.975, 0)
+
+
+def _band(point, lo, hi):
+    return Band(np.float64(point), np.float64(lo), np.float64(hi))
+
+
+def test_seed_interval_is_students_t_over_the_seeds():
+    b = seed_interval([1.0, 2.0, 3.0])
+    half = 4.302652730 / math.sqrt(3)  # t(0.975, 2) * sd 1 / sqrt(3)
+    assert (float(b.point), float(b.lo), float(b.hi)) == pytest.approx((2, 2 - half, 2 + half))
+    one = seed_interval([0.7])
+    assert float(one.point) == 0.7 and np.isnan(float(one.lo)) and np.isnan(float(one.hi))
+    with pytest.raises(ValueError, match="finite"):
+        seed_interval([1.0, np.nan])
+
+
+def test_seed_verdict_with_opposite_seeds_zero_effects_and_one_seed():
+    assert seed_verdict([1.0, 1.1, 0.9], +1) == "agrees"
+    assert seed_verdict([1.0, 1.1, 0.9], -1) == "disagrees"
+    assert seed_verdict([2.0, -1.5, 1.8], +1) == "inconclusive (3 seeds)"  # a seed opposite
+    assert seed_verdict([0.01, -0.02, 0.0], +1) == "inconclusive (3 seeds)"  # no effect
+    assert seed_verdict([5.0], +1) == "inconclusive (1 seed)"  # training noise unknown
     with pytest.raises(ValueError, match="claimed"):
-        sign_verdict(up, 0)
+        seed_verdict([1.0, 2.0], 0)
+
+
+def test_seed_verdict_false_agreement_rate_under_the_null():
+    """Mean effect 0, per-run spread 1: the old rule (every seed's interval of half-width 0.2 on
+    the claimed side) agreed in ~18 % of 2-seed draws; the t rule at most 2.5 %."""
+    g = np.random.default_rng(0)
+    for n in (2, 3):
+        draws = g.normal(size=(4000, n))
+        rate = np.mean([seed_verdict(d, +1) == "agrees" for d in draws])
+        old = np.mean([(d - 0.2 > 0).all() for d in draws])
+        assert rate < 0.035 and old > 0.07
+
+
+def test_sides_names_seeds_above_below_and_straddling():
+    bands = [_band(1.0, 0.5, 1.5), _band(-1.0, -1.5, -0.5), _band(0.3, -0.2, 0.8)]
+    assert sides(bands) == "1 above, 1 below, 1 straddle 0 (3 seeds)"
+    assert sides(bands[:1]) == "1 above, 0 below, 0 straddle 0 (1 seed)"

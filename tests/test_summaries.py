@@ -171,7 +171,7 @@ def planted_compare(sft_acc=0.5):
         weights=w,
         correct={"base": [True] + [False] * 9, "sft": [True] * 5 + [False] * 5,
                  "grpo": [True] * 4 + [False] * 6},
-        last_states={"base": low, "sft": wide, "grpo": low}, claims=[])
+        last_states={"base": low, "sft": wide, "grpo": low}, claims=[], base_hash="b0")
     res.claims = compare.compare_claims([res.last_states], [drift], [w.matched_unchanged], res.init)
     return res
 
@@ -185,13 +185,14 @@ def test_summarize_compare_and_the_claims():
     assert "paired: vs base +40.0 points (McNemar p = 0.12, 4 gained / 0 lost)" in text
     assert "vs SFT -10.0 points (McNemar p = 1, 0 gained / 1 lost)" in text
     claims_text = text.split("**Published claims")[1]
-    assert claims_text.count("one training seed, which cannot decide") == 3
-    assert claims_text.count("Verdict over one training seed, which cannot decide: **cannot tell**") == 3
+    assert claims_text.count("Verdict over 1 training seed (") == 3
+    assert claims_text.count("**inconclusive (1 seed)**") == 3  # one seed decides nothing
     assert "Li et al. 2025" in claims_text and "Mukherjee et al. 2025" in claims_text
     assert "SFT at GRPO's update norm: 0.300" in claims_text
     # the planted SFT rank rise is visible in the single seed's interval (above 0)
     sft_rank = claims_text.split("SFT RankMe ")[1]
-    assert sft_rank.startswith("+") and "1 of 1 seeds on the claimed side" in sft_rank
+    assert sft_rank.startswith("+") and "1 above, 0 below, 0 straddle 0 (1 seed)" in \
+        sft_rank.split("claimed")[0]
 
 
 # ---- across training seeds ---------------------------------------------------------------------
@@ -296,7 +297,11 @@ def test_summarize_compare_across_seeds():
     assert "over 2 training seeds" in claims_text
     assert [v.n_seeds for v in verdicts] == [2, 2, 2]
     # the planted SFT rank rise holds in both seeds: the first claim's SFT item is on its side
-    assert "2 of 2 seeds on the claimed side: agrees" in claims_text.split("SFT RankMe ")[1].split(")")[0]
+    assert "2 above, 0 below, 0 straddle 0 (2 seeds); claimed > 0): agrees" in \
+        claims_text.split("SFT RankMe ")[1].split("; SFT α-ReQ")[0]
+    other_base = planted_compare(0.3)
+    other_base.base_hash = "b1"  # the same accuracy, other weights: not the same base
+    assert "the seeds' bases differ" in compare.summarize([results[0], other_base])
     with pytest.raises(ValueError, match="differ in methods or inits"):
         other = planted_compare()
         other.init = {"sft": "base", "grpo": "base"}

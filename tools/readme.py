@@ -20,7 +20,9 @@ REPO = Path(__file__).resolve().parent.parent
 SUMMARY_BLOCK = re.compile(r"(<!-- summary: (?P<path>[^ ]+) -->\n)(?P<body>.*?)(<!-- /summary -->)",
                            re.S)
 VERDICT = re.compile(r"^\d+\. \*(?P<claim>[^*]+)\*.*Verdict over [^:]+: "
-                     r"\*\*(?P<verdict>[a-z ]+)\*\*", re.M)
+                     r"\*\*(?P<verdict>[a-z0-9 ()]+)\*\*", re.M)
+# the seed study's observations (images/00_observations.md): "Observations (...): 1. **agrees**"
+OBSERVATION = re.compile(r"(?P<claim>\d)\. \*\*(?P<verdict>[a-z0-9 ()]+)\*\*")
 
 
 def fill_readme(text: str, root: str | Path) -> str:
@@ -51,19 +53,31 @@ def differences(fresh: str | Path, published: str | Path) -> str:
     for name in names:
         new = (fresh / name).read_text()
         old = (published / name).read_text() if (published / name).is_file() else ""
-        verdicts = {m["claim"]: m["verdict"] for m in VERDICT.finditer(old)}
-        changed += [f"- *{m['claim']}*: **{verdicts[m['claim']]}** → **{m['verdict']}**"
-                    for m in VERDICT.finditer(new)
-                    if m["claim"] in verdicts and verdicts[m["claim"]] != m["verdict"]]
+        changed += _changed(VERDICT, old, new)
+        changed += _changed(OBSERVATION, _observations(old), _observations(new), "observation ")
         diff = [line for line in difflib.unified_diff(old.splitlines(), new.splitlines(),
                                                       n=0, lineterm="")
                 if line[:3] not in ("---", "+++")]
         if diff:
             details += [f"### {name}", "", "```diff", *diff, "```", ""]
     head = [f"# Reproduction against the published summaries ({len(names)} files)", "",
-            "Verdicts on published claims that changed:", ""] + (changed or ["- none"])
+            "Verdicts (published claims, the seed study's observations) that changed:",
+            ""] + (changed or ["- none"])
     same = [n for n in names if f"### {n}" not in details]
     return "\n".join(head + ["", f"Identical: {', '.join(same) or 'none'}.", "", *details])
+
+
+def _observations(text: str) -> str:
+    """The observations' verdict line of a summary ("" if none)."""
+    return next((line for line in text.splitlines() if line.startswith("Observations (")), "")
+
+
+def _changed(pattern: re.Pattern, old: str, new: str, prefix: str = "") -> list[str]:
+    """``"- *claim*: **old** → **new**"`` for each verdict ``pattern`` finds in both that moved."""
+    verdicts = {m["claim"]: m["verdict"] for m in pattern.finditer(old)}
+    return [f"- *{prefix}{m['claim']}*: **{verdicts[m['claim']]}** → **{m['verdict']}**"
+            for m in pattern.finditer(new)
+            if m["claim"] in verdicts and verdicts[m["claim"]] != m["verdict"]]
 
 
 def main(command: str) -> None:

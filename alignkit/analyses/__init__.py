@@ -12,7 +12,8 @@ import dataclasses
 import importlib
 from types import ModuleType
 
-LAYERS = ("common", "behaviour", "cka", "spectral", "patching", "lens", "weights", "compare")
+LAYERS = ("common", "behaviour", "cka", "spectral", "patching", "lens", "observations", "weights",
+          "compare")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,6 +10,7 @@ import dataclasses
 import logging
 
 import numpy as np
+import torch
 
 from alignkit import claims, controls, patching, runs, spectral
 from alignkit.analyses import behaviour, cka, common, lens, weights
@@ -21,7 +22,7 @@ from alignkit.claims import Verdict
 from alignkit.config import CompareParams, Config, analysis_key
 from alignkit.data import dataset_hash, eval_set
 from alignkit.evaluate import summary
-from alignkit.models import device_for, load_model, placement
+from alignkit.models import device_for, load_model, part, placement
 from alignkit.patching import PatchResult
 from alignkit.stats import Band, mcnemar
 
@@ -43,8 +44,8 @@ class CompareResult:
             the final model into the reference; patch_curves ``{method: Band [L]}`` their mean Δ.
         weights: the weight drift of every method (``analyses.weights``).
         correct: ``{"base" | method: [n_eval] bool}`` per-problem exact match (paired tests).
-        last_states: ``{model label: [n, d]}`` last-token states of the last decoder layer on the
-            probes (``claims.effective_rank_claim``).
+        last_states: ``{model label: [n, d]}`` last-token states after the final norm on the
+            probes (``final_states``; ``claims.effective_rank_claim``).
         claims: the published claims tested on this comparison alone (``compare_claims``).
     """
 
@@ -66,6 +67,7 @@ class CompareResult:
     correct: dict[str, list[bool]]
     last_states: dict[str, np.ndarray]
     claims: list[Verdict]
+    base_hash: str = ""  # the reference's weights hash: "the same base" across seeds
 
     def gap(self, method: str) -> float:
         """Mean LP(final) − LP(reference) on the patched flips."""
@@ -99,8 +101,7 @@ def ensure(cfg: Config, ckpts: common.Checkpoints) -> CompareResult:
         caps = common.captures(cfg, ckpts, p.pooling, texts)
         keep, labels, dropped = varying_points(caps.values())
         names = {ckpts.reference: "base"}  # the reference is "base" in every table and claim
-        last_states = {names.get(k, k): a.acts[-1].double().numpy()
-                       for k, a in common.captures(cfg, ckpts, "last", texts).items()}
+        last_states = final_states(cfg, ckpts, common.captures(cfg, ckpts, "last", texts), names)
         acts = {k: a.acts[keep] for k, a in caps.items()}
         ref = acts[ckpts.reference]
         cka_bands = {m: Band.of(controls.bootstrap_layerwise_cka(ref, acts[m], n_boot=p.n_boot,
@@ -133,7 +134,8 @@ def ensure(cfg: Config, ckpts: common.Checkpoints) -> CompareResult:
                                            for m, r in patches.items()},
             weights=w, correct={names.get(k, k): list(evals[k].correct)
                                 for k in [ckpts.reference, *methods]},
-            last_states=last_states, claims=compare_claims(
+            last_states=last_states, base_hash=ckpts.hashes()[ckpts.reference],
+            claims=compare_claims(
                 [last_states], [w.own], [w.matched_unchanged], inits, p.n_boot, p.seed))
 
     return common.cached(cfg, ckpts, "compare", p, compute, eval=dataset_hash(ds),
@@ -142,11 +144,26 @@ def ensure(cfg: Config, ckpts: common.Checkpoints) -> CompareResult:
                   min_gap=cfg.patching.min_gap, weights=analysis_key(cfg.weights))
 
 
+def final_states(cfg: Config, ckpts: common.Checkpoints, last: dict, names: dict) -> dict:
+    """``{model label: [n, d]}`` float64: each model's last-token state after its last decoder
+    layer (``last``: captures with ``"last"`` pooling) through its own final norm, the
+    ``hidden_states[-1]`` Li et al. 2025 measure."""
+    out = {}
+    for k, a in last.items():
+        model = load_model(ckpts.paths[k], dtype=cfg.dtype, **placement(cfg))[0]
+        p = next(model.parameters())
+        with torch.no_grad():
+            normed = part(model, "norm")(a.acts[-1].to(device=p.device, dtype=p.dtype))
+        out[names.get(k, k)] = normed.double().cpu().numpy()
+        del model
+    return out
+
+
 def compare_claims(last_states: list[dict], own: list[dict], matched: list[dict], init: dict,
                    n_boot: int = 200, seed: int = 0) -> list:
     """The three published claims over training seeds (one entry per seed in each list): one
-    seed cannot tell. Each claim is about named stages (``sft``, ``dpo``, ``grpo``): it is tested
-    only when models carry those labels."""
+    seed is inconclusive. Each claim is about named stages (``sft``, ``dpo``, ``grpo``): it is
+    tested only when models carry those labels."""
     methods = list(own[0])
     out = []  # models labelled otherwise (compare --models base=... tuned=...) test no claim
     if set(claims.LI_CLAIMED) & set(methods):
@@ -161,11 +178,9 @@ def compare_claims(last_states: list[dict], own: list[dict], matched: list[dict]
 
 def claims_over_seeds(results: list[CompareResult], n_boot: int = 200, seed: int = 0) -> list:
     """``compare_claims`` on every seed's result together: the verdicts the notebook and the
-    README state (with one result, the claims it stored)."""
+    README state (recomputed from the stored states and weight tables, never the stored ones)."""
     if not results:
         raise ValueError("claims_over_seeds needs at least one comparison, got none")
-    if len(results) == 1:
-        return list(results[0].claims)
     if any(r.methods != results[0].methods or r.init != results[0].init for r in results):
         raise ValueError("the seeds' comparisons differ in methods or inits: "
                          f"{[(r.methods, r.init) for r in results]}")
@@ -216,13 +231,15 @@ def _method_line(rs: list[CompareResult], m: str) -> str:
         + mode_sentence([r.weights.own_by_module()[m].idxmax() for r in rs]) + ".")
 
 
-def summarize(results: list[CompareResult], cfg: Config | None = None) -> str:
+def summarize(results: list[CompareResult], cfg: Config | None = None,
+              with_claims: bool = True) -> str:
     """Notebook 05 over training seeds: per method accuracy (McNemar against base and own init),
-    CKA, Δ RankMe, patching depth (fraction of the mean gap) and own update, then the published
-    claims over the seeds (``claims_over_seeds``, bootstrap: ``cfg.compare``)."""
+    CKA, Δ RankMe, patching depth (fraction of the mean gap) and own update, then (unless
+    ``with_claims`` is false: a seed's own block) the published claims over the seeds
+    (``claims_over_seeds``, bootstrap: ``cfg.compare``)."""
     n, methods = len(results), results[0].methods
     p = cfg.compare if cfg is not None else CompareParams()
-    same = len({r.accuracy["base"]["accuracy"] for r in results}) == 1
+    same = len({r.base_hash for r in results}) == 1 and bool(results[0].base_hash)
     lines = [f"- Base accuracy {100 * results[0].accuracy['base']['accuracy']:.1f} %"
              + ("." if n == 1 else " (the same base in every seed)." if same else
                 " (the first seed's: the seeds' bases differ, so the vs-base comparisons do not "
@@ -233,12 +250,16 @@ def summarize(results: list[CompareResult], cfg: Config | None = None) -> str:
         [max(methods, key=lambda m: w[m]).upper() for w in whole])
         + "; lowest mean CKA vs base: " + mode_sentence(
         [min(methods, key=lambda m: r.cka[m].point.mean()).upper() for r in results]) + ".")
+    if not with_claims:
+        return "\n".join(lines)
     verdicts = claims_over_seeds(results, p.n_boot, p.seed)
     lines += ["", f"**Published claims, each with its paper's own quantity**, over {n} training "
-              "seed" + ("s" if n > 1 else "") + " (items: the mean over seeds [the lowest and the "
-              "highest bound of the seeds' 95 % intervals]; a verdict needs every seed's interval "
-              "on one side of 0 for every item, and at least 2 seeds; the numbers after the items "
-              "frame the test without entering it):", ""]
+              "seed" + ("s" if n > 1 else "") + " (the seed is the unit: each item is the mean of "
+              "the seeds' estimates with its Student-t 95 % interval, df = seeds − 1, and agrees "
+              "(disagrees) when that interval lies on the claimed (opposite) side of 0; each "
+              "seed's estimate follows with its within-seed interval, which does not decide; "
+              "interpretation items and the numbers after the items stay outside the verdict):",
+              ""]
     lines += [f"{i}. " + v.sentence() for i, v in enumerate(verdicts, 1)] or [
         "None tested: each claim is about a named stage; label the models sft, dpo or grpo."]
     return "\n".join(lines)
