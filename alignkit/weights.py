@@ -201,6 +201,26 @@ def _top_singular(x: torch.Tensor, k: int) -> tuple[np.ndarray, torch.Tensor, to
     return (sigma, other, top) if tall else (sigma, top, other)
 
 
+def _top_singular_of_sum(w: torch.Tensor, d: torch.Tensor,
+                         k: int) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+    """``_top_singular(w + d, k)`` without a third full-size tensor: the Gram of the sum from
+    products of ``w`` and ``d`` (small ``[min, min]`` matrices), the other side's vectors as
+    ``w v + d v``."""
+    m, n = w.shape
+    scale = max(max(float(x.max()), -float(x.min())) for x in (w, d)) or 1.0
+    tall = m >= n
+    cross = w.T @ d if tall else w @ d.T
+    gram = (w.T @ w + d.T @ d if tall else w @ w.T + d @ d.T) + cross + cross.T
+    del cross
+    lam, vecs = torch.linalg.eigh(gram / (scale * scale))
+    sigma = spectral.singular_values_from_gram(lam, (m, n)) * scale
+    r = min(k, int((sigma > 0).sum()))
+    top = vecs.flip(-1)[:, :r]
+    s = torch.as_tensor(sigma[:r].copy(), dtype=w.dtype, device=w.device)
+    other = ((w @ top + d @ top) if tall else (w.T @ top + d.T @ top)) / s
+    return (sigma, other, top) if tall else (sigma, top, other)
+
+
 def _overlap(a: torch.Tensor, b: torch.Tensor) -> float:
     """Mean squared cosine of the principal angles, ``||a^T b||_F^2 / a.shape[1]`` (0 if empty)."""
     if a.shape[1] == 0 or b.shape[1] == 0:
@@ -265,7 +285,7 @@ def weight_drift(base: ModelLike, tuned: ModelLike, tol: float = 1e-5, k: int = 
             m, n = w.shape
             s_d, u_d, v_d = _top_singular(d, k)
             s_w, u_w, v_w = _top_singular(w, k)
-            s_t, u_t, v_t = _top_singular(w + d, k)
+            s_t, u_t, v_t = _top_singular_of_sum(w, d, k)
             top = min(k, len(s_w))
             rank = int((s_d > 0).sum())
             if ((m, n), eps) not in _DENSE_RANK:  # RankMe of a seeded Gaussian matrix, once

@@ -178,9 +178,11 @@ def compare_claims(last_states: list[dict], own: list[dict], matched: list[dict]
 
 def claims_over_seeds(results: list[CompareResult], n_boot: int = 200, seed: int = 0) -> list:
     """``compare_claims`` on every seed's result together: the verdicts the notebook and the
-    README state (recomputed from the stored states and weight tables, never the stored ones)."""
+    README state (with one result, the claims stored with it)."""
     if not results:
         raise ValueError("claims_over_seeds needs at least one comparison, got none")
+    if len(results) == 1:
+        return list(results[0].claims)  # computed with the result, under the same cache key
     if any(r.methods != results[0].methods or r.init != results[0].init for r in results):
         raise ValueError("the seeds' comparisons differ in methods or inits: "
                          f"{[(r.methods, r.init) for r in results]}")
