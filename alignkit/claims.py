@@ -13,7 +13,16 @@ import numpy as np
 import pandas as pd
 
 from alignkit import spectral
-from alignkit.stats import ArrayLike, Band, ratio_bootstrap, seed_interval, seed_verdict, sides
+from alignkit.stats import (
+    ArrayLike,
+    Band,
+    count,
+    inconclusive,
+    ratio_bootstrap,
+    seed_interval,
+    seed_verdict,
+    sides,
+)
 
 LI_2025 = ("Li et al. 2025, Tracing the representation geometry of language models from "
            "pretraining to post-training, arXiv:2509.23024")
@@ -85,7 +94,7 @@ class Verdict:
             return "agrees"
         if "disagrees" in v:
             return "disagrees"
-        return f"inconclusive ({self.n_seeds} seed{'s' if self.n_seeds != 1 else ''})"
+        return inconclusive(self.n_seeds)
 
     def item_sentence(self, item: str, fmt: str = "{:+.3f}") -> str:
         """``"DPO − SFT +0.188 [+0.150, +0.226] (per seed +0.18 [..], ...; 3 above, 0 below, 0
@@ -114,8 +123,8 @@ class Verdict:
         k = len(self.tested)
         rule = ("every one of its items must agree" if k > 1 else "its one item decides")
         return (f"*{self.claim}* ({self.source}) — {self.quantity}: {tested}{interp}{ctx}. "
-                f"Verdict over {self.n_seeds} training seed{'s' if self.n_seeds != 1 else ''} "
-                f"({rule}; {k} item{'s' if k != 1 else ''} at 5 % each): **{self.verdict}**.")
+                f"Verdict over {count(self.n_seeds, 'training seed')} ({rule}; "
+                f"{count(k, 'item')} at 5 % each): **{self.verdict}**.")
 
 
 _NAN = Band(np.float64(np.nan), np.float64(np.nan), np.float64(np.nan))
@@ -182,10 +191,12 @@ def _ratio_bootstrap(parts: Mapping[str, tuple[np.ndarray, np.ndarray]], n_boot:
             {k: boots[:, i] for i, k in enumerate(keys)})
 
 
-def _diff_band(full: dict, boots: dict, a: str, b: str, ci: float = 0.95) -> Band:
-    """Paired bootstrap band of ``full[a] - full[b]`` (percentile interval)."""
-    lo, hi = np.nanquantile(boots[a] - boots[b], [(1 - ci) / 2, (1 + ci) / 2])
-    return Band(np.float64(full[a] - full[b]), np.float64(lo), np.float64(hi))
+def _diff_band(full: dict, boots: dict, a: str, b: str | float, ci: float = 0.95) -> Band:
+    """Paired bootstrap band of ``full[a] - full[b]`` (percentile interval); a number ``b`` is a
+    fixed level (``full[a] - b``)."""
+    ref, ref_boots = (b, b) if isinstance(b, float) else (full[b], boots[b])
+    lo, hi = np.nanquantile(boots[a] - ref_boots, [(1 - ci) / 2, (1 + ci) / 2])
+    return Band(np.float64(full[a] - ref), np.float64(lo), np.float64(hi))
 
 
 def _moved(*tables: pd.DataFrame) -> bool:
@@ -204,12 +215,6 @@ def _matrix_parts(f: pd.DataFrame, col: str,
     matrix = f["eff_rank"].notna().to_numpy()
     value = f[col] / f[chance] if chance else f[col]
     return np.where(matrix, value.to_numpy(np.float64), 0.0), matrix.astype(np.float64)
-
-
-def _level_band(full: dict, boots: dict, a: str, level: float, ci: float = 0.95) -> Band:
-    """Percentile band of ``full[a] - level``."""
-    lo, hi = np.nanquantile(boots[a] - level, [(1 - ci) / 2, (1 + ci) / 2])
-    return Band(np.float64(full[a] - level), np.float64(lo), np.float64(hi))
 
 
 def sparsity_claim(own: Sequence[Mapping[str, pd.DataFrame]], rl: Sequence[str] = ("dpo", "grpo"),
@@ -240,7 +245,7 @@ def sparsity_claim(own: Sequence[Mapping[str, pd.DataFrame]], rl: Sequence[str] 
         for m in methods[1:]:
             moved = _moved(tables[m], tables[reference])
             per_seed[f"{m.upper()} unchanged share − 0.5"].append(
-                _level_band(full, boots, m, 0.5) if _moved(tables[m]) else _NAN)
+                _diff_band(full, boots, m, 0.5) if _moved(tables[m]) else _NAN)
             per_seed[f"{m.upper()} − {ref}"].append(
                 _diff_band(full, boots, m, reference) if moved else _NAN)
             col = f"unchanged_bf16_at_{m}"

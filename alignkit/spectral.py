@@ -131,18 +131,25 @@ def rankme_from_spectrum(s: ArrayLike, eps: float = 1e-7) -> float | np.ndarray:
     return _out(np.exp(-plogp.sum(-1)))
 
 
+def _eigenvalues(s: np.ndarray, shape: tuple[int, int] | None) -> np.ndarray:
+    """``lambda = (s / max s)^2`` (scale invariant; keeps ``s^2`` in range), 0 below the numerical
+    tolerance ``max(lambda) * max(shape) * eps`` (``shape``: the matrix behind ``s``; ``None``:
+    ``k``)."""
+    s = s / s.max(-1, keepdims=True)
+    lam = s * s
+    n_max = max(shape) if shape is not None else s.shape[-1]
+    return np.where(lam > lam.max(-1, keepdims=True) * n_max * _EPS64, lam, 0.0)
+
+
 def alpha_req_from_spectrum(s: ArrayLike, *,
                             shape: tuple[int, int] | None = None) -> float | np.ndarray:
     """α-ReQ (Agrawal et al. 2022; Li et al. 2025) of singular values ``s: [..., k]``: minus the
     least-squares slope of ``log lambda_i`` on ``log i`` over the eigenvalues ``lambda = s^2`` in
-    descending order, above the numerical tolerance of ``renyi_from_spectrum`` (NaN with fewer
-    than two). Larger: a faster power-law decay, fewer effective directions."""
-    s = _check_spectrum(s)
-    s = -np.sort(-(s / s.max(-1, keepdims=True)), -1)
-    lam = s * s
-    n_max = max(shape) if shape is not None else s.shape[-1]
-    keep = lam > lam[..., :1] * n_max * _EPS64
-    x = np.broadcast_to(np.log(np.arange(1, s.shape[-1] + 1, dtype=np.float64)), s.shape)
+    descending order, above the numerical tolerance (``_eigenvalues``, as the Rényi ranks; NaN
+    with fewer than two). Larger: a faster power-law decay, fewer effective directions."""
+    lam = -np.sort(-_eigenvalues(_check_spectrum(s), shape), -1)
+    keep = lam > 0
+    x = np.broadcast_to(np.log(np.arange(1, lam.shape[-1] + 1, dtype=np.float64)), lam.shape)
     y = np.log(np.where(keep, lam, 1.0))
     w = keep.astype(np.float64)
     n = w.sum(-1, keepdims=True)
@@ -159,12 +166,7 @@ def renyi_from_spectrum(s: ArrayLike, alpha: Alpha | Sequence[Alpha], *,
     singular values ``s: [..., k]``: a float (1-D ``s``) or ``[...]``; ``[..., len(alpha)]`` for a
     list. ``shape = (n, d)`` of the matrix behind ``s`` sets ``tol`` (``None``: ``k``)."""
     alphas, is_scalar = _check_alphas(alpha)
-    s = _check_spectrum(s)
-    s = s / s.max(-1, keepdims=True)  # scale invariant; keeps s^2 in range
-    lam = s * s
-    n_max = max(shape) if shape is not None else s.shape[-1]
-    tol = lam.max(-1, keepdims=True) * n_max * _EPS64
-    lam = np.where(lam > tol, lam, 0.0)
+    lam = _eigenvalues(_check_spectrum(s), shape)
     p = lam / lam.sum(-1, keepdims=True)
     pos = p > 0
     logp = np.log(np.where(pos, p, 1.0))  # 0 where p == 0; those terms carry weight p = 0

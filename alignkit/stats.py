@@ -260,11 +260,20 @@ def seed_verdict(points, claimed: int, ci: float = 0.95) -> str:
     if claimed not in (1, -1):
         raise ValueError(f"claimed must be +1 or -1, got {claimed!r}")
     b = seed_interval(points, ci)
-    n = np.size(points)
     if not np.isfinite(b.lo):
-        return f"inconclusive ({n} seed{'s' if n != 1 else ''})"
+        return inconclusive(np.size(points))
     lo, hi = (float(b.lo), float(b.hi)) if claimed > 0 else (-float(b.hi), -float(b.lo))
-    return "agrees" if lo > 0 else ("disagrees" if hi < 0 else f"inconclusive ({n} seeds)")
+    return "agrees" if lo > 0 else ("disagrees" if hi < 0 else inconclusive(np.size(points)))
+
+
+def count(n: int, noun: str) -> str:
+    """``"3 seeds"``, ``"1 seed"``: a number with its noun, plural unless one."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def inconclusive(n_seeds: int) -> str:
+    """The verdict that decides nothing: ``"inconclusive (3 seeds)"``."""
+    return f"inconclusive ({count(n_seeds, 'seed')})"
 
 
 def sides(bands: list[Band]) -> str:
@@ -272,6 +281,5 @@ def sides(bands: list[Band]) -> str:
     lo = np.array([float(b.lo) for b in bands])
     hi = np.array([float(b.hi) for b in bands])
     above, below = int((lo > 0).sum()), int((hi < 0).sum())
-    n = len(bands)
-    return (f"{above} above, {below} below, {n - above - below} straddle 0 "
-            f"({n} seed{'s' if n != 1 else ''})")
+    return (f"{above} above, {below} below, {len(bands) - above - below} straddle 0 "
+            f"({count(len(bands), 'seed')})")

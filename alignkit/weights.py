@@ -185,39 +185,22 @@ def _gaussian_spectrum(m: int, n: int, dev: torch.device) -> np.ndarray:
     return spectral.singular_values_from_gram(torch.linalg.eigvalsh(gram), (m, n))
 
 
-def _top_singular(x: torch.Tensor, k: int) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
-    """``sigma`` (descending) and top ``min(k, rank)`` singular vectors ``U``, ``V`` of ``x``."""
-    m, n = x.shape
-    scale = max(float(x.max()), -float(x.min()))  # max |x| without a full-size |x|
+def _top_singular(*parts: torch.Tensor, k: int) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+    """``sigma`` (descending) and top ``min(k, rank)`` singular vectors ``U``, ``V`` of the sum of
+    ``parts`` (one part: that matrix), never forming the sum: its Gram from the parts' pairwise
+    products (small ``[min, min]`` matrices), the other side's vectors as ``sum(x v) / sigma``."""
+    m, n = parts[0].shape
+    scale = max(max(float(x.max()), -float(x.min())) for x in parts)  # no full-size |x|
     if scale == 0.0:
-        return np.zeros(min(m, n)), x.new_zeros((m, 0)), x.new_zeros((n, 0))
+        return np.zeros(min(m, n)), parts[0].new_zeros((m, 0)), parts[0].new_zeros((n, 0))
     tall = m >= n
-    lam, vecs = torch.linalg.eigh((x.T @ x if tall else x @ x.T) / (scale * scale))
-    sigma = spectral.singular_values_from_gram(lam, (m, n)) * scale
-    r = min(k, int((sigma > 0).sum()))
-    top = vecs.flip(-1)[:, :r]
-    s = torch.as_tensor(sigma[:r].copy(), dtype=x.dtype, device=x.device)
-    other = (x @ top if tall else x.T @ top) / s
-    return (sigma, other, top) if tall else (sigma, top, other)
-
-
-def _top_singular_of_sum(w: torch.Tensor, d: torch.Tensor,
-                         k: int) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
-    """``_top_singular(w + d, k)`` without a third full-size tensor: the Gram of the sum from
-    products of ``w`` and ``d`` (small ``[min, min]`` matrices), the other side's vectors as
-    ``w v + d v``."""
-    m, n = w.shape
-    scale = max(max(float(x.max()), -float(x.min())) for x in (w, d)) or 1.0
-    tall = m >= n
-    cross = w.T @ d if tall else w @ d.T
-    gram = (w.T @ w + d.T @ d if tall else w @ w.T + d @ d.T) + cross + cross.T
-    del cross
+    gram = sum((a.T @ b if tall else a @ b.T) for a in parts for b in parts)
     lam, vecs = torch.linalg.eigh(gram / (scale * scale))
     sigma = spectral.singular_values_from_gram(lam, (m, n)) * scale
     r = min(k, int((sigma > 0).sum()))
     top = vecs.flip(-1)[:, :r]
-    s = torch.as_tensor(sigma[:r].copy(), dtype=w.dtype, device=w.device)
-    other = ((w @ top + d @ top) if tall else (w.T @ top + d.T @ top)) / s
+    s = torch.as_tensor(sigma[:r].copy(), dtype=parts[0].dtype, device=parts[0].device)
+    other = sum((x @ top if tall else x.T @ top) for x in parts) / s
     return (sigma, other, top) if tall else (sigma, top, other)
 
 
@@ -283,9 +266,9 @@ def weight_drift(base: ModelLike, tuned: ModelLike, tol: float = 1e-5, k: int = 
         row.update(dict.fromkeys(MATRIX_METRICS, math.nan))
         if w.ndim == 2 and min(w.shape) > 0:
             m, n = w.shape
-            s_d, u_d, v_d = _top_singular(d, k)
-            s_w, u_w, v_w = _top_singular(w, k)
-            s_t, u_t, v_t = _top_singular_of_sum(w, d, k)
+            s_d, u_d, v_d = _top_singular(d, k=k)
+            s_w, u_w, v_w = _top_singular(w, k=k)
+            s_t, u_t, v_t = _top_singular(w, d, k=k)  # W + dW, without a third full copy
             top = min(k, len(s_w))
             rank = int((s_d > 0).sum())
             if ((m, n), eps) not in _DENSE_RANK:  # RankMe of a seeded Gaussian matrix, once

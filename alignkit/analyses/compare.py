@@ -17,7 +17,7 @@ from alignkit.analyses import behaviour, cka, common, lens, weights
 from alignkit.analyses.common import mode_sentence, per_seed, seed_values
 from alignkit.analyses.patching import curve, fraction, half_depth
 from alignkit.analyses.weights import WeightsResult, methods_of
-from alignkit.capture import varying_points
+from alignkit.capture import Activations, varying_points
 from alignkit.claims import Verdict
 from alignkit.config import CompareParams, Config, analysis_key
 from alignkit.data import dataset_hash, eval_set
@@ -45,7 +45,7 @@ class CompareResult:
         weights: the weight drift of every method (``analyses.weights``).
         correct: ``{"base" | method: [n_eval] bool}`` per-problem exact match (paired tests).
         last_states: ``{model label: [n, d]}`` last-token states after the final norm on the
-            probes (``final_states``; ``claims.effective_rank_claim``).
+            probes (``final_state``; ``claims.effective_rank_claim``).
         claims: the published claims tested on this comparison alone (``compare_claims``).
     """
 
@@ -101,7 +101,6 @@ def ensure(cfg: Config, ckpts: common.Checkpoints) -> CompareResult:
         caps = common.captures(cfg, ckpts, p.pooling, texts)
         keep, labels, dropped = varying_points(caps.values())
         names = {ckpts.reference: "base"}  # the reference is "base" in every table and claim
-        last_states = final_states(cfg, ckpts, common.captures(cfg, ckpts, "last", texts), names)
         acts = {k: a.acts[keep] for k, a in caps.items()}
         ref = acts[ckpts.reference]
         cka_bands = {m: Band.of(controls.bootstrap_layerwise_cka(ref, acts[m], n_boot=p.n_boot,
@@ -115,11 +114,18 @@ def ensure(cfg: Config, ckpts: common.Checkpoints) -> CompareResult:
         base, tokenizer = load_model(ckpts.paths[ckpts.reference], dtype=cfg.dtype,
                                      **placement(cfg))
         examples = patching.examples_from_table(sets["flips"], tokenizer, chat=cfg.chat)
-        patches = {m: patching.layer_sweep(
-            base, load_model(ckpts.paths[m], dtype=cfg.dtype, **placement(cfg))[0], tokenizer,
-            examples, component="resid", positions="all", direction="denoise",
-            batch_size=cfg.patching.batch_size, min_gap=cfg.patching.min_gap, progress=False)
-            for m in methods}
+        last = common.captures(cfg, ckpts, "last", texts)
+        last_states, patches = {}, {}
+        for k in ckpts.labels:  # one model beside the base at a time
+            model = base if k == ckpts.reference else load_model(
+                ckpts.paths[k], dtype=cfg.dtype, **placement(cfg))[0]
+            last_states[names.get(k, k)] = final_state(model, last[k])
+            if k in methods:
+                patches[k] = patching.layer_sweep(
+                    base, model, tokenizer, examples, component="resid", positions="all",
+                    direction="denoise", batch_size=cfg.patching.batch_size,
+                    min_gap=cfg.patching.min_gap, progress=False)
+            del model
         w = weights.ensure(cfg, ckpts)
         inits = {m: names.get(v, v) for m, v in init.items()}
         return CompareResult(
@@ -134,7 +140,7 @@ def ensure(cfg: Config, ckpts: common.Checkpoints) -> CompareResult:
                                            for m, r in patches.items()},
             weights=w, correct={names.get(k, k): list(evals[k].correct)
                                 for k in [ckpts.reference, *methods]},
-            last_states=last_states, base_hash=ckpts.hashes()[ckpts.reference],
+            last_states=last_states, base_hash=runs.weights_hash(ckpts.paths[ckpts.reference]),
             claims=compare_claims(
                 [last_states], [w.own], [w.matched_unchanged], inits, p.n_boot, p.seed))
 
@@ -144,19 +150,14 @@ def ensure(cfg: Config, ckpts: common.Checkpoints) -> CompareResult:
                   min_gap=cfg.patching.min_gap, weights=analysis_key(cfg.weights))
 
 
-def final_states(cfg: Config, ckpts: common.Checkpoints, last: dict, names: dict) -> dict:
-    """``{model label: [n, d]}`` float64: each model's last-token state after its last decoder
-    layer (``last``: captures with ``"last"`` pooling) through its own final norm, the
-    ``hidden_states[-1]`` Li et al. 2025 measure."""
-    out = {}
-    for k, a in last.items():
-        model = load_model(ckpts.paths[k], dtype=cfg.dtype, **placement(cfg))[0]
-        p = next(model.parameters())
-        with torch.no_grad():
-            normed = part(model, "norm")(a.acts[-1].to(device=p.device, dtype=p.dtype))
-        out[names.get(k, k)] = normed.double().cpu().numpy()
-        del model
-    return out
+def final_state(model: torch.nn.Module, last: Activations) -> np.ndarray:
+    """``[n, d]`` float64: the last decoder layer's states at the last token (``last``: a capture
+    with ``"last"`` pooling) through the model's own final norm, the ``hidden_states[-1]`` Li et
+    al. 2025 measure."""
+    p = next(model.parameters())
+    with torch.no_grad():
+        normed = part(model, "norm")(last.acts[-1].to(device=p.device, dtype=p.dtype))
+    return normed.double().cpu().numpy()
 
 
 def compare_claims(last_states: list[dict], own: list[dict], matched: list[dict], init: dict,

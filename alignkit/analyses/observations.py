@@ -12,7 +12,7 @@ import numpy as np
 from alignkit.analyses.cka import CKAResult
 from alignkit.analyses.patching import PatchingResult, fraction
 from alignkit.analyses.spectral import SpectralResult
-from alignkit.stats import Band, seed_interval, seed_verdict
+from alignkit.stats import Band, count, seed_interval, seed_verdict
 
 OBSERVATIONS = {
     1: "Early layers stable, a mid-depth transition, late layers drift most (layerwise CKA)",
@@ -75,22 +75,21 @@ def late_drift_most(r: CKAResult, *_) -> float:
     return float(drift[late].mean() - drift[np.concatenate([early, mid])].mean())
 
 
-def _offdiag(r: CKAResult) -> tuple[np.ndarray, np.ndarray, tuple]:
+def _offdiag(r: CKAResult) -> tuple[np.ndarray, tuple]:
     """Per decoder layer i of the reference: the best other tuned hook point's CKA above chance
     minus its own layer's, and the thirds."""
     m = r.matrix - r.chance
     dec = _decoder(r.labels)
-    gain = np.array([np.delete(m[i], i).max() - m[i, i] for i in dec])
-    return gain, dec, thirds(len(dec))
+    return np.array([np.delete(m[i], i).max() - m[i, i] for i in dec]), thirds(len(dec))
 
 
 def early_diagonal(r: CKAResult, *_) -> float:
-    gain, _, (early, _, _) = _offdiag(r)
+    gain, (early, _, _) = _offdiag(r)
     return float(-gain[early].mean())
 
 
 def remapped_after(r: CKAResult, *_) -> float:
-    gain, _, (_, mid, late) = _offdiag(r)
+    gain, (_, mid, late) = _offdiag(r)
     return float(gain[np.concatenate([mid, late])].mean())
 
 
@@ -111,7 +110,8 @@ def rank_rise_late_not_early(_, s: SpectralResult, *__) -> float:
 
 
 def _patch_fraction(p: PatchingResult, controls: bool) -> np.ndarray:
-    return fraction(p.sweep("controls" if controls else "flips")).point
+    """The plotted fraction of the gap (its point does not depend on the bootstrap: one draw)."""
+    return fraction(p.sweep("controls" if controls else "flips"), n_boot=1).point
 
 
 def late_patch(_, __, p: PatchingResult, controls: bool = False) -> float:
@@ -200,7 +200,7 @@ def summarize(rows: Sequence[Row], run: str = "embedded") -> str:
     """The verdict table (Markdown): observation, item and its quantity, the value per seed, the
     mean with its t-interval, the controls' mean, the verdict; then each observation's verdict."""
     n = len(rows[0].per_seed)
-    lines = [f"Run: {run}, {n} training seed{'s' if n != 1 else ''}. Each item is computed per "
+    lines = [f"Run: {run}, {count(n, 'training seed')}. Each item is computed per "
              "seed from that seed's final checkpoint against the reference; the seed is the unit "
              "(mean with its Student-t 95 % interval, df = seeds − 1; one seed decides nothing). "
              "Thirds of the decoder layers: first, middle, last. Patching uses the answer "
