@@ -169,6 +169,14 @@ class PatchingParams:
     n_cross: int = knob(32)  # examples per set for the L x L cross-layer grid
     components: tuple[str, ...] = knob(("resid", "attn", "mlp"))
     positions: str = knob("all")  # "all", "prompt", "answer" or token indices
+    # the tokens every sweep scores (evaluate.TARGETS): "computed", the results the solution
+    # computes (what needs the model to solve the problem); "answer", the final answer after the
+    # gold solution (mostly format and copying); "copy", the copy control. Notebook 04 checks
+    # all three on the flips and the controls (docs/measures.md#activation-patching)
+    metric: str = knob("computed")
+    # solving with the patch held (patching.generation_sweep): this many flips and controls each
+    # are generated with the tuned residual stream held at every layer; 0: not run
+    n_generate: int = knob(16)
     batch_size: int = knob(32)
     min_gap: float = knob(0.1)
     min_set: int = knob(2)
@@ -180,15 +188,21 @@ class PatchingParams:
 class LensParams:
     """Notebook 04 section 7 (``alignkit.analyses.lens``): the first ``n_first`` tokens, ``k``
     tokens listed per layer, ``n_texts`` texts of the per-token KL and its ``top`` positions, the
-    steering control's seed, and the decoder layers steered (``steer_layers``: None, every one;
-    steering at layer ``i`` reruns the layers after it, so a subset cuts the cost on a CPU)."""
+    steering control's seed and its ``n_random`` random directions of matched norm, the first
+    ``n_steer`` flips steered (two cross-fitted halves), and the decoder layers steered
+    (``steer_layers``, or with None every ``steer_every``-th counted back from the last; steering
+    at layer ``i`` reruns the layers after it for every vector, so a subset cuts the cost on a
+    CPU)."""
 
     n_first: int = knob(5)
     k: int = knob(10)
     n_texts: int = knob(32)
     top: int = knob(20)
     seed: int = knob(0)
+    n_random: int = knob(100)
+    n_steer: int = knob(32)
     steer_layers: tuple[int, ...] | None = knob(None)
+    steer_every: int = knob(1)
     n_boot: int = knob(1000, key=False)
 
 
@@ -269,7 +283,11 @@ def _tiny(smoke: bool) -> Config:
     cfg.eval = dataclasses.replace(cfg.eval, max_new_tokens=80)
     cfg.grpo = dataclasses.replace(cfg.grpo, max_completion_length=80, schedule=(0.0, 0.5, 1.0))
     cfg.dpo = dataclasses.replace(cfg.dpo, schedule=(0.0, 0.5, 1.0))
+    # steering with 101 vectors reruns the layers after each steered one: every other layer keeps
+    # the lens within make reproduce's budget (docs/performance.md)
+    cfg.lens = dataclasses.replace(cfg.lens, steer_every=2)
     if smoke:
+        cfg.lens = dataclasses.replace(cfg.lens, steer_every=1)
         cfg.tiny = dataclasses.replace(
             cfg.tiny, num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1,
             n_narratives=600, n_equations=600, n_direct=300, n_worked=600, pretrain_steps=30,
@@ -363,8 +381,9 @@ def get_config(preset: str = "tiny", smoke: bool = False,
     if smoke:  # the analyses' sizes, every preset alike
         r = dataclasses.replace
         cfg.cka, cfg.spectral = r(cfg.cka, n_boot=20, n_perm=5), r(cfg.spectral, n_boot=20)
-        cfg.patching = r(cfg.patching, n_examples=8, n_cross=4, batch_size=8, n_boot=50)
-        cfg.lens = r(cfg.lens, n_texts=8, n_boot=50)
+        cfg.patching = r(cfg.patching, n_examples=8, n_cross=4, batch_size=8, n_boot=50,
+                         n_generate=4)
+        cfg.lens = r(cfg.lens, n_texts=8, n_boot=50, n_random=10)
         cfg.weights, cfg.compare = r(cfg.weights, n_boot=50), r(cfg.compare, n_boot=20,
                                                                 n_boot_patch=50)
     return with_values(cfg, overrides or {})

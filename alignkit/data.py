@@ -427,6 +427,40 @@ def _propagate_slip(answer: str, k: int, new_value: float) -> str | None:
     return "\n".join(lines)
 
 
+def computed_spans(answer: str, before: str = "") -> list[tuple[int, int]]:
+    """Character spans in ``answer`` of the results it computes: each ``<<expr=value>>``'s value
+    (what the model must work out from the expression just before it), except a value already
+    written as a number in ``before`` (the prompt) or earlier in the solution (it could be
+    copied). Empty when nothing is computed there (docs/measures.md#activation-patching)."""
+    out = []
+    for m in ANNOTATION.finditer(answer):
+        key = normalize_number(m.group(2))
+        earlier = {normalize_number(t) for t in _ANY.findall(before + " " + answer[: m.start()])}
+        if key is not None and key not in earlier:
+            lead = len(m.group(2)) - len(m.group(2).lstrip())
+            out.append((m.start(2) + lead, m.start(2) + len(m.group(2).rstrip())))
+    return out
+
+
+def copy_corrupted(answer: str) -> str | None:
+    """The copy control's solution: the last computed result (the last ``<<expr=value>>``) off by
+    the first of 1, -1, 2, -2, 3, -3, 10, -10 that keeps it a number of the same kind, carried into
+    the number written after it and the ``#### N`` line; its ``#### N`` is then a copy, not a
+    solution. None without an annotation whose value can be changed."""
+    anns = list(ANNOTATION.finditer(answer))
+    value = _eval_expr(anns[-1].group(1)) if anns else None
+    if value is None:
+        return None
+    gold = extract_answer(answer)
+    for d in (1, -1, 2, -2, 3, -3, 10, -10):
+        if value + d < 0 <= value:
+            continue
+        out = _propagate_slip(answer, len(anns) - 1, value + d)
+        if out is not None and extract_answer(out) != gold:
+            return out
+    return None
+
+
 def _wrong_final_line(answer: str, rng: random.Random) -> str:
     """The solution with every step right but a nearby wrong number on its ``#### N`` line."""
     lines = answer.rstrip().split("\n")

@@ -100,26 +100,62 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 128
     return outs
 
 
+TARGETS = ("answer", "computed", "copy")  # what answer_spans scores (docs/measures.md)
+
+
 def answer_spans(tokenizer, prompts: Sequence[str], answers: Sequence[str],
-                 chat: bool = False) -> list[dict]:
+                 chat: bool = False, targets: str = "answer") -> list[dict]:
     """Per example, ``input_ids`` of prompt + gold solution (``format_completion``) and
-    ``answer_positions``: the tokens overlapping the final answer's characters (docs/real-path.md);
-    ValueError when a gold answer is empty or no token of it follows the prompt."""
+    ``answer_positions``, the scored tokens (docs/real-path.md): ``targets="answer"``, those
+    overlapping the final answer's characters; ``"computed"``, those overlapping the solution's
+    computed results (``data.computed_spans``); ``"copy"``, the final answer's after the last
+    computed result is corrupted (``data.copy_corrupted``: the answer is then only a copy).
+    ValueError when a gold answer is empty, or nothing of the targets follows the prompt."""
+    if targets not in TARGETS:
+        raise ValueError(f"targets must be one of {TARGETS}, got {targets!r}")
     out = []
     for k, (prompt, answer) in enumerate(zip(prompts, answers)):
+        if targets == "copy":
+            corrupted = data.copy_corrupted(answer)
+            if corrupted is None:
+                raise ValueError(f"example {k}: the copy control needs a <<expr=value>> "
+                                 "annotation whose value can be changed; the solution has none")
+            answer = corrupted
         prefix, final = data.split_solution(answer)
         if not final:
             raise ValueError(f"example {k}: the gold solution has nothing after '####'")
         text_prefix = prompt + data.format_completion(prefix, chat) + prefix[len(prefix.rstrip()):]
         text = text_prefix + final
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        start, end = len(text_prefix), len(text)
-        pos = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if a < end and b > start]
+        if targets == "computed":  # the solution's characters sit after the completion's space
+            shift = len(prompt) + len(data.format_completion("x", chat)) - 1 \
+                - (len(answer) - len(answer.lstrip()))
+            chars = [(a + shift, b + shift) for a, b in data.computed_spans(prefix, prompt)]
+            if not chars:
+                raise ValueError(f"example {k}: the solution computes nothing that is not "
+                                 "already written before it (no <<expr=value>> to score)")
+        else:
+            chars = [(len(text_prefix), len(text))]
+        pos = sorted({i for i, (a, b) in enumerate(enc["offset_mapping"])
+                      for start, end in chars if a < end and b > start})
         if not pos or pos[0] == 0:
-            raise ValueError(f"example {k}: no token of the gold answer {final!r} follows the "
+            raise ValueError(f"example {k}: no token of the {targets} target follows the "
                              "prompt (is the tokenizer's offset mapping broken?)")
         out.append({"input_ids": enc["input_ids"], "answer_positions": pos})
     return out
+
+
+def scorable(prompts: Sequence[str], answers: Sequence[str], targets: str) -> list[bool]:
+    """Per example, whether ``answer_spans`` finds something to score for ``targets`` (the
+    analyses drop the others and say how many)."""
+    if targets not in TARGETS:
+        raise ValueError(f"targets must be one of {TARGETS}, got {targets!r}")
+    if targets == "computed":
+        return [bool(data.computed_spans(data.split_solution(a)[0], p))
+                for p, a in zip(prompts, answers)]
+    if targets == "copy":
+        return [data.copy_corrupted(a) is not None for a in answers]
+    return [True] * len(answers)
 
 
 def answer_logp(model, hidden: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor,

@@ -12,10 +12,11 @@ import seaborn as sns
 from alignkit import plots
 from alignkit.analyses.compare import CompareResult
 from alignkit.analyses.patching import PatchingResult, curve
+from alignkit.evaluate import TARGETS
 from alignkit.layers import alignment_path
 from alignkit.plots import plot_heatmap, plot_layer_curves
 
-NATS = "Δ answer log-prob (nats)"
+NATS = "Δ log-prob of the scored tokens (nats)"
 
 
 def plot_patching_sweeps(rs: Sequence[PatchingResult], n_boot: int = 1000, seed: int = 0):
@@ -43,9 +44,50 @@ def plot_patching_sweeps(rs: Sequence[PatchingResult], n_boot: int = 1000, seed:
     return fig
 
 
+def plot_patching_metrics(rs: Sequence[PatchingResult], n_boot: int = 1000, seed: int = 0):
+    """Notebook 04 section 2: what each metric measures. Per metric (columns), the resid denoise
+    sweep on the flips and on the controls (mean Δ, bootstrap intervals), each set's full gap
+    dashed; the title gives the controls' share of the flips' gap (first seed). Last, when run:
+    the share of flips and controls the reference solves with the tuned residual held there."""
+    metrics = [m for m in TARGETS if f"{m}/flips" in rs[0].checks]
+    gen = bool(rs[0].generation)
+    n = len(metrics) + gen
+    fig, axes = plt.subplots(1, n, figsize=(5.5 * n, 4.4), squeeze=False)
+    if gen:  # the last panel: solving with the patch held
+        ax = axes[0, -1]
+        plot_layer_curves({rs[0].labels[s]: [curve(r.generation[s].correct.astype(float), n_boot,
+                                                   seed) for r in rs] for s in rs[0].generation},
+                          ax=ax, ylabel="share solved by the reference", has_embed=False,
+                          cmap="tab10", title="solving with the tuned residual held")
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_xlabel("layer (residual stream after it)")
+    for ax, m in zip(axes[0], metrics):
+        sets = [s for s in rs[0].sets if f"{m}/{s}" in rs[0].checks]
+        curves = {rs[0].labels[s]: [curve(r.checks[f"{m}/{s}"].delta, n_boot, seed) for r in rs]
+                  for s in sets}
+        share = rs[0].carried(m, n_boot, seed) if len(sets) == 2 else None
+        title = f"{m}{' (battery)' if m == rs[0].metric else ''}" + (
+            f": controls carry {share.point[0]:.2f} [{share.lo[0]:.2f}, {share.hi[0]:.2f}]"
+            if share is not None else "")
+        plot_layer_curves(curves, ax=ax, ylabel=f"Δ log-prob of the {m} tokens (nats)",
+                          has_embed=False, cmap="tab10", title=title)
+        for c, s in enumerate(sets):
+            for k, r in enumerate(rs):
+                sw = r.checks[f"{m}/{s}"]
+                ax.axhline(np.mean(sw.lp_donor - sw.lp_receiver), color=f"C{c}", ls="--",
+                           lw=1 if k == 0 else 0.6,
+                           label=f"full gap ({rs[0].labels[s]})" if k == 0 else None)
+        ax.axhline(0, color="0.4", lw=0.8)
+        ax.set_xlabel("layer (residual stream after it)")
+        ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    return fig
+
+
 def plot_cross_layer(rs: Sequence[PatchingResult], n_boot: int = 1000, seed: int = 0):
     """Notebook 04 section 4: per seed (columns) and set (rows), the mean Δ of tuned layer j's
-    residual patched into base layer i, the CKA alignment path, best and tied donors."""
+    residual patched into base layer i, the CKA alignment path, the most frequent best donor over
+    bootstrap resamples and the donors beating the own layer (simultaneous intervals)."""
     sets = list(rs[0].cross)
     means = [[curve(r.cross[s].delta, n_boot, seed).point for s in sets] for r in rs]
     vmax = max(float(np.nanmax(np.abs(m))) for ms in means for m in ms)
@@ -59,11 +101,12 @@ def plot_cross_layer(rs: Sequence[PatchingResult], n_boot: int = 1000, seed: int
                          ylabel="base layer i (receiver)", cbar_label="mean " + NATS, vmin=-vmax,
                          vmax=vmax, cmap="RdBu_r", title=f"Cross-layer Δ, {r.labels[s]} "
                          f"(n={r.cross[s].lp_patched.shape[0]}), seed {k + 1}")
-            best, ties = r.best_donors(s, n_boot, seed)
-            ti, tj = np.nonzero(ties)
-            ax.plot(tj, ti, ".", color="black", ms=3, label="tied with the best")
-            ax.plot(best, np.arange(len(best)), "o", color="white", mec="black", ms=5,
-                    label="best donor layer")
+            freq, beats = r.best_donors(s, n_boot, seed)
+            bi, bj = np.nonzero(beats)
+            ax.plot(bj, bi, ".", color="black", ms=4,
+                    label="beats the own layer (simultaneous 95 %)")
+            ax.scatter(freq.argmax(1), np.arange(len(freq)), s=60 * freq.max(1), color="white",
+                       edgecolors="black", label="most frequent best donor (size: frequency)")
             ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     return fig

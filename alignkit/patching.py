@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import logging
 from typing import Iterator, Mapping, Sequence, Union
 
@@ -14,8 +15,8 @@ import torch
 from tqdm.auto import tqdm
 
 from alignkit import models
-from alignkit.data import format_prompt
-from alignkit.evaluate import answer_logp, answer_spans
+from alignkit.data import cut_at_stop, extract_answer, format_prompt
+from alignkit.evaluate import TARGETS, answer_logp, answer_spans, end_tokens, scorable
 from alignkit.hooks import KINDS, record
 
 logger = logging.getLogger(__name__)
@@ -23,10 +24,7 @@ logger = logging.getLogger(__name__)
 COMPONENTS = KINDS  # ("resid", "attn", "mlp")
 DIRECTIONS = ("denoise", "noise")
 POSITIONS = ("all", "prompt", "answer")
-WEIGHT_KINDS = ("revert", "graft", "mean_diff", "steer", "steer_shuffled")  # weight_sweep's
-MEAN_KINDS = ("mean_diff", "steer", "steer_shuffled")  # those that need the mean difference
-SUFFICIENCY = ("graft", "steer", "steer_shuffled")  # receiver base, donor tuned
-ABLATION_KINDS = ("revert", "graft", "mean_diff")  # weight_sweep's default: notebook 04's ablation
+WEIGHT_KINDS = ("revert", "graft", "mean_diff")  # weight_sweep's: notebook 04's ablation
 Positions = Union[str, Sequence[int]]
 
 
@@ -83,16 +81,24 @@ class _Scores:
         return PatchResult(delta=delta, npe=npe, npe_valid=valid, meta=meta, **vars(self))
 
 
-def examples_from_table(rows: Sequence[Mapping], tokenizer=None, chat: bool = False) -> list[dict]:
+def examples_from_table(rows: Sequence[Mapping], tokenizer=None, chat: bool = False,
+                        metric: str = "answer") -> list[dict]:
     """``evaluate.flip_table`` rows as patching examples ``{"prompt", "answer", "index", "chat"}``
-    with zero-shot prompts (``chat``: the solution follows the chat template's assistant header)."""
-    return [{"prompt": format_prompt(r["question"], tokenizer, chat=chat), "answer": r["answer"],
-             "index": r.get("index", k), "chat": chat} for k, r in enumerate(rows)]
+    with zero-shot prompts (``chat``: the solution follows the chat template's assistant header),
+    those with nothing to score under ``metric`` left out (logged; ``evaluate.scorable``)."""
+    out = [{"prompt": format_prompt(r["question"], tokenizer, chat=chat), "answer": r["answer"],
+            "index": r.get("index", k), "chat": chat} for k, r in enumerate(rows)]
+    ok = scorable([e["prompt"] for e in out], [e["answer"] for e in out], metric)
+    if not all(ok):
+        logger.info("metric %r: %d of %d examples have nothing to score and are left out",
+                    metric, len(ok) - sum(ok), len(ok))
+    return [e for e, keep in zip(out, ok) if keep]
 
 
-def tokenize_examples(tokenizer, examples: Sequence[Mapping]) -> list[dict]:
-    """Per example ``answer_spans``'s ``{"input_ids", "answer_positions"}`` of prompt + solution,
-    plus ``"n_prompt"``, the number of prompt tokens (they must be a prefix of the whole's)."""
+def tokenize_examples(tokenizer, examples: Sequence[Mapping], metric: str = "answer") -> list[dict]:
+    """Per example ``answer_spans``'s ``{"input_ids", "answer_positions"}`` of prompt + solution
+    (``metric``: its ``targets``, the tokens scored), plus ``"n_prompt"``, the number of prompt
+    tokens (they must be a prefix of the whole's)."""
     if isinstance(examples, (str, Mapping)):
         raise TypeError("examples must be a list of {'prompt', 'answer'} dicts, got a single "
                         f"{type(examples).__name__}")
@@ -110,7 +116,7 @@ def tokenize_examples(tokenizer, examples: Sequence[Mapping]) -> list[dict]:
     chat = {bool(ex.get("chat", False)) for ex in examples}
     if len(chat) > 1:
         raise ValueError("examples mix chat and plain prompts; patch one format at a time")
-    spans = answer_spans(tokenizer, prompts, answers, chat.pop())
+    spans = answer_spans(tokenizer, prompts, answers, chat.pop(), targets=metric)
     prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     for k, (s, p) in enumerate(zip(spans, prompt_ids)):
         if list(s["input_ids"][: len(p)]) != list(p):
@@ -289,7 +295,7 @@ def _patched_output(recv: _Cache, donor: _Cache, layer: int, component: str,
 class _Session:
     """Shared setup of every sweep: checks, tokenisation and batches."""
 
-    def __init__(self, base, tuned, tokenizer, examples, positions, batch_size):
+    def __init__(self, base, tuned, tokenizer, examples, positions, batch_size, metric):
         models.check_same_shape(base, tuned)  # NotImplementedError naming an unsupported class
         models.part(base, "head")  # a bare decoder (no LM head) cannot be scored
         n = base.config.num_hidden_layers
@@ -300,8 +306,10 @@ class _Session:
         if len(tokenizer) > base.config.vocab_size:
             raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the models' "
                              f"vocabulary has {base.config.vocab_size}: not the models' tokenizer")
-        self.positions = _check_positions(positions)
-        self.spans = tokenize_examples(tokenizer, examples)
+        if metric not in TARGETS:
+            raise ValueError(f"metric must be one of {TARGETS}, got {metric!r}")
+        self.positions, self.metric = _check_positions(positions), metric
+        self.spans = tokenize_examples(tokenizer, examples, metric)
         device = models.input_device(base)
         self.batches = _batches(self.spans, self.positions, batch_size, tokenizer, device)
         self.models = (base, tuned)
@@ -317,7 +325,8 @@ class _Session:
 def layer_sweep(base: torch.nn.Module, tuned: torch.nn.Module, tokenizer,
                 examples: Sequence[Mapping], component: str = "resid", positions: Positions = "all",
                 direction: str = "denoise", layers: Sequence[int] | None = None,
-                batch_size: int = 16, min_gap: float = 0.1, progress: bool = True) -> PatchResult:
+                batch_size: int = 16, min_gap: float = 0.1, progress: bool = True,
+                metric: str = "answer") -> PatchResult:
     """Patch one component at one layer at a time, for every layer (``[n_examples, n_layers]``).
 
     Args:
@@ -327,13 +336,16 @@ def layer_sweep(base: torch.nn.Module, tuned: torch.nn.Module, tokenizer,
         component, direction: one of ``COMPONENTS``, ``DIRECTIONS`` (denoise: tuned into base).
         positions: one of ``POSITIONS`` or token indices (negative from the end).
         min_gap: NPE is NaN where ``|lp_donor - lp_receiver|`` is below it (nats).
+        metric: the tokens scored (``evaluate.TARGETS``): ``"answer"``, the final answer after
+            ``"#### "``; ``"computed"``, the results the solution computes; ``"copy"``, the final
+            answer after the last result is corrupted (the copy control).
 
     Raises ValueError for mismatched models or tokenizers, an answer that cannot be located or a
     bad argument; NotImplementedError for an unsupported architecture."""
     if component not in COMPONENTS:
         raise ValueError(f"component must be one of {COMPONENTS}, got {component!r}")
     receiver, donor_model, rname, dname = _roles(base, tuned, direction)
-    sess = _Session(base, tuned, tokenizer, examples, positions, batch_size)
+    sess = _Session(base, tuned, tokenizer, examples, positions, batch_size, metric)
     layers = _check_layers(layers, models.n_layers(base))
     kinds = ("attn", "mlp") if component != "resid" else ("resid",)  # a block needs both
     scores = _Scores(len(sess.spans), len(layers))
@@ -347,19 +359,21 @@ def layer_sweep(base: torch.nn.Module, tuned: torch.nn.Module, tokenizer,
                 scores.patched(batch, (c,), _finish(recv, layer + 1, h, batch), donor)
                 bar.update()
     return scores.result(min_gap, sweep="layer", component=component, positions=sess.positions,
-                         direction=direction, receiver=rname, donor=dname, layers=layers)
+                         direction=direction, receiver=rname, donor=dname, layers=layers,
+                         metric=metric)
 
 
 def cross_layer_sweep(base: torch.nn.Module, tuned: torch.nn.Module, tokenizer,
                       examples: Sequence[Mapping], positions: Positions = "all",
                       direction: str = "denoise", layers: Sequence[int] | None = None,
                       donor_layers: Sequence[int] | None = None, batch_size: int = 16,
-                      min_gap: float = 0.1, progress: bool = True) -> PatchResult:
+                      min_gap: float = 0.1, progress: bool = True,
+                      metric: str = "answer") -> PatchResult:
     """Patch the donor's residual after layer ``j`` in ``donor_layers`` into the receiver's after
     layer ``i`` in ``layers`` (default all): arrays ``[n_examples, n_layers, n_donor_layers]``; the
     other arguments are ``layer_sweep``'s (docs/measures.md#activation-patching)."""
     receiver, donor_model, rname, dname = _roles(base, tuned, direction)
-    sess = _Session(base, tuned, tokenizer, examples, positions, batch_size)
+    sess = _Session(base, tuned, tokenizer, examples, positions, batch_size, metric)
     rows = _check_layers(layers, models.n_layers(base))
     cols = _check_layers(donor_layers, models.n_layers(base), "donor_layers")
     scores = _Scores(len(sess.spans), len(rows), len(cols))
@@ -374,7 +388,7 @@ def cross_layer_sweep(base: torch.nn.Module, tuned: torch.nn.Module, tokenizer,
                     bar.update()
     return scores.result(min_gap, sweep="cross_layer", component="resid", positions=sess.positions,
                          direction=direction, receiver=rname, donor=dname, layers=rows,
-                         donor_layers=cols)
+                         donor_layers=cols, metric=metric)
 
 
 def _mean_difference(sess: _Session, progress: bool) -> torch.Tensor:
@@ -393,42 +407,107 @@ def _mean_difference(sess: _Session, progress: bool) -> torch.Tensor:
 
 def mean_difference(base: torch.nn.Module, tuned: torch.nn.Module, tokenizer,
                     examples: Sequence[Mapping], positions: Positions = "all",
-                    batch_size: int = 16, progress: bool = True) -> np.ndarray:
+                    batch_size: int = 16, progress: bool = True,
+                    metric: str = "answer") -> np.ndarray:
     """The mean activation difference: ``[n_layers, d_model]`` float64, tuned - base residual
     after each decoder layer, averaged over the ``positions`` of every example (the difference
     lens reads it, ``weight_sweep``'s steering adds it back)."""
-    sess = _Session(base, tuned, tokenizer, examples, positions, batch_size)
+    sess = _Session(base, tuned, tokenizer, examples, positions, batch_size, metric)
     return _mean_difference(sess, progress).cpu().numpy()
 
 
-def shuffled(diff: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    """``diff: [n_layers, d]`` with each row's coordinates permuted (one seeded permutation per
-    row), the steering control."""
-    g = torch.Generator().manual_seed(seed)
-    perms = torch.stack([torch.randperm(diff.shape[-1], generator=g) for _ in range(len(diff))])
-    return torch.gather(diff, 1, perms.to(diff.device))
+def random_directions(diff: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """``[n, n_layers, d]`` float64: ``n`` random directions per layer (isotropic Gaussian,
+    seeded), each scaled to the norm of ``diff``'s row there: the steering control."""
+    diff = np.asarray(diff, dtype=np.float64)
+    g = np.random.default_rng(seed).standard_normal((n, *diff.shape))
+    g /= np.linalg.norm(g, axis=-1, keepdims=True)
+    return g * np.linalg.norm(diff, axis=-1, keepdims=True)
+
+
+def steer_sweep(base: torch.nn.Module, tuned: torch.nn.Module, tokenizer,
+                examples: Sequence[Mapping], vectors: np.ndarray, positions: Positions = "all",
+                layers: Sequence[int] | None = None, batch_size: int = 16, min_gap: float = 0.1,
+                progress: bool = True, metric: str = "answer") -> PatchResult:
+    """Steering: the reference with ``vectors[k, i]`` added to its residual after layer ``i`` at
+    ``positions``, for each of ``K`` vectors (``vectors: [K, n_layers, d]``) and each layer in
+    ``layers``; arrays ``[n_examples, K, n_layers]``, the tuned model the donor (its log-prob
+    the gap's end). A mean difference and ``random_directions`` of its norm side by side."""
+    sess = _Session(base, tuned, tokenizer, examples, positions, batch_size, metric)
+    layers = _check_layers(layers, models.n_layers(base))
+    vecs = torch.as_tensor(np.asarray(vectors), dtype=torch.float64)
+    if vecs.ndim != 3 or vecs.shape[1] != models.n_layers(base) or \
+            vecs.shape[2] != base.config.hidden_size:
+        raise ValueError(f"vectors must be [K, {models.n_layers(base)}, "
+                         f"{base.config.hidden_size}], got {list(vecs.shape)}")
+    scores = _Scores(len(sess.spans), len(vecs), len(layers))
+    with sess.running("steering", len(layers), progress) as bar:
+        for batch in sess.batches:
+            ct = _forward(tuned, batch)
+            scores.unpatched(batch, _forward(base, batch), ct)
+            group = _steer_group(len(vecs), len(batch.targets), ct.logp.shape[-1])
+            for g0 in range(0, len(vecs), group):  # `group` vectors side by side in one batch
+                chunk = vecs[g0: g0 + group]
+                big = _repeat(batch, len(chunk))
+                cb = _forward(base, big)
+                donor_logp = ct.logp.repeat(len(chunk), 1)
+                for c, i in enumerate(layers):
+                    r = cb.resid[i]
+                    add = chunk[:, i].to(r.device).repeat_interleave(len(batch.index), 0)
+                    h = _mix(big.patch, (r.double() + add[:, None, :]).to(r.dtype), r)
+                    lp, kl = _score(_finish(cb, i + 1, h, big), donor_logp, big)
+                    for g in range(len(chunk)):
+                        rows = slice(g * len(batch.index), (g + 1) * len(batch.index))
+                        scores.lp_patched[batch.index, g0 + g, c] = lp[rows]
+                        scores.kl[batch.index, g0 + g, c] = kl[rows]
+                bar.update(len(layers) * len(chunk) / len(vecs))
+    return scores.result(min_gap, sweep="steer", component="resid", positions=sess.positions,
+                         layers=layers, receiver="base", donor="tuned", direction="denoise",
+                         metric=metric, n_vectors=len(vecs))
+
+
+def _steer_group(n_vectors: int, n_rows: int, vocab: int, budget: int = 2**25) -> int:
+    """How many steering vectors share one batch: the repeated donor log-probs ``[rows, vocab]``
+    float64 stay under ``budget`` values (256 MiB)."""
+    return max(1, min(n_vectors, budget // max(1, n_rows * vocab)))
+
+
+def _repeat(batch: _Batch, times: int) -> _Batch:
+    """``batch`` stacked ``times`` over (block ``g``: rows ``g * b .. (g + 1) * b - 1``)."""
+    b = batch.ids.shape[0]
+    offsets = torch.arange(times, device=batch.rows_b.device).repeat_interleave(len(batch.rows_b))
+    return _Batch(index=list(range(b * times)), ids=batch.ids.repeat(times, 1),
+                  rows_b=batch.rows_b.repeat(times) + b * offsets,
+                  rows_p=batch.rows_p.repeat(times), targets=batch.targets.repeat(times),
+                  patch=batch.patch.repeat(times, 1))
+
+
+def concat(results: Sequence[PatchResult]) -> PatchResult:
+    """Sweeps of one kind on disjoint examples as one (examples stacked in order)."""
+    arrays = {f.name: np.concatenate([getattr(r, f.name) for r in results])
+              for f in dataclasses.fields(PatchResult) if f.name != "meta"}
+    meta = dict(results[0].meta, n_examples=sum(r.meta["n_examples"] for r in results),
+                n_npe_masked=sum(r.meta["n_npe_masked"] for r in results))
+    return PatchResult(**arrays, meta=meta)
 
 
 def weight_sweep(base: torch.nn.Module, tuned: torch.nn.Module, tokenizer,
                  examples: Sequence[Mapping], layers: Sequence[int] | None = None,
                  mean_positions: Positions = "all", batch_size: int = 16, min_gap: float = 0.1,
-                 progress: bool = True,
-                 kinds: Sequence[str] = ABLATION_KINDS, seed: int = 0) -> dict[str, PatchResult]:
+                 progress: bool = True, kinds: Sequence[str] = WEIGHT_KINDS,
+                 metric: str = "answer") -> dict[str, PatchResult]:
     """One ``[n_examples, n_layers]`` result per kind in ``kinds`` (``WEIGHT_KINDS``: layer swaps
-    ``"revert"``, ``"graft"``; mean-difference shifts ``"mean_diff"``, ``"steer"``,
-    ``"steer_shuffled"`` by ``shuffled(.., seed)``), patching at each layer ``i``;
-    ``SUFFICIENCY`` kinds run in base with tuned as donor, the others in tuned with base as donor
-    (docs/measures.md#activation-patching)."""
+    ``"revert"``, ``"graft"``; ``"mean_diff"``, the tuned residual with its difference from the
+    reference replaced by its mean at ``mean_positions``), patching at each layer ``i``;
+    ``"graft"`` runs in base with tuned as donor, the others in tuned with base as donor
+    (docs/measures.md#activation-patching; steering: ``steer_sweep``)."""
     kinds = tuple(kinds)
     if not kinds or set(kinds) - set(WEIGHT_KINDS):
         raise ValueError(f"kinds must be a non-empty subset of {WEIGHT_KINDS}, got {kinds}")
-    sess = _Session(base, tuned, tokenizer, examples, mean_positions, batch_size)
+    sess = _Session(base, tuned, tokenizer, examples, mean_positions, batch_size, metric)
     layers = _check_layers(layers, models.n_layers(base))
-    vectors: dict[str, torch.Tensor] = {}
-    if set(kinds) & set(MEAN_KINDS):  # pass 1: the mean difference, [n_layers, d_model] f64
-        mean_d = _mean_difference(sess, progress)
-        vectors = {"mean_diff": mean_d, "steer": mean_d, "steer_shuffled": shuffled(mean_d, seed)}
-    direction = {k: "denoise" if k in SUFFICIENCY else "noise" for k in kinds}
+    mean_d = _mean_difference(sess, progress) if "mean_diff" in kinds else None  # [L, d] f64
+    direction = {k: "denoise" if k == "graft" else "noise" for k in kinds}
     scores = {k: _Scores(len(sess.spans), len(layers)) for k in kinds}
     with sess.running("weight ablation", len(layers), progress) as bar:
         for batch in sess.batches:
@@ -440,9 +519,9 @@ def weight_sweep(base: torch.nn.Module, tuned: torch.nn.Module, tokenizer,
                     recv, donor = _roles(cb, ct, direction[k])[:2]  # graft, steer: into base
                     if k in ("revert", "graft"):  # the donor's layer i inside the receiver
                         h = recv.run(i, recv.resid_in(i), module=donor.layers[i])
-                    else:  # base's residual plus the (shuffled) mean difference
+                    else:  # base's residual plus the mean difference, in tuned
                         r = cb.resid[i]
-                        shifted = (r.double() + vectors[k][i].to(r.device)).to(recv.resid[i].dtype)
+                        shifted = (r.double() + mean_d[i].to(r.device)).to(recv.resid[i].dtype)
                         h = _mix(batch.patch, shifted, recv.resid[i])
                     s.patched(batch, (c,), _finish(recv, i + 1, h, batch), donor)
                 bar.update()
@@ -450,9 +529,126 @@ def weight_sweep(base: torch.nn.Module, tuned: torch.nn.Module, tokenizer,
     for k, s in scores.items():
         swap = k in ("revert", "graft")  # a whole decoder layer, at every position
         meta = dict(sweep=f"weight_{k}" if swap else k, component="weights" if swap else "resid")
-        if k in ("steer", "steer_shuffled"):
-            meta["seed"] = seed
         rname, dname = _roles(base, tuned, direction[k])[2:]
         out[k] = s.result(min_gap, **meta, positions="all" if swap else sess.positions,
-                          layers=layers, receiver=rname, donor=dname, direction=direction[k])
+                          layers=layers, receiver=rname, donor=dname, direction=direction[k],
+                          metric=metric)
     return out
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    """``generation_sweep``'s per-example results: ``correct [n, n_layers]`` whether the receiver,
+    generating with the donor's residual stream after that layer held in place of its own, ends
+    on the gold answer; ``receiver``, ``donor`` ``[n]``: each model generating alone;
+    ``predictions``, ``outputs`` ``[n][n_layers]``: the extracted answers (None: no number) and
+    the completions (cut at the stop strings); ``meta``: ``sweep``,
+    ``direction``, ``receiver``, ``donor``, ``layers``, ``max_new_tokens``, ``n_examples``."""
+
+    correct: np.ndarray
+    receiver: np.ndarray
+    donor: np.ndarray
+    predictions: list[list]
+    outputs: list[list[str]]
+    meta: dict
+
+
+def _kv(out):
+    """The KV cache a forward returned (``cache`` in newer transformers, else
+    ``past_key_values``)."""
+    kv = getattr(out, "cache", None)
+    return kv if kv is not None else out.past_key_values
+
+
+def _output(out, h: torch.Tensor):
+    """A decoder layer's output with its hidden states replaced by ``h`` (tuple or tensor)."""
+    return (h, *out[1:]) if isinstance(out, tuple) else h
+
+
+@torch.no_grad()
+def generation_sweep(base: torch.nn.Module, tuned: torch.nn.Module, tokenizer,
+                     examples: Sequence[Mapping], direction: str = "denoise",
+                     layers: Sequence[int] | None = None, max_new_tokens: int = 112,
+                     stop: Sequence[str] = ("\nQuestion:",),
+                     progress: bool = True) -> GenerationResult:
+    """Solving with the patch held: per example and layer ``l``, the receiver generates greedily
+    from the prompt while, at every position (prompt and generated tokens alike), its residual
+    stream after layer ``l`` is the donor's on the same tokens; scored like evaluation (end tokens,
+    stop strings, ``data.extract_answer`` against the gold ``#### N``). Both models keep KV
+    caches: the donor is never patched, and the receiver's cache holds its patched states. One
+    example at a time, its layers (and both models alone) as the rows of one batch."""
+    receiver, donor, rname, dname = _roles(base, tuned, direction)
+    models.check_same_shape(base, tuned)
+    examples = list(examples)
+    if not examples:
+        raise ValueError("generation_sweep needs at least one example, got an empty list")
+    layers = _check_layers(layers, models.n_layers(base))
+    gold = [extract_answer(ex["answer"]) for ex in examples]
+    row_layer = layers + [-1, -1]  # then the receiver alone, the donor alone (its own logits)
+    rows = len(row_layer)
+    ends = set(end_tokens(receiver, tokenizer)) | set(end_tokens(donor, tokenizer))
+    window = max((len(s) for s in stop), default=0) + 4  # tokens: at least a byte each
+    device = models.input_device(receiver)
+    store: dict[int, torch.Tensor] = {}
+    hooks = []
+    for i, layer in enumerate(models.part(donor, "layers")):
+        hooks.append(layer.register_forward_hook(
+            lambda _m, _a, out, i=i: store.__setitem__(i, out[0] if isinstance(out, tuple)
+                                                       else out)))
+    for i, layer in enumerate(models.part(receiver, "layers")):
+        mask = torch.tensor([li == i for li in row_layer], device=device)
+        if mask.any():
+            def patch(_m, _a, out, i=i, mask=mask):
+                h = out[0] if isinstance(out, tuple) else out
+                return _output(out, torch.where(mask[:, None, None].to(h.device),
+                                                store[i].to(h.device), h))
+            hooks.append(layer.register_forward_hook(patch))
+    # transformers renamed past_key_values to cache (5.2x); both spellings work where they exist
+    key = "cache" if "cache" in inspect.signature(receiver.forward).parameters \
+        else "past_key_values"
+    correct = np.zeros((len(examples), len(layers)), dtype=bool)
+    alone = np.zeros((len(examples), 2), dtype=bool)
+    preds: list[list] = []
+    texts: list[list[str]] = []
+    try:
+        with models.eval_mode(receiver, donor):
+            for k, ex in enumerate(tqdm(examples, desc=f"generate patched ({direction})",
+                                        leave=False, disable=not progress)):
+                ids = tokenizer(ex["prompt"], add_special_tokens=False)["input_ids"]
+                new = torch.tensor([ids] * rows, device=device)
+                cache_d = cache_r = None
+                gen: list[list[int]] = [[] for _ in range(rows)]
+                done = [False] * rows
+                for _ in range(max_new_tokens):
+                    out_d = donor(input_ids=new, use_cache=True, **{key: cache_d})
+                    out_r = receiver(input_ids=new, use_cache=True, **{key: cache_r})
+                    logits = out_r.logits[:, -1].clone()
+                    logits[-1] = out_d.logits[-1, -1].to(logits.device)
+                    nxt = logits.argmax(-1)
+                    for r in range(rows):
+                        if done[r]:
+                            continue
+                        t = int(nxt[r])
+                        if t in ends:
+                            done[r] = True
+                            continue
+                        gen[r].append(t)
+                        done[r] = any(s in tokenizer.decode(gen[r][-window:]) for s in stop)
+                    if all(done):
+                        break
+                    new, cache_d, cache_r = nxt[:, None].to(device), _kv(out_d), _kv(out_r)
+                done_texts = [cut_at_stop(tokenizer.decode(g, skip_special_tokens=True), stop)
+                              for g in gen]
+                answers = [extract_answer(t) for t in done_texts]
+                ok = [a is not None and a == gold[k] for a in answers]
+                correct[k], alone[k] = ok[: len(layers)], ok[len(layers):]
+                preds.append(answers[: len(layers)])
+                texts.append(done_texts[: len(layers)])
+    finally:
+        for h in hooks:
+            h.remove()
+    return GenerationResult(correct=correct, receiver=alone[:, 0], donor=alone[:, 1],
+                            predictions=preds, outputs=texts, meta=dict(
+                                sweep="generation", direction=direction, receiver=rname,
+                                donor=dname, layers=layers, max_new_tokens=max_new_tokens,
+                                n_examples=len(examples)))

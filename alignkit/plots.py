@@ -369,19 +369,24 @@ def plot_cross_cka(res: CrossCKAResult, model: str, ax=None, title: str = ""):
 
 
 def plot_steering(curves: Sequence[dict], ax=None, title: str = ""):
-    """Steering with the mean activation difference against its shuffled control, as fractions
-    of the gap over layers: ``curves`` holds one ``LensResult.steering`` dict per training seed
-    (``{"steer", "control"}`` Bands over its ``layers``)."""
+    """Steering with the held-out mean activation difference against random directions of its
+    norm, as fractions of the gap over layers: ``curves`` holds one ``LensResult.steering`` dict
+    per training seed (``steer``: a Band; ``control``: the random directions' median and 2.5–97.5
+    % range; ``threshold``: the 95th percentile of their maximum over layers, dotted)."""
     curves = list(curves)
-    names = {"steer": "mean difference added to base",
-             "control": "same vector, coordinates shuffled"}
+    names = {"steer": "mean difference (other half) added to base",
+             "control": f"{curves[0].get('n_random', '')} random directions, same norm".strip()}
     fig = plot_layer_curves({name: [{**c[key], "x": c["layers"]} for c in curves]
                              for key, name in names.items()}, ax=ax, title=title,
                             ylabel="fraction of the gap (mean Δ / mean gap)", has_embed=False,
                             cmap="deep")
     ax = ax or fig.axes[0]
+    for k, c in enumerate(curves):
+        ax.axhline(c["threshold"], color="0.3", ls=":", lw=1 if k == 0 else 0.6,
+                   label="random max over layers, 95th pct" if k == 0 else None)
     ax.axhline(1, color="0.4", ls="--", lw=0.8)
     ax.axhline(0, color="0.4", lw=0.8)
+    ax.legend(fontsize=8, loc="best")
     return fig
 
 

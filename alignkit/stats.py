@@ -172,25 +172,50 @@ def gap_fraction(delta: np.ndarray, gap: np.ndarray, n_boot: int = 1000, seed: i
     return Band(point.reshape(shape), lo.reshape(shape), hi.reshape(shape))
 
 
-def near_best(values: np.ndarray, n_boot: int = 1000, seed: int = 0,
-              ci: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
-    """The best column of ``values: [n, ..., K]`` (largest mean over examples) and every column
-    whose paired bootstrap interval of ``mean(best) - mean(column)`` reaches 0: ``best: [...]``
-    (int) and ``ties: [..., K]`` (bool, the best included, all-NaN columns never)."""
+def _boot_means(v: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
+    """``[n_boot, ...]`` means over examples (axis 0) of resampled ``v``, NaN entries left out."""
+    idx = np.random.default_rng(seed).integers(0, len(v), (n_boot, len(v)))
+    with warnings.catch_warnings():  # all-NaN cells (cross-layer grids) stay NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.stack([np.nanmean(v[i], 0) for i in idx])
+
+
+def argmax_frequencies(values: np.ndarray, n_boot: int = 1000, seed: int = 0) -> np.ndarray:
+    """How often each column of ``values: [n, ..., K]`` has the largest mean over examples across
+    bootstrap resamples of the examples: ``[..., K]`` frequencies summing to 1 over ``K`` (how
+    sure "the best one" is, instead of an argmax on the same data)."""
     v = np.asarray(values, dtype=np.float64)
     if v.ndim < 2 or v.shape[0] == 0:
-        raise ValueError(f"near_best needs values [n, ..., K] with n >= 1, got {v.shape}")
-    with warnings.catch_warnings():  # all-NaN columns (cross-layer grids) are handled below
+        raise ValueError(f"argmax_frequencies needs values [n, ..., K] with n >= 1, got {v.shape}")
+    boots = _boot_means(v, n_boot, seed)
+    if np.isnan(boots).all(-1).any():
+        raise ValueError("argmax_frequencies: a row of candidates is all NaN")
+    best = np.nanargmax(np.where(np.isnan(boots), -np.inf, boots), -1)  # [n_boot, ...]
+    return np.stack([(best == k).mean(0) for k in range(v.shape[-1])], -1)
+
+
+def versus_reference(values: np.ndarray, ref: np.ndarray, n_boot: int = 1000, seed: int = 0,
+                     ci: float = 0.95) -> dict[str, np.ndarray]:
+    """Each column of ``values: [n, ..., K]`` against the column ``ref: [...]`` of its row (paired
+    over examples): ``{"point", "lo", "hi"}`` ``[..., K]`` of ``mean(column − ref)``, the intervals
+    simultaneous over the ``K`` columns of a row (the bootstrap maximum of the studentised
+    deviations, so all of a row's intervals hold together at ``ci``); the reference column's own
+    is 0 [0, 0]."""
+    v = np.asarray(values, dtype=np.float64)
+    ref = np.asarray(ref, dtype=int)
+    if v.ndim < 2 or v.shape[0] < 2 or ref.shape != v.shape[1:-1]:
+        raise ValueError(f"versus_reference needs values [n >= 2, ..., K] and ref of shape "
+                         f"{v.shape[1:-1]}, got {v.shape} and {ref.shape}")
+    d = v - np.take_along_axis(v, np.broadcast_to(ref[None, ..., None], (*v.shape[:-1], 1)), -1)
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        point = np.nanmean(v, 0)
-    if np.isnan(point).all(-1).any():
-        raise ValueError("near_best: a row of candidates is all NaN")
-    best = np.nanargmax(point, -1)
-    diff = np.take_along_axis(v, best[None, ..., None], -1) - v
-    lo = bootstrap_mean(diff, n_boot=n_boot, seed=seed, ci=ci)["lo"]
-    ties = (lo <= 0) & ~np.isnan(point)
-    np.put_along_axis(ties, best[..., None], True, -1)
-    return best, ties
+        point = np.nanmean(d, 0)
+        boots = _boot_means(d, n_boot, seed)
+        se = np.nanstd(boots, 0)
+        dev = np.where(se > 0, np.abs(boots - point) / np.where(se > 0, se, 1), 0.0)
+        crit = np.nanquantile(np.nanmax(dev, -1), ci, axis=0)  # [...]
+    half = crit[..., None] * se
+    return {"point": point, "lo": point - half, "hi": point + half}
 
 
 def mcnemar(correct_a, correct_b) -> dict:

@@ -122,10 +122,29 @@ def _base_bytes(tcfg: TinyModelConfig) -> int:
     return 2 * 4 * n_params + 10 * 2**20
 
 
-def ensure_base(cfg: Config) -> Path:
-    """The base's directory: the embedded base built once, a ``pypi:`` model converted once, any
-    other ``cfg.model`` as given. The embedded build fails early on an unwritable or full disk or,
-    not yet built, under a multi-process launch."""
+SHIPPED = Path(__file__).parent / "embedded_base"  # the base built once and shipped (README)
+# a rebuild from the recipe on another machine differs by round-off; its base accuracy on the 300
+# evaluation problems stays within this of the shipped base's (tests/test_embedded_base.py)
+REBUILD_TOLERANCE = 0.06
+
+
+def shipped_base(cfg: Config) -> Path | None:
+    """The shipped base's directory when it was built from this config's recipe and its weights
+    match its manifest, else None (a changed recipe or config builds its own)."""
+    manifest = SHIPPED / "manifest.json"
+    if not manifest.is_file() or json.loads(manifest.read_text()).get("key") != base_key(cfg):
+        return None
+    if not runs.manifest_matches(SHIPPED):
+        raise RuntimeError(f"the shipped base {SHIPPED} does not match its manifest's weights "
+                           "hash: restore it with `git checkout alignkit/embedded_base`")
+    return SHIPPED
+
+
+def ensure_base(cfg: Config, rebuild: bool = False) -> Path:
+    """The base's directory: the shipped embedded base (copied under the run root) or, for another
+    recipe or with ``rebuild``, the embedded base built once; a ``pypi:`` model converted once;
+    any other ``cfg.model`` as given. The embedded build fails early on an unwritable or full disk
+    or, not yet built, under a multi-process launch."""
     if cfg.model.startswith(PYPI):
         return ensure_converted(cfg.model, cfg.run_root, cfg.base_layers)
     if cfg.model != "tiny":
@@ -139,41 +158,55 @@ def ensure_base(cfg: Config) -> Path:
                            "one process")
     runs.ensure_writable(out.parent, need_bytes=_base_bytes(tcfg))
     with runs.build_lock(out):
-        if runs.manifest_matches(out):
+        if runs.manifest_matches(out) and not rebuild:
             logger.info("reusing base %s", out)
             return out
-        if out.exists():
+        if out.exists() and not rebuild:
             logger.warning("base %s is incomplete or damaged (weights differ from its manifest): "
                            "rebuilding", out)
-        t0 = time.time()
-        docs = pretraining_corpus(tcfg, cfg.generator)
-        # the tokenizer also sees solution-format text, so SFT targets tokenize sensibly
-        sol = [r["answer"] for r in generate_problems(2000, "train", cfg.generator, stream=2)]
-        tokenizer = train_tokenizer(docs + sol, tcfg.vocab_size)
-        model = build_model(tcfg, len(tokenizer), tokenizer.eos_token_id)
-        ds = datasets.Dataset.from_dict(_blocks(tokenizer, docs, tcfg.block_size))
-        logger.info("pretraining corpus: %d docs, %d blocks of %d tokens",
-                    len(docs), len(ds), tcfg.block_size)
-        with runs.atomic_dir(out) as tmp:
-            args = TrainingArguments(
-                output_dir=str(tmp / "trainer"), max_steps=tcfg.pretrain_steps, seed=tcfg.seed,
-                per_device_train_batch_size=tcfg.pretrain_batch_size, weight_decay=0.01,
-                learning_rate=tcfg.pretrain_lr, warmup_steps=max(1, tcfg.pretrain_steps // 20),
-                lr_scheduler_type="cosine", logging_steps=max(1, tcfg.pretrain_steps // 20),
-                save_strategy="no", report_to="none", bf16=False, dataloader_pin_memory=False,
-                use_cpu=not torch.cuda.is_available(), disable_tqdm=False)
-            trainer = Trainer(model=model, args=args, train_dataset=ds,
-                              data_collator=default_data_collator)
-            result = trainer.train()
-            losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-            shutil.rmtree(tmp / "trainer", ignore_errors=True)
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            runs.write_json_atomic(tmp / "manifest.json", {
-                "kind": "tiny-base", "key": base_key(cfg), "config": dataclasses.asdict(tcfg),
-                "generator": dataclasses.asdict(cfg.generator), "n_docs": len(docs),
-                "n_tokens": len(ds) * tcfg.block_size, "pretrain_loss_curve": losses,
-                "final_train_loss": result.training_loss, "wall_time_s": time.time() - t0,
-                "weights_hash": runs.weights_hash(tmp)})
-        logger.info("built base %s in %.0f s", out, time.time() - t0)
+        shipped = None if rebuild else shipped_base(cfg)
+        if shipped is not None:
+            with runs.atomic_dir(out) as tmp:
+                shutil.copytree(shipped, tmp, dirs_exist_ok=True)
+            logger.info("base %s: the shipped one (%s)", out, shipped)
+            return out
+        build_base(cfg, out)
         return out
+
+
+def build_base(cfg: Config, out: Path) -> Path:
+    """Build the embedded base from its recipe into ``out`` (atomically; about 18 minutes on two
+    CPU cores): the tokenizer, then pretraining (docs/embedded.md)."""
+    tcfg = cfg.tiny
+    t0 = time.time()
+    docs = pretraining_corpus(tcfg, cfg.generator)
+    # the tokenizer also sees solution-format text, so SFT targets tokenize sensibly
+    sol = [r["answer"] for r in generate_problems(2000, "train", cfg.generator, stream=2)]
+    tokenizer = train_tokenizer(docs + sol, tcfg.vocab_size)
+    model = build_model(tcfg, len(tokenizer), tokenizer.eos_token_id)
+    ds = datasets.Dataset.from_dict(_blocks(tokenizer, docs, tcfg.block_size))
+    logger.info("pretraining corpus: %d docs, %d blocks of %d tokens",
+                len(docs), len(ds), tcfg.block_size)
+    with runs.atomic_dir(out) as tmp:
+        args = TrainingArguments(
+            output_dir=str(tmp / "trainer"), max_steps=tcfg.pretrain_steps, seed=tcfg.seed,
+            per_device_train_batch_size=tcfg.pretrain_batch_size, weight_decay=0.01,
+            learning_rate=tcfg.pretrain_lr, warmup_steps=max(1, tcfg.pretrain_steps // 20),
+            lr_scheduler_type="cosine", logging_steps=max(1, tcfg.pretrain_steps // 20),
+            save_strategy="no", report_to="none", bf16=False, dataloader_pin_memory=False,
+            use_cpu=not torch.cuda.is_available(), disable_tqdm=False)
+        trainer = Trainer(model=model, args=args, train_dataset=ds,
+                          data_collator=default_data_collator)
+        result = trainer.train()
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        shutil.rmtree(tmp / "trainer", ignore_errors=True)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        runs.write_json_atomic(tmp / "manifest.json", {
+            "kind": "tiny-base", "key": base_key(cfg), "config": dataclasses.asdict(tcfg),
+            "generator": dataclasses.asdict(cfg.generator), "n_docs": len(docs),
+            "n_tokens": len(ds) * tcfg.block_size, "pretrain_loss_curve": losses,
+            "final_train_loss": result.training_loss, "wall_time_s": time.time() - t0,
+            "weights_hash": runs.weights_hash(tmp)})
+    logger.info("built base %s in %.0f s", out, time.time() - t0)
+    return out

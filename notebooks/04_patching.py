@@ -2,10 +2,20 @@
 # # 04 · Causal localisation: where does SFT's gain live?
 #
 # Notebooks 02 and 03 show *where representations move*. Moving is not mattering: this notebook
-# asks which layers **cause** the tuned model's better answers. The metric is the one of notebook
-# 01, the teacher-forced **answer log-prob**: log P(gold final answer | prompt + gold solution up
-# to `#### `), summed over the answer's tokens. Base and tuned model read the same token ids, so
-# every activation of one can be put into the other at the same position (**activation patching**):
+# asks which layers **cause** the tuned model's better answers. Every patch is scored by a
+# teacher-forced log-prob of some tokens of the gold solution, summed over them; which tokens is
+# `cfg.patching.metric` (section 2 compares them):
+#
+# * **computed** (the default): the results the solution computes, each `<<expr=value>>`'s value
+#   given everything before it — what needs the model to do the arithmetic — except a value already
+#   written earlier (it could be copied);
+# * **answer**: the final answer after `#### ` given the whole gold solution (notebook 01's answer
+#   log-prob): the answer is already written in the solution, so this is mostly format and copying;
+# * **copy** (a control): the final answer after the solution's last computed result is corrupted
+#   (carried into the `#### ` line): only a copy, never a solution.
+#
+# Base and tuned model read the same token ids, so every activation of one can be put into the
+# other at the same position (**activation patching**):
 #
 # * **denoise** (tuned → base): run the base with one site (a layer's residual stream, attention
 #   output or MLP output) taken from the tuned model. A large gain means that site's tuned
@@ -16,7 +26,7 @@
 # Each patch is summarised per example by Δ = LP(patched) − LP(receiver), by the normalised effect
 # NPE = Δ / (LP(donor) − LP(receiver)) (0: nothing, 1: the whole gap; masked where the gap is
 # below `cfg.patching.min_gap` nats, where the ratio means nothing) and by the KL divergence from the donor's
-# next-token distributions at the answer positions. Every curve is a mean over examples with a
+# next-token distributions at the scored positions. Every curve is a mean over examples with a
 # bootstrap 95 % interval, computed on the **flips** (wrong before SFT, right after) and on the
 # **controls** (right in both): an effect that is as large on the controls is not about what SFT
 # fixed.
@@ -113,7 +123,7 @@ pd.DataFrame([{"set": labels[k], "n patched": len(sets[k]), "n in flip table": l
 # **How to read the figure.** Rows: denoise (tuned → base; up is good: the patch *adds* log-prob
 # to the base) and noise (base → tuned; down means the tuned model *loses* log-prob). Columns:
 # the residual stream after layer *l*, the attention output and the MLP output of layer *l*.
-# Lines: mean Δ answer log-prob over examples with bootstrap 95 % intervals, flips and controls;
+# Lines: mean Δ scored log-prob over examples with bootstrap 95 % intervals, flips and controls;
 # dashed: the full gap LP(donor) − LP(receiver) of the flips, which a resid patch at the last layer
 # reaches when the two models share the head. Where the resid curve of the flips rises (denoise)
 # is where the tuned model's advantage has been written into the residual stream; a component
@@ -148,17 +158,30 @@ print("NPE masked per seed: " + ", ".join(
 pd.concat({f"seed {k + 1}": fraction_table(p) for k, p in enumerate(pats)}, axis=1).rename_axis("layer")
 
 # %% [markdown]
+# **What each metric measures.** The resid denoise sweep under each metric, on the flips and on the
+# controls (problems both models solve), with each set's full gap dashed. A metric whose controls
+# show the flips' gap (the controls' share near 1, in the titles) scores something SFT improved on
+# every problem alike — the format, copying the answer from the solution — not what made the
+# flips right; the copy control shows how large a pure copy's gap is. The sweeps above use the
+# metric named "battery"; the summary's first line gives each metric's gaps and shares per seed.
+
+# %%
+fig = figures.plot_patching_metrics(pats, N_BOOT, SEED)
+plots.save_figure(fig, "patching_metrics", plots.figure_dir(cfg))
+
+# %% [markdown]
 # ## 3 · Which positions? (resid, flips)
-# The same resid sweep restricted to the prompt's tokens or to the answer-predicting positions
-# (the inputs whose outputs are the logits the metric reads: the last token of `#### ` up to the
-# answer's second-to-last token). If the prompt positions alone carry the effect in early layers
+# The same resid sweep restricted to the prompt's tokens or to the positions predicting the scored tokens
+# (the inputs whose outputs are the logits the metric reads: for `answer`, the last token of `#### `
+# up to the answer's second-to-last token; for `computed`, the token before each computed result
+# and those inside it). If the prompt positions alone carry the effect in early layers
 # and the answer positions in late ones, the information moves from the question to the answer
 # position across depth. Thick: the first training seed; thin: the others.
 
 # %%
 fig, ax = plt.subplots(figsize=(7.5, 4.2))
 plots.plot_layer_curves({f"{q} positions": [curve(p.by_pos[q].delta, N_BOOT, SEED) for p in pats] for q in pat.by_pos}, ax=ax,
-                  has_embed=False, ylabel="Δ answer log-prob (nats)", cmap="tab10",
+                  has_embed=False, ylabel="Δ scored log-prob (nats)", cmap="tab10",
                   title=f"Resid denoise by patched positions ({labels['flips']})")
 ax.axhline(0, color="0.4", lw=0.8)
 fig.tight_layout()
@@ -168,21 +191,25 @@ fig.tight_layout()
 # Tuned layer *j*'s residual output replaces base layer *i*'s, then the base's layers *i+1…* run
 # (`cross_layer_sweep`, denoise). The diagonal is the resid curve of section 2. If SFT only
 # *shifted* computations across depth (the remapping an off-diagonal CKA ridge suggests), the base
-# should make best use of a tuned layer *j ≠ i*: the white dots mark, for each base layer *i*, the
-# tuned layer whose patch raises the answer log-prob most, and the small black dots every donor
-# **tied** with it (paired bootstrap interval of the difference reaching 0: `stats.near_best`) —
-# an argmax among ties is not a finding. The cyan line is the CKA alignment path (dynamic time
-# warping on 1 − CKA, question-pooled prompt states, as in notebook 02). Tied sets on the cyan line:
-# the causal and the representational correspondence agree. Rows: flips and controls; one column
-# per training seed; the table below is the first seed's.
+# should make best use of a tuned layer *j ≠ i*. "Best" is chosen on noisy data, so it comes with
+# how sure it is: the white dots mark, for each base layer *i*, the tuned layer that is best most
+# often over bootstrap resamples of the examples (size: that frequency,
+# `stats.argmax_frequencies`), and the small black dots every donor whose gain over the base
+# layer's *own* tuned layer is above 0 with intervals simultaneous over the row's donors
+# (`stats.versus_reference`: a remapping beyond chance, corrected for trying every donor). The
+# cyan line is the CKA alignment path (dynamic time warping on 1 − CKA, question-pooled prompt
+# states, as in notebook 02). Best donors on the cyan line: the causal and the representational
+# correspondence agree. Rows: flips and controls; one column per training seed; the table below
+# is the first seed's.
 
 # %%
 fig = figures.plot_cross_layer(pats, N_BOOT, SEED)
 plots.save_figure(fig, "cross_layer_patching", plots.figure_dir(cfg))
 cka_path = alignment_path(pat.cka_matrix)
-best, ties = pat.best_donors("flips", N_BOOT, SEED)
-pd.DataFrame({"best tuned donor (patching, flips)": best,
-              "donors tied with it": [np.flatnonzero(t).tolist() for t in ties],
+freq, beats = pat.best_donors("flips", N_BOOT, SEED)
+pd.DataFrame({"most frequent best tuned donor (flips)": freq.argmax(1),
+              "its bootstrap frequency": freq.max(1).round(2),
+              "donors beating the own layer": [np.flatnonzero(b).tolist() for b in beats],
               "best tuned match (CKA)": best_match(pat.cka_matrix),
               "CKA path partner(s)": [sorted({j for i2, j in cka_path if i2 == i}) for i in range(L)]},
              index=pd.Index(range(L), name="base layer"))
@@ -202,7 +229,7 @@ pd.DataFrame({"best tuned donor (patching, flips)": best,
 #   steering vector) carries the change; close to the full noise patch: the change is
 #   input-specific. Three versions (right): one global mean over every token of the set (template
 #   tokens included), and position-specific means over the prompt rows only and over the
-#   answer-predicting rows only, each put back at its own rows.
+#   rows predicting the scored tokens only, each put back at its own rows.
 #
 # Intervals: bootstrap 95 % over examples; flips and controls. Thick: the first training seed;
 # thin: the others.
@@ -213,26 +240,26 @@ plots.save_figure(fig, "weight_ablation", plots.figure_dir(cfg))
 
 # %% [markdown]
 # ## 6 · Browse single examples
-# With a live kernel the dropdown picks a flip of the first training seed: its prompt, the answer
-# tokens the metric reads,
+# With a live kernel the dropdown picks a flip of the first training seed: its prompt, the tokens
+# the metric scores,
 # and its per-layer Δ for every component in both directions (grey: the flip set's resid
 # interval, for scale). Without a frontend (CI, a static export) the first flip is drawn once.
 
 # %%
 tokenizer = AutoTokenizer.from_pretrained(run.evals[0].checkpoint)
-examples = measures.examples_from_table(sets["flips"], tokenizer, chat=cfg.chat)
-spans = measures.tokenize_examples(tokenizer, examples)
+examples = measures.examples_from_table(sets["flips"], tokenizer, chat=cfg.chat, metric=pat.metric)
+spans = measures.tokenize_examples(tokenizer, examples, pat.metric)  # the flips the sweeps scored
 
 
 def show_example(k=0):
     span, denoise = spans[k], pat.sweep("flips", "resid", "denoise")
     answer = tokenizer.convert_ids_to_tokens([span["input_ids"][p] for p in span["answer_positions"]])
-    display(Markdown(f"**Problem {sets['flips'][k]['index']}** — answer tokens {answer} at positions "
+    display(Markdown(f"**Problem {examples[k]['index']}** — scored tokens {answer} at positions "
                      f"{span['answer_positions']}; LP base {denoise.lp_receiver[k]:.3f}, LP tuned "
                      f"{denoise.lp_donor[k]:.3f} nats.\n\n```\n{textwrap.fill(examples[k]['prompt'], 110)}\n```"))
     for ax, direction in zip(plt.subplots(1, 2, figsize=(13, 4))[1], ("denoise", "noise")):
         plots.plot_layer_curves({comp: {"point": pat.sweep("flips", comp, direction).delta[k]} for comp in pat.components()},
-                          ax=ax, ylabel="Δ answer log-prob (nats)", title=f"Example {k}: {direction}",
+                          ax=ax, ylabel="Δ scored log-prob (nats)", title=f"Example {k}: {direction}",
                           has_embed=False, band=curve(pat.sweep("flips", "resid", direction).delta, N_BOOT, SEED),
                           band_label="flip-set resid 95 % interval", cmap="tab10")
         ax.axhline(0, color="0.4", lw=0.8)
@@ -245,7 +272,7 @@ if INTERACTIVE:
     import ipywidgets as widgets
 
     widgets.interact(show_example, k=widgets.Dropdown(
-        options=[(f"{k}: problem {r['index']}", k) for k, r in enumerate(sets["flips"])], value=0))
+        options=[(f"{k}: problem {r['index']}", k) for k, r in enumerate(examples)], value=0))
 else:
     show_example(0)
 
@@ -255,14 +282,19 @@ else:
 # al. 2025, who read narrow fine-tuning off the mean activation difference at the first tokens).
 # `lens.ensure` takes the flips and, per decoder layer, the **mean tuned − base residual
 # difference** at two position sets: the first `cfg.lens.n_first` tokens of every example (the `Question:`
-# template, the same tokens in every example) and the answer-predicting positions. Each mean is:
+# template, the same tokens in every example) and the positions predicting the scored tokens. Each mean is:
 #
 # * **read** through the base's final norm and LM head (the logit lens applied to the
 #   difference; RMSNorm makes it scale-free): the tokens it promotes and suppresses, as z-scores
 #   within the vocabulary;
 # * **added back** to the base at the same positions (a steering vector) and scored like a patch:
-#   the fraction of the base → tuned gap in answer log-prob it carries, against the **control**,
-#   the same vector with its coordinates shuffled (same norm, random direction).
+#   the fraction of the base → tuned gap in scored log-prob it carries. Cross-fitted: each half
+#   of the flips is steered with the mean difference of the other half, so the vector is never
+#   scored on the examples it was fitted on. The **control** is a distribution:
+#   `cfg.lens.n_random` random directions of the same norm at every layer (shaded: their 2.5–97.5
+#   % range); the dotted line is the 95th percentile of their *maximum over layers*, so a layer
+#   whose steering lies above it is above chance with the choice of layer corrected (the
+#   max-statistic; the summary gives its p-value).
 #
 # The **per-token KL**, KL(P_tuned ‖ P_base) of the next-token distributions at every position of
 # a prompt + gold solution, shows where in a text the two models disagree (a bar marks where the
@@ -274,7 +306,7 @@ lenses = over_seeds(lens.ensure, cfg, "sft")
 fig, axes = plt.subplots(1, 2, figsize=(15, 4.4), sharey=True)
 for ax, name in zip(axes, ("first", "answer")):
     plots.plot_steering([r.steering(name, cfg.lens.n_boot, cfg.lens.seed) for r in lenses], ax=ax,
-                  title=f"Steering base with the mean difference at the {name} positions")
+                  title=f"Steering base with the mean difference at the {lens.NAMES[name]}")
     ax.set_xlabel("decoder layer where the vector is added")
 fig.tight_layout()
 plots.save_figure(fig, "difference_lens", plots.figure_dir(cfg))
@@ -321,4 +353,5 @@ display(Markdown(publish(each_seed(lenses, lambda r: lens.summarize(r, cfg)), "0
 
 # %%
 obs = observations.table(over_seeds(cka.ensure, cfg, "sft"), over_seeds(spectral.ensure, cfg, "sft"), pats)
-display(Markdown(publish(observations.summarize(obs), "00_observations", plots.figure_dir(cfg), SMOKE)))
+display(Markdown(publish(observations.summarize(obs, metric=pat.metric), "00_observations", plots.figure_dir(cfg),
+                         SMOKE)))

@@ -247,7 +247,8 @@ else:
 #   where the same-layer measures above cannot run;
 # * **what changed** (`analyses.lens.ensure` of each model against the reference, notebook 04 §7):
 #   steering the reference with the mean residual difference at the first tokens and at the
-#   answer-predicting positions against its shuffled control, and the per-token KL(model ‖
+#   positions predicting the scored tokens (cross-fitted) against random directions of its norm,
+#   and the per-token KL(model ‖
 #   reference) on one text (a bar where the prompt ends).
 #
 # Without `MODELS` this section draws nothing: notebook 02 has SFT's cross-layer CKA, notebook 04

@@ -329,9 +329,10 @@ def test_patching_stage_round_trips_exactly(staged, smoke_cfg, smoke_run, monkey
     sets, labels = behaviour.example_sets(smoke_cfg, run)
     base, tok = load_model(run.evals[0].checkpoint)
     tuned, _ = load_model(run.evals[-1].checkpoint)
-    exs = measure.examples_from_table(sets["controls"], tok)
+    metric = smoke_cfg.patching.metric
+    exs = measure.examples_from_table(sets["controls"], tok, metric=metric)
     direct = measure.layer_sweep(base, tuned, tok, exs, component="mlp", direction="noise", batch_size=8,
-                                 progress=False)
+                                 progress=False, metric=metric)
     _no_compute(monkeypatch)
     res = patching.ensure(smoke_cfg, ckpts)  # notebook 04's call
     assert res.sets == sets and res.labels == labels
@@ -347,6 +348,12 @@ def test_patching_stage_round_trips_exactly(staged, smoke_cfg, smoke_run, monkey
     assert res.cross["flips"].delta.shape == (4, L, L) and res.cka_matrix.shape == (L, L)
     assert set(res.ablation) == {f"{s}/{k}" for s in ("flips", "controls") for k in ("revert", "graft", "mean_diff")} | {
         f"flips/{k}@{q}" for k in ("mean_diff", "noise") for q in ("prompt", "answer")}
+    assert res.metric == metric
+    np.testing.assert_array_equal(res.checks[f"{metric}/flips"].lp_patched, res.sweep().lp_patched)
+    assert {k.split("/")[0] for k in res.checks} <= {"answer", "computed", "copy"} and "answer/flips" in res.checks
+    n_gen = smoke_cfg.patching.n_generate
+    assert set(res.generation) == {"flips", "controls"} and res.generation["flips"].correct.shape[1] == L
+    assert len(res.generation["flips"].correct) == min(n_gen, len(res.sets["flips"]))
 
 
 def test_lens_stage_round_trips_exactly(staged, smoke_cfg, smoke_run, monkeypatch):
@@ -359,15 +366,20 @@ def test_lens_stage_round_trips_exactly(staged, smoke_cfg, smoke_run, monkeypatc
     sets, labels = behaviour.example_sets(smoke_cfg, run)
     base, tok = load_model(run.evals[0].checkpoint)
     tuned, _ = load_model(run.evals[-1].checkpoint)
-    exs = sweeps.examples_from_table(sets["flips"], tok)
-    direct = sweeps.weight_sweep(base, tuned, tok, exs, mean_positions="answer", kinds=("steer",), batch_size=8,
-                                 progress=False)["steer"]
-    diff = sweeps.mean_difference(base, tuned, tok, exs, positions=list(range(5)), batch_size=8, progress=False)
+    exs = sweeps.examples_from_table(sets["flips"], tok, metric=smoke_cfg.patching.metric)
+    kw = dict(positions="answer", batch_size=8, progress=False, metric=smoke_cfg.patching.metric)
+    held, fit = exs[0::2], exs[1::2]  # the first half steered with the second half's difference
+    v = sweeps.mean_difference(base, tuned, tok, fit, **kw)
+    vecs = np.concatenate([v[None], sweeps.random_directions(v, smoke_cfg.lens.n_random, seed=0)])
+    direct = sweeps.steer_sweep(base, tuned, tok, held, vecs, **kw)
+    diff = sweeps.mean_difference(base, tuned, tok, exs, positions=list(range(5)), batch_size=8, progress=False,
+                                  metric=smoke_cfg.patching.metric)
     _no_compute(monkeypatch)
     monkeypatch.setattr(measure, "token_kl", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
     res = lens.ensure(smoke_cfg, ckpts)  # notebook 04's call, read from the CLI's cache
     assert res.label == labels["flips"] and list(res.positions) == ["first", "answer"]
-    np.testing.assert_array_equal(res.steer["answer"].lp_patched, direct.lp_patched)
+    np.testing.assert_array_equal(res.steer["answer"].lp_patched[: len(held)], direct.lp_patched)
+    assert res.steer["answer"].delta.shape[:2] == (len(exs), 1 + smoke_cfg.lens.n_random)
     np.testing.assert_array_equal(res.diff["first"], diff)
     L = smoke_cfg.tiny.num_hidden_layers
     assert res.diff["answer"].shape == (L, smoke_cfg.tiny.hidden_size)
@@ -392,14 +404,12 @@ def test_lens_at_some_layers_equals_the_full_lens_there(staged, smoke_cfg, smoke
     assert cli.main(staged + ["lens", "--set", "lens.steer_layers=[0, 2]"]) == 0
     sub = lens.ensure(with_values(smoke_cfg, {"lens.steer_layers": [0, 2]}), ckpts)  # the CLI's
     for name in ("first", "answer"):
-        for kind in ("steer", "control"):
-            np.testing.assert_array_equal(getattr(sub, kind)[name].delta,
-                                          getattr(full, kind)[name].delta[:, [0, 2]])
+        np.testing.assert_array_equal(sub.steer[name].delta, full.steer[name].delta[..., [0, 2]])
         assert list(sub.steer[name].meta["layers"]) == [0, 2]
         st = sub.steering(name, 50)
         assert list(st["layers"]) == [0, 2] and st["peak"] == [0, 2][st["at"]]
         np.testing.assert_array_equal(sub.diff[name], full.diff[name])
-    assert "Steering at the answer-predicting positions" in lens.summarize([sub])
+    assert "Steering at the positions predicting the scored tokens" in lens.summarize([sub])
     fig = plots.plot_steering([sub.steering("answer", 50)])
     assert list(fig.axes[0].lines[0].get_xdata()) == [0, 2]
     plt.close(fig)

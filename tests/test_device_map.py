@@ -59,8 +59,11 @@ def test_mapped_models_give_the_plain_models_numbers(saved):
             out[c] = r.delta
         w = patching.weight_sweep(base, tuned, tok, examples, progress=False, kinds=patching.WEIGHT_KINDS)
         out |= {k: r.delta for k, r in w.items()}
+        out["steer"] = patching.steer_sweep(base, tuned, tok, examples, vecs, positions="answer", progress=False).delta
         return out
 
+    diff = patching.mean_difference(*plain, examples, positions="answer", progress=False)
+    vecs = np.concatenate([diff[None], patching.random_directions(diff, 2)])
     want, got = run(*plain), run(*mapped)
     assert set(got) == set(want) and {"revert", "graft", "steer"} <= set(got)
     for k in want:

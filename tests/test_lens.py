@@ -62,17 +62,20 @@ def test_mean_difference_matches_reference(tok, pair, examples):
         assert got.shape == (L, base.config.hidden_size) and got.dtype == np.float64
 
 
-def test_steering_matches_reference_and_control_keeps_the_norm(tok, pair, examples):
+def test_steering_matches_reference_and_random_directions_keep_the_norm(tok, pair, examples):
     base, tuned = pair
     spans = patching.tokenize_examples(tok, examples)
     diff = patching.mean_difference(base, tuned, tok, examples, positions="answer", progress=False)
-    r = patching.weight_sweep(base, tuned, tok, examples, mean_positions="answer", kinds=("steer", "steer_shuffled"),
-                              batch_size=2, progress=False)
-    assert r["steer"].meta["receiver"] == "base" and r["steer"].meta["donor"] == "tuned"
-    shuffled = patching.shuffled(torch.tensor(diff)).numpy()
-    np.testing.assert_allclose(np.linalg.norm(shuffled, axis=1), np.linalg.norm(diff, axis=1), rtol=1e-12)
-    np.testing.assert_array_equal(np.sort(shuffled, axis=1), np.sort(diff, axis=1))
-    for kind, vec in (("steer", diff), ("steer_shuffled", shuffled)):
+    rand = patching.random_directions(diff, 3, seed=0)
+    np.testing.assert_allclose(np.linalg.norm(rand, axis=-1), np.tile(np.linalg.norm(diff, axis=1), (3, 1)),
+                               rtol=1e-12)
+    np.testing.assert_array_equal(rand, patching.random_directions(diff, 3, seed=0))  # seeded
+    cos = (rand[0] * diff).sum(-1) / np.linalg.norm(diff, axis=1) ** 2
+    assert (np.abs(cos) < 0.9).all()  # not the difference itself
+    vecs = np.concatenate([diff[None], rand])
+    r = patching.steer_sweep(base, tuned, tok, examples, vecs, positions="answer", batch_size=2, progress=False)
+    assert r.delta.shape == (len(examples), 4, L) and r.meta["receiver"] == "base" and r.meta["donor"] == "tuned"
+    for j, vec in enumerate(vecs):
         for k, s in enumerate(spans):
             pos = torch.tensor(s["answer_positions"]) - 1
             for layer in range(L):
@@ -85,10 +88,17 @@ def test_steering_matches_reference_and_control_keeps_the_norm(tok, pair, exampl
                     logp = torch.log_softmax(base(torch.tensor([s["input_ids"]])).logits[0].double(), -1)
                 hook.remove()
                 ref = logp[pos, torch.tensor(s["input_ids"])[s["answer_positions"]]].sum().item()
-                assert abs(r[kind].lp_patched[k, layer] - ref) < TOL, (kind, k, layer)
-    # a twin has no difference: steering changes nothing
-    twin = patching.weight_sweep(base, copy.deepcopy(base), tok, examples[:2], kinds=("steer",), progress=False)
-    assert (twin["steer"].delta == 0).all()
+                assert abs(r.lp_patched[k, j, layer] - ref) < TOL, (j, k, layer)
+    # a twin has no difference: steering with it changes nothing
+    zero = np.zeros((1, L, base.config.hidden_size))
+    twin = patching.steer_sweep(base, copy.deepcopy(base), tok, examples[:2], zero, progress=False)
+    assert (twin.delta == 0).all()
+    with pytest.raises(ValueError, match="vectors must be"):
+        patching.steer_sweep(base, tuned, tok, examples[:2], zero[:, :2], progress=False)
+    halves = patching.concat([patching.steer_sweep(base, tuned, tok, part, vecs, positions="answer", progress=False)
+                              for part in (examples[:2], examples[2:])])
+    np.testing.assert_allclose(halves.lp_patched, r.lp_patched, rtol=0, atol=TOL)  # batching: round-off
+    assert halves.meta["n_examples"] == len(examples)
 
 
 def test_lens_reads_through_the_final_norm_and_head(tok, pair):
@@ -154,3 +164,38 @@ def test_token_kl_bad_input(tok, pair):
 
 def test_token_kl_memory_is_one_slice_of_the_vocabulary():
     assert lens.chunk_rows(151_936) * 151_936 <= 2**25 and lens.chunk_rows(10**9) == 1
+
+
+def _steer_result(frac, gap=2.0, n=16):
+    """A steering PatchResult whose vectors recover exactly ``frac [K, L]`` of a ``gap`` for
+    every example."""
+    from alignkit.patching import PatchResult
+
+    delta = np.tile(frac * gap, (n, 1, 1))
+    recv = np.zeros(n)
+    return PatchResult(lp_patched=delta, delta=delta, npe=delta / gap, kl=np.zeros_like(delta), lp_receiver=recv,
+                       lp_donor=recv + gap, kl_receiver=np.zeros(n), npe_valid=np.ones(n, bool),
+                       meta={"layers": list(range(frac.shape[1])), "n_examples": n, "n_npe_masked": 0})
+
+
+def test_steering_against_random_directions_max_statistic():
+    from alignkit.analyses.lens import LensResult
+
+    rng = np.random.default_rng(0)
+    R, layers = 200, 6
+    null = rng.normal(0, 0.05, (R, layers))
+    planted = np.zeros(layers)
+    planted[2] = 0.8  # one layer carries most of the gap; the others nothing
+    res = LensResult(positions={"answer": "answer"}, diff={}, tokens={},
+                     steer={"answer": _steer_result(np.vstack([planted, null]))}, texts=[], n_prompt=[],
+                     token_kl=[], ranked=[], label="flips")
+    st = res.steering("answer", n_boot=50)
+    assert st["threshold"] == pytest.approx(np.percentile(null.max(1), 95))
+    assert st["p_max"] == pytest.approx(1 / (R + 1)) and st["above"] == [2] and st["peak"] == 2
+    assert st["steer"].point[2] == pytest.approx(0.8) and st["n_random"] == R
+    np.testing.assert_allclose(st["control"].hi, np.percentile(null, 97.5, axis=0))
+    # steering no better than a random direction: flat at half the random maxima's median
+    flat = np.full((1, layers), np.median(null.max(1)) / 2)
+    res.steer["answer"] = _steer_result(np.vstack([flat, null]))
+    st = res.steering("answer", n_boot=50)
+    assert st["p_max"] > 0.4 and st["above"] == []

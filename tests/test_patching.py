@@ -260,7 +260,7 @@ def test_position_specific_mean_ablation_and_kinds(tok, pairs, examples):
     full = patching.weight_sweep(base, tuned, tok, ex, mean_positions="answer", batch_size=2, progress=False)
     only = patching.weight_sweep(base, tuned, tok, ex, mean_positions="answer", batch_size=2, progress=False,
                                  kinds=("mean_diff",))
-    assert list(only) == ["mean_diff"] and list(full) == list(patching.ABLATION_KINDS)
+    assert list(only) == ["mean_diff"] and list(full) == list(patching.WEIGHT_KINDS)
     np.testing.assert_array_equal(only["mean_diff"].lp_patched, full["mean_diff"].lp_patched)
     ids = [tok(e["prompt"] + " " + e["answer"], add_special_tokens=False)["input_ids"] for e in ex]
     rows = [positions_of(tok, e, "answer", len(i))[2] for e, i in zip(ex, ids)]
@@ -411,3 +411,167 @@ def test_examples_from_table():
     assert patching.examples_from_table(rows) == [
         {"prompt": "Question: Tom has 2 apples. How many?\nAnswer:", "answer": "2+0=2\n#### 2", "index": 7,
          "chat": False}]
+
+
+# ------------------------------------------------------------------------------------------
+# Metrics: what the scored tokens are, and a planted copy effect
+# ------------------------------------------------------------------------------------------
+
+PLANT_EXAMPLES = [  # every computed result's digits are new where computed; the answer repeats them
+    {"prompt": format_prompt("Tom has 2 pens. He buys 5 more. How many pens does Tom have now?"),
+     "answer": "Tom buys 5 more, so Tom has 2+5=<<2+5=7>>7 pens.\n#### 7"},
+    {"prompt": format_prompt("Mia has 3 cups. She gets 4 times as many. How many cups?"),
+     "answer": "4 times as many is 3*4=<<3*4=12>>12 cups.\n#### 12"},
+]
+
+
+def plant_copy(model, alpha=6.0):
+    """``model`` made to copy: at each row, its last layer's output gains ``alpha`` residual norms
+    along the unembedding of the true next token whenever that token already occurred (a pure
+    copy effect, planted with the answer known; nothing else changes)."""
+    state = {}
+    model.model.register_forward_pre_hook(
+        lambda _m, args, kwargs: state.__setitem__("ids", kwargs.get("input_ids", args[0] if args else None)),
+        with_kwargs=True)
+    w = model.get_output_embeddings().weight.detach()
+
+    def hook(_m, _inp, out):
+        h = first(out)
+        ids, add = state["ids"], torch.zeros_like(h)
+        for b in range(ids.shape[0]):
+            seq = ids[b].tolist()
+            for p in range(len(seq) - 1):
+                if seq[p + 1] in seq[: p + 1]:
+                    add[b, p] = alpha * h[b, p].norm() * w[seq[p + 1]] / w[seq[p + 1]].norm()
+        h = h + add
+        return (h,) + tuple(out[1:]) if isinstance(out, tuple) else h
+
+    model.model.layers[-1].register_forward_hook(hook)
+    return model
+
+
+def test_targets_are_the_computed_results_and_the_copy(tok):
+    from alignkit.evaluate import answer_spans, scorable
+
+    ex = PLANT_EXAMPLES[1]
+    spans = {t: answer_spans(tok, [ex["prompt"]], [ex["answer"]], targets=t)[0]
+             for t in ("answer", "computed", "copy")}
+    read = {t: "".join(tok.decode(s["input_ids"][p]) for p in s["answer_positions"]) for t, s in spans.items()}
+    assert read == {"answer": "12", "computed": "12", "copy": "13"}
+    text = {t: tok.decode(s["input_ids"]) for t, s in spans.items()}
+    assert text["computed"] == text["answer"] and "<<3*4=13>>13 cups.\n#### 13" in text["copy"]
+    before = tok.decode(spans["computed"]["input_ids"][: spans["computed"]["answer_positions"][0]])
+    assert before.endswith("3*4=<<3*4=")  # the result inside the annotation, not the copy after it
+    # a result already written (the operand 4 of "8/2=<<8/2=4>>", "4" in the question) is not scored
+    assert scorable(["Question: 4 kids\nAnswer:"], ["8/2=<<8/2=4>>4\n#### 4"], "computed") == [False]
+    with pytest.raises(ValueError, match="computes nothing that is not already written"):
+        answer_spans(tok, ["Question: 4 kids\nAnswer:"], ["8/2=<<8/2=4>>4\n#### 4"], targets="computed")
+    with pytest.raises(ValueError, match="copy control needs"):
+        answer_spans(tok, ["Question: q\nAnswer:"], ["no steps\n#### 4"], targets="copy")
+    with pytest.raises(ValueError, match="targets must be one of"):
+        scorable(["q"], ["a"], "gold")
+    rows = [{"question": "4 kids", "answer": "8/2=<<8/2=4>>4\n#### 4"},
+            {"question": "2 kids", "answer": "8/2=<<8/2=4>>4\n#### 4"}]
+    assert [e["index"] for e in patching.examples_from_table(rows, metric="computed")] == [1]
+
+
+def test_a_planted_copy_effect_shows_in_the_answer_metric_not_the_computed_one(tok):
+    base = make_model("qwen3", len(tok))
+    tuned = plant_copy(copy.deepcopy(base))
+    gap = {m: (lambda r: r.lp_donor - r.lp_receiver)(patching.layer_sweep(
+        base, tuned, tok, PLANT_EXAMPLES, layers=[L - 1], progress=False, metric=m))
+        for m in ("answer", "computed", "copy")}
+    assert (gap["answer"] > 1).all() and (gap["copy"] > 1).all(), gap
+    np.testing.assert_allclose(gap["computed"], 0, atol=1e-9)  # nothing computed was copyable
+
+
+def test_carried_share():
+    from types import SimpleNamespace
+
+    from alignkit.analyses.patching import carried_share
+
+    def res(gaps):
+        gaps = np.asarray(gaps, float)
+        return SimpleNamespace(lp_donor=gaps - 3.0, lp_receiver=np.full(len(gaps), -3.0))
+
+    rng = np.random.default_rng(0)
+    flips, ctrl = rng.normal(2.0, 1.0, 40), rng.normal(0.5, 1.0, 25)
+    band = carried_share(res(flips), res(ctrl), n_boot=500)
+    assert band.point[0] == pytest.approx(ctrl.mean() / flips.mean(), rel=1e-12)
+    assert band.lo[0] < band.point[0] < band.hi[0]
+    slow = []  # the same resamples, drawn and averaged one at a time
+    g = np.random.default_rng(0)
+    fi, ci = g.integers(0, 40, (500, 40)), g.integers(0, 25, (500, 25))
+    for k in range(500):
+        slow.append(sum(ctrl[j] for j in ci[k]) / 25 / (sum(flips[j] for j in fi[k]) / 40))
+    assert band.lo[0] == pytest.approx(np.percentile(slow, 2.5)) and band.hi[0] == pytest.approx(np.percentile(slow, 97.5))
+    scaled = carried_share(res(7 * flips), res(7 * ctrl), n_boot=500)  # units cancel
+    np.testing.assert_allclose([scaled.point, scaled.lo, scaled.hi], [band.point, band.lo, band.hi])
+    same = carried_share(res(flips), res(flips), n_boot=200)
+    assert same.point[0] == pytest.approx(1.0)
+    none = carried_share(res(flips), res(np.zeros(10)), n_boot=200)
+    assert none.point[0] == 0 and none.lo[0] == 0 and none.hi[0] == 0
+
+
+# ------------------------------------------------------------------------------------------
+# Solving with the patch held (generation_sweep) against a slow reference
+# ------------------------------------------------------------------------------------------
+
+
+def reference_generation(tok, recv, donor, prompt, layer, max_new_tokens, stop, ends):
+    """Greedy generation one token at a time, full forwards without caches, donor's layer output
+    captured and written over the receiver's whole layer output (plain hooks)."""
+    from alignkit.data import cut_at_stop
+
+    seq = tok(prompt, add_special_tokens=False)["input_ids"]
+    out = []
+    for _ in range(max_new_tokens):
+        d = capture(donor, seq, module_of(donor, layer, "resid"))
+        logp = run_logp(recv, seq, (module_of(recv, layer, "resid"), lambda o, d=d: d))
+        t = int(logp[-1].argmax())
+        if t in ends:
+            break
+        out.append(t)
+        seq = seq + [t]
+        if any(s in tok.decode(out) for s in stop):
+            break
+    return cut_at_stop(tok.decode(out, skip_special_tokens=True), stop)
+
+
+def test_generation_sweep_matches_reference(tok):
+    from alignkit.evaluate import end_tokens
+
+    base, tuned = (m.double() for m in make_pair("qwen3", len(tok)))
+    exs = [{"prompt": format_prompt(p["question"]), "answer": p["answer"]} for p in generate_problems(3, "test")]
+    stop = ("ing",)  # random models: a stop string that does occur
+    ends = set(end_tokens(base, tok))
+    for direction, (recv, donor) in (("denoise", (base, tuned)), ("noise", (tuned, base))):
+        r = patching.generation_sweep(base, tuned, tok, exs, direction=direction, layers=[0, 2],
+                                      max_new_tokens=12, stop=stop, progress=False)
+        assert r.correct.shape == (3, 2) and r.meta["receiver"] == ("base" if direction == "denoise" else "tuned")
+        for k, ex in enumerate(exs):
+            for c, layer in enumerate([0, 2]):
+                assert r.outputs[k][c] == reference_generation(tok, recv, donor, ex["prompt"], layer, 12, stop, ends)
+    # patching a model into itself changes nothing: every layer generates the model's own text
+    same = patching.generation_sweep(tuned, tuned, tok, exs, max_new_tokens=12, stop=stop, progress=False)
+    alone = [reference_generation(tok, tuned, tuned, ex["prompt"], 0, 12, stop, ends) for ex in exs]
+    assert all(o == [a] * L for o, a in zip(same.outputs, alone))
+    assert (same.receiver == same.donor).all()
+
+
+def test_generation_sweep_scores_the_gold_answer(tok, monkeypatch):
+    """Correctness is ``extract_answer`` of the completion against the gold ``#### N``: with the
+    extraction planted to read "12" from completions that contain a digit, exactly those count."""
+    from alignkit.data import extract_answer
+
+    base, tuned = make_pair("qwen3", len(tok))
+    exs = [{"prompt": format_prompt(p["question"]), "answer": "x\n#### 12"} for p in generate_problems(4, "test")]
+    r = patching.generation_sweep(base, tuned, tok, exs, max_new_tokens=6, progress=False)
+    assert [[extract_answer(o) for o in row] for row in r.outputs] == r.predictions
+    planted = lambda t: "12" if any(ch.isdigit() for ch in t) else None  # noqa: E731
+    monkeypatch.setattr(patching, "extract_answer", planted)
+    r2 = patching.generation_sweep(base, tuned, tok, exs, max_new_tokens=6, progress=False)
+    want = np.array([[planted(o) == "12" for o in row] for row in r2.outputs])
+    np.testing.assert_array_equal(r2.correct, want)
+    with pytest.raises(ValueError, match="at least one example"):
+        patching.generation_sweep(base, tuned, tok, [], progress=False)

@@ -18,7 +18,7 @@ from alignkit.analyses.patching import PatchingResult
 from alignkit.analyses.spectral import SpectralResult
 from alignkit.analyses.weights import WeightsResult, structure
 from alignkit.evaluate import CheckpointEval, FlipTable
-from alignkit.patching import PatchResult
+from alignkit.patching import GenerationResult, PatchResult
 from alignkit.stats import Band
 
 RNG = np.random.default_rng(0)
@@ -110,8 +110,13 @@ def test_patching_result_round_trip(tmp_path):
         labels={"flips": "flips", "controls": "controls (substitute)"}, base_step=0, final_step=10,
         sweeps={"flips/resid/denoise": patch_result()}, by_pos={"all": patch_result()},
         cross={"flips": patch_result(2, (L, L))}, ablation={"flips/revert": patch_result()},
-        cka_matrix=RNG.random((L, L)))
+        cka_matrix=RNG.random((L, L)), metric="computed",
+        checks={"computed/flips": patch_result(), "answer/flips": patch_result()},
+        generation={"flips": GenerationResult(
+            correct=RNG.random((1, L)) > 0.5, receiver=np.array([False]), donor=np.array([True]),
+            predictions=[[None, "3"] + ["1"] * (L - 2)], outputs=[["x"] * L], meta={"layers": list(range(L))})})
     res.by_pos["all"] = res.sweeps["flips/resid/denoise"]  # one object held twice: stored once
+    res.checks["computed/flips"] = res.sweeps["flips/resid/denoise"]
     back = round_trip(res, tmp_path / "r")
     assert_same(res, back)
     assert res.sweep("flips", "resid", "denoise") is res.sweeps["flips/resid/denoise"]

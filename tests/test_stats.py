@@ -10,13 +10,15 @@ import pytest
 
 from alignkit.stats import (
     Band,
+    argmax_frequencies,
+    bootstrap_mean,
     gap_fraction,
     mcnemar,
-    near_best,
     seed_interval,
     seed_verdict,
     sides,
     t_quantile,
+    versus_reference,
 )
 
 
@@ -84,27 +86,50 @@ def test_gap_fraction_errors(delta, gap, match):
         gap_fraction(delta, gap)
 
 
-def test_near_best_reports_ties_not_an_argmax():
+def test_argmax_frequencies_say_how_sure_the_best_is():
     rng = np.random.default_rng(0)
     base = rng.normal(0, 1, (60, 1))
     # columns 2 and 3 equal in expectation (noise only), column 0 far below, column 1 slightly below
     values = np.hstack([base - 5, base + 1.0 + rng.normal(0, 0.05, (60, 1)),
                         base + 2 + rng.normal(0, 0.5, (60, 1)),
                         base + 2 + rng.normal(0, 0.5, (60, 1))])
-    best, ties = near_best(values, n_boot=500)
-    assert int(best) in (2, 3)
-    assert ties.tolist() == [False, False, True, True]
-
-
-def test_near_best_per_receiver_with_nan_donors():
-    rng = np.random.default_rng(0)
+    freq = argmax_frequencies(values, n_boot=500)
+    assert freq.sum() == pytest.approx(1.0) and freq[0] == 0 and freq[1] == 0
+    assert 0.2 < freq[2] < 0.8 and 0.2 < freq[3] < 0.8  # a tie: neither is sure
+    # a slow reference: the same resamples, one at a time
+    idx = np.random.default_rng(0).integers(0, 60, (500, 60))
+    slow = np.bincount([int(np.argmax(values[i].mean(0))) for i in idx], minlength=4) / 500
+    np.testing.assert_allclose(freq, slow)
     v = rng.normal(0, 0.1, (30, 2, 3))
     v[:, 0, 1] += 3.0  # receiver 0: donor 1 clearly best
     v[:, 1, 2] = np.nan  # receiver 1: donor 2 never measured
     v[:, 1, 0] += 3.0
-    best, ties = near_best(v, n_boot=200)
-    assert best.tolist() == [1, 0]
-    assert ties.tolist() == [[False, True, False], [True, False, False]]
+    np.testing.assert_allclose(argmax_frequencies(v, n_boot=200), [[0, 1, 0], [1, 0, 0]])
+    with pytest.raises(ValueError, match="all NaN"):
+        argmax_frequencies(np.full((5, 2), np.nan), n_boot=10)
+
+
+def test_versus_reference_intervals_are_simultaneous():
+    rng = np.random.default_rng(1)
+    n, k = 40, 12
+    # under the null (every column equal to the reference in expectation), how often does some
+    # column's interval exclude 0? simultaneous: about 5 % of rows; one-at-a-time: far more
+    rows = rng.normal(0, 1, (n, 200, k)) + rng.normal(0, 1, (n, 200, 1))
+    vs = versus_reference(rows, np.zeros(200, int), n_boot=400)
+    any_excl = ((vs["lo"] > 0) | (vs["hi"] < 0)).any(-1).mean()
+    assert any_excl < 0.12, any_excl
+    one = bootstrap_mean(rows - rows[..., :1], n_boot=400)
+    assert ((one["lo"] > 0) | (one["hi"] < 0)).any(-1).mean() > 2 * any_excl
+    np.testing.assert_array_equal(vs["point"][:, 0], 0)
+    np.testing.assert_array_equal(vs["lo"][:, 0], 0)
+    # a planted remapping: donor 3 beats the own layer (2) by 1 nat, the rest equal to it
+    v = rng.normal(0, 0.3, (n, 1, k))
+    v[:, 0, 3] += 1.0
+    vs = versus_reference(v, np.array([2]), n_boot=400)
+    assert vs["lo"][0, 3] > 0 and vs["point"][0, 3] == pytest.approx(1.0, abs=0.25)
+    assert (vs["lo"][0] > 0).sum() <= 2  # a null donor may cross at the family-wise rate
+    with pytest.raises(ValueError, match="versus_reference needs"):
+        versus_reference(v, np.array([2, 3]))
 
 
 def test_mcnemar_exact_values():

@@ -1,6 +1,7 @@
 """The notebooks' closing sentences and verdicts (each analysis's ``summarize``, one function over
 a list of seeds), on constructed results whose answer is known."""
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from alignkit.analyses.patching import PatchingResult
 from alignkit.analyses.spectral import SpectralResult
 from alignkit.analyses.weights import WeightsResult, structure
 from alignkit.evaluate import CheckpointEval, FlipTable
-from alignkit.patching import PatchResult
+from alignkit.patching import GenerationResult, PatchResult
 from alignkit.stats import Band
 
 L = 5
@@ -88,15 +89,18 @@ def test_summarize_spectral_detects_an_isotropic_rise():
         assert "mean Δ +" in line and "positive in the one seed" in line  # a rise
 
 
-def planted_patching(n=20, rise=(0.0, 0.5, 1.2, 2.0, 2.0)):
-    """Flips whose gap is 2 nats, written into the residual stream between layers 1 and 3."""
+def planted_patching(n=20, rise=(0.0, 0.5, 1.2, 2.0, 2.0), metric="computed"):
+    """Flips whose gap is 2 nats, written into the residual stream between layers 1 and 3; under
+    the computed metric the controls' gap is a quarter of it, under the answer metric and the copy
+    control the controls show the whole gap."""
     rise = np.asarray(rise)
 
     def sweep(delta, gap=2.0):
-        recv = np.zeros(n)
+        recv = np.zeros(len(delta))
         return PatchResult(lp_patched=delta, delta=delta, npe=delta / gap, kl=np.abs(delta),
-                           lp_receiver=recv, lp_donor=recv + gap, kl_receiver=np.ones(n),
-                           npe_valid=np.ones(n, bool), meta={"n_npe_masked": 0})
+                           lp_receiver=recv, lp_donor=recv + gap, kl_receiver=np.ones(len(delta)),
+                           npe_valid=np.ones(len(delta), bool),
+                           meta={"n_npe_masked": 0, "n_examples": len(delta)})
 
     flips, controls = np.tile(rise, (n, 1)), np.tile(rise / 4, (n, 1))
     sweeps = {}
@@ -114,7 +118,19 @@ def planted_patching(n=20, rise=(0.0, 0.5, 1.2, 2.0, 2.0)):
                   "flips/mean_diff": sweep(-flips / 2),  # half the effect is example-specific
                   # at the answer rows a constant shift carries 90 % of the change
                   "flips/mean_diff@answer": sweep(-flips / 10), "flips/noise@answer": sweep(-flips)},
-        cka_matrix=np.eye(L))
+        cka_matrix=np.eye(L), metric=metric,
+        checks={"computed/flips": sweep(flips), "computed/controls": sweep(controls, 0.5),
+                "answer/flips": sweep(flips), "answer/controls": sweep(flips[:10]),
+                "copy/flips": sweep(flips), "copy/controls": sweep(flips)},
+        generation={"flips": generation(np.arange(L) >= 3, False, True),
+                    "controls": generation(np.arange(L) != 1, True, True)})
+
+
+def generation(solved_at, receiver, donor, n=10):
+    """Every example solved exactly at the layers ``solved_at`` with the patch held."""
+    correct = np.tile(solved_at, (n, 1))
+    return GenerationResult(correct=correct, receiver=np.full(n, receiver), donor=np.full(n, donor),
+                            predictions=[["1"] * L] * n, outputs=[["#### 1"] * L] * n, meta={})
 
 
 def _cfg():
@@ -126,21 +142,46 @@ def _cfg():
 def test_summarize_patching_on_a_planted_circuit():
     res = planted_patching()
     text = patching.summarize([res], _cfg())
-    assert "Mean gap (tuned − reference answer log-prob on the flips): 2.000 [2.000, 2.000] nats" in text
+    assert "log-prob of the scored tokens on the flips): 2.000 [2.000, 2.000] nats" in text
+    assert ("computed (the results the solution computes): gap on the flips 2.00, on the controls "
+            "0.50 nats, the controls' share 0.25 [0.25, 0.25]") in text
+    assert "answer (the final answer after the gold solution): gap on the flips 2.00, on the controls 2.00" in text
+    assert ("The sweeps below score `computed`, the metric whose controls carry the smaller share "
+            "in the one seed.") in text and "still show most" not in text
+    assert "- **Sets**: 20 of 20 flips, 20 of 20 controls (those with something to score under `computed`)" in text
+    assert ("flips solved at the best layer 10 of 10 (layer 3); first layer solving at least half: 3; "
+            "alone, the reference solves 0 and the tuned model 10 of them. The controls (solved by both "
+            "alone): 0 of 10 still solved at the worst layer, 10 at the last") in text
+    as_answer = patching.summarize([planted_patching(metric="answer")], _cfg())
+    assert ("The sweeps below score `answer`, the metric whose controls carry the smaller share in "
+            "no seed. Its controls still show most of the flips' gap (share above one half in the "
+            "one seed)") in as_answer
+    with pytest.raises(ValueError, match="different metrics"):
+        patching.summarize([res, planted_patching(metric="answer")], _cfg())
     # rise / gap = 0.6 at layer 2, every example alike: the interval is a point
     assert "recovers half the mean gap, mean Δ / mean gap as plotted): layer **2**; its fraction: 0.60 [0.60, 0.60]" in text
     assert "first layer whose interval lies above one half: 2." in text
     assert res.half_depth(50) == (2, 2)
     assert "resid at layer **3**, mean Δ +2.000 (controls +0.500)" in text
     assert "flips / controls 4.00." in text and res.specificity() == pytest.approx(4.0)
-    # donor 4 is best for every receiver; with every example alike nothing ties with it
-    assert "the CKA best match are among them: 1, 1 and 1 of 5." in text
-    assert "reverting one layer changes the tuned model's answer log-prob most at layer **3**" in text
+    # donor 4 is best for every receiver in every resample, and beats the own layer of 0..3
+    assert ("a CKA alignment-path partner and the CKA best match: 1, 1 and 1 of 5 (median frequency "
+            "1.00); reference layers where another donor beats the own layer (intervals simultaneous "
+            "over the donors): 4 of 5 (0, 1, 2, 3).") in text
+    assert "reverting one layer changes the tuned model's scored log-prob most at layer **3**" in text
     assert "(all rows, one global mean): at layer **3**" in text and "by 50 % of that" in text
-    assert ("(the answer-predicting rows only): at layer **3**, where removing the difference there "
-            "matters most (a change of -2.00 nats), keeping only its mean still changes the answer "
-            "log-prob by 10 % of that") in text
+    assert ("(the rows predicting the scored tokens only): at layer **3**, where removing the difference there "
+            "matters most (a change of -2.00 [-2.00, -2.00] nats, selected layer), keeping only its mean "
+            "still changes the scored log-prob by 10 % of that") in text
     assert "(the prompt rows only)" not in text  # not computed: not reported
+    # a zero effect: removing the difference at the answer rows changes nothing beyond noise
+    rng = np.random.default_rng(0)
+    noise = rng.normal(0, 1, (20, L))
+    noise -= noise.mean(0)  # every layer's mean exactly 0: each interval straddles it
+    res.ablation["flips/noise@answer"] = dataclasses.replace(res.ablation["flips/noise@answer"], delta=noise)
+    zero = patching.summarize([res], _cfg())
+    line = next(x for x in zero.splitlines() if "(the rows predicting the scored tokens only)" in x)
+    assert "no effect" in line and "nothing to share" in line and "%" not in line, line
 
 
 def planted_compare(sft_acc=0.5):
@@ -278,11 +319,12 @@ def test_summarize_patching_across_seeds():
     assert "its fraction: per seed 0.60 [0.60, 0.60], 0.60 [0.60, 0.60]" in text
     assert "resid at layer **3** in 1 of 2 seeds (other seeds: 4)" in text
     assert "flips / controls 4.00 (mean of 2 seeds: 4.00, 4.00)" in text
-    assert "the CKA best match are among them: per seed 1, 1 and 1 of 5, 1, 1 and 1 of 5" in text
-    assert ("(the answer-predicting rows only): at layer **3** in 1 of 2 seeds (other seeds: 4), where "
-            "removing the difference there matters most (a change of -2.00 (mean of 2 seeds: -2.00, "
-            "-2.00) nats), keeping only its mean still changes the answer log-prob by 10 % (mean of 2 "
-            "seeds: 10 %, 10 %) of that") in text
+    assert ("the CKA best match: per seed 1, 1 and 1 of 5 (median frequency 1.00), 1, 1 and 1 of 5 "
+            "(median frequency 1.00); reference layers where another donor beats the own layer") in text
+    assert ("(the rows predicting the scored tokens only): at layer **3** in 1 of 2 seeds (other seeds: 4), where "
+            "removing the difference there matters most (a change of per seed -2.00 [-2.00, -2.00], "
+            "-2.00 [-2.00, -2.00] nats, selected layer), keeping only its mean still changes the "
+            "scored log-prob by per seed 10 %, 10 % of that") in text
 
 
 def test_summarize_compare_across_seeds():

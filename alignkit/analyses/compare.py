@@ -113,7 +113,8 @@ def ensure(cfg: Config, ckpts: common.Checkpoints) -> CompareResult:
                  for m in methods for r in (ckpts.reference, init[m])}
         base, tokenizer = load_model(ckpts.paths[ckpts.reference], dtype=cfg.dtype,
                                      **placement(cfg))
-        examples = patching.examples_from_table(sets["flips"], tokenizer, chat=cfg.chat)
+        examples = patching.examples_from_table(sets["flips"], tokenizer, chat=cfg.chat,
+                                                metric=cfg.patching.metric)
         last = common.captures(cfg, ckpts, "last", texts)
         last_states, patches = {}, {}
         for k in ckpts.labels:  # one model beside the base at a time
@@ -124,7 +125,7 @@ def ensure(cfg: Config, ckpts: common.Checkpoints) -> CompareResult:
                 patches[k] = patching.layer_sweep(
                     base, model, tokenizer, examples, component="resid", positions="all",
                     direction="denoise", batch_size=cfg.patching.batch_size,
-                    min_gap=cfg.patching.min_gap, progress=False)
+                    min_gap=cfg.patching.min_gap, progress=False, metric=cfg.patching.metric)
             del model
         w = weights.ensure(cfg, ckpts)
         inits = {m: names.get(v, v) for m, v in init.items()}
@@ -147,7 +148,8 @@ def ensure(cfg: Config, ckpts: common.Checkpoints) -> CompareResult:
     return common.cached(cfg, ckpts, "compare", p, compute, eval=dataset_hash(ds),
                   sets=behaviour.set_key({"flips": sets["flips"]}),
                   probe_hash=runs.hash_obj(texts), batch_size=cfg.patching.batch_size,
-                  min_gap=cfg.patching.min_gap, weights=analysis_key(cfg.weights))
+                  min_gap=cfg.patching.min_gap, metric=cfg.patching.metric,
+                  weights=analysis_key(cfg.weights))
 
 
 def final_state(model: torch.nn.Module, last: Activations) -> np.ndarray:

@@ -147,10 +147,10 @@ ITEMS = (
          "the last third", +1, late_rank_rise),
     Item(3, "the rise is larger late than early", "mean Δ RankMe, last third minus first "
          "third", +1, rank_rise_late_not_early),
-    Item(4, "late patches raise the answer log-prob", "resid denoise, mean fraction of the "
+    Item(4, "late patches raise the scored log-prob", "resid denoise, mean fraction of the "
          "gap recovered over the last third", +1, late_patch, control=True),
-    Item(4, "mid-layer patches lower it", "resid denoise, mean Δ answer log-prob (nats) over "
-         "the middle third", -1, mid_dip, control=True),
+    Item(4, "mid-layer patches lower it", "resid denoise, mean Δ scored log-prob (nats, the "
+         "patching metric) over the middle third", -1, mid_dip, control=True),
     Item(4, "late patches recover more than early ones", "resid denoise fraction, last third "
          "minus first third", +1, late_over_early_patch, control=True),
 )
@@ -196,16 +196,18 @@ def observation_verdicts(rows: Sequence[Row]) -> dict[int, str]:
     return out
 
 
-def summarize(rows: Sequence[Row], run: str = "embedded") -> str:
+def summarize(rows: Sequence[Row], run: str = "embedded", metric: str = "computed") -> str:
     """The verdict table (Markdown): observation, item and its quantity, the value per seed, the
-    mean with its t-interval, the controls' mean, the verdict; then each observation's verdict."""
+    mean with its t-interval, the controls' mean, the verdict; then each observation's verdict.
+    ``metric``: the patching results' (``PatchingResult.metric``)."""
     n = len(rows[0].per_seed)
     lines = [f"Run: {run}, {count(n, 'training seed')}. Each item is computed per "
              "seed from that seed's final checkpoint against the reference; the seed is the unit "
              "(mean with its Student-t 95 % interval, df = seeds − 1; one seed decides nothing). "
-             "Thirds of the decoder layers: first, middle, last. Patching uses the answer "
-             "log-prob given the gold solution, whose controls (right in both models) carry most "
-             "of the gap: their value is shown beside.", "",
+             "Thirds of the decoder layers: first, middle, last. Patching scores the "
+             f"`{metric}` tokens of the gold solution; the controls' value (problems right in both "
+             "models) is shown beside, and notebook `04_patching` reports how much of each "
+             "metric's gap the controls carry.", "",
              "| observation | item (claimed sign) | quantity | per seed | mean [95 % t] | "
              "controls | verdict |", "| --- | --- | --- | --- | --- | --- | --- |"]
     seen = set()

@@ -1,7 +1,8 @@
 """Causal localisation (notebook 04, ``python -m alignkit patching``): every set x component x
 direction activation-patching sweep between the reference and the tuned model, resid denoise by
 positions, cross-layer patching, weight ablation and the mean-ablated difference, on the flips and
-the controls (``behaviour.example_sets``)."""
+the controls (``behaviour.example_sets``), scored by ``cfg.patching.metric``; and the resid denoise
+sweep under every metric (``evaluate.TARGETS``), the check of what each one measures."""
 
 from __future__ import annotations
 
@@ -12,15 +13,20 @@ from tqdm.auto import tqdm
 
 from alignkit import cka, patching, runs
 from alignkit.analyses import behaviour, common
-from alignkit.analyses.common import mode_sentence, per_seed, seed_values
+from alignkit.analyses.common import k_of_n, mode_sentence, per_seed, seed_values
 from alignkit.config import Config, PatchingParams
 from alignkit.data import dataset_hash, eval_set
+from alignkit.evaluate import TARGETS
 from alignkit.layers import alignment_path, best_match
 from alignkit.models import load_model, placement
-from alignkit.patching import PatchResult
-from alignkit.stats import Band, bootstrap_mean, gap_fraction, near_best
+from alignkit.patching import GenerationResult, PatchResult
+from alignkit.stats import Band, argmax_frequencies, bootstrap_mean, gap_fraction, versus_reference
 
-POSITION_NAMES = {"prompt": "prompt rows", "answer": "answer-predicting rows"}
+POSITION_NAMES = {"prompt": "prompt rows", "answer": "rows predicting the scored tokens"}
+METRIC_NAMES = {"answer": "answer (the final answer after the gold solution)",
+                "computed": "computed (the results the solution computes)",
+                "copy": "copy control (the final answer after the last result is corrupted: "
+                        "only a copy)"}
 
 
 def curve(values: np.ndarray, n_boot: int = 1000, seed: int = 0) -> Band:
@@ -42,6 +48,21 @@ def half_depth(frac: Band) -> tuple[int | None, int | None]:
     return first, sure
 
 
+def carried_share(flips: PatchResult, controls: PatchResult, n_boot: int = 1000,
+                  seed: int = 0) -> Band:
+    """The share of the flips' mean gap (tuned − reference, unpatched) that the controls show too:
+    mean control gap / mean flip gap, with a bootstrap interval resampling each set on its own.
+    Near 1: the metric's improvement is not specific to the problems the tuned model newly solves
+    (format, copying); near 0: it is."""
+    gf, gc = flips.lp_donor - flips.lp_receiver, controls.lp_donor - controls.lp_receiver
+    rng = np.random.default_rng(seed)
+    fi = rng.integers(0, len(gf), (n_boot, len(gf)))
+    ci = rng.integers(0, len(gc), (n_boot, len(gc)))
+    boots = gc[ci].mean(1) / gf[fi].mean(1)
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    return Band(np.array([gc.mean() / gf.mean()]), np.array([lo]), np.array([hi]))
+
+
 def peak_layer(delta: np.ndarray) -> int:
     """The layer of the largest |mean Δ| over examples (a selected maximum)."""
     return int(np.nanargmax(np.abs(np.nanmean(delta, 0))))
@@ -60,6 +81,11 @@ class PatchingResult:
             and on the flips ``"flips/mean_diff@<prompt|answer>"`` (the mean difference of those
             rows put back there) with ``"flips/noise@<prompt|answer>"`` (all of it removed there).
         cka_matrix: ``[L, L]`` CKA of reference x tuned decoder layers, for the path.
+        metric: what every sweep above scores (``cfg.patching.metric``).
+        checks: ``{"<metric>/<set>": PatchResult [n, L]}`` the resid denoise sweep (all
+            positions) under each metric of ``evaluate.TARGETS`` with something to score.
+        generation: ``{set: GenerationResult [n, L]}`` solving with the tuned residual stream
+            held at each layer (``patching.generation_sweep``) on the first ``n_generate``.
     """
 
     sets: dict[str, list[dict]]
@@ -71,10 +97,24 @@ class PatchingResult:
     cross: dict[str, PatchResult]
     ablation: dict[str, PatchResult]
     cka_matrix: np.ndarray
+    metric: str
+    checks: dict[str, PatchResult]
+    generation: dict[str, GenerationResult]
 
     def sweep(self, set_: str = "flips", component: str = "resid",
               direction: str = "denoise") -> PatchResult:
         return self.sweeps[f"{set_}/{component}/{direction}"]
+
+    def carried(self, metric: str, n_boot: int = 1000, seed: int = 0) -> Band:
+        """``carried_share`` of ``metric``'s check sweeps (controls' gap / flips' gap)."""
+        return carried_share(self.checks[f"{metric}/flips"], self.checks[f"{metric}/controls"],
+                             n_boot, seed)
+
+    def least_carried(self, n_boot: int = 1000, seed: int = 0) -> str:
+        """Of "computed" and "answer", the metric whose controls carry the smaller share."""
+        shares = {m: self.carried(m, n_boot, seed).point[0] for m in ("computed", "answer")
+                  if f"{m}/controls" in self.checks}
+        return min(shares, key=shares.get)
 
     def components(self) -> list[str]:
         return sorted({k.split("/")[1] for k in self.sweeps}, key=["resid", "attn", "mlp"].index)
@@ -99,18 +139,25 @@ class PatchingResult:
 
     def best_donors(self, set_: str = "flips", n_boot: int = 1000,
                     seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """``best: [L]`` the tuned donor layer whose cross-layer patch raises each reference layer
-        most, and ``ties: [L, L]`` every donor tied with it (``stats.near_best``: the paired
-        bootstrap interval of the difference from the best reaches 0). The tied set is the
-        finding, not the argmax."""
-        return near_best(self.cross[set_].delta, n_boot=n_boot, seed=seed)
+        """``freq: [L, L]`` how often each tuned donor layer's cross-layer patch raises each
+        reference layer most across bootstrap resamples of the examples
+        (``stats.argmax_frequencies``), and ``beats_own: [L, L]`` the donors whose interval of
+        Δ(donor) − Δ(own layer), simultaneous over the row's donors
+        (``stats.versus_reference``), lies above 0: a remapping beyond chance."""
+        delta = self.cross[set_].delta
+        own = np.arange(delta.shape[1])
+        vs = versus_reference(delta, own, n_boot=n_boot, seed=seed)
+        return argmax_frequencies(delta, n_boot=n_boot, seed=seed), vs["lo"] > 0
 
-    def mean_ablation(self) -> dict[str, tuple[int, float, float]]:
-        """``{"all" | "prompt" | "answer": (layer, full, kept)}`` on the flips: the layer where
-        removing the tuned − reference residual difference at those rows (the resid noise patch)
-        changes the tuned model's mean answer log-prob most, that change, and the change when only
-        the example-specific part is removed there (the rows' mean difference kept). ``kept /
-        full`` near 0: a constant shift at those rows (a steering vector) carries the change."""
+    def mean_ablation(self, n_boot: int = 1000,
+                      seed: int = 0) -> dict[str, tuple[int, float, float, float, float]]:
+        """``{"all" | "prompt" | "answer": (layer, full, kept, lo, hi)}`` on the flips: the layer
+        where removing the tuned − reference residual difference at those rows (the resid noise
+        patch) changes the tuned model's mean scored log-prob most, that change, and the change
+        when only the example-specific part is removed there (the rows' mean difference kept),
+        and the bootstrap interval of ``full`` there (``lo``, ``hi``; the layer is selected, so
+        it is optimistic). ``kept / full`` near 0: a constant shift at those rows (a steering
+        vector) carries the change; an interval of ``full`` that includes 0: no effect to share."""
         out = {}
         for q in ("all", "prompt", "answer"):
             md_key = "flips/mean_diff" if q == "all" else f"flips/mean_diff@{q}"
@@ -120,7 +167,9 @@ class PatchingResult:
                 self.ablation[f"flips/noise@{q}"]
             full = np.nanmean(full_r.delta, 0)
             j = int(np.nanargmax(np.abs(full)))
-            out[q] = (j, float(full[j]), float(np.nanmean(self.ablation[md_key].delta, 0)[j]))
+            band = curve(full_r.delta[:, [j]], n_boot, seed)
+            out[q] = (j, float(full[j]), float(np.nanmean(self.ablation[md_key].delta, 0)[j]),
+                      float(band.lo[0]), float(band.hi[0]))
         return out
 
 
@@ -137,9 +186,14 @@ def ensure(cfg: Config, ckpts: common.Checkpoints) -> PatchingResult:
     def compute() -> PatchingResult:
         base, tokenizer = load_model(pair.paths[pair.reference], dtype=cfg.dtype, **placement(cfg))
         tuned, _ = load_model(pair.paths[pair.tuned], dtype=cfg.dtype, **placement(cfg))
-        examples = {k: patching.examples_from_table(v, tokenizer, chat=cfg.chat)
-                    for k, v in sets.items()}
-        kw = dict(batch_size=p.batch_size, min_gap=p.min_gap, progress=False)
+        by_metric = {m: {k: patching.examples_from_table(v, tokenizer, chat=cfg.chat, metric=m)
+                         for k, v in sets.items()} for m in TARGETS}
+        examples = by_metric[p.metric]
+        for k, v in examples.items():
+            if not v:
+                raise ValueError(f"no {k} example has anything to score under the metric "
+                                 f"{p.metric!r}; choose another (--set patching.metric=answer)")
+        kw = dict(batch_size=p.batch_size, min_gap=p.min_gap, progress=False, metric=p.metric)
         jobs = [(s, c, d) for s in examples for c in p.components for d in ("denoise", "noise")]
         sweeps = {f"{s}/{c}/{d}": patching.layer_sweep(
             base, tuned, tokenizer, examples[s], component=c, positions=p.positions,
@@ -159,16 +213,77 @@ def ensure(cfg: Config, ckpts: common.Checkpoints) -> PatchingResult:
             ablation[f"flips/noise@{q}"] = patching.layer_sweep(
                 base, tuned, tokenizer, examples["flips"], component="resid", positions=q,
                 direction="noise", **kw)
+        checks = {f"{m}/{s}": sweeps[f"{s}/resid/denoise"]
+                  if m == p.metric and p.positions == "all" else patching.layer_sweep(
+                      base, tuned, tokenizer, exs, **dict(kw, metric=m))
+                  for m in TARGETS for s, exs in by_metric[m].items() if exs}
+        generation = {s: patching.generation_sweep(
+            base, tuned, tokenizer, exs[: p.n_generate], max_new_tokens=cfg.eval.max_new_tokens,
+            stop=cfg.eval.stop, progress=False) for s, exs in by_metric["answer"].items()
+            if p.n_generate > 0}
         caps = list(common.captures(cfg, pair, cfg.cka.pooling).values())
         decoder_points = [i for i, n in enumerate(caps[0].hook_points) if n != "embed"]
         return PatchingResult(
             sets=sets, labels=labels, base_step=res.evals[0].step, final_step=res.evals[-1].step,
             sweeps=sweeps, by_pos=by_pos, cross=cross, ablation=ablation,
-            cka_matrix=cka.cka_matrix(*(c.acts[decoder_points] for c in caps)))
+            cka_matrix=cka.cka_matrix(*(c.acts[decoder_points] for c in caps)),
+            metric=p.metric, checks=checks, generation=generation)
 
     return common.cached(cfg, pair, "patching", p, compute, eval=dataset_hash(ds),
+                  decoding=(cfg.eval.max_new_tokens, list(cfg.eval.stop)),
                   sets=behaviour.set_key(sets), cka_pooling=cfg.cka.pooling,
                   probe_hash=runs.hash_obj(common.probes(cfg, pair)))
+
+
+def _metric_line(results: list[PatchingResult], n_boot: int, seed: int) -> str:
+    """What each metric measures: its gap on the flips and on the controls, the controls' share."""
+    parts = []
+    for m in TARGETS:
+        if any(f"{m}/controls" not in r.checks or f"{m}/flips" not in r.checks for r in results):
+            continue
+        gaps = [[np.mean(r.checks[f"{m}/{s}"].lp_donor - r.checks[f"{m}/{s}"].lp_receiver)
+                 for s in ("flips", "controls")] for r in results]
+        shares = [r.carried(m, n_boot, seed) for r in results]
+        parts.append(f"{METRIC_NAMES[m]}: gap on the flips {seed_values([g[0] for g in gaps])}, "
+                     f"on the controls {seed_values([g[1] for g in gaps])} nats, the controls' "
+                     "share " + per_seed([f"{b.point[0]:.2f} [{b.lo[0]:.2f}, {b.hi[0]:.2f}]"
+                                          for b in shares]))
+    least = [r.least_carried(n_boot, seed) for r in results]
+    metric = results[0].metric
+    verdict = (f"`{metric}`, the metric whose controls carry the smaller share "
+               f"{k_of_n(sum(x == metric for x in least), len(least))}"
+               if metric in ("computed", "answer") else f"`{metric}`")
+    carried = [r.carried(metric, n_boot, seed) for r in results] \
+        if metric in ("computed", "answer") else []
+    warn = (" Its controls still show most of the flips' gap (share above one half "
+            + k_of_n(sum(b.lo[0] > 0.5 for b in carried), len(carried))
+            + "): the tuned model's advantage on these tokens is largely not specific to the "
+            "problems it newly solves.") if any(b.point[0] > 0.5 for b in carried) else ""
+    return ("- **Metric** (the tokens scored, tuned − reference log-prob before any patch): "
+            + "; ".join(parts) + f". The sweeps below score {verdict}." + warn)
+
+
+def _generation_line(results: list[PatchingResult]) -> str:
+    """Solving with the patch held: how many flips the reference solves with the tuned residual
+    stream held at its best layer, and what holding it does to the controls."""
+    flips, ctrl = [r.generation["flips"] for r in results], [r.generation["controls"]
+                                                               for r in results]
+    best = [int(np.argmax(g.correct.mean(0))) for g in flips]
+    half = [next((str(i) for i, v in enumerate(g.correct.mean(0)) if v >= 0.5), "none")
+            for g in flips]
+    return ("- **Solving with the patch held** (the reference generates greedily, as in "
+            "evaluation, with the tuned model's residual stream after one layer in place of its "
+            "own at every position; no copying or format can help): flips solved at the best "
+            "layer " + per_seed([f"{int(g.correct[:, b].sum())} of {len(g.correct)} (layer {b})"
+                                 for g, b in zip(flips, best)])
+            + "; first layer solving at least half: " + per_seed(half)
+            + "; alone, the reference solves " + per_seed([int(g.receiver.sum()) for g in flips])
+            + " and the tuned model " + per_seed([int(g.donor.sum()) for g in flips])
+            + " of them. The controls (solved by both alone): "
+            + per_seed([f"{int(g.correct.sum(0).min())} of {len(g.correct)} still solved at the "
+                        "worst layer, "
+                        f"{int(g.correct[:, -1].sum())} at the last" for g in ctrl])
+            + " (best layer selected on the same flips, not corrected).")
 
 
 def summarize(results: list[PatchingResult], cfg: Config | None = None) -> str:
@@ -181,11 +296,17 @@ def summarize(results: list[PatchingResult], cfg: Config | None = None) -> str:
     fracs = [r.fraction(n_boot, seed) for r in results]
     depth = [half_depth(f) for f in fracs]
     gaps = [curve((s.lp_donor - s.lp_receiver)[:, None], n_boot, seed) for s in sweeps]
-    lines = [
-        "- **Sets**: " + "; ".join(f"{len(r.sets['flips'])} {r.labels['flips']}, "
-                                   f"{len(r.sets['controls'])} {r.labels['controls']}"
+    metric = results[0].metric
+    if any(r.metric != metric for r in results):
+        raise ValueError(f"the seeds were patched under different metrics "
+                         f"{sorted({r.metric for r in results})}: summarize one at a time")
+    lines = [_metric_line(results, n_boot, seed),
+        "- **Sets**: " + "; ".join(f"{r.sweep().meta['n_examples']} of {len(r.sets['flips'])} "
+                                   f"{r.labels['flips']}, {r.sweep('controls').meta['n_examples']}"
+                                   f" of {len(r.sets['controls'])} {r.labels['controls']}"
                                    for r in results)
-        + ". Mean gap (tuned − reference answer log-prob on the flips): "
+        + f" (those with something to score under `{metric}`). Mean gap (tuned − reference "
+        "log-prob of the scored tokens on the flips): "
         + per_seed([f"{g.point[0]:.3f} [{g.lo[0]:.3f}, {g.hi[0]:.3f}]" for g in gaps])
         + f" nats; flips whose gap is below {p.min_gap} nats (NPE masked): "
         + per_seed([s.meta["n_npe_masked"] for s in sweeps]) + ".",
@@ -209,39 +330,51 @@ def summarize(results: list[PatchingResult], cfg: Config | None = None) -> str:
             parts.append(f"{comp} at layer {mode_sentence(peaks)}, mean Δ {per_seed(at)}")
         lines.append(f"- **{direction}**: the layer of the largest mean |Δ| on the flips — "
                      + "; ".join(parts) + " (maxima over layers: selected, not corrected).")
+    if all(r.generation for r in results):
+        lines.append(_generation_line(results))
     lines.append(f"- **Specificity**: mean |Δ| of the resid denoise sweep, flips / controls "
                  f"{seed_values([r.specificity() for r in results])}.")
-    own = []
+    own, beaten = [], []
     for r in results:
-        _, ties = r.best_donors("flips", n_boot, seed)
+        freq, beats = r.best_donors("flips", n_boot, seed)
+        modal = freq.argmax(1)
         path = set(map(tuple, alignment_path(r.cka_matrix)))
-        on_path = sum(any((i, int(j)) in path for j in np.flatnonzero(ties[i]))
-                      for i in range(len(ties)))
         cka_best = best_match(r.cka_matrix)
-        own.append(f"{int(np.diag(ties).sum())}, {on_path} and "
-                   f"{int(sum(ties[i, cka_best[i]] for i in range(len(ties))))} of {len(ties)}")
-    lines.append("- **Cross-layer** (tuned donors tied with the best one, paired bootstrap over "
-                 "examples): reference layers whose own tuned layer, a CKA alignment-path partner "
-                 "and the CKA best match are among them: " + per_seed(own) + ".")
+        n_l = len(freq)
+        own.append(f"{int((modal == np.arange(n_l)).sum())}, "
+                   f"{sum((i, int(j)) in path for i, j in enumerate(modal))} and "
+                   f"{int((modal == cka_best).sum())} of {n_l} (median frequency "
+                   f"{np.median(freq.max(1)):.2f})")
+        rows = [i for i in range(n_l) if beats[i].any()]
+        beaten.append(f"{len(rows)} of {n_l}" + (f" ({', '.join(map(str, rows))})" if rows else ""))
+    lines.append("- **Cross-layer** (the most frequent best tuned donor over bootstrap resamples "
+                 "of the examples): reference layers where it is the own tuned layer, a CKA "
+                 "alignment-path partner and the CKA best match: " + per_seed(own)
+                 + "; reference layers where another donor beats the own layer (intervals "
+                 "simultaneous over the donors): " + per_seed(beaten) + ".")
     rev = [peak_layer(r.ablation["flips/revert"].delta) for r in results]
     gr = [peak_layer(r.ablation["flips/graft"].delta) for r in results]
-    lines.append(f"- **Weights**: reverting one layer changes the tuned model's answer log-prob "
+    lines.append(f"- **Weights**: reverting one layer changes the tuned model's scored log-prob "
                  f"most at layer {mode_sentence(rev)}; grafting one tuned layer into the "
                  f"reference at layer {mode_sentence(gr)}.")
-    ablations = [r.mean_ablation() for r in results]
+    ablations = [r.mean_ablation(n_boot, seed) for r in results]
     for q in ablations[0]:
-        full = [a[q][1] for a in ablations]
+        effect = [not a[q][3] <= 0 <= a[q][4] for a in ablations]  # the interval excludes 0
         rows = "all rows, one global mean" if q == "all" else f"the {POSITION_NAMES[q]} only"
-        if all(abs(f) <= 1e-12 for f in full):
-            lines.append(f"- **Mean-ablated difference** ({rows}): removing the residual "
-                         "difference changes nothing here.")
+        where = (f"at layer {mode_sentence([a[q][0] for a in ablations])}, where removing the "
+                 "difference there matters most (a change of "
+                 + per_seed([f"{a[q][1]:+.2f} [{a[q][3]:+.2f}, {a[q][4]:+.2f}]"
+                             for a in ablations]) + " nats, selected layer)")
+        if not any(effect):
+            lines.append(f"- **Mean-ablated difference** ({rows}): no effect — {where}: the "
+                         "interval of the change includes 0 "
+                         + k_of_n(len(effect), len(effect)) + ", so there is nothing to share "
+                         "between the mean and the example-specific part.")
             continue
-        share = [100 * a[q][2] / a[q][1] if abs(a[q][1]) > 1e-12 else float("nan")
-                 for a in ablations]
-        lines.append(f"- **Mean-ablated difference** ({rows}): at layer "
-                     f"{mode_sentence([a[q][0] for a in ablations])}, where removing the "
-                     f"difference there matters most (a change of {seed_values(full, '{:+.2f}')} "
-                     f"nats), keeping only its mean still changes the answer log-prob by "
-                     f"{seed_values(share, '{:.0f} %')} of that (near 0 %: a constant shift "
-                     "carries the change; a ratio of small changes is noisy).")
+        share = [f"{100 * a[q][2] / a[q][1]:.0f} %" if e else "no effect"
+                 for a, e in zip(ablations, effect)]
+        lines.append(f"- **Mean-ablated difference** ({rows}): {where}, keeping only its mean "
+                     f"still changes the scored log-prob by {per_seed(share)} of that (near 0 %: a "
+                     "constant shift carries the change; \"no effect\": the change's interval "
+                     "includes 0; a ratio of small changes is noisy).")
     return "\n".join(lines)
