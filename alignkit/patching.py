@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from alignkit import models
 from alignkit.data import cut_at_stop, extract_answer, format_prompt
 from alignkit.evaluate import TARGETS, answer_logp, answer_spans, end_tokens, scorable
-from alignkit.hooks import KINDS, record
+from alignkit.hooks import KINDS, overwrite, record
 
 logger = logging.getLogger(__name__)
 
@@ -516,7 +516,7 @@ def weight_sweep(base: torch.nn.Module, tuned: torch.nn.Module, tokenizer,
                 s.unpatched(batch, *_roles(cb, ct, direction[k])[:2])
             for c, i in enumerate(layers):
                 for k, s in scores.items():
-                    recv, donor = _roles(cb, ct, direction[k])[:2]  # graft, steer: into base
+                    recv, donor = _roles(cb, ct, direction[k])[:2]  # graft: into base
                     if k in ("revert", "graft"):  # the donor's layer i inside the receiver
                         h = recv.run(i, recv.resid_in(i), module=donor.layers[i])
                     else:  # base's residual plus the mean difference, in tuned
@@ -560,11 +560,6 @@ def _kv(out):
     return kv if kv is not None else out.past_key_values
 
 
-def _output(out, h: torch.Tensor):
-    """A decoder layer's output with its hidden states replaced by ``h`` (tuple or tensor)."""
-    return (h, *out[1:]) if isinstance(out, tuple) else h
-
-
 @torch.no_grad()
 def generation_sweep(base: torch.nn.Module, tuned: torch.nn.Module, tokenizer,
                      examples: Sequence[Mapping], direction: str = "denoise",
@@ -584,25 +579,13 @@ def generation_sweep(base: torch.nn.Module, tuned: torch.nn.Module, tokenizer,
         raise ValueError("generation_sweep needs at least one example, got an empty list")
     layers = _check_layers(layers, models.n_layers(base))
     gold = [extract_answer(ex["answer"]) for ex in examples]
-    row_layer = layers + [-1, -1]  # then the receiver alone, the donor alone (its own logits)
-    rows = len(row_layer)
+    rows = len(layers) + 2  # a row per layer, then the receiver alone, the donor alone
     ends = set(end_tokens(receiver, tokenizer)) | set(end_tokens(donor, tokenizer))
     window = max((len(s) for s in stop), default=0) + 4  # tokens: at least a byte each
     device = models.input_device(receiver)
-    store: dict[int, torch.Tensor] = {}
-    hooks = []
-    for i, layer in enumerate(models.part(donor, "layers")):
-        hooks.append(layer.register_forward_hook(
-            lambda _m, _a, out, i=i: store.__setitem__(i, out[0] if isinstance(out, tuple)
-                                                       else out)))
-    for i, layer in enumerate(models.part(receiver, "layers")):
-        mask = torch.tensor([li == i for li in row_layer], device=device)
-        if mask.any():
-            def patch(_m, _a, out, i=i, mask=mask):
-                h = out[0] if isinstance(out, tuple) else out
-                return _output(out, torch.where(mask[:, None, None].to(h.device),
-                                                store[i].to(h.device), h))
-            hooks.append(layer.register_forward_hook(patch))
+    names = [f"layers.{i}.resid" for i in layers]  # row c holds the donor's output at names[c]
+    masks = {n: torch.tensor([c == j for j in range(rows)], device=device)[:, None, None]
+             for c, n in enumerate(names)}
     # transformers renamed past_key_values to cache (5.2x); both spellings work where they exist
     key = "cache" if "cache" in inspect.signature(receiver.forward).parameters \
         else "past_key_values"
@@ -610,43 +593,43 @@ def generation_sweep(base: torch.nn.Module, tuned: torch.nn.Module, tokenizer,
     alone = np.zeros((len(examples), 2), dtype=bool)
     preds: list[list] = []
     texts: list[list[str]] = []
-    try:
-        with models.eval_mode(receiver, donor):
-            for k, ex in enumerate(tqdm(examples, desc=f"generate patched ({direction})",
-                                        leave=False, disable=not progress)):
-                ids = tokenizer(ex["prompt"], add_special_tokens=False)["input_ids"]
-                new = torch.tensor([ids] * rows, device=device)
-                cache_d = cache_r = None
-                gen: list[list[int]] = [[] for _ in range(rows)]
-                done = [False] * rows
-                for _ in range(max_new_tokens):
+    with models.eval_mode(receiver, donor):
+        for k, ex in enumerate(tqdm(examples, desc=f"generate patched ({direction})",
+                                    leave=False, disable=not progress)):
+            ids = tokenizer(ex["prompt"], add_special_tokens=False)["input_ids"]
+            new = torch.tensor([ids] * rows, device=device)
+            cache_d = cache_r = None
+            gen: list[list[int]] = [[] for _ in range(rows)]
+            done = [False] * rows
+            for _ in range(max_new_tokens):
+                with record(donor, names) as store:  # the donor alone, then the receiver
                     out_d = donor(input_ids=new, use_cache=True, **{key: cache_d})
+                edits = {n: lambda h, n=n: torch.where(masks[n].to(h.device), store[n], h)
+                         for n in names}
+                with overwrite(receiver, edits):
                     out_r = receiver(input_ids=new, use_cache=True, **{key: cache_r})
-                    logits = out_r.logits[:, -1].clone()
-                    logits[-1] = out_d.logits[-1, -1].to(logits.device)
-                    nxt = logits.argmax(-1)
-                    for r in range(rows):
-                        if done[r]:
-                            continue
-                        t = int(nxt[r])
-                        if t in ends:
-                            done[r] = True
-                            continue
-                        gen[r].append(t)
-                        done[r] = any(s in tokenizer.decode(gen[r][-window:]) for s in stop)
-                    if all(done):
-                        break
-                    new, cache_d, cache_r = nxt[:, None].to(device), _kv(out_d), _kv(out_r)
-                done_texts = [cut_at_stop(tokenizer.decode(g, skip_special_tokens=True), stop)
-                              for g in gen]
-                answers = [extract_answer(t) for t in done_texts]
-                ok = [a is not None and a == gold[k] for a in answers]
-                correct[k], alone[k] = ok[: len(layers)], ok[len(layers):]
-                preds.append(answers[: len(layers)])
-                texts.append(done_texts[: len(layers)])
-    finally:
-        for h in hooks:
-            h.remove()
+                logits = out_r.logits[:, -1].clone()
+                logits[-1] = out_d.logits[-1, -1].to(logits.device)
+                nxt = logits.argmax(-1)
+                for r in range(rows):
+                    if done[r]:
+                        continue
+                    t = int(nxt[r])
+                    if t in ends:
+                        done[r] = True
+                        continue
+                    gen[r].append(t)
+                    done[r] = any(s in tokenizer.decode(gen[r][-window:]) for s in stop)
+                if all(done):
+                    break
+                new, cache_d, cache_r = nxt[:, None].to(device), _kv(out_d), _kv(out_r)
+            done_texts = [cut_at_stop(tokenizer.decode(g, skip_special_tokens=True), stop)
+                          for g in gen]
+            answers = [extract_answer(t) for t in done_texts]
+            ok = [a is not None and a == gold[k] for a in answers]
+            correct[k], alone[k] = ok[: len(layers)], ok[len(layers):]
+            preds.append(answers[: len(layers)])
+            texts.append(done_texts[: len(layers)])
     return GenerationResult(correct=correct, receiver=alone[:, 0], donor=alone[:, 1],
                             predictions=preds, outputs=texts, meta=dict(
                                 sweep="generation", direction=direction, receiver=rname,

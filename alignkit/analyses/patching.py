@@ -110,12 +110,6 @@ class PatchingResult:
         return carried_share(self.checks[f"{metric}/flips"], self.checks[f"{metric}/controls"],
                              n_boot, seed)
 
-    def least_carried(self, n_boot: int = 1000, seed: int = 0) -> str:
-        """Of "computed" and "answer", the metric whose controls carry the smaller share."""
-        shares = {m: self.carried(m, n_boot, seed).point[0] for m in ("computed", "answer")
-                  if f"{m}/controls" in self.checks}
-        return min(shares, key=shares.get)
-
     def components(self) -> list[str]:
         return sorted({k.split("/")[1] for k in self.sweeps}, key=["resid", "attn", "mlp"].index)
 
@@ -237,24 +231,25 @@ def ensure(cfg: Config, ckpts: common.Checkpoints) -> PatchingResult:
 
 def _metric_line(results: list[PatchingResult], n_boot: int, seed: int) -> str:
     """What each metric measures: its gap on the flips and on the controls, the controls' share."""
+    shares = {m: [r.carried(m, n_boot, seed) for r in results] for m in TARGETS
+              if all(f"{m}/{s}" in r.checks for r in results for s in ("flips", "controls"))}
     parts = []
-    for m in TARGETS:
-        if any(f"{m}/controls" not in r.checks or f"{m}/flips" not in r.checks for r in results):
-            continue
+    for m, bands in shares.items():
         gaps = [[np.mean(r.checks[f"{m}/{s}"].lp_donor - r.checks[f"{m}/{s}"].lp_receiver)
                  for s in ("flips", "controls")] for r in results]
-        shares = [r.carried(m, n_boot, seed) for r in results]
         parts.append(f"{METRIC_NAMES[m]}: gap on the flips {seed_values([g[0] for g in gaps])}, "
                      f"on the controls {seed_values([g[1] for g in gaps])} nats, the controls' "
                      "share " + per_seed([f"{b.point[0]:.2f} [{b.lo[0]:.2f}, {b.hi[0]:.2f}]"
-                                          for b in shares]))
-    least = [r.least_carried(n_boot, seed) for r in results]
+                                          for b in bands]))
     metric = results[0].metric
+    candidates = [m for m in ("computed", "answer") if m in shares]
+    # per seed, which of computed and answer has the controls carrying the smaller share
+    least = [min(candidates, key=lambda m: shares[m][k].point[0])
+             for k in range(len(results))] if candidates else []
     verdict = (f"`{metric}`, the metric whose controls carry the smaller share "
                f"{k_of_n(sum(x == metric for x in least), len(least))}"
-               if metric in ("computed", "answer") else f"`{metric}`")
-    carried = [r.carried(metric, n_boot, seed) for r in results] \
-        if metric in ("computed", "answer") else []
+               if metric in candidates else f"`{metric}`")
+    carried = shares[metric] if metric in candidates else []
     warn = (" Its controls still show most of the flips' gap (share above one half "
             + k_of_n(sum(b.lo[0] > 0.5 for b in carried), len(carried))
             + "): the tuned model's advantage on these tokens is largely not specific to the "
