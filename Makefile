@@ -25,10 +25,12 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt requirements-real.txt 
 lint: setup
 	$(BIN)/ruff check alignkit tests benchmarks notebooks tools
 
-# lint, unit tests (incl. the layout and jupytext pair checks), then every notebook in smoke mode
+# lint, unit tests (incl. the layout and jupytext pair checks), then every notebook in smoke mode,
+# then their summaries recomputed read-only from the cached results (tools/readme.py check)
 test: setup lint
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest tests -q
 	ALIGNKIT_SMOKE=1 ALIGNKIT_STATIC=1 OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest --nbmake --nbmake-timeout=900 notebooks -q
+	ALIGNKIT_SMOKE=1 $(BIN)/python tools/readme.py check
 
 unit: setup
 	$(BIN)/python -m pytest tests -q
@@ -37,7 +39,8 @@ unit: setup
 # images/. First the embedded base (both cores), then each of the three training seeds' runs and
 # analyses as its own one-thread process (the tiny models use a second thread poorly, so three
 # one-thread processes keep both cores busy), then the notebooks draw the figures from the cached
-# results; last, where the fresh summaries differ from the published ones (runs/images/differences.md)
+# results; last, the summaries recomputed read-only from the cache (they must equal the notebooks')
+# and where they differ from the published ones (runs/images/differences.md)
 reproduce: setup
 	$(BIN)/python -c "from alignkit.config import get_config; from alignkit.tiny import ensure_base; \
 	ensure_base(get_config())"
@@ -45,10 +48,12 @@ reproduce: setup
 	$(BIN)/python -m alignkit --seeds 1 --set sft.seed={} --set dpo.seed={} --set grpo.seed={} \
 	all --skip figures
 	ALIGNKIT_STATIC=1 $(BIN)/python -m pytest --nbmake --nbmake-timeout=7200 notebooks -q
+	$(BIN)/python tools/readme.py check
 	$(BIN)/python tools/readme.py differences
 
-# publish a reproduction: runs/images/ (make reproduce's figures and summaries) into images/, and
-# quote the summaries in the README and docs/
+# publish a reproduction: its summaries checked against the cached results, then runs/images/
+# (make reproduce's figures and summaries) into images/ with images/provenance.json (checksums of
+# each summary and each result it came from), and the summaries quoted in the README and docs/
 publish: setup
 	$(BIN)/python tools/readme.py publish
 

@@ -202,7 +202,7 @@ class LensParams:
     n_random: int = knob(100)
     n_steer: int = knob(32)
     steer_layers: tuple[int, ...] | None = knob(None)
-    steer_every: int = knob(1)
+    steer_every: int = knob(1, key=False)  # results are keyed by the layers it resolves to
     n_boot: int = knob(1000, key=False)
 
 

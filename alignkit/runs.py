@@ -4,6 +4,7 @@ the one generic save/load of results. Directory layout: docs/layout.md#on-disk""
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import hashlib
 import importlib
@@ -355,11 +356,47 @@ def load_entry(path: str | Path, mmap: bool = False, key: dict | None = None) ->
         raise ValueError(f"cache entry {path}: {e}") from None
 
 
+class NotCached(LookupError):
+    """Under ``read_only``: a result or training run that would have to be computed."""
+
+
+_READ: contextvars.ContextVar[list | None] = contextvars.ContextVar("alignkit_read", default=None)
+
+
+@contextlib.contextmanager
+def read_only() -> Iterator[list[Path]]:
+    """Inside it, ``cached`` only reads and a training run only is found: whatever would be
+    computed (missing, stale or damaged) raises ``NotCached`` naming it. Yields the list of the
+    cache entries read, in order (their directories), for a record of what a text came from."""
+    entries: list[Path] = []
+    token = _READ.set(entries)
+    try:
+        yield entries
+    finally:
+        _READ.reset(token)
+
+
+def check_computable(what: str) -> None:
+    """``NotCached`` naming ``what`` under ``read_only``; nothing otherwise."""
+    if _READ.get() is not None:
+        raise NotCached(f"{what} is not in the cache (read-only: nothing is computed)")
+
+
 def cached(path: str | Path, key: dict, compute: Callable[[], R], mmap: bool = False) -> R:
     """The one cache: the result stored at ``path`` under ``key``, else ``compute()`` saved there
-    (``save_result``) with ``key.json``; a stale or damaged entry is recomputed (logged)."""
+    (``save_result``) with ``key.json``; a stale or damaged entry is recomputed (logged), or
+    under ``read_only`` raises ``NotCached``."""
     path = Path(path)
     want = json.loads(stable_json(key))
+    reading = _READ.get()
+    if reading is not None:
+        try:
+            result = load_entry(path, mmap, want)
+        except ValueError as e:
+            raise NotCached(f"{path} cannot be read ({e}); read-only: nothing is "
+                            "computed") from None
+        reading.append(path)
+        return result
     with build_lock(path):
         if path.exists():
             try:

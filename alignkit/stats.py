@@ -109,15 +109,23 @@ def bootstrap_mean(values: np.ndarray, n_boot: int = 1000, seed: int = 0,
         raise ValueError(f"n_boot must be a positive int, got {n_boot!r}")
     if not 0 < ci < 1:
         raise ValueError(f"ci must be in (0, 1), got {ci!r}")
+    if np.isinf(v).any():
+        raise ValueError("bootstrap_mean got infinite values")
+    point, boots = _nan_means(v, n_boot, seed)
+    lo, hi = _percentiles(boots.reshape(n_boot, -1), ci)
+    shape = v.shape[1:]
+    return {"point": point, "lo": lo.reshape(shape), "hi": hi.reshape(shape),
+            "n": np.isfinite(v).sum(0)}
+
+
+def _nan_means(v: np.ndarray, n_boot: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(point [...], boots [n_boot, ...])``: means over examples (axis 0) of ``v: [n, ...]``,
+    NaN entries left out, on ``ratio_bootstrap``'s resamples (the finite entries' sums over
+    their counts; NaN where a cell has none)."""
     flat = v.reshape(v.shape[0], -1)
     ok = np.isfinite(flat)
-    if np.isinf(flat).any():
-        raise ValueError("bootstrap_mean got infinite values")
     point, boots = ratio_bootstrap(np.where(ok, flat, 0.0), ok.astype(np.float64), n_boot, seed)
-    lo, hi = _percentiles(boots, ci)
-    shape = v.shape[1:]
-    return {"point": point.reshape(shape), "lo": lo.reshape(shape), "hi": hi.reshape(shape),
-            "n": ok.sum(0).reshape(shape)}
+    return point.reshape(v.shape[1:]), boots.reshape(n_boot, *v.shape[1:])
 
 
 def ratio_bootstrap(num: np.ndarray, den: np.ndarray, n_boot: int,
@@ -172,14 +180,6 @@ def gap_fraction(delta: np.ndarray, gap: np.ndarray, n_boot: int = 1000, seed: i
     return Band(point.reshape(shape), lo.reshape(shape), hi.reshape(shape))
 
 
-def _boot_means(v: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
-    """``[n_boot, ...]`` means over examples (axis 0) of resampled ``v``, NaN entries left out."""
-    idx = np.random.default_rng(seed).integers(0, len(v), (n_boot, len(v)))
-    with warnings.catch_warnings():  # all-NaN cells (cross-layer grids) stay NaN
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return np.stack([np.nanmean(v[i], 0) for i in idx])
-
-
 def argmax_frequencies(values: np.ndarray, n_boot: int = 1000, seed: int = 0) -> np.ndarray:
     """How often each column of ``values: [n, ..., K]`` has the largest mean over examples across
     bootstrap resamples of the examples: ``[..., K]`` frequencies summing to 1 over ``K`` (how
@@ -187,7 +187,7 @@ def argmax_frequencies(values: np.ndarray, n_boot: int = 1000, seed: int = 0) ->
     v = np.asarray(values, dtype=np.float64)
     if v.ndim < 2 or v.shape[0] == 0:
         raise ValueError(f"argmax_frequencies needs values [n, ..., K] with n >= 1, got {v.shape}")
-    boots = _boot_means(v, n_boot, seed)
+    boots = _nan_means(v, n_boot, seed)[1]
     if np.isnan(boots).all(-1).any():
         raise ValueError("argmax_frequencies: a row of candidates is all NaN")
     best = np.nanargmax(np.where(np.isnan(boots), -np.inf, boots), -1)  # [n_boot, ...]
@@ -209,8 +209,7 @@ def versus_reference(values: np.ndarray, ref: np.ndarray, n_boot: int = 1000, se
     d = v - np.take_along_axis(v, np.broadcast_to(ref[None, ..., None], (*v.shape[:-1], 1)), -1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        point = np.nanmean(d, 0)
-        boots = _boot_means(d, n_boot, seed)
+        point, boots = _nan_means(d, n_boot, seed)
         se = np.nanstd(boots, 0)
         dev = np.where(se > 0, np.abs(boots - point) / np.where(se > 0, se, 1), 0.0)
         crit = np.nanquantile(np.nanmax(dev, -1), ci, axis=0)  # [...]

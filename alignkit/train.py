@@ -241,6 +241,7 @@ def _train_scheduled(cfg: Config, method: str, start: Callable[[], Path],
         if all(s in done for s in steps):
             logger.info("%s run complete: %s", method.upper(), rdir)
             return rdir
+        runs.check_computable(f"the {method.upper()} run {rdir}")
         missing = [s for s in steps if done and s not in done and s <= max(done)]
         if missing:  # damaged or deleted after a later one was written: retrain to rebuild them
             logger.warning("%s run %s lacks complete checkpoints %s: rebuilding",

@@ -52,8 +52,8 @@ import logging
 import pandas as pd
 from IPython.display import Markdown, display
 
-from alignkit.analyses import behaviour
-from alignkit.analyses.common import each_seed, over_seeds, publish
+from alignkit.analyses import behaviour, summaries
+from alignkit.analyses.common import over_seeds
 from alignkit.config import get_config
 from alignkit.plots import figure_dir, plot_sft_training, save_figure
 from alignkit.tiny import ensure_base
@@ -128,9 +128,8 @@ for row in res.table.flips[:N_SHOWN]:
 # holds in how many training seeds, each seed's own numbers below it.
 
 # %%
-display(Markdown(publish(behaviour.summarize(results), "01_sft_train", figure_dir(cfg), SMOKE)))
-display(Markdown(publish(each_seed(results, behaviour.summarize), "01_sft_train_seeds",
-                         figure_dir(cfg), SMOKE)))
+display(Markdown(summaries.publish("01_sft_train", results, cfg, figure_dir(cfg), SMOKE)))
+display(Markdown(summaries.publish("01_sft_train_seeds", results, cfg, figure_dir(cfg), SMOKE)))
 
 # %% [markdown]
 # ## The real path: Qwen3-0.6B on GSM8K

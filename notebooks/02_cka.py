@@ -58,8 +58,8 @@ import numpy as np
 import pandas as pd
 from IPython.display import Markdown, display
 
-from alignkit.analyses import cka
-from alignkit.analyses.common import each_seed, over_seeds, publish
+from alignkit.analyses import cka, summaries
+from alignkit.analyses.common import over_seeds
 from alignkit.config import get_config
 from alignkit.plots import figure_dir, plot_heatmap, plot_layer_curves, save_figure
 
@@ -160,7 +160,7 @@ pd.DataFrame([r.pooling_effect() | {"pooling": r.pooling, "seed": k + 1}
               for rs in (results, old) for k, r in enumerate(rs)]).set_index(["pooling", "seed"]).round(3)
 
 # %%
-display(Markdown(publish(cka.summarize_pooling(results, old), "02_cka_pooling", figure_dir(cfg), SMOKE)))
+display(Markdown(summaries.publish("02_cka_pooling", (results, old), cfg, figure_dir(cfg), SMOKE)))
 
 # %% [markdown]
 # ## 6 · Drift over training
@@ -218,5 +218,5 @@ else:
 # training seeds, each seed's own numbers below it.
 
 # %%
-display(Markdown(publish(cka.summarize(results), "02_cka", figure_dir(cfg), SMOKE)))
-display(Markdown(publish(each_seed(results, cka.summarize), "02_cka_seeds", figure_dir(cfg), SMOKE)))
+display(Markdown(summaries.publish("02_cka", results, cfg, figure_dir(cfg), SMOKE)))
+display(Markdown(summaries.publish("02_cka_seeds", results, cfg, figure_dir(cfg), SMOKE)))

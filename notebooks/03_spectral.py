@@ -54,8 +54,8 @@ import numpy as np
 import pandas as pd
 from IPython.display import Markdown, display
 
-from alignkit.analyses import spectral
-from alignkit.analyses.common import each_seed, over_seeds, publish
+from alignkit.analyses import spectral, summaries
+from alignkit.analyses.common import over_seeds
 from alignkit.config import get_config
 from alignkit.plots import figure_dir, plot_layer_curves, plot_scatter, save_figure
 from alignkit.spectral import metric_key
@@ -185,6 +185,5 @@ else:
 # training seeds, each seed's own numbers below it.
 
 # %%
-display(Markdown(publish(spectral.summarize(results), "03_spectral", figure_dir(cfg), SMOKE)))
-display(Markdown(publish(each_seed(results, spectral.summarize), "03_spectral_seeds", figure_dir(cfg),
-                         SMOKE)))
+display(Markdown(summaries.publish("03_spectral", results, cfg, figure_dir(cfg), SMOKE)))
+display(Markdown(summaries.publish("03_spectral_seeds", results, cfg, figure_dir(cfg), SMOKE)))

@@ -82,8 +82,8 @@ from transformers import AutoTokenizer
 
 from alignkit import figures, plots
 from alignkit import patching as measures
-from alignkit.analyses import behaviour, cka, lens, observations, patching, spectral
-from alignkit.analyses.common import each_seed, from_run, over_seeds, publish
+from alignkit.analyses import behaviour, cka, lens, observations, patching, spectral, summaries
+from alignkit.analyses.common import from_run, over_seeds
 from alignkit.analyses.patching import curve
 from alignkit.config import get_config
 from alignkit.layers import alignment_path, best_match
@@ -286,7 +286,9 @@ else:
 #
 # * **read** through the base's final norm and LM head (the logit lens applied to the
 #   difference; RMSNorm makes it scale-free): the tokens it promotes and suppresses, as z-scores
-#   within the vocabulary;
+#   within the vocabulary. Held out: the summary gives how many of their top `cfg.lens.k` promoted
+#   tokens the two halves' differences share, against the same overlap for the random directions
+#   below (a head that promotes some tokens whatever it reads would show them there too);
 # * **added back** to the base at the same positions (a steering vector) and scored like a patch:
 #   the fraction of the base → tuned gap in scored log-prob it carries. Cross-fitted: each half
 #   of the flips is steered with the mean difference of the other half, so the vector is never
@@ -333,14 +335,12 @@ pd.DataFrame(lz.ranked[:10]).round(3)
 # `lens.summarize`: what holds in how many training seeds, each seed's own numbers below it.
 
 # %%
-display(Markdown(publish(patching.summarize(pats, cfg), "04_patching", plots.figure_dir(cfg), SMOKE)))
-display(Markdown(publish(each_seed(pats, lambda r: patching.summarize(r, cfg)), "04_patching_seeds",
-                         plots.figure_dir(cfg), SMOKE)))
+display(Markdown(summaries.publish("04_patching", pats, cfg, plots.figure_dir(cfg), SMOKE)))
+display(Markdown(summaries.publish("04_patching_seeds", pats, cfg, plots.figure_dir(cfg), SMOKE)))
 
 # %%
-display(Markdown(publish(lens.summarize(lenses, cfg), "04_lens", plots.figure_dir(cfg), SMOKE)))
-display(Markdown(publish(each_seed(lenses, lambda r: lens.summarize(r, cfg)), "04_lens_seeds",
-                         plots.figure_dir(cfg), SMOKE)))
+display(Markdown(summaries.publish("04_lens", lenses, cfg, plots.figure_dir(cfg), SMOKE)))
+display(Markdown(summaries.publish("04_lens_seeds", lenses, cfg, plots.figure_dir(cfg), SMOKE)))
 
 # %% [markdown]
 # ## 9 · The seed study's four observations
@@ -353,5 +353,4 @@ display(Markdown(publish(each_seed(lenses, lambda r: lens.summarize(r, cfg)), "0
 
 # %%
 obs = observations.table(over_seeds(cka.ensure, cfg, "sft"), over_seeds(spectral.ensure, cfg, "sft"), pats)
-display(Markdown(publish(observations.summarize(obs, metric=pat.metric), "00_observations", plots.figure_dir(cfg),
-                         SMOKE)))
+display(Markdown(summaries.publish("00_observations", (obs, pat.metric), cfg, plots.figure_dir(cfg), SMOKE)))

@@ -82,8 +82,8 @@ from IPython.display import Markdown, display
 from transformers import AutoTokenizer
 
 from alignkit import figures, plots
-from alignkit.analyses import cka, compare, lens
-from alignkit.analyses.common import each_seed, from_models, over_seeds, publish
+from alignkit.analyses import cka, compare, lens, summaries
+from alignkit.analyses.common import from_models, over_seeds
 from alignkit.analyses.patching import fraction
 from alignkit.config import get_config
 from alignkit.lens import token_text
@@ -286,7 +286,5 @@ for m in given.labels[1:] if MODELS else ():
 # `compare.claims_over_seeds`; each seed's own numbers below).
 
 # %%
-display(Markdown(publish(compare.summarize(results, cfg), "05_post_training_compare", plots.figure_dir(cfg),
-                         SMOKE)))
-display(Markdown(publish(each_seed(results, lambda r: compare.summarize(r, cfg, with_claims=False)),
-                         "05_post_training_compare_seeds", plots.figure_dir(cfg), SMOKE)))
+display(Markdown(summaries.publish("05_post_training_compare", results, cfg, plots.figure_dir(cfg), SMOKE)))
+display(Markdown(summaries.publish("05_post_training_compare_seeds", results, cfg, plots.figure_dir(cfg), SMOKE)))

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from conftest import smoke_config
 
-from alignkit import cli
+from alignkit import cli, runs
 from alignkit.analyses import behaviour, cka, compare, lens, patching, spectral
 from alignkit.analyses.common import captures, from_methods, from_run
 from alignkit.config import with_values
@@ -389,6 +389,8 @@ def test_lens_stage_round_trips_exactly(staged, smoke_cfg, smoke_run, monkeypatc
     assert res.ranked[0]["kl"] == max(k.max() for k in res.token_kl)
     text = lens.summarize([res, res], smoke_cfg)
     assert "Steering at the first tokens" in text and "Per-token KL" in text and "in all 2 seeds" in text
+    assert "held out, the two halves' differences share per seed" in text
+    assert res.readout["answer"]["random"].shape == (smoke_cfg.lens.n_random, L)
 
 
 def test_lens_at_some_layers_equals_the_full_lens_there(staged, smoke_cfg, smoke_run):
@@ -410,6 +412,13 @@ def test_lens_at_some_layers_equals_the_full_lens_there(staged, smoke_cfg, smoke
         assert list(st["layers"]) == [0, 2] and st["peak"] == [0, 2][st["at"]]
         np.testing.assert_array_equal(sub.diff[name], full.diff[name])
     assert "Steering at the positions predicting the scored tokens" in lens.summarize([sub])
+    # results are keyed by the layers steered, however named: every layer by list = steer_every 1
+    assert lens.steer_layers(smoke_cfg.lens, 4) == [0, 1, 2, 3]
+    assert lens.steer_layers(with_values(smoke_cfg, {"lens.steer_every": 2}).lens, 4) == [1, 3]
+    with runs.read_only() as read:
+        named = lens.ensure(with_values(smoke_cfg, {"lens.steer_layers": [0, 1, 2, 3]}), ckpts)
+    assert read[-1].name.startswith("lens-")  # found, not computed (read-only)
+    np.testing.assert_array_equal(named.steer["answer"].delta, full.steer["answer"].delta)
     fig = plots.plot_steering([sub.steering("answer", 50)])
     assert list(fig.axes[0].lines[0].get_xdata()) == [0, 2]
     plt.close(fig)

@@ -199,3 +199,31 @@ def test_steering_against_random_directions_max_statistic():
     res.steer["answer"] = _steer_result(np.vstack([flat, null]))
     st = res.steering("answer", n_boot=50)
     assert st["p_max"] > 0.4 and st["above"] == []
+
+
+def test_readout_held_out_against_random_directions():
+    """``readout_overlap``: two halves with one difference share all ``k`` promoted tokens and
+    random directions of that norm few (p = 1/(R+1)); independent halves are no better than
+    random (a large p); padded vocabulary rows are never counted; checked against a loop."""
+    from alignkit.analyses.lens import LensResult, readout_overlap
+
+    model = make_model()
+    rng = np.random.default_rng(0)
+    L, d, R, k = 3, model.config.hidden_size, 100, 5
+    fit = rng.normal(0, 1, (L, d))
+    rand = patching.random_directions(fit, R, seed=1)
+    same = readout_overlap(model, 90, fit, fit.copy(), rand, [0, 2], k)
+    assert same["halves"].tolist() == [k, k] and same["random"].shape == (R, 2)
+    top = lambda v: set(np.argsort(-lens.lens_logits(model, v[None])[0, :90])[:k].tolist())  # noqa: E731
+    assert same["random"][7, 1] == len(top(rand[7, 2]) & top(fit[2]))  # the loop reference
+    assert all(max(top(v)) < 90 for v in fit)
+    steer = _steer_result(np.zeros((1 + R, 2)))
+    steer.meta["layers"] = [0, 2]
+    res = LensResult(positions={"answer": "answer"}, diff={}, tokens={}, steer={"answer": steer},
+                     texts=[], n_prompt=[], token_kl=[], ranked=[], label="flips",
+                     readout={"answer": same})
+    c = res.readout_control("answer", 2)
+    assert c["halves"] == k and c["random"] < k and c["p"] == pytest.approx(1 / (R + 1))
+    other = readout_overlap(model, 90, fit, rng.normal(0, 1, (L, d)), rand, [0, 2], k)
+    res.readout["answer"] = other  # an unrelated second half: no better than a random direction
+    assert res.readout_control("answer", 2)["p"] > 0.05

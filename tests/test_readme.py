@@ -2,15 +2,29 @@
 alive. Its results section and docs/results.md quote the notebooks' computed summaries and type no
 number."""
 
+import json
 import re
 import sys
 from pathlib import Path
 
 import pytest
 
+from alignkit.analyses.common import ANALYSIS_VERSION
+from alignkit.analyses.summaries import SUMMARIES, regenerate
+from alignkit.config import default_root, get_config
+from alignkit.runs import NotCached
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tools"))
-from readme import SUMMARY_BLOCK, differences, fill_readme  # noqa: E402
+from readme import (  # noqa: E402
+    SUMMARY_BLOCK,
+    differences,
+    fill_readme,
+    provenance,
+    recorded_results_here,
+    sha256,
+    unlike,
+)
 
 README = (REPO / "README.md").read_text()
 DOCS = sorted((REPO / "docs").glob("*.md"))
@@ -42,6 +56,60 @@ def test_every_quoted_summary_is_the_computed_one(page):
     notebook wrote (``make readme`` copies them): a caption and its result cannot disagree."""
     text = page.read_text()
     assert fill_readme(text, REPO) == text, f"{page.name} differs from images/*.md: run make readme"
+
+
+PROVENANCE = json.loads((REPO / "images" / "provenance.json").read_text())
+
+
+def test_the_published_summaries_are_the_recorded_ones():
+    """``make publish`` records every summary's checksum (images/provenance.json) after checking
+    it against the cached results: a summary edited by hand, copied without ``make publish`` or
+    left from an older computation (``ANALYSIS_VERSION``) fails here."""
+    assert set(PROVENANCE["summaries"]) == set(SUMMARIES) == {
+        p.stem for p in (REPO / "images").glob("*.md")}
+    for name, digest in PROVENANCE["summaries"].items():
+        assert sha256(REPO / "images" / f"{name}.md") == digest, (
+            f"images/{name}.md is not the summary make publish recorded")
+    assert PROVENANCE["analysis_version"] == ANALYSIS_VERSION, (
+        "the published summaries were computed by an older ANALYSIS_VERSION: make reproduce, "
+        "then make publish")
+    assert PROVENANCE["results"], "the record names no cached result"
+
+
+def test_the_published_summaries_are_what_their_cached_results_give():
+    """Where the results the summaries were published from are cached (the publishing machine),
+    every summary is recomputed from them read-only with today's code and must equal the
+    published file; elsewhere (a clean clone, another machine's ``make reproduce``) skipped, and
+    ``tools/readme.py check`` checks that machine's own summaries against its own results."""
+    why = recorded_results_here(PROVENANCE, default_root())
+    if why:
+        pytest.skip(f"the published results are not here: {why}")
+    try:
+        texts, read = regenerate(get_config("tiny"))
+    except NotCached as e:
+        pytest.fail(f"today's code asks for results the published summaries did not come from "
+                    f"({e}): make reproduce, then make publish")
+    assert not unlike(texts, REPO / "images"), "summaries differ from what their results give"
+    assert {str(e.relative_to(default_root()).as_posix()) for e in read} == set(PROVENANCE["results"])
+
+
+def test_provenance_records_and_detects_other_results(tmp_path):
+    """The record: each summary's and each cache entry's checksum; entries missing or holding
+    other results are named, and ``unlike`` names summaries that differ or are missing."""
+    images, root = tmp_path / "images", tmp_path / "runs"
+    images.mkdir()
+    (images / "a.md").write_text("- x\n")
+    entry = root / "sft" / "analysis" / "cka-1"
+    entry.mkdir(parents=True)
+    (entry / "key.json").write_text('{"key": 1}')
+    record = provenance(images, ["a"], [entry], root, ANALYSIS_VERSION)
+    assert record["summaries"] == {"a": sha256(images / "a.md")}
+    assert list(record["results"]) == ["sft/analysis/cka-1"]
+    assert recorded_results_here(record, root) is None
+    (entry / "key.json").write_text('{"key": 2}')  # another machine's result under that key
+    assert "holds other results" in recorded_results_here(record, root)
+    assert "is not cached here" in recorded_results_here(record, tmp_path / "elsewhere")
+    assert unlike({"a": "- x\n"}, images) == [] and unlike({"a": "- y\n", "b": ""}, images) == ["a", "b"]
 
 
 def test_the_summaries_of_every_notebook_are_quoted():

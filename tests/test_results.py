@@ -213,3 +213,23 @@ def test_cache_reuses_and_never_reads_stale_or_damaged(tmp_path, caplog):
         assert Counted.calls == 4 and "does not match its checksum" in caplog.text
     assert json.loads((path / "key.json").read_text())["key"] == {"a": 2}
     assert not list(tmp_path.glob(".*tmp"))  # no temporary directory left behind
+
+
+def test_read_only_reads_records_and_never_computes(tmp_path):
+    """``runs.read_only``: a cached entry is read and recorded; a missing or stale one raises
+    ``NotCached`` naming it, and nothing is written."""
+    path, key = tmp_path / "stage-r", {"a": 1}
+    runs.cached(path, key, Counted.compute)
+    calls = Counted.calls
+    with runs.read_only() as read:
+        assert float(runs.cached(path, key, Counted.compute)["v"]) == 3.5
+        with pytest.raises(runs.NotCached, match="stage-r .*stale"):
+            runs.cached(path, {"a": 2}, Counted.compute)
+        with pytest.raises(runs.NotCached, match="stage-missing"):
+            runs.cached(tmp_path / "stage-missing", key, Counted.compute)
+        with pytest.raises(runs.NotCached, match="the SFT run x"):
+            runs.check_computable("the SFT run x")
+    assert read == [path] and Counted.calls == calls
+    assert not (tmp_path / "stage-missing").exists()
+    assert json.loads((path / "key.json").read_text())["key"] == key
+    runs.check_computable("anything")  # outside read_only: nothing raised

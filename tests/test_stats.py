@@ -96,9 +96,10 @@ def test_argmax_frequencies_say_how_sure_the_best_is():
     freq = argmax_frequencies(values, n_boot=500)
     assert freq.sum() == pytest.approx(1.0) and freq[0] == 0 and freq[1] == 0
     assert 0.2 < freq[2] < 0.8 and 0.2 < freq[3] < 0.8  # a tie: neither is sure
-    # a slow reference: the same resamples, one at a time
-    idx = np.random.default_rng(0).integers(0, 60, (500, 60))
-    slow = np.bincount([int(np.argmax(values[i].mean(0))) for i in idx], minlength=4) / 500
+    # a slow reference: the same resamples (multinomial counts per example), one at a time
+    counts = np.random.default_rng(0).multinomial(60, np.full(60, 1 / 60), size=500)
+    slow = np.bincount([int(np.argmax(values[np.repeat(np.arange(60), c)].mean(0))) for c in counts],
+                       minlength=4) / 500
     np.testing.assert_allclose(freq, slow)
     v = rng.normal(0, 0.1, (30, 2, 3))
     v[:, 0, 1] += 3.0  # receiver 0: donor 1 clearly best

@@ -46,7 +46,7 @@ def test_summarize_sft():
     assert "from -3.00 to -0.50 nats" in text and "Flips: 4; controls: 2" in text
     assert "seed" not in text  # one seed reads as one run
     assert "Smoke mode" not in text
-    assert common.publish(text, "x", Path("/tmp"), smoke=True).endswith(common.SMOKE_NOTE)
+    assert common.summary_text(text, smoke=True).endswith(common.SMOKE_NOTE + "\n")
 
 
 def test_summarize_cka():

@@ -182,3 +182,14 @@ def test_real_path_with_local_files(tmp_path, smoke_base):
     results = [evaluate_checkpoint(d, cfg) for _, d in list_checkpoints(run)]
     assert [r.step for r in results] == schedule_steps(cfg.sft.max_steps, cfg.sft.schedule)
     assert all(r.n == 8 for r in results)
+
+
+def test_read_only_finds_a_complete_run_and_trains_nothing(smoke_cfg, smoke_run, smoke_root):
+    """Under ``runs.read_only`` (summaries recomputed from the cache) a complete run is returned
+    as is, and one that would have to be trained raises ``NotCached`` naming it."""
+    with runs.read_only():
+        assert train_mod.train(smoke_cfg, "sft") == smoke_run
+        other = smoke_config(smoke_root, **{"sft.seed": 7})
+        with pytest.raises(runs.NotCached, match="the SFT run .* is not in the cache"):
+            train_mod.train(other, "sft")
+    assert not list_checkpoints(runs.run_dir(other, "sft"))

@@ -4,13 +4,21 @@
 README.md and docs/*.md gets the file at PATH (``make readme``; ``tests/test_readme.py`` fails while
 they differ). ``python tools/readme.py differences``: where ``make reproduce``'s summaries
 (``runs/images/``) differ from the published ones (``images/``), printed and written beside them.
-``python tools/readme.py publish``: a reproduction's figures and summaries into ``images/``, then
-``fill`` (``make publish``).
+``python tools/readme.py check``: every summary recomputed read-only from the cached results
+(``alignkit.analyses.summaries.regenerate``) equals the one the notebooks wrote (``make test``
+after the smoke notebooks, ``make reproduce`` after the full ones; ``ALIGNKIT_SMOKE=1``: the smoke
+run's). ``python tools/readme.py publish``: that check on the default run, then its figures and
+summaries into ``images/`` with ``images/provenance.json`` (each summary's and each cache entry's
+SHA-256), then ``fill`` (``make publish``); ``tests/test_readme.py`` holds ``images/*.md`` against
+the record and, where the recorded results are cached, against what they give.
 """
 
 from __future__ import annotations
 
 import difflib
+import hashlib
+import json
+import os
 import re
 import shutil
 import sys
@@ -80,25 +88,89 @@ def _changed(pattern: re.Pattern, old: str, new: str, prefix: str = "") -> list[
             if m["claim"] in verdicts and verdicts[m["claim"]] != m["verdict"]]
 
 
+def sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def unlike(texts: dict[str, str], directory: str | Path) -> list[str]:
+    """The summaries among ``texts`` ({name: text}) that ``directory/<name>.md`` does not hold
+    exactly (missing ones included)."""
+    directory = Path(directory)
+    return [n for n, t in texts.items()
+            if not (directory / f"{n}.md").is_file() or (directory / f"{n}.md").read_text() != t]
+
+
+def provenance(images: str | Path, names: list[str], entries: list[Path], root: str | Path,
+               version: int) -> dict:
+    """The record ``publish`` writes: each published summary's SHA-256 and each cache entry it
+    was computed from (directory under the run root: SHA-256 of its ``key.json``, which holds
+    its key and its files' checksums)."""
+    return {"analysis_version": version,
+            "summaries": {n: sha256(Path(images) / f"{n}.md") for n in sorted(names)},
+            "results": {Path(e).relative_to(root).as_posix(): sha256(Path(e) / "key.json")
+                        for e in entries}}
+
+
+def recorded_results_here(record: dict, root: str | Path) -> str | None:
+    """None when every cache entry the record names is under ``root`` with the recorded
+    ``key.json``; else why not (missing, or this machine's own results)."""
+    for rel, digest in record["results"].items():
+        path = Path(root) / rel / "key.json"
+        if not path.is_file():
+            return f"{rel} is not cached here"
+        if sha256(path) != digest:
+            return f"{rel} holds other results here (another machine's or a newer run)"
+    return None
+
+
+def _regenerate(smoke: bool):
+    from alignkit.analyses import summaries
+    from alignkit.config import get_config
+    from alignkit.plots import figure_dir
+
+    cfg = get_config("tiny", smoke=smoke)
+    texts, entries = summaries.regenerate(cfg)
+    return cfg, texts, entries, figure_dir(cfg)
+
+
 def main(command: str) -> None:
     sys.path.insert(0, str(REPO))
     from alignkit.config import default_root
 
     fresh = default_root() / "images"
+    if command in ("check", "publish"):
+        smoke = command == "check" and os.environ.get("ALIGNKIT_SMOKE") == "1"
+        from alignkit.runs import NotCached
+
+        try:
+            cfg, texts, entries, written = _regenerate(smoke)
+        except NotCached as e:
+            sys.exit(f"{e}: run the notebooks first (make reproduce; make test for the smoke run)")
+        bad = unlike(texts, written)
+        if bad:
+            sys.exit(f"summaries in {written} are not what the cached results give (recomputed "
+                     f"read-only): {', '.join(bad)}; rerun their notebooks")
+        print(f"{len(texts)} summaries in {written} equal what {len(entries)} cached results give")
+        if command == "check":
+            return
     if command == "differences":
         text = differences(fresh, REPO / "images")
         (fresh / "differences.md").write_text(text + "\n")
         print(text)
         return
     if command == "publish":
+        from alignkit.analyses.common import ANALYSIS_VERSION
+
         for f in sorted(fresh.iterdir()):
             if f.suffix in (".png", ".md") and f.name != "differences.md":
                 shutil.copy(f, REPO / "images")
+        record = provenance(REPO / "images", list(texts), entries, cfg.run_root, ANALYSIS_VERSION)
+        (REPO / "images" / "provenance.json").write_text(json.dumps(record, indent=1) + "\n")
     for page in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
         page.write_text(fill_readme(page.read_text(), REPO))
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2 or sys.argv[1] not in ("fill", "differences", "publish"):
-        sys.exit("usage: python tools/readme.py fill|differences|publish")
+    if len(sys.argv) != 2 or sys.argv[1] not in ("fill", "differences", "check", "publish"):
+        sys.exit("usage: python tools/readme.py fill|differences|check|publish")
     main(sys.argv[1])

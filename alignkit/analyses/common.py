@@ -232,13 +232,17 @@ def each_seed(results: Sequence, summarize: Callable[[list], str]) -> str:
     return "\n".join(out + ["</details>"])
 
 
-def publish(text: str, name: str, out_dir: str | Path, smoke: bool = False) -> str:
-    """``text`` (with the smoke-mode line when ``smoke``) written atomically as
-    ``<out_dir>/<name>.md`` beside a notebook's figures, what the README and docs/ quote
-    (``tools/readme.py``); returns it, for the notebook to show."""
-    text = text.rstrip("\n") + ("\n" + SMOKE_NOTE if smoke else "")
+def summary_text(text: str, smoke: bool = False) -> str:
+    """A summary as its file holds it: one final newline, the smoke-mode line when ``smoke``."""
+    return text.rstrip("\n") + ("\n" + SMOKE_NOTE if smoke else "") + "\n"
+
+
+def write_summary(text: str, name: str, out_dir: str | Path, smoke: bool = False) -> str:
+    """``summary_text`` written atomically as ``<out_dir>/<name>.md`` beside a notebook's
+    figures (``summaries.publish``); returns it."""
+    text = summary_text(text, smoke)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f".{name}.md.tmp").write_text(text + "\n")
+    (out / f".{name}.md.tmp").write_text(text)
     os.replace(out / f".{name}.md.tmp", out / f"{name}.md")
     return text

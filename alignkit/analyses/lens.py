@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+from transformers import AutoConfig
 
 from alignkit import lens, patching
 from alignkit.analyses import behaviour, common
@@ -31,7 +32,8 @@ class LensResult:
     random directions of its norm, ``patching.random_directions``); ``texts`` (prompt + gold
     solution) with ``n_prompt`` tokens of prompt each, ``token_kl`` (per text ``[n_tokens]``
     KL(P_tuned ‖ P_ref)), ``ranked`` (``lens.rank_positions``), ``label`` (the flips or their
-    substitute)."""
+    substitute); ``readout`` per position set, the read-out's cross-fitted control
+    (``readout_overlap``: ``"halves"`` ``[L]``, ``"random"`` ``[n_random, L]``)."""
 
     positions: dict
     diff: dict[str, np.ndarray]
@@ -42,6 +44,7 @@ class LensResult:
     token_kl: list[np.ndarray]
     ranked: list[dict]
     label: str
+    readout: dict[str, dict[str, np.ndarray]] = dataclasses.field(default_factory=dict)
 
     def steering(self, name: str, n_boot: int = 1000, seed: int = 0) -> dict:
         """One position set's steering as gap fractions (mean Δ / mean gap) over the steered
@@ -66,11 +69,55 @@ class LensResult:
         out["peak"] = int(out["layers"][out["at"]])
         return out
 
+    def readout_control(self, name: str, layer: int) -> dict:
+        """The read-out at decoder ``layer`` held out: ``halves``, how many of its top ``k``
+        promoted tokens the two halves' differences share; ``random`` the mean and 95th
+        percentile of that overlap for random directions of a half's norm; ``p`` (one-sided,
+        ``(1 + #random >= halves) / (1 + n_random)``)."""
+        r = self.readout[name]
+        i = list(self.steer[name].meta.get("layers", range(r["halves"].shape[0]))).index(layer)
+        halves, null = int(r["halves"][i]), np.asarray(r["random"])[:, i]
+        return {"halves": halves, "k": int(r["k"]), "random": float(null.mean()),
+                "q95": float(np.percentile(null, 95)),
+                "p": float((1 + np.sum(null >= halves)) / (1 + len(null)))}
+
     def kl_split(self) -> tuple[float, float]:
         """Mean per-token KL (nats) over the prompt tokens and over the solution tokens."""
         prompt = np.concatenate([k[:n] for k, n in zip(self.token_kl, self.n_prompt)])
         solution = np.concatenate([k[n:] for k, n in zip(self.token_kl, self.n_prompt)])
         return float(prompt.mean()), float(solution.mean())
+
+
+def readout_overlap(model, n_tokens: int, fit_a: np.ndarray, fit_b: np.ndarray,
+                    random: np.ndarray, layers, k: int) -> dict[str, np.ndarray]:
+    """The lens read-out held out: at each of ``layers``, how many of the top ``k`` tokens that
+    half A's difference ``fit_a [L, d]`` promotes through ``model``'s final norm and head half
+    B's ``fit_b`` also promotes (``"halves"`` ``[len(layers)]``), and the same overlap with half
+    B for each of ``random [R, L, d]`` (directions of half A's norm: ``"random"`` ``[R,
+    len(layers)]``); tokens past ``n_tokens`` (padded vocabulary rows) are never counted."""
+    layers = list(layers)
+
+    def top(vectors: np.ndarray) -> np.ndarray:  # [n, d] -> [n, k] token ids
+        logits = lens.lens_logits(model, vectors)[:, :n_tokens]
+        return np.argsort(-logits, axis=1, kind="stable")[:, :k]
+
+    a, b = top(fit_a[layers]), top(fit_b[layers])
+    rand = top(random[:, layers].reshape(-1, random.shape[-1])).reshape(len(random), len(layers), k)
+
+    def shared(x, y):
+        return len(set(x.tolist()) & set(y.tolist()))
+
+    return {"halves": np.array([shared(x, y) for x, y in zip(a, b)]),
+            "random": np.array([[shared(x, y) for x, y in zip(r, b)] for r in rand]),
+            "k": k}
+
+
+def steer_layers(p: LensParams, n_layers: int) -> list[int]:
+    """The decoder layers steering runs at: ``p.steer_layers``, else every ``p.steer_every``-th
+    counted back from the last of ``n_layers`` (the last always in)."""
+    if p.steer_layers is not None:
+        return list(p.steer_layers)
+    return list(range(n_layers - 1, -1, -max(1, p.steer_every)))[::-1]
 
 
 def ensure(cfg: Config, ckpts: common.Checkpoints) -> LensResult:
@@ -79,6 +126,8 @@ def ensure(cfg: Config, ckpts: common.Checkpoints) -> LensResult:
     ``cfg.patching``'s."""
     p, pair, ds = cfg.lens, ckpts.pair(ckpts.tuned), eval_set(cfg)
     sets, labels = behaviour.example_sets(cfg, behaviour.ensure(cfg, pair), ds)
+    layers = steer_layers(p, AutoConfig.from_pretrained(
+        str(pair.paths[pair.reference])).num_hidden_layers)
 
     def compute() -> LensResult:
         base, tuned, tokenizer = common.load_pair(cfg, pair)
@@ -91,35 +140,50 @@ def ensure(cfg: Config, ckpts: common.Checkpoints) -> LensResult:
             raise ValueError(f"cross-fitted steering needs at least 2 {labels['flips']}, got "
                              f"{len(steered)}")
         halves = [steered[0::2], steered[1::2]]  # each half steered with the other half's mean
-        n_layers = base.config.num_hidden_layers
-        layers = p.steer_layers if p.steer_layers is not None else \
-            list(range(n_layers - 1, -1, -max(1, p.steer_every)))[::-1]
-        diff, tokens, steer = {}, {}, {}
+        diff, tokens, steer, readout = {}, {}, {}, {}
         for name, q in positions.items():
             diff[name] = patching.mean_difference(base, tuned, tokenizer, exs, positions=q, **kw)
             tokens[name] = {who: lens.top_tokens(lens.lens_logits(m, diff[name]), tokenizer, p.k)
                             for who, m in (("base", base), ("tuned", tuned))}
-            parts = []
+            parts, fits = [], []
             for h, (held, fit) in enumerate(((halves[0], halves[1]), (halves[1], halves[0]))):
                 v = patching.mean_difference(base, tuned, tokenizer, fit, positions=q, **kw)
-                vecs = np.concatenate([v[None], patching.random_directions(
-                    v, p.n_random, seed=p.seed + h)])
-                parts.append(patching.steer_sweep(base, tuned, tokenizer, held, vecs,
+                fits.append((v, patching.random_directions(v, p.n_random, seed=p.seed + h)))
+                parts.append(patching.steer_sweep(base, tuned, tokenizer, held,
+                                                  np.concatenate([v[None], fits[-1][1]]),
                                                   positions=q, layers=layers,
                                                   min_gap=cfg.patching.min_gap, **kw))
             steer[name] = patching.concat(parts)
+            readout[name] = readout_overlap(base, len(tokenizer), fits[0][0], fits[1][0],
+                                            fits[0][1], layers, p.k)
         spans = patching.tokenize_examples(tokenizer, exs[: p.n_texts])
         texts = [tokenizer.decode(s["input_ids"]) for s in spans]
         kls = lens.token_kl(base, tuned, tokenizer, texts, batch_size=kw["batch_size"],
                             progress=False)
         return LensResult(positions, diff, tokens, steer, texts,
                           [s["n_prompt"] for s in spans], kls,
-                          lens.rank_positions(kls, tokenizer, texts, p.top), labels["flips"])
+                          lens.rank_positions(kls, tokenizer, texts, p.top), labels["flips"],
+                          readout)
 
-    return common.cached(cfg, pair, "lens", p, compute, eval=dataset_hash(ds),
+    # keyed by the layers steered, however they were named (steer_layers or steer_every)
+    return common.cached(cfg, pair, "lens", dataclasses.replace(p, steer_layers=tuple(layers)),
+                         compute, eval=dataset_hash(ds),
                          sets=behaviour.set_key({"flips": sets["flips"]}),
                          batch_size=cfg.patching.batch_size, min_gap=cfg.patching.min_gap,
-                         metric=cfg.patching.metric)
+                         metric=cfg.patching.metric, readout="cross-fitted")
+
+
+def _readout_sentence(controls: list[dict]) -> str:
+    """The read-out's held-out control in words ("" for results without one)."""
+    if not controls:
+        return ""
+    n = len(controls)
+    return ("; held out, the two halves' differences share "
+            + per_seed([f"{c['halves']} of their top {c['k']}" for c in controls])
+            + " promoted tokens there, random directions of a half's norm "
+            + per_seed([f"{c['random']:.1f} (95th percentile {c['q95']:.0f})" for c in controls])
+            + ", p = " + per_seed([f"{c['p']:.3f}" for c in controls])
+            + f" (below 0.05 {k_of_n(sum(c['p'] < 0.05 for c in controls), n)})")
 
 
 def _tokens(items, n: int = 5) -> str:
@@ -158,7 +222,9 @@ def summarize(results: list[LensResult], cfg: Config | None = None) -> str:
             + ". Read through the reference's head there it promotes "
             + (_tokens(tops["promoted"]) + " and suppresses " + _tokens(tops["suppressed"])
                if n == 1 else "(top 10, every seed) "
-               + (", ".join(f"`{t!r}`" for t in shared) or "no common token")) + ".")
+               + (", ".join(f"`{t!r}`" for t in shared) or "no common token"))
+            + _readout_sentence([r.readout_control(name, st["peak"]) for r, st in zip(results, sts)
+                                 if name in r.readout]) + ".")
     splits = [r.kl_split() for r in results]
     lines.append("- **Per-token KL** (tuned ‖ reference): mean "
                  + seed_values([s for _, s in splits], "{:.3f}")
