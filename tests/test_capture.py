@@ -10,6 +10,7 @@ import logging
 import pytest
 import torch
 from tiny_models import CORPUS, make_model, make_tokenizer
+from tokenizers import pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -386,13 +387,40 @@ def test_check_comparable(qwen3, tok):
 
 
 def test_check_same_tokenizer(tok, tmp_path):
-    check_same_tokenizer(tok, tok)
+    assert check_same_tokenizer(tok, tok) == []
     tok.save_pretrained(tmp_path / "tok")
-    check_same_tokenizer(tok, AutoTokenizer.from_pretrained(tmp_path / "tok"))
+    assert check_same_tokenizer(tok, AutoTokenizer.from_pretrained(tmp_path / "tok")) == []
     with pytest.raises(ValueError, match=r"tokenizers differ: vocabularies of \d+ and \d+ tokens, \d+ entries differ"):
         check_same_tokenizer(tok, make_tokenizer(corpus=["Completely different words here", "zebra quartz"]))
-    with pytest.raises(ValueError, match="tokenizers differ in special tokens: pad_token '<pad>' vs '<eos>'"):
-        check_same_tokenizer(tok, make_tokenizer(pad="<eos>"))
+    # a base / instruct pair differing only in the end and pad tokens (Qwen3-0.6B-Base ends with
+    # <|endoftext|>, Qwen3-0.6B with <|im_end|>): positions pair up, so reported, not refused
+    instruct = make_tokenizer(pad="<eos>")
+    instruct.eos_token = "<unk>"
+    assert check_same_tokenizer(tok, instruct) == ["eos_token: '<eos>' vs '<unk>'", "pad_token: '<pad>' vs '<eos>'"]
+    # the same vocabulary and merges cut differently before BPE: refused
+    other = make_tokenizer()
+    other.backend_tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    with pytest.raises(ValueError, match="tokenizers differ in their pre-tokenizer"):
+        check_same_tokenizer(tok, other)
+
+
+def test_a_base_instruct_pair_is_compatible(tmp_path, caplog):
+    """``check_compatible`` (compare --models) accepts two checkpoints whose tokenizers differ
+    only in their end token, and logs the difference."""
+    import logging
+
+    from alignkit.models import check_compatible
+
+    dirs = {}
+    for name, eos in (("base", "<eos>"), ("instruct", "<unk>")):
+        t = make_tokenizer()
+        t.eos_token = eos
+        make_model().save_pretrained(tmp_path / name)
+        t.save_pretrained(tmp_path / name)
+        dirs[name] = tmp_path / name
+    with caplog.at_level(logging.WARNING):
+        check_compatible(dirs)
+    assert "name special tokens differently (eos_token: '<eos>' vs '<unk>')" in caplog.text
 
 
 # ---------------------------------------------------------------- memory-mapped cache entries
