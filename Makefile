@@ -63,9 +63,17 @@ readme: setup
 	$(BIN)/python tools/readme.py fill
 
 # the real path on a CUDA GPU with random weights of Qwen3-0.6B's shape (no internet): every stage,
-# peak GPU memory and time per stage (benchmarks/RESULTS_gpu.md)
-gpu-check: setup
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python benchmarks/gpu_check.py --out benchmarks/gpu_check.json
+# peak GPU memory and time per stage (benchmarks/RESULTS_gpu.md). Its own venv over the machine's
+# CUDA torch (--system-site-packages; never the CPU pin of `setup`), refused where torch sees no GPU
+GPU_VENV ?= .venv-gpu
+gpu-check:
+	$(PYTHON) -c "import torch, sys; torch.cuda.is_available() or sys.exit('make gpu-check: torch ' \
+	+ torch.__version__ + ' sees no GPU; install the CUDA build matching the driver first')"
+	test -d $(GPU_VENV) || $(PYTHON) -m venv --system-site-packages $(GPU_VENV)
+	$(GPU_VENV)/bin/python -m pip install -q -r requirements.txt -r requirements-real.txt
+	$(GPU_VENV)/bin/python -m pip install -q --no-deps -e .
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(GPU_VENV)/bin/python benchmarks/gpu_check.py --device cuda \
+	--out benchmarks/gpu_check.json
 
 # regenerate each .ipynb from its .py (edit the .py, then run this)
 sync: setup

@@ -379,6 +379,11 @@ def wheel_file(spec: str, suffix: str = ".gguf") -> Path:
     return Path(files[0].locate())
 
 
+# what from_pretrained reads from a hub snapshot: configs, safetensors weights (and their index),
+# tokenizer files; not the GGUF, ONNX, original/*.pth or pytorch_model.bin copies repos also hold
+HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja"]
+
+
 def resolve_model(spec: str | Path, revision: str | None = None) -> Path:
     """A local ``from_pretrained`` directory for a directory (``check_model_dir``) or a hub id (its
     snapshot at ``revision``, downloaded); ValueError naming the problem otherwise."""
@@ -392,11 +397,17 @@ def resolve_model(spec: str | Path, revision: str | None = None) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(str(spec), revision=revision))
+        path = Path(snapshot_download(str(spec), revision=revision, allow_patterns=HUB_FILES))
     except Exception as e:  # noqa: BLE001 - offline, unknown id or revision: one named error
         raise ValueError(f"could not fetch {spec}@{revision or 'main'} from the hub "
                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                          "download it where the hub is reachable and pass the directory") from None
+    try:
+        return check_model_dir(path)
+    except ValueError as e:
+        raise ValueError(f"{e}: {spec} was fetched without pytorch_model.bin, GGUF or original/ "
+                         "copies (HUB_FILES); a repository without safetensors weights must be "
+                         "downloaded by hand and passed as a directory") from None
 
 
 def shape_differences(configs: dict) -> dict[str, list[str]]:

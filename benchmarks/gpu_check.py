@@ -130,15 +130,28 @@ def check(variant: str, cfg, rec: Recorder, quick: bool) -> None:
                                     f"{changed_share(ckpts[0][1], ckpts[-1][1]):.1%} of entries")
 
 
+def check_device(device: str) -> None:
+    """SystemExit naming the torch build when ``device`` is CUDA and torch sees no GPU: the GPU
+    check never falls back to the CPU silently (a CPU-only torch on a GPU machine, or a CUDA
+    build the driver does not support)."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"the GPU check needs a GPU, but torch {torch.__version__} (CUDA "
+                         f"{torch.version.cuda or 'none: a CPU-only build'}) sees none: install "
+                         "the CUDA build that matches the driver (nvidia-smi), or pass --device "
+                         "cpu for a dry run")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "gpu_check")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda",
+                   help="cuda (default: fails unless torch sees a GPU) or cpu (a dry run)")
     p.add_argument("--layers", type=int, default=None, help="decoder layers (default: 28, the real depth)")
     p.add_argument("--quick", action="store_true", help="smaller schedules and sets (CPU dry run)")
     p.add_argument("--variants", nargs="+", default=["qwen3-0.6b-base", "qwen3-0.6b"])
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
+    check_device(args.device)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("alignkit").setLevel(logging.WARNING)
     t0 = time.time()

@@ -215,3 +215,37 @@ def test_cli_compare_models_with_what_changed(smoke_cfg, smoke_run, caplog):
     for a, b in zip(theirs.token_kl, own.token_kl):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
     assert cli.main(argv[:-1] + ["sft=no/such-model-here"]) == 1  # a named error, one line
+
+
+def test_a_hub_id_fetches_only_what_from_pretrained_reads(tmp_path, monkeypatch):
+    """``resolve_model`` of a hub id downloads configs, safetensors and tokenizer files only
+    (``HUB_FILES``: not the GGUF, ONNX, ``original/*.pth`` or ``.bin`` copies), at the revision
+    asked for; a snapshot without safetensors weights is a named error."""
+    import fnmatch
+
+    import huggingface_hub
+
+    from alignkit.models import HUB_FILES, resolve_model
+
+    calls = []
+
+    def fake(repo_id, revision=None, allow_patterns=None):
+        calls.append((repo_id, revision, allow_patterns))
+        snap = tmp_path / repo_id.replace("/", "--")
+        snap.mkdir(exist_ok=True)
+        for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                     "model.gguf", "pytorch_model.bin", "original/consolidated.00.pth", "onnx/model.onnx"):
+            if any(fnmatch.fnmatch(name, p) for p in allow_patterns) and "/" not in name and not (
+                    repo_id.endswith("bin-only") and name.endswith(".safetensors")):
+                (snap / name).write_text("{}")
+        return str(snap)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    path = resolve_model("Qwen/Qwen3-0.6B", revision="abc")
+    assert calls == [("Qwen/Qwen3-0.6B", "abc", HUB_FILES)]
+    assert sorted(f.name for f in path.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json",
+                                                      "tokenizer_config.json"]
+    for skipped in ("model.gguf", "pytorch_model.bin", "original/consolidated.00.pth", "onnx/model.onnx"):
+        assert not any(fnmatch.fnmatch(skipped, p) for p in HUB_FILES if p != "*.json"), skipped
+    with pytest.raises(ValueError, match="without safetensors weights must be downloaded by hand"):
+        resolve_model("someone/bin-only")

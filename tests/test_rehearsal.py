@@ -4,6 +4,8 @@ Qwen's, GSM8K-format rows with GSM8K's quirks, and a model of Qwen3-0.6B's shape
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 import rehearsal  # noqa: E402
@@ -79,3 +81,15 @@ def test_embedded_tokenizer_splits_like_qwen(smoke_base):
     off = tok.apply_chat_template([{"role": "user", "content": "2+2?"}], tokenize=False,
                                   add_generation_prompt=True, enable_thinking=False)
     assert off.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+
+
+def test_the_gpu_check_never_falls_back_to_the_cpu(monkeypatch):
+    """``gpu_check.py`` stops naming the torch build when CUDA is asked for and torch sees no
+    GPU (a CPU-only build on a GPU machine); ``--device cpu`` is the explicit dry run."""
+    import gpu_check
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match=r"needs a GPU, but torch .* sees none"):
+        gpu_check.check_device("cuda")
+    gpu_check.check_device("cpu")
