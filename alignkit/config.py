@@ -260,6 +260,9 @@ class Config:
     device: str = "auto"  # "auto" (cuda:LOCAL_RANK, else cpu), "cuda:1", "map" (models.placement)
     smoke: bool = False
     n_seeds: int = 3  # training seeds the notebooks run (``seed_configs``); verdicts need >= 2
+    # a multi-process launch's collective timeout (minutes): the process group and the trainer's;
+    # it covers once-only work between collectives (DPO's sampling is sharded, each rank its share)
+    dist_timeout_min: int = 180
     root: str = ""  # where runs/ live; default from ALIGNKIT_HOME or the repository
 
     @property

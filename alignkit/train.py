@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -233,6 +234,8 @@ def _train_scheduled(cfg: Config, method: str, start: Callable[[], Path],
     knobs = getattr(cfg, method)
     steps = runs.schedule_steps(knobs.max_steps, knobs.schedule)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:  # the process group first, with our timeout (NCCL's default is 10 minutes)
+        PartialState(timeout=timedelta(minutes=cfg.dist_timeout_min))
     if rank == 0:
         runs.ensure_writable(rdir.parent)
     # no lock under `accelerate launch`: one process holding it would block the others' rendezvous
@@ -272,7 +275,7 @@ def _train_scheduled(cfg: Config, method: str, start: Callable[[], Path],
             logging_steps=max(1, knobs.max_steps // 50), save_strategy="no", save_total_limit=2,
             report_to="none", bf16=precision == "bf16", fp16=precision == "fp16",
             use_cpu=device.type == "cpu", dataloader_pin_memory=False,
-            activation_checkpointing=checkpointing)
+            activation_checkpointing=checkpointing, ddp_timeout=cfg.dist_timeout_min * 60)
         callback = _ScheduleCallback(rdir, steps, job.tokenizer, base_manifest, t0, job.metrics)
         trainer = job.make_trainer(common, [callback])
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -391,6 +394,21 @@ def dpo_dataset(cfg: Config, tokenizer=None, rows=None, model=None,
     return datasets.Dataset.from_list(pairs)
 
 
+def sharded(items: list, compute: Callable[[list], list]) -> list:
+    """``compute(items)`` split across the processes of a multi-process launch: each computes its
+    contiguous share (``compute`` returns a list per share, in order), gathered once, so every
+    process gets the whole result in ``items``' order; one process: ``compute(items)``. No
+    process waits in a collective while another does all the work (DPO's sampling)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return compute(list(items))
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    bounds = [len(items) * r // world for r in range(world + 1)]
+    mine = compute(list(items[bounds[rank]: bounds[rank + 1]]))
+    parts: list = [None] * world
+    torch.distributed.all_gather_object(parts, mine)
+    return [x for part in parts for x in part]
+
+
 def sampled_preference_pairs(model, tokenizer, rows, fallback: list[dict], cfg: Config,
                              cache_dir: Path | None = None, model_hash: str = "") -> list[dict]:
     """``fallback`` with the model's own wrong answer as the rejected solution where one of its
@@ -399,20 +417,22 @@ def sampled_preference_pairs(model, tokenizer, rows, fallback: list[dict], cfg: 
     k = cfg.dpo.n_samples
     prompts = [p["prompt"] for p in fallback]
 
-    def sample() -> list[str]:
-        return batched(cfg, model, len(prompts), lambda b: generate(
-            model, tokenizer, prompts, cfg.eval.max_new_tokens, b, cfg.eval.stop,
+    def sample(share: list[str]) -> list[str]:  # k completions per prompt, prompt by prompt
+        if not share:
+            return []
+        return batched(cfg, model, len(share), lambda b: generate(
+            model, tokenizer, share, cfg.eval.max_new_tokens, b, cfg.eval.stop,
             desc="sample rejected", num_samples=k, temperature=cfg.dpo.sample_temperature,
             seed=cfg.dpo.seed), per_prompt=k)[0]
 
-    if cache_dir is None:
-        outs = sample()
-    else:
-        key = {"prompts": prompts, "weights": model_hash, "k": k, "t": cfg.dpo.sample_temperature,
+    def cached_sample(share: list[str]) -> list[str]:  # one process: the whole list, as before
+        key = {"prompts": share, "weights": model_hash, "k": k, "t": cfg.dpo.sample_temperature,
                "seed": cfg.dpo.seed, "eval": [cfg.eval.max_new_tokens, cfg.eval.batch_size,
                                                list(cfg.eval.stop)]}
-        with PartialState().main_process_first():  # the main process samples, the others read
-            outs = runs.cached(Path(cache_dir) / f"sampled-{runs.hash_obj(key)}", key, sample)
+        return runs.cached(Path(cache_dir) / f"sampled-{runs.hash_obj(key)}", key,
+                           lambda: sample(share))
+
+    outs = sharded(prompts, sample if cache_dir is None else cached_sample)
     pairs = []
     for i, (row, pair) in enumerate(zip(rows, fallback)):
         gold = data.normalize_number(str(row["final_answer"]))

@@ -193,3 +193,60 @@ def test_read_only_finds_a_complete_run_and_trains_nothing(smoke_cfg, smoke_run,
         with pytest.raises(runs.NotCached, match="the SFT run .* is not in the cache"):
             train_mod.train(other, "sft")
     assert not list_checkpoints(runs.run_dir(other, "sft"))
+
+
+def _sharding_worker(rank, port, out_dir, mode, delay=1.0, timeout_s=3.0):
+    """One of two CPU processes (gloo) under a process-group timeout of ``timeout_s`` (set the way
+    training sets it, through ``PartialState(timeout=...)``): 4 items at ``delay`` s each."""
+    import os
+    import time
+    from datetime import timedelta
+    from pathlib import Path
+
+    import torch.distributed as dist
+    from accelerate import PartialState
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+    PartialState(cpu=True, backend="gloo", timeout=timedelta(seconds=timeout_s))
+
+    def slow(share):
+        time.sleep(delay * len(share))
+        return [10 * x for x in share]
+
+    out = Path(out_dir) / f"{mode}-{rank}.json"
+    try:
+        if mode == "sharded":  # each rank its 2 items (2 s), then one gather
+            out.write_text(json.dumps(train_mod.sharded(list(range(4)), slow)))
+        else:  # rank 0 alone does all 4 items (4 s) while rank 1 waits in a collective
+            result = slow(list(range(4))) if rank == 0 else None
+            parts = [None, None]
+            dist.all_gather_object(parts, result)
+            out.write_text(json.dumps(parts[0]))
+    except Exception as e:  # noqa: BLE001 - the timeout, recorded for the test
+        out.write_text(json.dumps(f"error: {type(e).__name__}: {e}"))
+        os._exit(0)  # the process group is broken: leave without its teardown
+
+
+def test_dpo_sampling_is_sharded_within_the_process_group_timeout(tmp_path):
+    """Two processes on the CPU (gloo) with a 3 s collective timeout and 4 s of once-only work:
+    all on rank 0 while rank 1 waits (the old DPO sampling) times out; sharded, each rank does
+    its 2 s and both get the whole result in order."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    def port():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    mp.start_processes(_sharding_worker, args=(port(), str(tmp_path), "sharded"), nprocs=2,
+                       start_method="spawn")
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"sharded-{rank}.json").read_text()) == [0, 10, 20, 30]
+    mp.start_processes(_sharding_worker, args=(port(), str(tmp_path), "rank0"), nprocs=2,
+                       start_method="spawn")
+    assert "Timed out waiting 3000ms" in json.loads((tmp_path / "rank0-1.json").read_text())
+    # one process (no process group): the whole list, computed once
+    assert train_mod.sharded([1, 2], lambda share: [x + 1 for x in share]) == [2, 3]
