@@ -13,7 +13,7 @@ import importlib
 from types import ModuleType
 
 LAYERS = ("common", "behaviour", "cka", "spectral", "patching", "lens", "observations", "weights",
-          "compare")
+          "compare", "summaries")
 
 
 @dataclasses.dataclass(frozen=True)
