@@ -28,7 +28,7 @@ lint: setup
 # lint, unit tests (incl. the layout and jupytext pair checks), then every notebook in smoke mode,
 # then their summaries recomputed read-only from the cached results (tools/readme.py check)
 test: setup lint
-	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest tests -q
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest tests -q --durations=15
 	ALIGNKIT_SMOKE=1 ALIGNKIT_STATIC=1 OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest --nbmake --nbmake-timeout=900 notebooks -q
 	ALIGNKIT_SMOKE=1 $(BIN)/python tools/readme.py check
 
