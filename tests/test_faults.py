@@ -1,6 +1,7 @@
 """Injected faults and determinism: SIGKILL mid-training, damaged artifacts, concurrent builds,
 unwritable or full output directories, and two runs with one seed giving identical numbers."""
 
+import json
 import os
 import shutil
 import signal
@@ -183,7 +184,8 @@ def test_full_disk_fails_before_any_work(tmp_path, monkeypatch):
 def test_training_under_accelerate_launch_with_two_processes(smoke_base, smoke_run, tmp_path):
     """Two CPU processes (gloo) stand in for two GPUs: the run trains once, exports once, and its
     checkpoints equal the single-process run's (same global batch: each process takes half);
-    DPO's sampled rejected solutions are drawn once, GRPO's generation batch fits two processes."""
+    DPO's sampled rejected solutions are sharded (each process its share), GRPO's generation batch
+    fits two processes."""
     cfg = smoke_config(tmp_path)
     shutil.copytree(smoke_base, base_dir(cfg))  # the base is built beforehand, in one process
     launcher = Path(sys.executable).with_name("accelerate")
@@ -208,6 +210,10 @@ def test_training_under_accelerate_launch_with_two_processes(smoke_base, smoke_r
                  "dpo.schedule=[0,1]", "train", "dpo")
     assert out.count("DPO run finished") == 2
     [dpo] = list((tmp_path / "dpo").iterdir())
-    assert len(list(dpo.glob("sampled-*"))) == 1 and list_checkpoints(dpo)
+    # sharded: each process sampled its own contiguous share of the prompts (one cache entry each)
+    shares = [json.loads((e / "key.json").read_text())["key"]["prompts"] for e in sorted(dpo.glob("sampled-*"))]
+    assert len(shares) == 2 and all(shares) and list_checkpoints(dpo)
+    assert abs(len(shares[0]) - len(shares[1])) <= 1
+    assert not set(shares[0]) & set(shares[1])
     out = launch("--set", "grpo.max_steps=2", "--set", "grpo.schedule=[0,1]", "train", "grpo")
     assert out.count("GRPO run finished") == 2
