@@ -194,22 +194,24 @@ def fit_plan(cfg: Config, method: str, model_config, world: int, precision: str,
 
 def plan_memory(cfg: Config, method: str, model_path, device: torch.device, world: int,
                 precision: str) -> tuple[int, bool]:
-    """``(micro-batch, gradient checkpointing)`` of one process (``fit_plan``; the CPU: the whole
-    share); RuntimeError with the estimate when even micro-batch 1 does not fit the GPU."""
+    """``(micro-batch, gradient checkpointing)`` of one process (``fit_plan`` against the GPU's
+    free memory, ``torch.cuda.mem_get_info``; the CPU: the whole share); RuntimeError with the
+    estimate when even micro-batch 1 does not fit. Runs before any sampling (DPO's rejections)."""
     k = getattr(cfg, method)
     if device.type != "cuda":
         return (batch_plan(method, k.batch_size, k.micro_batch_size, world)[0],
                 resolve_checkpointing(cfg, method, None, world, precision, None))
     config = AutoConfig.from_pretrained(str(model_path))
-    have = torch.cuda.get_device_properties(device).total_memory / GiB
+    free, total = (x / GiB for x in torch.cuda.mem_get_info(device))  # what is free now counts
+    have = free
     micro, checkpointing, est = fit_plan(cfg, method, config, world, precision, have)
     if est["total"] > have:
         detail = ", ".join(f"{key} {val:g}" for key, val in est.items() if key != "total")
         raise RuntimeError(
             f"{method.upper()} needs an estimated {est['total']:.1f} GiB per GPU at micro-batch "
-            f"{micro} ({detail}) but {torch.cuda.get_device_name(device)} has {have:.1f} GiB: "
-            f"lower {method}.micro_batch_size or {method}.max_length / max_completion_length, "
-            "or set gradient_checkpointing=true")
+            f"{micro} ({detail}) but {torch.cuda.get_device_name(device)} has {have:.1f} GiB "
+            f"free (of {total:.1f}): lower {method}.micro_batch_size or {method}.max_length / "
+            "max_completion_length, set gradient_checkpointing=true, or free the GPU")
     logger.info("%s: micro-batch %d per process, gradient checkpointing %s, estimated peak %.1f "
                 "GiB of %.1f", method.upper(), micro, "on" if checkpointing else "off",
                 est["total"], have)

@@ -5,7 +5,6 @@ import importlib.metadata
 import re
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -58,8 +57,7 @@ def _saved(tmp, tok):
 def _small_gpu(tmp, mp):
     """Training on a (pretended) GPU of 1 MiB: the estimate stops it before anything is built."""
     make_model("qwen3").config.save_pretrained(tmp)
-    mp.setattr(train.torch.cuda, "get_device_properties",
-               lambda d: SimpleNamespace(total_memory=2**20))
+    mp.setattr(train.torch.cuda, "mem_get_info", lambda d: (2**20, 2**20))
     mp.setattr(train.torch.cuda, "get_device_name", lambda d: "a 1 MiB GPU")
     train.plan_memory(get_config("tiny"), "sft", tmp, torch.device("cuda"), 1, "bf16")
 

@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import types
 from pathlib import Path
 
 import numpy as np
@@ -254,10 +253,10 @@ def test_checkpointing_is_off_only_where_the_gpu_holds_the_step_without_it(tmp_p
         resolve(dataclasses.replace(cfg, gradient_checkpointing="yes"), "sft", QWEN3_06B, 1,
                 "bf16", 80.0)
     QWEN3_06B.save_pretrained(tmp_path)
+    # an 80 GB GPU: all of it free, then 24 GB free (another process on it): planned by what is free
     for gib, want in ((80, (16, False)), (24, (train.fit_micro_batch(
             cfg, "sft", QWEN3_06B, 1, "bf16", 24.0), True))):
-        monkeypatch.setattr(train.torch.cuda, "get_device_properties",
-                            lambda d, g=gib: types.SimpleNamespace(total_memory=g * 2**30))
+        monkeypatch.setattr(train.torch.cuda, "mem_get_info", lambda d, g=gib: (g * 2**30, 80 * 2**30))
         assert train.plan_memory(cfg, "sft", tmp_path, torch.device("cuda"), 1, "bf16") == want
     assert train.plan_memory(cfg, "sft", tmp_path, torch.device("cpu"), 1, "fp32") == (16, True)
 
