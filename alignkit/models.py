@@ -314,23 +314,23 @@ def special_tokens(tokenizer) -> dict[str, str]:
     return {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())}
 
 
-def _merges(tokenizer) -> list | None:
-    """The BPE merges of a fast tokenizer (None for other models or slow tokenizers)."""
+def _backend_spec(tokenizer) -> dict | None:
+    """A fast tokenizer's backend as its JSON spec (None for a slow tokenizer): parsed once for
+    both the merges and the pre-tokenisation checks."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        return None
-    merges = json.loads(backend.to_str())["model"].get("merges")
+    return None if backend is None else json.loads(backend.to_str())
+
+
+def _merges(spec: dict | None) -> list | None:
+    """The BPE merges of a backend spec (None for other models or slow tokenizers)."""
+    merges = None if spec is None else spec["model"].get("merges")
     return None if merges is None else [m if isinstance(m, str) else " ".join(m) for m in merges]
 
 
-def _pipeline(tokenizer) -> dict:
-    """A fast tokenizer's normalizer and pre-tokenizer (how text is cut before BPE), {} for a
-    slow one."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        return {}
-    spec = json.loads(backend.to_str())
-    return {k: spec.get(k) for k in ("normalizer", "pre_tokenizer")}
+def _pipeline(spec: dict | None) -> dict:
+    """A backend spec's normalizer and pre-tokenizer (how text is cut before BPE), {} for a slow
+    tokenizer."""
+    return {} if spec is None else {k: spec.get(k) for k in ("normalizer", "pre_tokenizer")}
 
 
 def check_same_tokenizer(tok_a, tok_b) -> list[str]:
@@ -345,14 +345,15 @@ def check_same_tokenizer(tok_a, tok_b) -> list[str]:
         raise ValueError(f"tokenizers differ: vocabularies of {len(va)} and {len(vb)} tokens, "
                          f"{len(diff)} entries differ (e.g. {t!r}: {va.get(t, 'absent')} vs "
                          f"{vb.get(t, 'absent')})")
-    ma, mb = _merges(tok_a), _merges(tok_b)
+    spec_a, spec_b = _backend_spec(tok_a), _backend_spec(tok_b)
+    ma, mb = _merges(spec_a), _merges(spec_b)
     if ma != mb:
         k = next((i for i, (a, b) in enumerate(zip(ma or [], mb or [])) if a != b),
                  min(len(ma or []), len(mb or [])))
         raise ValueError(f"tokenizers differ in their BPE merges ({len(ma or [])} vs "
                          f"{len(mb or [])}; first difference at merge {k}): the same vocabulary "
                          "splits text differently, so token positions do not pair up")
-    pa, pb = _pipeline(tok_a), _pipeline(tok_b)
+    pa, pb = _pipeline(spec_a), _pipeline(spec_b)
     if pa != pb:
         k = next(k for k in ("normalizer", "pre_tokenizer") if pa.get(k) != pb.get(k))
         raise ValueError(f"tokenizers differ in their {k.replace('_', '-')}: the same vocabulary "

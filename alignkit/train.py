@@ -202,8 +202,7 @@ def plan_memory(cfg: Config, method: str, model_path, device: torch.device, worl
         return (batch_plan(method, k.batch_size, k.micro_batch_size, world)[0],
                 resolve_checkpointing(cfg, method, None, world, precision, None))
     config = AutoConfig.from_pretrained(str(model_path))
-    free, total = (x / GiB for x in torch.cuda.mem_get_info(device))  # what is free now counts
-    have = free
+    have, total = (x / GiB for x in torch.cuda.mem_get_info(device))  # what is free now counts
     micro, checkpointing, est = fit_plan(cfg, method, config, world, precision, have)
     if est["total"] > have:
         detail = ", ".join(f"{key} {val:g}" for key, val in est.items() if key != "total")

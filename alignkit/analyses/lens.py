@@ -63,11 +63,16 @@ class LensResult:
                "threshold": float(np.percentile(null_max, 95)),
                "p_max": float((1 + np.sum(null_max >= frac[0].max())) / (1 + len(null))),
                "n_random": len(null)}
-        out["layers"] = np.asarray(s.meta.get("layers", range(s.delta.shape[-1])), dtype=int)
+        out["layers"] = self.layers(name)
         out["above"] = [int(x) for x, v in zip(out["layers"], frac[0]) if v > out["threshold"]]
         out["at"] = int(np.nanargmax(out["steer"].point))
         out["peak"] = int(out["layers"][out["at"]])
         return out
+
+    def layers(self, name: str) -> np.ndarray:
+        """The decoder layers a position set was steered (and read out) at."""
+        s = self.steer[name]
+        return np.asarray(s.meta.get("layers", range(s.delta.shape[-1])), dtype=int)
 
     def readout_control(self, name: str, layer: int) -> dict:
         """The read-out at decoder ``layer`` held out: ``halves``, how many of its top ``k``
@@ -75,7 +80,7 @@ class LensResult:
         percentile of that overlap for random directions of a half's norm; ``p`` (one-sided,
         ``(1 + #random >= halves) / (1 + n_random)``)."""
         r = self.readout[name]
-        i = list(self.steer[name].meta.get("layers", range(r["halves"].shape[0]))).index(layer)
+        i = list(self.layers(name)).index(layer)
         halves, null = int(r["halves"][i]), np.asarray(r["random"])[:, i]
         return {"halves": halves, "k": int(r["k"]), "random": float(null.mean()),
                 "q95": float(np.percentile(null, 95)),
