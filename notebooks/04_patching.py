@@ -82,7 +82,7 @@ from transformers import AutoTokenizer
 
 from alignkit import figures, plots
 from alignkit import patching as measures
-from alignkit.analyses import behaviour, cka, lens, observations, patching, spectral, summaries
+from alignkit.analyses import behaviour, cka, lens, patching, spectral, summaries
 from alignkit.analyses.common import from_run, over_seeds
 from alignkit.analyses.patching import curve
 from alignkit.config import get_config
@@ -352,5 +352,6 @@ display(Markdown(summaries.publish("04_lens_seeds", lenses, cfg, plots.figure_di
 # Results section opens with this table.
 
 # %%
-obs = observations.table(over_seeds(cka.ensure, cfg, "sft"), over_seeds(spectral.ensure, cfg, "sft"), pats)
-display(Markdown(summaries.publish("00_observations", (obs, pat.metric), cfg, plots.figure_dir(cfg), SMOKE)))
+display(Markdown(summaries.publish("00_observations", (over_seeds(cka.ensure, cfg, "sft"),
+                                                       over_seeds(spectral.ensure, cfg, "sft"), pats),
+                                   cfg, plots.figure_dir(cfg), SMOKE)))
