@@ -15,8 +15,10 @@ import datasets
 
 from alignkit.config import Config, GeneratorConfig
 
-_NUMBER = r"-?\$?\d[\d,]*(?:\.\d+)?"
-_FINAL = re.compile(r"####\s*(" + _NUMBER + r")")
+_UNSIGNED = r"\$?(?:\d[\d,]*(?:\.\d+)?|\.\d+)"  # "1,250", "$7.50", ".5"
+# a minus sign, not a hyphen: "3-4 miles" is 3 and 4, "x-2" 2, "(1+2)-3" 3; "#### -10" is -10
+_NUMBER = r"(?:(?<![\w.)])-)?" + _UNSIGNED
+_FINAL = re.compile(r"####\s*(-?" + _UNSIGNED + r")")
 _ANY = re.compile(_NUMBER)
 ANNOTATION = re.compile(r"<<([^<>=]+)=([^<>=]+)>>")
 # generator streams: 0 SFT data, 1 pretraining corpus, 2 tokenizer text, 3 DPO pairs, GRPO prompts
@@ -24,8 +26,11 @@ POST_TRAINING_STREAM = 3
 
 
 def normalize_number(text: str) -> str | None:
-    """GSM8K's form of a number (``"$1,000."`` -> ``"1000"``, ``"7.50"`` -> ``"7.5"``), or None."""
+    """GSM8K's form of a number (``"$1,000."`` -> ``"1000"``, ``"7.50"`` -> ``"7.5"``, ``".5"`` ->
+    ``"0.5"``), or None."""
     s = text.strip().replace(",", "").replace("$", "").rstrip(".")
+    if re.fullmatch(r"-?\.\d+", s):  # ".5" -> "0.5"
+        s = s.replace(".", "0.", 1)
     if not re.fullmatch(r"-?\d+(?:\.\d+)?", s):
         return None
     if "." in s:
@@ -80,14 +85,20 @@ def format_completion(answer: str, chat: bool = False) -> str:
     return ("" if chat else " ") + answer.strip()
 
 
+def eval_shots(cfg: Config) -> list[tuple[str, str]]:
+    """Evaluation's worked examples ``(question, solution)``: the first ``cfg.eval.n_shot``
+    training rows (none for 0). Flips were found with them, so patching prompts hold them too."""
+    if cfg.eval.n_shot <= 0:
+        return []
+    rows = load_gsm8k(cfg.data_source, "train", cfg.eval.n_shot, cfg.generator)
+    return list(zip(rows["question"], rows["answer"]))
+
+
 def prompts_for(cfg: Config, tokenizer, questions: Sequence[str],
                 few_shot: bool = False) -> list[str]:
     """``format_prompt`` of each question in ``cfg``'s format, every caller's; ``few_shot``: after
-    the first ``cfg.eval.n_shot`` training rows as worked examples (evaluation's option)."""
-    shots = []
-    if few_shot and cfg.eval.n_shot > 0:
-        rows = load_gsm8k(cfg.data_source, "train", cfg.eval.n_shot, cfg.generator)
-        shots = list(zip(rows["question"], rows["answer"]))
+    ``eval_shots`` (evaluation's option)."""
+    shots = eval_shots(cfg) if few_shot else []
     return [format_prompt(q, tokenizer, chat=cfg.chat, shots=shots) for q in questions]
 
 

@@ -48,6 +48,11 @@ def write_jsonl(path, rows, extra_lines=()):
         ("first 4 then 9 and finally -2", "-2"),
         ("#### 5\n#### 6", "6"),  # the last marker wins
         ("the answer is 3.\n#### 42", "42"),  # marker beats the last number
+        ("#### .5", "0.5"),  # a leading decimal point is not dropped
+        ("#### -.25", "-0.25"),
+        ("She walks 3-4 miles", "4"),  # a hyphen between numbers is not a minus sign
+        ("so x-2 is left, or (1+2)-3", "3"),
+        ("it fell to -7 degrees", "-7"),
         ("no number at all", None),
         ("", None),
     ],
