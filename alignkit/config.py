@@ -11,6 +11,35 @@ import os
 from pathlib import Path
 from typing import Any
 
+# the lowest versions the test suite passed on (docs/real-path.md: which were tried); the floors
+# of requirements.txt (tests/test_config.py holds them equal)
+FLOORS = {"transformers": "5.0.0", "trl": "1.0.0"}
+
+
+def check_versions(installed: dict[str, str] | None = None) -> None:
+    """ImportError naming every library older than its ``FLOORS`` entry, with the installed and
+    the needed version; ``installed`` (default: what importlib.metadata finds) maps name to
+    version. A library that is not installed is left to its own import error."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.version import Version
+
+    if installed is None:
+        installed = {}
+        for name in FLOORS:
+            try:
+                installed[name] = version(name)
+            except PackageNotFoundError:
+                pass
+    old = [f"{name} {v} is installed, alignkit needs {name}>={FLOORS[name]}"
+           for name, v in installed.items() if Version(v) < Version(FLOORS[name])]
+    if old:
+        raise ImportError("; ".join(old) + " (older versions lack arguments alignkit passes): "
+                          "pip install -U -r requirements.txt")
+
+
+check_versions()  # at import: every entry point (CLI, notebooks, tests) imports the config first
+
 SCHEDULE = (0.0, 0.05, 0.1, 0.25, 0.5, 1.0)  # checkpoints as fractions of max_steps; 0 is the start
 
 

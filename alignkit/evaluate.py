@@ -22,13 +22,22 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>")  # ChatML, Llama 3
+
+
 def end_tokens(model, tokenizer) -> list[int]:
-    """The ids that end a completion: the model's own (``generation_config.eos_token_id``, e.g.
-    Qwen3's ``<|im_end|>`` and ``<|endoftext|>``) and the tokenizer's end-of-sequence token."""
+    """The ids that end a completion: the model's own (``generation_config.eos_token_id``), the
+    tokenizer's end-of-sequence token, and every ``END_TOKENS`` entry the vocabulary holds as a
+    special token (a base model's generation config may list ``<|endoftext|>`` only, while its
+    completions after a chat-tuned SFT end with ``<|im_end|>``)."""
     ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
+    special = set(getattr(tokenizer, "all_special_tokens", ())) | {
+        str(t) for t in getattr(tokenizer, "added_tokens_decoder", {}).values()
+        if getattr(t, "special", False)}
+    named = [tokenizer.eos_token_id] + [tokenizer.convert_tokens_to_ids(t) for t in END_TOKENS
+                                        if t in special]
+    ids.extend(i for i in dict.fromkeys(named) if i is not None and i not in ids)
     return ids
 
 
@@ -222,14 +231,16 @@ def eval_key(cfg: Config, ds) -> dict:
 
 
 def evaluate_checkpoint(ckpt: str | Path, cfg: Config, ds=None) -> CheckpointEval:
-    """Accuracy, outputs and answer log-probs of one checkpoint, cached by its weights and
-    ``eval_key`` (the same weights are evaluated once), with its manifest's step and train loss."""
+    """Accuracy, outputs and answer log-probs of one checkpoint, cached by its weights, its
+    tokenizer and generation config (``runs.decoding_hash``) and ``eval_key`` (the same weights
+    are evaluated once), scored on reading (``scored``), with its manifest's step and train loss."""
     ckpt = Path(ckpt)
     ds = ds if ds is not None else data.eval_set(cfg)
     whash = runs.weights_hash(ckpt)
     manifest_path = ckpt / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
-    key = {"weights": whash, **eval_key(cfg, ds)}
+    key = {"weights": whash, "decoding": runs.decoding_hash(ckpt), "ends": END_TOKENS,
+           **eval_key(cfg, ds)}
 
     def compute() -> CheckpointEval:
         model, tokenizer = models.load_model(ckpt, dtype=cfg.dtype, **models.placement(cfg))
@@ -238,17 +249,25 @@ def evaluate_checkpoint(ckpt: str | Path, cfg: Config, ds=None) -> CheckpointEva
             generate(model, tokenizer, prompts, cfg.eval.max_new_tokens, b, cfg.eval.stop,
                      desc=f"generate {ckpt.name}"),
             answer_logprob(model, tokenizer, prompts, ds["answer"], b, cfg.chat)))
-        preds = [data.extract_answer(o) for o in outputs]
-        correct = [p is not None and p == g for p, g in zip(preds, ds["final_answer"])]
-        return CheckpointEval(
+        return scored(CheckpointEval(
             checkpoint=str(ckpt), step=None, weights_hash=whash, key=runs.hash_obj(key),
-            accuracy=float(np.mean(correct)), n=len(correct), correct=correct,
-            predictions=preds, outputs=outputs, answer_logprob=lp.tolist(),
-            mean_answer_logprob=float(lp.mean()), batch_size=batch)
+            accuracy=math.nan, n=len(outputs), correct=[], predictions=[], outputs=outputs,
+            answer_logprob=lp.tolist(), mean_answer_logprob=float(lp.mean()), batch_size=batch),
+            ds)
 
     res = runs.cached(cfg.run_root / "evals" / f"eval-{runs.hash_obj(key)}", key, compute)
-    return dataclasses.replace(res, checkpoint=str(ckpt), step=manifest.get("step"),
+    return dataclasses.replace(scored(res, ds), checkpoint=str(ckpt), step=manifest.get("step"),
                                train_loss=manifest.get("train_loss"))
+
+
+def scored(res: CheckpointEval, ds) -> CheckpointEval:
+    """``res`` with its predictions, correctness and accuracy from its outputs by today's
+    ``data.extract_answer`` (redone on every read: the cache holds what the model wrote, so a
+    corrected extractor rescores without generating again)."""
+    preds = [data.extract_answer(o) for o in res.outputs]
+    correct = [p is not None and p == g for p, g in zip(preds, ds["final_answer"])]
+    return dataclasses.replace(res, predictions=preds, correct=correct,
+                               accuracy=float(np.mean(correct)))
 
 
 def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:

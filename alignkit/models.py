@@ -16,7 +16,7 @@ from typing import Iterator, Sequence
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from alignkit.config import Config
+from alignkit.config import PRECISIONS, Config
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +84,8 @@ def part(model: torch.nn.Module, name: str, obj=None):
     if path is None:
         what = "LM head" if name == "head" else name
         raise ValueError(f"{type(model).__name__} has no {what}; load the *ForCausalLM class")
+    if name == "head" and obj is None:  # GPT-NeoX's is embed_out before transformers 5.14
+        return model.get_output_embeddings()
     obj = model if obj is None else obj
     for attr in path.split("."):
         obj = getattr(obj, attr)
@@ -202,6 +204,20 @@ def native_bf16(device: str | torch.device) -> bool:
     return (device.type != "cuda" or bool(torch.version.hip)
             or torch.cuda.get_device_capability(device)[0] >= 8)
 
+
+def training_precision(cfg: Config, device: torch.device) -> str:
+    """Training's autocast, ``"bf16"``, ``"fp16"`` or ``"fp32"``, for ``cfg.precision`` on
+    ``device`` (``"auto"``: docs/real-path.md); ValueError for an unknown one or fp16 off CUDA."""
+    if cfg.precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {cfg.precision!r}")
+    if cfg.precision == "fp16" and device.type != "cuda":
+        raise ValueError("precision='fp16' (autocast with loss scaling) needs a CUDA GPU; use "
+                         "'bf16' or 'fp32' on the CPU")
+    if cfg.precision != "auto":
+        return cfg.precision
+    if device.type == "cuda":
+        return "bf16" if native_bf16(device) else "fp16"
+    return "fp32"
 
 _WARNED: set[str] = set()
 

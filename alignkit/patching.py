@@ -82,12 +82,15 @@ class _Scores:
 
 
 def examples_from_table(rows: Sequence[Mapping], tokenizer=None, chat: bool = False,
-                        metric: str = "answer") -> list[dict]:
+                        metric: str = "answer",
+                        shots: Sequence[tuple[str, str]] = ()) -> list[dict]:
     """``evaluate.flip_table`` rows as patching examples ``{"prompt", "answer", "index", "chat"}``
-    with zero-shot prompts (``chat``: the solution follows the chat template's assistant header),
+    with the prompts they were evaluated with (``shots``: ``data.eval_shots``, the worked examples
+    before each question; ``chat``: the solution follows the chat template's assistant header),
     those with nothing to score under ``metric`` left out (logged; ``evaluate.scorable``)."""
-    out = [{"prompt": format_prompt(r["question"], tokenizer, chat=chat), "answer": r["answer"],
-            "index": r.get("index", k), "chat": chat} for k, r in enumerate(rows)]
+    out = [{"prompt": format_prompt(r["question"], tokenizer, chat=chat, shots=shots),
+            "answer": r["answer"], "index": r.get("index", k), "chat": chat}
+           for k, r in enumerate(rows)]
     ok = scorable([e["prompt"] for e in out], [e["answer"] for e in out], metric)
     if not all(ok):
         logger.info("metric %r: %d of %d examples have nothing to score and are left out",

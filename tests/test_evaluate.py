@@ -152,6 +152,40 @@ def test_same_weights_are_evaluated_once(smoke_cfg, smoke_run, tmp_path, monkeyp
     assert evaluate_checkpoint(twin, smoke_cfg).correct == first.correct
 
 
+def test_evaluations_are_keyed_by_tokenizer_and_generation_config(smoke_cfg, smoke_run,
+                                                                    tmp_path, monkeypatch):
+    """The same weights with another generation config (another end token) or tokenizer are
+    evaluated again, not read from the cache; a changed answer extractor rescores the cached
+    outputs without generating."""
+    import json
+    import shutil
+
+    import alignkit.evaluate as evaluate_mod
+    from alignkit import data
+
+    ckpt = list_checkpoints(smoke_run)[-1][1]
+    first = evaluate_checkpoint(ckpt, smoke_cfg)
+    calls = []
+    real_generate = evaluate_mod.generate
+    monkeypatch.setattr(evaluate_mod, "generate",
+                        lambda *a, **k: calls.append(1) or real_generate(*a, **k))
+    for name, edit in [("generation_config.json", lambda c: dict(c, eos_token_id=[0, 2])),
+                       ("tokenizer_config.json", lambda c: dict(c, model_max_length=77))]:
+        other = tmp_path / name / ckpt.name
+        shutil.copytree(ckpt, other)
+        (other / name).write_text(json.dumps(edit(json.loads((other / name).read_text()))))
+        assert runs.weights_hash(other) == runs.weights_hash(ckpt)
+        n = len(calls)
+        again = evaluate_checkpoint(other, smoke_cfg)
+        assert len(calls) == n + 1 and again.key != first.key, name
+    monkeypatch.setattr(evaluate_mod, "generate", lambda *a, **k: pytest.fail("generated again"))
+    ds = data.eval_set(smoke_cfg)  # its gold answers extracted before the extractor changes
+    monkeypatch.setattr(data, "extract_answer", lambda text: "planted")
+    rescored = evaluate_checkpoint(ckpt, smoke_cfg, ds)
+    assert rescored.outputs == first.outputs and set(rescored.predictions) == {"planted"}
+    assert rescored.accuracy == 0.0 and not any(rescored.correct)
+
+
 def test_a_fitted_batch_shrinks_when_the_gpu_runs_out(smoke_cfg, smoke_run, monkeypatch, tmp_path):
     """``eval.batch_size=0``: an out-of-memory error retries at a smaller batch (accelerate's
     ``find_executable_batch_size``; recorded); a batch the user set is never changed."""

@@ -310,3 +310,35 @@ def test_sampled_rejections_are_the_models_own_wrong_answers(smoke_cfg, smoke_ru
             assert row["rejected_source"] == "corrupt" and extract_answer(row["rejected"]) != golds[i]
     with pytest.raises(ValueError, match="needs the init model"):
         train_mod.dpo_dataset(cfg, tok, rows)
+
+
+def test_grpo_rollouts_end_at_the_stop_string(smoke_base):
+    """TRL generates GRPO's rollouts with a GenerationConfig and no tokenizer: after
+    ``cut_rollouts`` a stop string ends them (before, generate refused the stop string), the rest
+    of the row is padding, and TRL's rule (loss masked after the first end id) masks it."""
+    from transformers import GenerationConfig
+
+    from alignkit.models import load_model
+    from alignkit.train import cut_rollouts
+
+    model, tok = load_model(smoke_base)
+    enc = tok(["Question: Tom has 3 apples.\nAnswer:"], return_tensors="pt")
+    n = enc["input_ids"].shape[1]
+    free = model.generate(**enc, max_new_tokens=12, do_sample=False, eos_token_id=None)[0, n:]
+    stop = tok.decode(free[3:5])
+    assert stop.strip(), "the greedy continuation should hold text to stop at"
+    options = dict(max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id,
+                   stop_strings=[stop])
+    with pytest.raises(ValueError, match="tokenizer"):
+        model.generate(**enc, generation_config=GenerationConfig(**options))
+    kwargs = cut_rollouts(model, tok, [stop])
+    assert kwargs == {"stop_strings": [stop]}
+    ends = model.generation_config.eos_token_id
+    assert set(ends) >= {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>"), tok.pad_token_id}
+    out = model.generate(**enc, generation_config=GenerationConfig(**dict(options, **kwargs),
+                                                                  eos_token_id=ends))[0, n:]
+    kept = len(out) if not any(t in ends for t in out.tolist()) else next(
+        i for i, t in enumerate(out.tolist()) if t in ends)
+    assert kept <= 5 and stop in tok.decode(out[:kept])  # cut at (the first) stop string
+    assert out[:kept].tolist() == free[:kept].tolist()  # the same tokens up to there
+    assert all(t == tok.pad_token_id for t in out[kept:].tolist())

@@ -80,6 +80,18 @@ def test_conversion_keeps_the_dequantized_weights_and_computes_their_function(co
     assert manifest["weights_hash"] == runs.weights_hash(out)
 
 
+def test_the_converted_tokenizer_has_the_gguf_special_tokens(converted):
+    """The end, pad and start tokens come from the GGUF's own metadata, whatever transformers'
+    GGUF loader makes of them (5.17 gave no pad token and ``<|im_start|>`` as the end)."""
+    _, out = converted
+    assert pretrained.gguf_special_tokens(wheel_file(SMOL)) == {
+        "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>",
+        "unk_token": "<|endoftext|>"}
+    tok = AutoTokenizer.from_pretrained(out)
+    assert (tok.eos_token, tok.pad_token, tok.bos_token) == ("<|im_end|>",) * 2 + ("<|im_start|>",)
+    assert (tok.eos_token_id, tok.pad_token_id) == (2, 2)
+
+
 def test_conversion_is_reused_and_a_changed_wheel_is_converted_anew(converted, monkeypatch):
     root, out = converted
 

@@ -125,6 +125,34 @@ def test_end_tokens_are_the_models_own(qwen_tok):
     assert evaluate.end_tokens(model, qwen_tok) == ids
 
 
+def _always(model, token_id: int):
+    """``model`` with a head that predicts ``token_id`` at every position."""
+    head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
+    torch.nn.init.zeros_(head.weight)
+    with torch.no_grad():
+        head.bias.zero_()
+        head.bias[token_id] = 10.0
+    model.lm_head = head
+    return model
+
+
+@pytest.mark.parametrize("preset", ["qwen3-0.6b-base", "tiny"])
+def test_decoding_stops_on_every_end_token(preset, qwen_tok):
+    """A base-style generation config names ``<|endoftext|>`` only (Qwen3-0.6B-Base: 151643); a
+    model that then writes ``<|im_end|>`` still stops there, on both presets' tokenizers."""
+    from alignkit import tiny
+    tok = qwen_tok if preset != "tiny" else AutoTokenizer.from_pretrained(tiny.SHIPPED)
+    endoftext, im_end = (tok.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_end|>"))
+    model = make_model("qwen3", vocab_size=len(tok), pad_token_id=tok.pad_token_id)
+    model.generation_config.eos_token_id = endoftext  # the base's config: one end token
+    assert set(evaluate.end_tokens(model, tok)) >= {endoftext, im_end}
+    model = _always(model, im_end)
+    [out] = evaluate.generate(model, tok, ["Question: 2+2?\nAnswer:"], max_new_tokens=8,
+                              stop=())
+    assert out == ""  # stopped at the first token (skip_special_tokens drops it), not 8 later
+    assert model.generation_config.eos_token_id == endoftext  # the model's own config untouched
+
+
 def test_one_prompt_format_for_both_presets(qwen_tok):
     base, chat = get_config("qwen3-0.6b-base"), get_config("qwen3-0.6b")
     assert (base.model, base.chat, chat.model, chat.chat) == (
@@ -151,6 +179,23 @@ def test_few_shot_prompts(qwen_tok, tmp_path):
     cfg.chat = True
     [c] = data.prompts_for(cfg, qwen_tok, ["Q?"], few_shot=True)
     assert c.count("<|im_start|>assistant\n") == 3 and c.endswith("<think>\n\n</think>\n\n")
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_flips_are_patched_with_the_prompts_they_were_evaluated_with(qwen_tok, tmp_path, chat):
+    """Flips found under few-shot evaluation are patched after the same worked examples (they
+    were patched zero-shot), for patching, the lens and compare alike (``patch_examples``)."""
+    rows = rehearsal.quirky_rows(6, "train")
+    path = rehearsal.write_jsonl(rows, tmp_path / "train.jsonl")
+    flips = [{"index": 0, "question": "Tom has 3 apples and buys 4. How many?",
+              "answer": "3+4=<<3+4=7>>7\n#### 7"}]
+    for n_shot in (0, 2):
+        cfg = get_config("qwen3-0.6b-base", overrides={"data_source": str(path), "chat": chat,
+                                                         "eval.n_shot": n_shot})
+        [ex] = behaviour.patch_examples(cfg, qwen_tok, flips)
+        assert ex["prompt"] == data.prompts_for(cfg, qwen_tok, [flips[0]["question"]],
+                                                few_shot=True)[0]
+        assert ex["prompt"].count(rows[0]["question"].strip()) == (n_shot > 0)
 
 
 def _sft_cfg(root, model, **over):

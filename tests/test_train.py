@@ -250,3 +250,53 @@ def test_dpo_sampling_is_sharded_within_the_process_group_timeout(tmp_path):
     assert "Timed out waiting 3000ms" in json.loads((tmp_path / "rank0-1.json").read_text())
     # one process (no process group): the whole list, computed once
     assert train_mod.sharded([1, 2], lambda share: [x + 1 for x in share]) == [2, 3]
+
+
+def test_fp16_training_stops_when_the_loss_scaler_skips_most_steps():
+    """The fp16 check (a CUDA-only path, so with a mocked optimizer): most steps skipped by the
+    loss scaler, or weights that never moved, stop training with an error naming the count."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from alignkit.train import LossScaleCheck
+
+    model = torch.nn.Linear(3, 2)
+    skipped, stepped = SimpleNamespace(step_was_skipped=True), SimpleNamespace(step_was_skipped=False)
+    check = LossScaleCheck(after=20)
+    check.on_train_begin(None, None, None, model=model)
+    for _ in range(19):
+        check.on_step_end(None, None, None, optimizer=skipped)  # early steps: not judged yet
+    with pytest.raises(RuntimeError, match="skipped 20 of the first 20 optimizer steps"):
+        check.on_step_end(None, None, None, optimizer=skipped)
+    ok = LossScaleCheck(after=4)
+    ok.on_train_begin(None, None, None, model=model)
+    for opt in (skipped, skipped, stepped, stepped, stepped):  # the scale calibrating: 2 of 5
+        ok.on_step_end(None, None, None, optimizer=opt)
+    with pytest.raises(RuntimeError, match="weights did not move in 5 steps"):
+        ok.on_train_end(None, None, None, model=model)
+    with torch.no_grad():
+        model.weight.add_(0.01)
+    ok.on_train_end(None, None, None, model=model)  # moved: no error
+
+
+def test_checkpointing_under_the_installed_transformers_name(monkeypatch):
+    """transformers 5.23 renamed TrainingArguments' ``gradient_checkpointing`` to
+    ``activation_checkpointing`` (5.17, on GPU images and Colab, has only the old name)."""
+    import dataclasses
+
+    from alignkit import train
+
+    @dataclasses.dataclass
+    class Old:  # transformers < 5.23
+        gradient_checkpointing: bool = False
+
+    @dataclasses.dataclass
+    class New:  # 5.23 and later
+        activation_checkpointing: bool = False
+        gradient_checkpointing: bool = False  # a deprecated alias there
+
+    monkeypatch.setattr(train, "TrainingArguments", Old)
+    assert train.checkpointing_argument(True) == {"gradient_checkpointing": True}
+    monkeypatch.setattr(train, "TrainingArguments", New)
+    assert train.checkpointing_argument(False) == {"activation_checkpointing": False}

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
-from alignkit import runs
+from alignkit import patching, runs
 from alignkit.analyses.common import Checkpoints, k_of_n, mode_sentence, per_seed, seed_values
 from alignkit.config import Config
-from alignkit.data import eval_set
+from alignkit.data import eval_set, eval_shots
 from alignkit.evaluate import CheckpointEval, FlipTable, evaluate_checkpoint, flip_table, summary
 from alignkit.stats import mcnemar
 
@@ -91,6 +91,14 @@ def example_sets(cfg: Config, res: BehaviourResult,
                     "log-prob as a substitute", len(rows), name, len(idx),
                     "largest" if name == "flips" else "smallest")
     return sets, labels
+
+
+def patch_examples(cfg: Config, tokenizer, rows: list[dict],
+                   metric: str | None = None) -> list[dict]:
+    """``patching.examples_from_table`` of ``example_sets`` rows with the prompts evaluation chose
+    them under (``cfg.chat``'s format after ``eval_shots``); ``metric``: ``cfg.patching.metric``."""
+    return patching.examples_from_table(rows, tokenizer, chat=cfg.chat,
+                                        metric=metric or cfg.patching.metric, shots=eval_shots(cfg))
 
 
 def set_key(sets: dict) -> dict:

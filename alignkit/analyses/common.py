@@ -22,7 +22,7 @@ from alignkit.data import probe_texts
 from alignkit.pretrained import ensure_converted
 from alignkit.train import train
 
-ANALYSIS_VERSION = 10  # bump when a computation changes: every cached result is recomputed
+ANALYSIS_VERSION = 11  # bump when a computation changes: every cached result is recomputed
 SMOKE_NOTE = "- *Smoke mode: tiny sizes, the numbers mean nothing.*"
 
 
@@ -178,11 +178,12 @@ def captures(cfg: Config, ckpts: Checkpoints, pooling: str,
 def cached(cfg: Config, ckpts: Checkpoints, name: str, params: Any, compute: Callable,
            **key: Any):
     """``runs.cached`` under ``ckpts.store/<name>-<digest>/``, keyed by every checkpoint's
-    weights, their inits, the dtype models run in, the prompt format, ``params``' keyed fields
+    weights, their inits, the dtype models run in, the prompt format (chat, worked examples),
+    ``params``' keyed fields
     (``config.analysis_key``), ``key`` and ``ANALYSIS_VERSION``."""
     key = {"analysis": name, "version": ANALYSIS_VERSION, "models": ckpts.hashes(),
            "init": ckpts.init, "dtype": models.analysis_dtype(cfg), "chat": cfg.chat,
-           "params": analysis_key(params), **key}
+           "n_shot": cfg.eval.n_shot, "params": analysis_key(params), **key}
     return runs.cached(ckpts.store / f"{name}-{runs.hash_obj(key)}", key, compute)
 
 

@@ -113,8 +113,7 @@ def ensure(cfg: Config, ckpts: common.Checkpoints) -> CompareResult:
                  for m in methods for r in (ckpts.reference, init[m])}
         base, tokenizer = load_model(ckpts.paths[ckpts.reference], dtype=cfg.dtype,
                                      **placement(cfg))
-        examples = patching.examples_from_table(sets["flips"], tokenizer, chat=cfg.chat,
-                                                metric=cfg.patching.metric)
+        examples = behaviour.patch_examples(cfg, tokenizer, sets["flips"])
         last = common.captures(cfg, ckpts, "last", texts)
         last_states, patches = {}, {}
         for k in ckpts.labels:  # one model beside the base at a time

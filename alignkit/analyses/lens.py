@@ -136,8 +136,7 @@ def ensure(cfg: Config, ckpts: common.Checkpoints) -> LensResult:
 
     def compute() -> LensResult:
         base, tuned, tokenizer = common.load_pair(cfg, pair)
-        exs = patching.examples_from_table(sets["flips"], tokenizer, chat=cfg.chat,
-                                           metric=cfg.patching.metric)
+        exs = behaviour.patch_examples(cfg, tokenizer, sets["flips"])
         positions = {"first": list(range(p.n_first)), "answer": "answer"}
         kw = dict(batch_size=cfg.patching.batch_size, progress=False, metric=cfg.patching.metric)
         steered = exs[: p.n_steer]

@@ -180,7 +180,7 @@ def ensure(cfg: Config, ckpts: common.Checkpoints) -> PatchingResult:
     def compute() -> PatchingResult:
         base, tokenizer = load_model(pair.paths[pair.reference], dtype=cfg.dtype, **placement(cfg))
         tuned, _ = load_model(pair.paths[pair.tuned], dtype=cfg.dtype, **placement(cfg))
-        by_metric = {m: {k: patching.examples_from_table(v, tokenizer, chat=cfg.chat, metric=m)
+        by_metric = {m: {k: behaviour.patch_examples(cfg, tokenizer, v, m)
                          for k, v in sets.items()} for m in TARGETS}
         examples = by_metric[p.metric]
         for k, v in examples.items():
