@@ -20,6 +20,7 @@ from readme import (  # noqa: E402
     SUMMARY_BLOCK,
     differences,
     fill_readme,
+    library_versions,
     provenance,
     recorded_results_here,
     sha256,
@@ -104,6 +105,7 @@ def test_provenance_records_and_detects_other_results(tmp_path):
     (entry / "key.json").write_text('{"key": 1}')
     record = provenance(images, ["a"], [entry], root, ANALYSIS_VERSION)
     assert record["summaries"] == {"a": sha256(images / "a.md")}
+    assert record["libraries"] == library_versions() and "transformers" in record["libraries"]
     assert list(record["results"]) == ["sft/analysis/cka-1"]
     assert recorded_results_here(record, root) is None
     (entry / "key.json").write_text('{"key": 2}')  # another machine's result under that key
@@ -190,3 +192,12 @@ def test_differences_name_changed_verdicts_and_sentences(tmp_path):
     assert "- *Claim two*: **agrees** → **inconclusive (2 seeds)**" in text
     with pytest.raises(FileNotFoundError, match="run make reproduce first"):
         differences(tmp_path / "empty", published)
+    assert "the published run did not record its versions" in text
+    record = {"libraries": dict(library_versions(), transformers="5.24.0")}
+    (published / "provenance.json").write_text(json.dumps(record))
+    line = differences(fresh, published).splitlines()[2]
+    assert line.startswith("Libraries that differ") and "transformers 5.24.0 → " in line
+    assert "torch" not in line
+    record["libraries"]["transformers"] = library_versions()["transformers"]
+    (published / "provenance.json").write_text(json.dumps(record))
+    assert "the same versions as the published run" in differences(fresh, published)

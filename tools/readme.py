@@ -69,10 +69,41 @@ def differences(fresh: str | Path, published: str | Path) -> str:
         if diff:
             details += [f"### {name}", "", "```diff", *diff, "```", ""]
     head = [f"# Reproduction against the published summaries ({len(names)} files)", "",
+            libraries_line(published), "",
             "Verdicts (published claims, the seed study's observations) that changed:",
             ""] + (changed or ["- none"])
     same = [n for n in names if f"### {n}" not in details]
     return "\n".join(head + ["", f"Identical: {', '.join(same) or 'none'}.", "", *details])
+
+
+LIBRARIES = ("torch", "transformers", "trl", "accelerate", "datasets", "tokenizers", "numpy")
+
+
+def library_versions() -> dict[str, str]:
+    """The installed versions of the libraries the numbers depend on (``LIBRARIES``)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in LIBRARIES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def libraries_line(published: str | Path) -> str:
+    """Which library versions differ between the published run (its ``provenance.json``) and
+    this machine: training and generation numerics move with them (docs/determinism.md)."""
+    record = Path(published) / "provenance.json"
+    then = json.loads(record.read_text()).get("libraries") if record.is_file() else None
+    if not then:
+        return "Libraries: the published run did not record its versions."
+    now = library_versions()
+    moved = [f"{n} {then.get(n, '?')} → {v}" for n, v in now.items() if then.get(n) != v]
+    return ("Libraries: the same versions as the published run." if not moved else
+            "Libraries that differ from the published run's (numbers move with them): "
+            + ", ".join(moved) + ".")
 
 
 def _observations(text: str) -> str:
@@ -102,10 +133,10 @@ def unlike(texts: dict[str, str], directory: str | Path) -> list[str]:
 
 def provenance(images: str | Path, names: list[str], entries: list[Path], root: str | Path,
                version: int) -> dict:
-    """The record ``publish`` writes: each published summary's SHA-256 and each cache entry it
-    was computed from (directory under the run root: SHA-256 of its ``key.json``, which holds
-    its key and its files' checksums)."""
-    return {"analysis_version": version,
+    """The record ``publish`` writes: the library versions, each published summary's SHA-256 and
+    each cache entry it was computed from (directory under the run root: SHA-256 of its
+    ``key.json``, which holds its key and its files' checksums)."""
+    return {"analysis_version": version, "libraries": library_versions(),
             "summaries": {n: sha256(Path(images) / f"{n}.md") for n in sorted(names)},
             "results": {Path(e).relative_to(root).as_posix(): sha256(Path(e) / "key.json")
                         for e in entries}}
