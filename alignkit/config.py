@@ -13,7 +13,7 @@ from typing import Any
 
 # the lowest versions the test suite passed on (docs/real-path.md: which were tried); the floors
 # of requirements.txt (tests/test_config.py holds them equal)
-FLOORS = {"transformers": "5.0.0", "trl": "1.0.0"}
+FLOORS = {"transformers": "5.6.0", "trl": "1.0.0"}
 
 
 def check_versions(installed: dict[str, str] | None = None) -> None:

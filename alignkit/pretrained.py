@@ -19,7 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Tokenizer
 
 from alignkit import runs
-from alignkit.models import PYPI, wheel_file
+from alignkit.models import CONVERSION_VERSION, PYPI, wheel_file
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,6 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
     "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n"
     "{% endif %}{% endif %}")
-CONVERSION_VERSION = 2  # bump when convert() changes what it writes: no stale conversions
 
 
 def qwen_tokenizer(chat: bool = True) -> Qwen2Tokenizer:

