@@ -100,8 +100,8 @@ def test_evaluate_run_cached_and_flips(smoke_cfg, smoke_run):
         assert all(math.isfinite(x) and x <= 0 for x in r.answer_logprob)
     # second call reads the cache (same object content, no recomputation)
     ckpt = list_checkpoints(smoke_run)[-1][1]
-    (cached,) = [p / "key.json" for p in (smoke_cfg.run_root / "evals").glob("eval-*")
-                 if runs.load_entry(p).weights_hash == runs.weights_hash(ckpt)]
+    cached = smoke_cfg.run_root / "evals" / f"eval-{results[-1].key}" / "key.json"
+    assert runs.load_entry(cached.parent).weights_hash == runs.weights_hash(ckpt)
     mtime = cached.stat().st_mtime_ns
     assert evaluate_checkpoint(ckpt, smoke_cfg) == results[-1]
     assert cached.stat().st_mtime_ns == mtime
