@@ -67,6 +67,11 @@ def weights_hash(model_dir: str | os.PathLike, length: int = 16) -> str:
     files = sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.bin"))
     if not files:
         raise FileNotFoundError(f"no weight files (*.safetensors, *.bin) in {model_dir}")
+    return _files_hash(files, length)
+
+
+def _files_hash(files: list[Path], length: int) -> str:
+    """Short sha256 over each file's name and content hash, in order (path-independent)."""
     h = hashlib.sha256()
     for f in files:
         h.update(f.name.encode())
@@ -87,11 +92,7 @@ def decoding_hash(model_dir: str | os.PathLike, length: int = 16) -> str:
     if not files:
         raise ValueError(f"no tokenizer files ({', '.join(DECODING_FILES[:3])}, ...) in "
                          f"{model_dir}")
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.name.encode())
-        h.update(sha256_file(f).encode())
-    return h.hexdigest()[:length]
+    return _files_hash(files, length)
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any, sort_keys: bool = True) -> None:
