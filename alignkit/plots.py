@@ -15,7 +15,7 @@ import numpy as np
 import seaborn as sns
 
 from alignkit.analyses.cka import CrossCKAResult
-from alignkit.config import Config, get_config
+from alignkit.config import PUBLISHED, Config, get_config
 from alignkit.runs import hash_obj
 
 logger = logging.getLogger(__name__)
@@ -33,12 +33,14 @@ def _ax(ax=None, figsize=(5, 3.6)):
 
 
 def figure_dir(cfg: Config) -> Path:
-    """Where a run's figures and summaries go: ``<root>/images/`` for the README's default run
-    (the tiny preset at full size, no override but ``root``; ``make publish`` copies it into the
-    repository's ``images/``), else ``<root>/reports/<preset>[-smoke]-<config hash>/images``."""
+    """Where a run's figures and summaries go: ``<root>/images/<folder>`` for a run the README
+    publishes (``config.PUBLISHED``: the tiny preset, or the real model's, at full size with no
+    override but ``root``; ``make publish`` copies them into the repository's ``images/``), else
+    ``<root>/reports/<preset>[-smoke]-<config hash>/images``."""
     key = dataclasses.replace(cfg, root="")
-    if key == get_config("tiny"):
-        return cfg.run_root / "images"
+    for preset, folder in PUBLISHED.items():
+        if key == get_config(preset):
+            return cfg.run_root / "images" / folder if folder else cfg.run_root / "images"
     tag = f"{cfg.preset}{'-smoke' if cfg.smoke else ''}-{hash_obj(key)}"
     return cfg.run_root / "reports" / tag / "images"
 

@@ -39,10 +39,10 @@ if "google.colab" in sys.modules:
 # %% tags=["parameters"]
 import os
 
-PRESET = "tiny"  # "tiny" (offline, CPU), "qwen3-0.6b-base" or "qwen3-0.6b" (real path, GPU)
+PRESET = "tiny"  # "tiny" or "smollm2-135m" (a real model from PyPI), offline on a CPU; "qwen3-0.6b(-base)": GPU
 SMOKE = os.environ.get("ALIGNKIT_SMOKE") == "1"  # CI: tiny sizes; figures go to figure_dir(cfg)
 OVERRIDES: dict = {}  # e.g. {"model": "/data/Qwen3-0.6B", "data_source": "/data/gsm8k/train.jsonl"}
-N_SEEDS = None  # training seeds; None: the preset's (tiny 3, smoke 2, real presets 1: GPU hours)
+N_SEEDS = None  # training seeds; None: the preset's (tiny 3, smollm2-135m 2, smoke 2, Qwen3 1: GPU hours)
 N_SHOWN = 5  # flip examples printed below
 
 # %%

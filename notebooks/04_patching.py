@@ -203,16 +203,20 @@ fig.tight_layout()
 # is the first seed's.
 
 # %%
-fig = figures.plot_cross_layer(pats, N_BOOT, SEED)
-plots.save_figure(fig, "cross_layer_patching", plots.figure_dir(cfg))
-cka_path = alignment_path(pat.cka_matrix)
-freq, beats = pat.best_donors("flips", N_BOOT, SEED)
-pd.DataFrame({"most frequent best tuned donor (flips)": freq.argmax(1),
-              "its bootstrap frequency": freq.max(1).round(2),
-              "donors beating the own layer": [np.flatnonzero(b).tolist() for b in beats],
-              "best tuned match (CKA)": best_match(pat.cka_matrix),
-              "CKA path partner(s)": [sorted({j for i2, j in cka_path if i2 == i}) for i in range(L)]},
-             index=pd.Index(range(L), name="base layer"))
+if pat.cross:  # patching.n_cross=0 (the real model's preset): not run, L x L patches per example
+    fig = figures.plot_cross_layer(pats, N_BOOT, SEED)
+    plots.save_figure(fig, "cross_layer_patching", plots.figure_dir(cfg))
+    cka_path = alignment_path(pat.cka_matrix)
+    freq, beats = pat.best_donors("flips", N_BOOT, SEED)
+    display(pd.DataFrame({"most frequent best tuned donor (flips)": freq.argmax(1),
+                          "its bootstrap frequency": freq.max(1).round(2),
+                          "donors beating the own layer": [np.flatnonzero(b).tolist() for b in beats],
+                          "best tuned match (CKA)": best_match(pat.cka_matrix),
+                          "CKA path partner(s)": [sorted({j for i2, j in cka_path if i2 == i})
+                                                  for i in range(L)]},
+                         index=pd.Index(range(L), name="base layer")))
+else:
+    print("cross-layer patching not run (patching.n_cross=0)")
 
 # %% [markdown]
 # ## 5 · Weight ablation
@@ -235,8 +239,9 @@ pd.DataFrame({"most frequent best tuned donor (flips)": freq.argmax(1),
 # thin: the others.
 
 # %%
-fig = figures.plot_weight_ablation(pats, N_BOOT, SEED)
-plots.save_figure(fig, "weight_ablation", plots.figure_dir(cfg))
+if pat.ablation:  # patching.extras without "ablation" (the real model's preset): not run
+    fig = figures.plot_weight_ablation(pats, N_BOOT, SEED)
+    plots.save_figure(fig, "weight_ablation", plots.figure_dir(cfg))
 
 # %% [markdown]
 # ## 6 · Browse single examples

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from alignkit import cli, pretrained, runs
-from alignkit.analyses import behaviour, cka, common
+from alignkit.analyses import behaviour, cka, common, patching
 from alignkit.config import get_config
 from alignkit.models import load_model, wheel_file
 from alignkit.runs import list_checkpoints
@@ -156,3 +156,7 @@ def test_smollm2_preset_runs_every_stage_on_the_truncated_real_model(converted):
     assert result.labels == ["embed", "0", "1"] and result.steps == [0, 4]
     assert np.all(result.final() > 0.99) and np.all(result.final() <= 1 + 1e-9)
     assert np.all(result.final()[1:] < 1)
+    pat = patching.ensure(cfg, ckpts)  # the preset's budget: resid sweeps only (cached above)
+    assert pat.components() == ["resid"] and pat.cross == {} and pat.ablation == {}
+    assert pat.generation == {} and set(pat.by_pos) == {"all"}
+    assert set(pat.checks) <= {"computed/flips", "computed/controls"}

@@ -364,3 +364,42 @@ def test_heatmap_contrast_and_pooling_summary():
     assert "mean pooling: per seed 4, 4; question pooling: per seed 0, 0 (of 4)" in text
     assert "mean 0.000 (mean of 2 seeds: 0.000, 0.000); question 1.000" in text
     assert "the mean-pooled heatmap is flatter than the question-pooled one in all 2 seeds" in text
+
+
+def test_summarize_patching_at_the_real_models_budget():
+    """The real model's preset runs the resid sweeps only (no cross-layer grid, no extra sweeps,
+    no generation): its summary says what was not run and states nothing about it."""
+    from alignkit.config import get_config
+
+    full = planted_patching()
+    lean = dataclasses.replace(
+        full, sweeps={k: v for k, v in full.sweeps.items() if "/resid/" in k}, cross={},
+        ablation={}, generation={}, by_pos={"all": full.by_pos["all"]},
+        checks={k: v for k, v in full.checks.items() if k.startswith("computed/")})
+    cfg = get_config("smollm2-135m", overrides={"patching.n_boot": 50})
+    assert cfg.patching.extras == () and cfg.patching.n_cross == 0
+    text = patching.summarize([lean, lean], cfg)
+    assert "- **Cross-layer**: not run (`patching.n_cross=0`" in text
+    assert "**Weights**" not in text and "Mean-ablated" not in text and "with the patch held" not in text
+    assert ("- **Not run** at this preset's budget (`patching.extras`): the resid patch by positions "
+            "(prompt rows, answer-predicting rows), the other metrics' sweeps") in text
+    assert "resid at layer **3** in all 2 seeds" in text and "attn at layer" not in text
+    assert "Not run" not in patching.summarize([full, full], _cfg())  # the toy runs every sweep
+
+
+def test_the_published_runs_and_their_summaries():
+    from alignkit.analyses import summaries
+    from alignkit.config import PUBLISHED, get_config
+    from alignkit.plots import figure_dir
+
+    toy, real = summaries.published("tiny"), summaries.published("smollm2-135m")
+    assert "05_post_training_compare" in toy and "05_compare_models" not in toy
+    assert "05_compare_models" in real and not any(n.startswith("05_post") for n in real)
+    assert set(toy) - {n for n in toy if n.startswith("05_")} == set(real) - {"05_compare_models"}
+    root = Path("/tmp/x")
+    assert figure_dir(get_config("smollm2-135m", overrides={"root": str(root)})) == \
+        root / "images" / PUBLISHED["smollm2-135m"]
+    moved = figure_dir(get_config("smollm2-135m", overrides={"root": str(root), "sft.max_steps": 2}))
+    assert moved.is_relative_to(root / "reports")
+    assert summaries.run_name(get_config("smollm2-135m")).startswith("SmolLM2-135M-Instruct")
+    assert summaries.run_name(get_config("tiny")) == "embedded"

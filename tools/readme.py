@@ -1,16 +1,20 @@
 """The README and docs/ quote the notebooks' summaries, never type them.
 
 ``python tools/readme.py fill``: every ``<!-- summary: PATH -->`` … ``<!-- /summary -->`` block of
-README.md and docs/*.md gets the file at PATH (``make readme``; ``tests/test_readme.py`` fails while
-they differ). ``python tools/readme.py differences``: where ``make reproduce``'s summaries
+README.md and docs/*.md gets the file at PATH, every ``<!-- verdicts: PATH ... -->`` block the
+table of those observation summaries' verdicts (``make readme``; ``tests/test_readme.py`` fails
+while they differ). ``python tools/readme.py differences``: where ``make reproduce``'s summaries
 (``runs/images/``) differ from the published ones (``images/``), printed and written beside them.
-``python tools/readme.py check``: every summary recomputed read-only from the cached results
+``python tools/readme.py check [PRESET ...]``: every summary of the published runs
+(``config.PUBLISHED``: the toy's in ``images/``, the real model's in ``images/smollm2-135m/``; or
+those named) recomputed read-only from the cached results
 (``alignkit.analyses.summaries.regenerate``) equals the one the notebooks wrote (``make test``
-after the smoke notebooks, ``make reproduce`` after the full ones; ``ALIGNKIT_SMOKE=1``: the smoke
-run's). ``python tools/readme.py publish``: that check on the default run, then its figures and
-summaries into ``images/`` with ``images/provenance.json`` (each summary's and each cache entry's
-SHA-256), then ``fill`` (``make publish``); ``tests/test_readme.py`` holds ``images/*.md`` against
-the record and, where the recorded results are cached, against what they give.
+after the smoke notebooks, ``make reproduce`` after the full ones; ``ALIGNKIT_SMOKE=1``: the toy's
+smoke run). ``python tools/readme.py publish``: that check on every published run, then their
+figures and summaries into ``images/`` with ``images/provenance.json`` (each summary's and each
+cache entry's SHA-256), then ``fill`` (``make publish``); ``tests/test_readme.py`` holds the
+published summaries against the record and, where the recorded results are cached, against what
+they give.
 """
 
 from __future__ import annotations
@@ -33,19 +37,46 @@ VERDICT = re.compile(r"^\d+\. \*(?P<claim>[^*]+)\*.*Verdict over [^:]+: "
 OBSERVATION = re.compile(r"(?P<claim>\d)\. \*\*(?P<verdict>[a-z0-9 ()]+)\*\*")
 
 
+# several runs' observation verdicts side by side: "<!-- verdicts: PATH ... -->" … the end tag
+VERDICTS_BLOCK = re.compile(
+    r"(<!-- verdicts: (?P<paths>[^>]+?) -->\n)(?P<body>.*?)(<!-- /verdicts -->)", re.S)
+RUN_LINE = re.compile(r"^Run: (?P<run>.+?), (?P<seeds>\S+ training seeds?)\.", re.M)
+
+
+def _quoted(root: Path, rel: str) -> str:
+    path = root / rel
+    if not path.is_file():
+        raise FileNotFoundError(f"{rel} is quoted but does not exist: run make reproduce, then "
+                                "make publish (which writes images/*.md)")
+    return path.read_text()
+
+
+def verdict_table(texts: list[str]) -> str:
+    """The observations' verdicts of each run's ``00_observations`` summary (``texts``) as one
+    Markdown table, a column per run: what the summaries computed, side by side."""
+    from alignkit.analyses.observations import OBSERVATIONS
+
+    heads, columns = [], []
+    for text in texts:
+        run, verdicts = RUN_LINE.search(text), dict(OBSERVATION.findall(_observations(text)))
+        if run is None or set(verdicts) != {str(k) for k in OBSERVATIONS}:
+            raise ValueError("an observations summary without its run line or four verdicts")
+        heads.append(f"{run['run']}, {run['seeds']}")
+        columns.append(verdicts)
+    lines = ["| observation | " + " | ".join(heads) + " |", "| --- " * (len(heads) + 1) + "|"]
+    lines += [f"| {k}. {title} | " + " | ".join(f"**{c[str(k)]}**" for c in columns) + " |"
+              for k, title in OBSERVATIONS.items()]
+    return "\n".join(lines) + "\n"
+
+
 def fill_readme(text: str, root: str | Path) -> str:
-    """``text`` with every summary block holding the file at ``root/PATH``; FileNotFoundError
-    naming a missing one."""
+    """``text`` with every summary block holding the file at ``root/PATH`` and every verdicts
+    block the table of its files' verdicts (``verdict_table``); FileNotFoundError naming a
+    missing file."""
     root = Path(root)
-
-    def body(m: re.Match) -> str:
-        path = root / m["path"]
-        if not path.is_file():
-            raise FileNotFoundError(f"{m['path']} is quoted but does not exist: run make "
-                                    "reproduce, then make publish (which writes images/*.md)")
-        return m.group(1) + path.read_text() + m.group(4)
-
-    return SUMMARY_BLOCK.sub(body, text)
+    text = SUMMARY_BLOCK.sub(lambda m: m.group(1) + _quoted(root, m["path"]) + m.group(4), text)
+    return VERDICTS_BLOCK.sub(lambda m: m.group(1) + verdict_table(
+        [_quoted(root, p) for p in m["paths"].split()]) + m.group(4), text)
 
 
 def differences(fresh: str | Path, published: str | Path) -> str:
@@ -54,7 +85,8 @@ def differences(fresh: str | Path, published: str | Path) -> str:
     summary, each sentence that differs. A finding about reproducibility, not a failure: numbers
     move between machines (docs/determinism.md)."""
     fresh, published = Path(fresh), Path(published)
-    names = sorted(p.name for p in fresh.glob("*.md") if p.name != "differences.md")
+    names = sorted(p.relative_to(fresh).as_posix() for p in fresh.rglob("*.md")
+                   if p.name != "differences.md")
     if not names:
         raise FileNotFoundError(f"no summaries in {fresh}: run make reproduce first")
     changed, details = [], []
@@ -154,27 +186,42 @@ def recorded_results_here(record: dict, root: str | Path) -> str | None:
     return None
 
 
-def _regenerate(smoke: bool):
+def regenerate_published(presets, smoke: bool = False) -> tuple[dict[str, str], list[Path]]:
+    """``({name: text}, cache entries read)``: the summaries of each published run of
+    ``presets`` (``config.PUBLISHED``) recomputed read-only from the cache, named by their path
+    under the images folder without ``.md`` (``"smollm2-135m/02_cka"``)."""
     from alignkit.analyses import summaries
-    from alignkit.config import get_config
-    from alignkit.plots import figure_dir
+    from alignkit.config import PUBLISHED, get_config
 
-    cfg = get_config("tiny", smoke=smoke)
-    texts, entries = summaries.regenerate(cfg)
-    return cfg, texts, entries, figure_dir(cfg)
+    texts, entries = {}, []
+    for preset in presets:
+        folder = PUBLISHED[preset]
+        got, read = summaries.regenerate(get_config(preset, smoke=smoke),
+                                         summaries.published(preset))
+        texts |= {f"{folder}/{n}" if folder else n: t for n, t in got.items()}
+        entries += [e for e in read if e not in entries]
+    return texts, entries
 
 
-def main(command: str) -> None:
+def main(command: str, presets: list[str]) -> None:
     sys.path.insert(0, str(REPO))
-    from alignkit.config import default_root
+    from alignkit.config import PUBLISHED, default_root, get_config
 
     fresh = default_root() / "images"
     if command in ("check", "publish"):
         smoke = command == "check" and os.environ.get("ALIGNKIT_SMOKE") == "1"
+        from alignkit.plots import figure_dir
         from alignkit.runs import NotCached
 
+        presets = list(PUBLISHED) if command == "publish" or not presets else presets
+        if smoke:  # CI's smoke notebooks run the toy only
+            presets = ["tiny"]
+        unknown = set(presets) - set(PUBLISHED)
+        if unknown:
+            sys.exit(f"not a published run: {sorted(unknown)}; choose from {list(PUBLISHED)}")
+        written = figure_dir(get_config("tiny", smoke=smoke))
         try:
-            cfg, texts, entries, written = _regenerate(smoke)
+            texts, entries = regenerate_published(presets, smoke)
         except NotCached as e:
             sys.exit(f"{e}: run the notebooks first (make reproduce; make test for the smoke run)")
         bad = unlike(texts, written)
@@ -192,16 +239,18 @@ def main(command: str) -> None:
     if command == "publish":
         from alignkit.analyses.common import ANALYSIS_VERSION
 
-        for f in sorted(fresh.iterdir()):
+        for f in sorted(fresh.rglob("*")):
             if f.suffix in (".png", ".md") and f.name != "differences.md":
-                shutil.copy(f, REPO / "images")
-        record = provenance(REPO / "images", list(texts), entries, cfg.run_root, ANALYSIS_VERSION)
+                (REPO / "images" / f.relative_to(fresh)).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(f, REPO / "images" / f.relative_to(fresh))
+        record = provenance(REPO / "images", list(texts), entries, default_root(),
+                            ANALYSIS_VERSION)
         (REPO / "images" / "provenance.json").write_text(json.dumps(record, indent=1) + "\n")
     for page in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
         page.write_text(fill_readme(page.read_text(), REPO))
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2 or sys.argv[1] not in ("fill", "differences", "check", "publish"):
-        sys.exit("usage: python tools/readme.py fill|differences|check|publish")
-    main(sys.argv[1])
+    if len(sys.argv) < 2 or sys.argv[1] not in ("fill", "differences", "check", "publish"):
+        sys.exit("usage: python tools/readme.py fill|differences|check [PRESET ...]|publish")
+    main(sys.argv[1], sys.argv[2:])

