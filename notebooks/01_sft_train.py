@@ -74,8 +74,11 @@ manifest_path = base_path / "manifest.json"
 if manifest_path.is_file():
     base_manifest = json.loads(manifest_path.read_text())
     print(f"base: {base_path}")
-    print(f"pretraining: {base_manifest['n_tokens']:,} tokens, final loss "
-          f"{base_manifest['final_train_loss']:.3f}, {base_manifest['wall_time_s']:.0f} s to build")
+    if "n_tokens" in base_manifest:  # the embedded base's pretraining record
+        print(f"pretraining: {base_manifest['n_tokens']:,} tokens, final loss "
+              f"{base_manifest['final_train_loss']:.3f}, {base_manifest['wall_time_s']:.0f} s to build")
+    else:  # a converted real model (alignkit.pretrained): where its weights came from
+        print(f"converted from {base_manifest.get('source')} ({base_manifest.get('gguf')})")
 
 # %% [markdown]
 # ## 2 · SFT with scheduled checkpoints, each evaluated, for every training seed

@@ -10,21 +10,24 @@ from pathlib import Path
 import pytest
 
 from alignkit.analyses.common import ANALYSIS_VERSION
-from alignkit.analyses.summaries import SUMMARIES, regenerate
-from alignkit.config import default_root, get_config
+from alignkit.analyses.summaries import published
+from alignkit.config import PUBLISHED, default_root
 from alignkit.runs import NotCached
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tools"))
 from readme import (  # noqa: E402
     SUMMARY_BLOCK,
+    VERDICTS_BLOCK,
     differences,
     fill_readme,
     library_versions,
     provenance,
     recorded_results_here,
+    regenerate_published,
     sha256,
     unlike,
+    verdict_table,
 )
 
 README = (REPO / "README.md").read_text()
@@ -33,7 +36,7 @@ NOTEBOOKS = [nb.stem for nb in sorted((REPO / "notebooks").glob("0[1-5]_*.py"))]
 
 
 def results_section(text: str) -> str:
-    start = text.index("## Results of the embedded run")
+    start = text.index("## Results")
     end = text.index("\n## ", start + 1)
     return text[start:end]
 
@@ -66,8 +69,11 @@ def test_the_published_summaries_are_the_recorded_ones():
     """``make publish`` records every summary's checksum (images/provenance.json) after checking
     it against the cached results: a summary edited by hand, copied without ``make publish`` or
     left from an older computation (``ANALYSIS_VERSION``) fails here."""
-    assert set(PROVENANCE["summaries"]) == set(SUMMARIES) == {
-        p.stem for p in (REPO / "images").glob("*.md")}
+    names = {f"{folder}/{n}" if folder else n for preset, folder in PUBLISHED.items()
+             for n in published(preset)}
+    assert set(PROVENANCE["summaries"]) == names == {
+        p.relative_to(REPO / "images").with_suffix("").as_posix()
+        for p in (REPO / "images").rglob("*.md")}
     for name, digest in PROVENANCE["summaries"].items():
         assert sha256(REPO / "images" / f"{name}.md") == digest, (
             f"images/{name}.md is not the summary make publish recorded")
@@ -86,7 +92,7 @@ def test_the_published_summaries_are_what_their_cached_results_give():
     if why:
         pytest.skip(f"the published results are not here: {why}")
     try:
-        texts, read = regenerate(get_config("tiny"))
+        texts, read = regenerate_published(list(PUBLISHED))
     except NotCached as e:
         pytest.fail(f"today's code asks for results the published summaries did not come from "
                     f"({e}): make reproduce, then make publish")
@@ -138,7 +144,8 @@ def typed_numbers(text: str) -> list[str]:
     """Lines outside the quoted summaries that state a number: digits (percentages included),
     number words, or a number in backticks; file names, notebook numbers, interval levels, years
     and issue numbers are not results."""
-    text = SUMMARY_BLOCK.sub("", text)
+    text = VERDICTS_BLOCK.sub("", SUMMARY_BLOCK.sub("", text))
+    text = re.sub(r"SmolLM2-135M(-Instruct)?", "", text)  # a model's name
     text = re.sub(r"!\[[^\]]*\]\([^)]*\)", "", text)  # images
     text = re.sub(r"`[-+−]?\d[\d.,]*\s*%?`", " NUMBER ", text)  # a number in backticks is a number
     text = re.sub(r"`[^`]*`", "", text)  # code: file and function names
@@ -201,3 +208,28 @@ def test_differences_name_changed_verdicts_and_sentences(tmp_path):
     record["libraries"]["transformers"] = library_versions()["transformers"]
     (published / "provenance.json").write_text(json.dumps(record))
     assert "the same versions as the published run" in differences(fresh, published)
+
+
+def test_the_verdict_table_puts_each_runs_computed_verdicts_side_by_side(tmp_path):
+    """The README's table of the observations' verdicts: one column per run, each cell the verdict
+    its ``00_observations`` summary computed; a summary without its four verdicts is refused."""
+    def summary(run, seeds, verdicts):
+        return (f"Run: {run}, {seeds} training seeds. Each item ...\n\n| table |\n\nObservations "
+                "(each agrees only when all its items agree; 10 items at 5 % each, uncorrected): "
+                + "; ".join(f"{k}. **{v}**" for k, v in enumerate(verdicts, 1)) + ".\n")
+    real = summary("SmolLM2-135M-Instruct (the wheel)", 2, ["agrees", "disagrees",
+                                                           "inconclusive (2 seeds)", "agrees"])
+    toy = summary("embedded", 3, ["disagrees", "agrees", "agrees", "disagrees"])
+    table = verdict_table([real, toy])
+    lines = table.splitlines()
+    assert lines[0] == ("| observation | SmolLM2-135M-Instruct (the wheel), 2 training seeds | "
+                        "embedded, 3 training seeds |")
+    assert lines[3].startswith("| 2. Partial layer remapping") and \
+        lines[3].endswith("| **disagrees** | **agrees** |")
+    assert lines[4].endswith("| **inconclusive (2 seeds)** | **agrees** |") and len(lines) == 6
+    with pytest.raises(ValueError, match="four verdicts"):
+        verdict_table([real.replace("4. **agrees**", "")])
+    (tmp_path / "a.md").write_text(real)
+    (tmp_path / "b.md").write_text(toy)
+    page = "x\n<!-- verdicts: a.md b.md -->\nold\n<!-- /verdicts -->\ny"
+    assert fill_readme(page, tmp_path) == f"x\n<!-- verdicts: a.md b.md -->\n{table}<!-- /verdicts -->\ny"
