@@ -55,7 +55,8 @@ reproduce: setup
 	($(REAL_SEEDS); $(TOY_SEEDS)) | xargs -P 5 -L 1 $(ONE)
 	OMP_NUM_THREADS=1 $(BIN)/python -m alignkit --preset $(REAL) figures --notebooks 01 02 03 04 & \
 	a=$$!; OMP_NUM_THREADS=1 $(BIN)/python -c "from alignkit.analyses import summaries; \
-	from alignkit.config import get_config; summaries.write('05_compare_models', get_config('$(REAL)'))" & \
+	from alignkit.config import get_config; from alignkit.plots import figure_dir; \
+	c = get_config('$(REAL)'); summaries.write('05_compare_models', c, figure_dir(c))" & \
 	b=$$!; ALIGNKIT_STATIC=1 $(BIN)/python -m pytest --nbmake --nbmake-timeout=7200 notebooks -q; \
 	s=$$?; wait $$a || s=1; wait $$b || s=1; exit $$s
 	$(BIN)/python tools/readme.py check

@@ -104,15 +104,12 @@ def published(preset: str) -> list[str]:
             if not n.startswith("05_") or sft_only == (n == "05_compare_models")]
 
 
-def write(name: str, cfg: Config) -> str:
-    """The summary ``name`` computed (cached stages run when missing) and published beside the
-    run's figures (``plots.figure_dir``): for a summary no notebook writes."""
-    from alignkit.plots import figure_dir
-
+def write(name: str, cfg: Config, out_dir: str | Path) -> str:
+    """The summary ``name`` computed (cached stages run when missing) and published in
+    ``out_dir`` (the run's ``plots.figure_dir``): for a summary no notebook writes."""
     s = SUMMARIES[name]
     results = [load(cfg) for load in s.load]
-    return publish(name, results if len(s.load) > 1 else results[0], cfg, figure_dir(cfg),
-                   cfg.smoke)
+    return publish(name, results if len(s.load) > 1 else results[0], cfg, out_dir, cfg.smoke)
 
 
 def publish(name: str, results: Any, cfg: Config, out_dir: str | Path, smoke: bool = False) -> str:
