@@ -365,7 +365,7 @@ def summarize(results: list[PatchingResult], cfg: Config | None = None) -> str:
         lines.append(f"- **Weights**: reverting one layer changes the tuned model's scored "
                      f"log-prob most at layer {mode_sentence(rev)}; grafting one tuned layer "
                      f"into the reference at layer {mode_sentence(gr)}.")
-    missing = [x for x in PatchingParams().extras if x not in p.extras]
+    missing = [x for x in EXTRAS if x not in p.extras]
     if missing:
         lines.append("- **Not run** at this preset's budget (`patching.extras`): "
                      + ", ".join(EXTRAS[x] for x in missing) + ".")
