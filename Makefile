@@ -25,40 +25,46 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt requirements-real.txt 
 lint: setup
 	$(BIN)/ruff check alignkit tests benchmarks notebooks tools
 
-# lint, unit tests (incl. the layout and jupytext pair checks), then every notebook in smoke mode,
-# then their summaries recomputed read-only from the cached results (tools/readme.py check)
+# lint, unit tests (incl. the layout and jupytext pair checks) in TEST_WORKERS one-thread processes,
+# a test file to a worker (pytest-xdist; most tests are bound by Python, not by matrix threads),
+# then every notebook in smoke mode, then their summaries recomputed read-only from the cached
+# results (tools/readme.py check)
+TEST_WORKERS ?= 2
 test: setup lint
-	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest tests -q --durations=15
+	OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest tests -q --durations=15 \
+	-n $(TEST_WORKERS) --dist loadfile
 	ALIGNKIT_SMOKE=1 ALIGNKIT_STATIC=1 OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest --nbmake --nbmake-timeout=900 notebooks -q
 	ALIGNKIT_SMOKE=1 $(BIN)/python tools/readme.py check
 
 unit: setup
 	$(BIN)/python -m pytest tests -q
 
-# full-size runs of the notebooks, figures and summaries into runs/images/ (never images/): first
-# the bases (the embedded one built, the real model converted and its base evaluated, both cores),
-# then each training seed's runs and analyses as its own one-thread process, all at once (three
-# of the toy, two of the real model; the real model's without DPO and GRPO), then the figures from
-# the cached results (the toy's notebooks; the real model's 01-04 and its compare --models), last
-# the summaries recomputed read-only from the cache (they must equal the notebooks') and where
-# they differ from the published ones (runs/images/differences.md). `make reproduce-toy`: the
-# embedded toy alone (about half an hour; docs/real-model.md has the real model's profile)
+# full-size runs of the notebooks, figures and summaries into runs/images/ (never images/): the
+# embedded base built, then seven one-thread processes at once: each training seed's runs and
+# analyses (three of the toy, two of the real model; the real model's without DPO and GRPO), and
+# one for the real model's shared work: its conversion and base evaluation, then compare --models
+# of the shipped model against the first seed's final checkpoint (it waits on that seed's locked
+# results, never computing them twice). Then the figures from the cached results (the toy's
+# notebooks, the real model's 01-04), last the summaries recomputed read-only from the cache
+# (they must equal the notebooks') and where they differ from the published ones
+# (runs/images/differences.md). `make reproduce-toy`: the embedded toy alone (about half an
+# hour; docs/real-model.md has the real model's profile)
 REAL := smollm2-135m
-ONE := env OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m alignkit --seeds 1
-TOY_SEEDS := printf -- '--set sft.seed=%s --set dpo.seed=%s --set grpo.seed=%s all --skip figures\n' 0 0 0 1 1 1 2 2 2
-REAL_SEEDS := printf -- '--preset $(REAL) --set sft.seed=%s all --skip compare figures\n' 0 1
+ONE := env OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $(BIN)/python
+TOY_SEEDS := printf -- '-m alignkit --seeds 1 --set sft.seed=%s --set dpo.seed=%s --set grpo.seed=%s all --skip figures\n' 0 0 0 1 1 1 2 2 2
+REAL_SEEDS := printf -- '-m alignkit --seeds 1 --preset $(REAL) --set sft.seed=%s all --skip compare figures\n' 0 1
+REAL_SHARED := from alignkit.analyses import summaries; from alignkit.config import get_config; \
+	from alignkit.evaluate import evaluate_checkpoint; from alignkit.plots import figure_dir; \
+	from alignkit.tiny import ensure_base; c = get_config('$(REAL)'); \
+	evaluate_checkpoint(ensure_base(c), c); summaries.write('05_compare_models', c, figure_dir(c))
 
 reproduce: setup
 	$(BIN)/python -c "from alignkit.config import get_config; from alignkit.tiny import ensure_base; \
-	from alignkit.evaluate import evaluate_checkpoint; ensure_base(get_config()); \
-	c = get_config('$(REAL)'); evaluate_checkpoint(ensure_base(c), c)"
-	($(REAL_SEEDS); $(TOY_SEEDS)) | xargs -P 5 -L 1 $(ONE)
+	ensure_base(get_config())"
+	(printf -- '-c "%s"\n' "$(REAL_SHARED)"; $(REAL_SEEDS); $(TOY_SEEDS)) | xargs -P 7 -L 1 $(ONE)
 	OMP_NUM_THREADS=1 $(BIN)/python -m alignkit --preset $(REAL) figures --notebooks 01 02 03 04 & \
-	a=$$!; OMP_NUM_THREADS=1 $(BIN)/python -c "from alignkit.analyses import summaries; \
-	from alignkit.config import get_config; from alignkit.plots import figure_dir; \
-	c = get_config('$(REAL)'); summaries.write('05_compare_models', c, figure_dir(c))" & \
-	b=$$!; ALIGNKIT_STATIC=1 $(BIN)/python -m pytest --nbmake --nbmake-timeout=7200 notebooks -q; \
-	s=$$?; wait $$a || s=1; wait $$b || s=1; exit $$s
+	a=$$!; ALIGNKIT_STATIC=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest --nbmake \
+	--nbmake-timeout=7200 notebooks -q; s=$$?; wait $$a || s=1; exit $$s
 	$(BIN)/python tools/readme.py check
 	$(BIN)/python tools/readme.py differences
 

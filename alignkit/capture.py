@@ -118,53 +118,81 @@ def capture(model: torch.nn.Module, tokenizer, texts: Sequence[str],
         device: where the model is expected to be (default: where its parameters are).
         dtype: storage dtype of ``acts`` (pooled in float64 first).
     """
-    _check_args(pooling, batch_size, dtype)
+    return capture_poolings(model, tokenizer, texts, [pooling], hook_points, batch_size, device,
+                            dtype, add_special_tokens)[pooling]
+
+
+def capture_poolings(model: torch.nn.Module, tokenizer, texts: Sequence[str],
+                     poolings: Sequence[str],
+                     hook_points: Sequence[str] | Callable[[str], bool] | None = None,
+                     batch_size: int = 32, device: str | torch.device | None = None,
+                     dtype: torch.dtype = torch.float32,
+                     add_special_tokens: bool = False) -> dict[str, Activations]:
+    """``{pooling: capture(..., pooling)}`` for several poolings from one forward per batch (the
+    same batches, so each equals its own ``capture`` bit for bit)."""
+    poolings = list(dict.fromkeys(poolings))
+    if not poolings:
+        raise ValueError("capture_poolings needs at least one pooling")
+    for pooling in poolings:
+        _check_args(pooling, batch_size, dtype)
     names = default_hook_points(model) if hook_points is None else select(model, hook_points)
     texts = texts if isinstance(texts, str) else list(texts)  # tokenize rejects a single str
     ids = tokenize(tokenizer, texts, add_special_tokens)
     lengths, n_texts = [len(s) for s in ids], len(texts)
-    pre, suf = template_span(ids) if pooling == "question" else (0, 0)
+    spans = {p: template_span(ids) if p == "question" else (0, 0) for p in poolings}
     run_on = models.input_device(model)
     want = run_on if device is None else torch.device(device)
     if want.type != run_on.type or want.index not in (None, run_on.index):
         raise ValueError(f"the model is on {run_on} but device={str(want)!r}; move the model first")
-    state: dict[str, torch.Tensor] = {}
+    state: dict[str, torch.Tensor] = {}  # the batch's last-token indices
+    masks: dict[str, torch.Tensor] = {}  # each pooling's tokens to pool
 
-    def pool(_name: str, t: torch.Tensor) -> torch.Tensor:  # [b, s, d] -> [b, d] float64
-        if pooling in ("mean", "question"):
-            m = state["pool_mask"].unsqueeze(-1).to(t.device)  # (a layer on another GPU)
-            return torch.where(m, t.double(), 0.0).sum(1) / m.sum(1)
-        return t[torch.arange(len(t), device=t.device), state["last"].to(t.device)].double()
+    def pool(_name: str, t: torch.Tensor) -> list[torch.Tensor]:  # [b, s, d] -> P x [b, d] f64
+        out = []
+        for p in poolings:
+            if p == "last":
+                out.append(t[torch.arange(len(t), device=t.device),
+                             state["last"].to(t.device)].double())
+            else:
+                m = masks[p].unsqueeze(-1).to(t.device)  # (a layer on another GPU)
+                out.append(torch.where(m, t.double(), 0.0).sum(1) / m.sum(1))
+        return out
 
-    acts: torch.Tensor | None = None
+    acts = {p: torch.empty((len(names), n_texts, 0), dtype=dtype) for p in poolings}
     with models.eval_mode(model), record(model, names, reduce=pool) as store, \
             tqdm(total=n_texts, desc="capture", unit="text", leave=False) as bar:
         for batch in models.by_length(lengths, batch_size):
-            inputs, state["pool_mask"], state["last"] = _batch_inputs(
-                tokenizer, [ids[i] for i in batch], (pre, suf), run_on)
+            rows = [ids[i] for i in batch]
+            for p in poolings:
+                inputs, masks[p], state["last"] = _batch_inputs(tokenizer, rows, spans[p], run_on)
             store.clear()
             models.decoder(model)(**inputs, use_cache=False)
-            for p, name in enumerate(names):
-                stored = _to_storage(name, store[name], batch, texts, dtype)
-                if acts is None:
-                    acts = torch.empty((len(names), n_texts, stored.shape[-1]), dtype=dtype)
-                acts[p, torch.tensor(batch)] = stored
+            for k, p in enumerate(poolings):
+                for j, name in enumerate(names):
+                    stored = _to_storage(name, store[name][k], batch, texts, dtype)
+                    if acts[p].shape[-1] == 0:
+                        acts[p] = torch.empty((len(names), n_texts, stored.shape[-1]),
+                                              dtype=dtype)
+                    acts[p][j, torch.tensor(batch)] = stored
             bar.update(len(batch))
 
-    meta = {"n_texts": n_texts, "n_rows": n_texts, "n_tokens": sum(lengths),
-            "probe_hash": texts_hash(texts), "ids_hash": runs.hash_obj(ids),
-            "constant_points": [n for n, a in zip(names, acts) if bool((a == a[0]).all())],
-            "model_class": type(model).__name__,
-            "model_name": str(getattr(model.config, "_name_or_path", "")),
-            "n_layers": models.n_layers(model), "d_model": int(acts.shape[-1]),
-            "tokenizer_name": str(getattr(tokenizer, "name_or_path", "")),
-            "vocab_size": len(tokenizer), "vocab_hash": vocab_hash(tokenizer),
-            "add_special_tokens": add_special_tokens, "dtype": str(dtype)}
-    if pooling == "question":
-        meta["template_tokens"] = [pre, suf]
-    if pooling == "last":
-        meta["row_pos"] = [n - 1 for n in lengths]
-    return Activations(acts=acts, hook_points=list(names), pooling=pooling, meta=meta)
+    out = {}
+    for p in poolings:
+        meta = {"n_texts": n_texts, "n_rows": n_texts, "n_tokens": sum(lengths),
+                "probe_hash": texts_hash(texts), "ids_hash": runs.hash_obj(ids),
+                "constant_points": [n for n, a in zip(names, acts[p]) if bool((a == a[0]).all())],
+                "model_class": type(model).__name__,
+                "model_name": str(getattr(model.config, "_name_or_path", "")),
+                "n_layers": models.n_layers(model), "d_model": int(acts[p].shape[-1]),
+                "tokenizer_name": str(getattr(tokenizer, "name_or_path", "")),
+                "vocab_size": len(tokenizer), "vocab_hash": vocab_hash(tokenizer),
+                "add_special_tokens": add_special_tokens, "dtype": str(dtype)}
+        if p == "question":
+            meta["template_tokens"] = list(spans[p])
+        if p == "last":
+            meta["row_pos"] = [n - 1 for n in lengths]
+        out[p] = Activations(acts=acts[p], hook_points=list(names), pooling=p, meta=meta)
+    return out
 
 
 def _batch_inputs(tokenizer, ids: list[list[int]], template: tuple[int, int],
@@ -206,7 +234,8 @@ def capture_cached(model: str | os.PathLike | torch.nn.Module, tokenizer, texts:
                    device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
                    add_special_tokens: bool = False, mmap: bool = False,
                    model_dtype: str = "float32",
-                   device_map: str | dict | None = None) -> Activations:
+                   device_map: str | dict | None = None,
+                   together: Sequence[str] = ()) -> Activations:
     """``capture`` of a saved checkpoint, cached by ``runs.cached`` under its weights' hash, the
     model dtype, the texts, their token ids and every argument that changes the result.
 
@@ -218,6 +247,8 @@ def capture_cached(model: str | os.PathLike | torch.nn.Module, tokenizer, texts:
         device: where a model loaded here goes (default CPU; ``device_map`` spreads it instead,
             ``models.placement``); for a loaded one, as in ``capture``.
         mmap: ``acts`` memory-mapped from the entry's file, copy-on-write.
+        together: other poolings cached beside this one: on a miss, those not cached yet come
+            from the same forwards (``capture_poolings``).
     """
     loaded = model if isinstance(model, torch.nn.Module) else None
     if loaded is None and model_dir is not None:
@@ -231,28 +262,44 @@ def capture_cached(model: str | os.PathLike | torch.nn.Module, tokenizer, texts:
     if callable(hook_points) or isinstance(hook_points, str):
         raise TypeError("capture_cached needs hook_points as a list of names (or None), not "
                         f"{type(hook_points).__name__}")
-    _check_args(pooling, batch_size, dtype)
+    poolings = list(dict.fromkeys([pooling, *together]))
+    for p in poolings:
+        _check_args(p, batch_size, dtype)
     if tokenizer is None:
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
     ids = tokenize(tokenizer, texts, add_special_tokens)
     run_dtype = getattr(torch, model_dtype) if loaded is None else next(loaded.parameters()).dtype
-    key = {"format": "alignkit-activations", "version": CACHE_VERSION,
-           "weights": runs.weights_hash(model_dir), "model_dtype": str(run_dtype),
-           "probe_hash": texts_hash(texts), "ids_hash": runs.hash_obj(ids),
-           "hook_points": None if hook_points is None else list(hook_points), "pooling": pooling,
-           "dtype": str(dtype), "add_special_tokens": add_special_tokens}
+    weights = runs.weights_hash(model_dir)
     cache_dir = Path(cache_dir) if cache_dir is not None else model_dir / "activations"
 
-    def compute() -> Activations:
-        m = loaded if loaded is not None else models.load_model(
-            model_dir, model_dtype, device if device is not None else "cpu",
-            device_map=device_map)[0]
-        return capture(m, tokenizer, texts, hook_points, pooling, batch_size=batch_size,
-                       device=device, dtype=dtype, add_special_tokens=add_special_tokens)
+    def key(p: str) -> dict:
+        return {"format": "alignkit-activations", "version": CACHE_VERSION, "weights": weights,
+                "model_dtype": str(run_dtype), "probe_hash": texts_hash(texts),
+                "ids_hash": runs.hash_obj(ids),
+                "hook_points": None if hook_points is None else list(hook_points), "pooling": p,
+                "dtype": str(dtype), "add_special_tokens": add_special_tokens}
 
-    return runs.cached(cache_dir / f"acts-{runs.hash_obj(key)}", key, compute, mmap=mmap)
+    def entry(p: str) -> Path:
+        return cache_dir / f"acts-{runs.hash_obj(key(p))}"
+
+    fresh: dict[str, Activations] = {}  # poolings computed in one pass, not yet stored
+
+    def compute(p: str) -> Activations:
+        if p not in fresh:
+            m = loaded if loaded is not None else models.load_model(
+                model_dir, model_dtype, device if device is not None else "cpu",
+                device_map=device_map)[0]
+            wanted = [q for q in poolings if q == p or not entry(q).exists()]
+            fresh.update(capture_poolings(m, tokenizer, texts, wanted, hook_points, batch_size,
+                                          device, dtype, add_special_tokens))
+        return fresh.pop(p)
+
+    out = runs.cached(entry(pooling), key(pooling), lambda: compute(pooling), mmap=mmap)
+    for p in poolings[1:]:
+        runs.cached(entry(p), key(p), lambda p=p: compute(p), mmap=True)
+    return out
 
 
 def varying_points(captures: Sequence[Activations]) -> tuple[list[int], list[str], list[str]]:

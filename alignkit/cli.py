@@ -277,8 +277,8 @@ def stage_capture(cfg, method: str, poolings: Sequence[str] = ("question", "mean
 
     for c in seed_configs(cfg):
         ckpts = common.from_run(c, method)
-        for p in poolings:
-            a = next(iter(common.captures(c, ckpts, p).values()))
+        for p in poolings:  # the first call captures every pooling in one pass per checkpoint
+            a = next(iter(common.captures(c, ckpts, p, together=poolings).values()))
             logger.info("capture %s (%s pooling): %d checkpoints x %d hook points x %d probes x "
                         "width %d", method, p, len(ckpts.paths), *a.acts.shape)
 

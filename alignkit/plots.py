@@ -57,7 +57,8 @@ def save_figure(fig, name: str, out_dir: str | Path) -> Path:
 
 def _seed_legend(ax, n: int) -> None:
     if n > 1:
-        ax.plot([], [], "-", color="0.4", lw=0.9, label=f"thin: training seeds 2–{n}")
+        which = "training seed 2" if n == 2 else f"training seeds 2–{n}"
+        ax.plot([], [], "-", color="0.4", lw=0.9, label=f"thin: {which}")
 
 
 def _seeds(x) -> list:

@@ -85,7 +85,9 @@ if manifest_path.is_file():
 # Loss is on the solution only (TRL masks the prompt). `over_seeds` trains (resuming from the
 # last complete checkpoint after an interruption; a finished run returns at once), then
 # `behaviour.ensure` evaluates every checkpoint on held-out problems (cached under `runs/evals/`,
-# keyed by the weights and the evaluation settings) and saves the flip table. One run is one sample of training noise (the
+# keyed by the weights and the evaluation settings) and saves the flip table (a preset with
+# `eval.intermediate=False`, the real model's, evaluates the start and the final checkpoint only;
+# every checkpoint is still analysed in 02-04). One run is one sample of training noise (the
 # same seed on another machine of the same kind gave other numbers), so `over_seeds` repeats it
 # for `cfg.n_seeds` training seeds: the same base, data and knobs, another order of the training
 # examples (`config.with_seed`). Every figure below draws each seed.
@@ -94,7 +96,7 @@ if manifest_path.is_file():
 results = over_seeds(behaviour.ensure, cfg, "sft")
 res = results[0]
 print(f"{len(results)} training seeds; runs: {[r.run_dir.name for r in results]}\n"
-      f"checkpoints at steps: {res.steps}")
+      f"checkpoints evaluated at steps: {res.steps}")
 pd.concat({f"seed {i + 1}": pd.DataFrame(r.summary()).set_index("step") for i, r in enumerate(results)},
           axis=1).round(3).filter(like="accuracy")
 

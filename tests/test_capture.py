@@ -6,6 +6,7 @@ tolerance) and a tokenizer trained in the fixture; no network.
 
 import json
 import logging
+import shutil
 
 import pytest
 import torch
@@ -210,30 +211,32 @@ def test_capture_errors(qwen3, tok):
 
 
 class Spy:
-    """Counts captures and model loads through the module's own names."""
+    """Counts capture passes and model loads through the module's own names."""
 
     def __init__(self, monkeypatch):
-        self.captures, self.loads = 0, 0
-        real_capture, real_load = act.capture, AutoModelForCausalLM.from_pretrained
+        self.captures, self.loads, self.poolings = 0, 0, []
+        real_capture, real_load = act.capture_poolings, AutoModelForCausalLM.from_pretrained
 
         def capture_spy(*a, **k):
             self.captures += 1
+            self.poolings.append(list(a[3]))
             return real_capture(*a, **k)
 
         def load_spy(*a, **k):
             self.loads += 1
             return real_load(*a, **k)
 
-        monkeypatch.setattr(act, "capture", capture_spy)
+        monkeypatch.setattr(act, "capture_poolings", capture_spy)
         monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", load_spy)
 
 
 def test_cache_hit_and_misses(model_dir, qwen3, tok, tmp_path, monkeypatch):
+    ref = capture(qwen3, tok, TEXTS, POINTS, pooling="mean")
     spy = Spy(monkeypatch)
     cdir = tmp_path / "cache"
     a = capture_cached(model_dir, tok, TEXTS, POINTS, "mean", cdir)
     assert (spy.captures, spy.loads) == (1, 1)
-    torch.testing.assert_close(a.acts, capture(qwen3, tok, TEXTS, POINTS, pooling="mean").acts, rtol=0, atol=0)
+    torch.testing.assert_close(a.acts, ref.acts, rtol=0, atol=0)
     b = capture_cached(model_dir, tok, TEXTS, POINTS, "mean", cdir, batch_size=2)  # batch size is not in the key
     assert (spy.captures, spy.loads) == (1, 1)
     assert torch.equal(a.acts, b.acts) and a.hook_points == b.hook_points and a.meta == b.meta
@@ -257,6 +260,40 @@ def test_cache_hit_and_misses(model_dir, qwen3, tok, tmp_path, monkeypatch):
         assert spy.captures == i, change
     assert len(list(cdir.glob("acts-*"))) == len(misses) + 1
     assert not list(cdir.glob(".*.tmp"))
+
+
+def test_poolings_together_in_one_pass(model_dir, qwen3, tok, tmp_path, monkeypatch):
+    """Several poolings from one forward per batch equal each pooling captured alone, bit for bit
+    (meta too); ``together`` caches them all from one pass and later calls hit."""
+    alone = {p: capture(qwen3, tok, TEXTS, POINTS, pooling=p, batch_size=3) for p in act.POOLINGS}
+    forwards = []
+    h = qwen3.model.embed_tokens.register_forward_pre_hook(lambda *_: forwards.append(1))
+    try:
+        both = act.capture_poolings(qwen3, tok, TEXTS, act.POOLINGS, POINTS, batch_size=3)
+    finally:
+        h.remove()
+    assert len(forwards) == 4  # 11 texts in batches of 3: one forward each, not one per pooling
+    for p, a in alone.items():
+        assert torch.equal(both[p].acts, a.acts) and both[p].meta == a.meta, p
+        assert both[p].pooling == p and both[p].hook_points == a.hook_points
+    spy, cdir = Spy(monkeypatch), tmp_path / "cache"
+    got = capture_cached(model_dir, tok, TEXTS, POINTS, "mean", cdir, batch_size=3,
+                         together=act.POOLINGS)
+    assert (spy.captures, spy.loads) == (1, 1) and len(list(cdir.glob("acts-*"))) == 3
+    assert torch.equal(got.acts, alone["mean"].acts)
+    for p in act.POOLINGS:  # each pooling's own entry, as capture_cached alone keys it
+        assert torch.equal(capture_cached(model_dir, tok, TEXTS, POINTS, p, cdir).acts,
+                           alone[p].acts)
+    assert spy.captures == 1
+    # only what is missing is computed: one entry removed, one pass of that pooling alone
+    gone = next(cdir.glob("acts-*"))
+    pooling = json.loads((gone / "key.json").read_text())["key"]["pooling"]
+    shutil.rmtree(gone)
+    capture_cached(model_dir, tok, TEXTS, POINTS, "last", cdir, together=act.POOLINGS)
+    assert spy.poolings == [["mean", "last", "question"], [pooling]]
+    assert len(list(cdir.glob("acts-*"))) == 3
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        capture_cached(model_dir, tok, TEXTS, POINTS, "mean", cdir, together=["max"])
 
 
 def test_cache_keyed_by_weights_content(tok, tmp_path, monkeypatch):
@@ -428,11 +465,11 @@ def test_a_base_instruct_pair_is_compatible(tmp_path, caplog):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_mmap_cache_entries(model_dir, qwen3, tok, tmp_path, monkeypatch, dtype):
+    ref = capture(qwen3, tok, TEXTS, POINTS, pooling="mean", dtype=dtype)
     spy = Spy(monkeypatch)
     cdir = tmp_path / "cache"
     # a miss with mmap=True returns the file's tensor, equal to the in-memory capture
     built = capture_cached(model_dir, tok, TEXTS, POINTS, "mean", cdir, dtype=dtype, mmap=True)
-    ref = capture(qwen3, tok, TEXTS, POINTS, pooling="mean", dtype=dtype)
     assert built.acts.dtype == dtype and torch.equal(built.acts, ref.acts)
     (entry,) = cdir.glob("acts-*")
     # a hit with mmap=True: same values and meta, no model run

@@ -190,7 +190,7 @@ def _no_compute(monkeypatch):
         monkeypatch.setattr(train, name, boom)
     monkeypatch.setattr(tiny, "Trainer", boom)
     monkeypatch.setattr(evaluate, "generate", boom)
-    monkeypatch.setattr(capture, "capture", boom)
+    monkeypatch.setattr(capture, "capture_poolings", boom)
     for mod, names in ((controls, ["bootstrap_layerwise_cka", "noise_floor", "permutation_baseline",
                                    "transition_layer_bootstrap"]),
                        (spectral, ["bootstrap_layer_metrics", "rank_vs_n"]),

@@ -9,7 +9,7 @@ import pytest
 import torch
 from tiny_models import ARCHS, make_model, make_unsupported
 
-from alignkit import cli
+from alignkit import cli, runs
 from alignkit.analyses import behaviour, cka, compare, lens, patching, spectral
 from alignkit.analyses.common import from_models, from_run
 from alignkit.config import with_values
@@ -199,7 +199,8 @@ def test_notebook_05_draws_any_checkpoints(smoke_cfg, smoke_run):
 
 def test_cli_compare_models_with_what_changed(smoke_cfg, smoke_run, caplog):
     """``python -m alignkit compare --models``: the comparison and each model's difference lens,
-    equal to the run's own lens on the same checkpoints."""
+    the run's own lens on the same checkpoints: one cache entry, keyed by the two models' weights
+    whatever their labels (``common.cached(pair=True)``), computed once."""
     import logging
 
     run = behaviour.ensure(smoke_cfg, from_run(smoke_cfg))
@@ -209,8 +210,11 @@ def test_cli_compare_models_with_what_changed(smoke_cfg, smoke_run, caplog):
         assert cli.main(argv) == 0
     assert "What changed, sft against the reference" in caplog.text and "Per-token KL" in caplog.text
     given = from_models(smoke_cfg, {"base": run.evals[0].checkpoint, "sft": run.evals[-1].checkpoint})
-    theirs = lens.ensure(smoke_cfg, given.pair("sft"))
-    own = lens.ensure(smoke_cfg, from_run(smoke_cfg))
+    with runs.read_only() as read_theirs:  # neither computed again
+        theirs = lens.ensure(smoke_cfg, given.pair("sft"))
+    with runs.read_only() as read_own:
+        own = lens.ensure(smoke_cfg, from_run(smoke_cfg))
+    assert read_theirs[-1] == read_own[-1] and read_own[-1].parent.name == "pairs"
     np.testing.assert_allclose(theirs.diff["answer"], own.diff["answer"], rtol=0, atol=1e-6)
     for a, b in zip(theirs.token_kl, own.token_kl):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)

@@ -51,15 +51,18 @@ class BehaviourResult:
 
 
 def ensure(cfg: Config, ckpts: Checkpoints) -> BehaviourResult:
-    """Every checkpoint evaluated (``evaluate_checkpoint``: cached by weights and protocol) and
+    """Every checkpoint evaluated (``evaluate_checkpoint``: cached by weights and protocol; of a
+    training run without ``cfg.eval.intermediate``, its start and final checkpoint only) and
     the flip table of the reference against the tuned model, also written to the run's
     ``flips.json`` when the checkpoints are a training run's."""
     ds = eval_set(cfg)
-    evals = [evaluate_checkpoint(p, cfg, ds) for p in ckpts.paths.values()]
+    labels = ckpts.labels if ckpts.run_dir is None or cfg.eval.intermediate else list(
+        dict.fromkeys((ckpts.reference, ckpts.tuned)))
+    evals = [evaluate_checkpoint(ckpts.paths[k], cfg, ds) for k in labels]
     table = flip_table(evals, cfg, ds)
     if ckpts.run_dir is not None:
         runs.write_json_atomic(ckpts.run_dir / "flips.json", dataclasses.asdict(table))
-    return BehaviourResult(ckpts.labels, evals, table, ckpts.run_dir)
+    return BehaviourResult(labels, evals, table, ckpts.run_dir)
 
 
 def example_sets(cfg: Config, res: BehaviourResult,
@@ -133,7 +136,9 @@ def summarize(results: list[BehaviourResult], cfg: Config | None = None) -> str:
          f"{k_of_n(up, n)}" + (f", lower {k_of_n(down, n)}" if down else "") + "; p "
          + per_seed([t["p"] for t in tests], "{:.2g}".format) + "."),
         "- Best checkpoint: step " + mode_sentence([max(r.summary(), key=lambda x: x["accuracy"])
-                                                    ["step"] for r in results]) + ".",
+                                                    ["step"] for r in results])
+        + (" (of the start and the final checkpoint: those between not evaluated, "
+           "`eval.intermediate`)" if len(results[0].evals) == 2 else "") + ".",
         f"- Mean answer log-prob moved from {first['answer_logprob']:.2f} to "
         f"{seed_values([f['answer_logprob'] for f in finals])} nats.",
         f"- Flips: {per_seed([len(r.table.flips) for r in results])}; controls: "

@@ -162,12 +162,13 @@ def probes(cfg: Config, ckpts: Checkpoints) -> list[str]:
     return probe_texts(cfg, AutoTokenizer.from_pretrained(str(ref)) if cfg.chat else None)
 
 
-def captures(cfg: Config, ckpts: Checkpoints, pooling: str,
-             texts: list[str] | None = None) -> dict[str, Activations]:
+def captures(cfg: Config, ckpts: Checkpoints, pooling: str, texts: list[str] | None = None,
+             together: Sequence[str] = ()) -> dict[str, Activations]:
     """``{label: Activations}`` of every checkpoint on the probes (``capture_cached``, under
-    ``<root>/activations`` by content), each checked comparable with the reference's."""
+    ``<root>/activations`` by content), each checked comparable with the reference's;
+    ``together``: other poolings cached from the same forwards."""
     texts = probes(cfg, ckpts) if texts is None else texts
-    out = {k: capture_cached(v, None, texts, pooling=pooling,
+    out = {k: capture_cached(v, None, texts, pooling=pooling, together=together,
                              cache_dir=cfg.run_root / "activations", **run_on(cfg))
            for k, v in tqdm(ckpts.paths.items(), desc=f"capture ({pooling})", leave=False)}
     for a in out.values():
@@ -176,15 +177,23 @@ def captures(cfg: Config, ckpts: Checkpoints, pooling: str,
 
 
 def cached(cfg: Config, ckpts: Checkpoints, name: str, params: Any, compute: Callable,
-           **key: Any):
+           pair: bool = False, **key: Any):
     """``runs.cached`` under ``ckpts.store/<name>-<digest>/``, keyed by every checkpoint's
     weights, their inits, the dtype models run in, the prompt format (chat, worked examples),
     ``params``' keyed fields
-    (``config.analysis_key``), ``key`` and ``ANALYSIS_VERSION``."""
-    key = {"analysis": name, "version": ANALYSIS_VERSION, "models": ckpts.hashes(),
+    (``config.analysis_key``), ``key`` and ``ANALYSIS_VERSION``. ``pair``: a result of two
+    models alone, keyed by the reference's and the tuned model's weights whatever their labels
+    and stored under ``<root>/pairs`` (a training run and ``compare --models`` of the same
+    checkpoints read one entry)."""
+    hashes, store = ckpts.hashes(), ckpts.store
+    if pair:
+        if len(hashes) != 2 or ckpts.init:
+            raise ValueError(f"a pair result needs two models and no inits, got {list(hashes)}")
+        hashes, store = [hashes[ckpts.reference], hashes[ckpts.tuned]], cfg.run_root / "pairs"
+    key = {"analysis": name, "version": ANALYSIS_VERSION, "models": hashes,
            "init": ckpts.init, "dtype": models.analysis_dtype(cfg), "chat": cfg.chat,
            "n_shot": cfg.eval.n_shot, "params": analysis_key(params), **key}
-    return runs.cached(ckpts.store / f"{name}-{runs.hash_obj(key)}", key, compute)
+    return runs.cached(store / f"{name}-{runs.hash_obj(key)}", key, compute)
 
 
 # ---- words over training seeds -----------------------------------------------------------------

@@ -93,12 +93,13 @@ def ensure(cfg: Config, ckpts: common.Checkpoints) -> CompareResult:
     p, methods = cfg.compare, methods_of(ckpts)
     init = {m: ckpts.init_of(m) for m in methods}
     ds, texts = eval_set(cfg), common.probes(cfg, ckpts)
-    evals = dict(zip(ckpts.labels, behaviour.ensure(cfg, ckpts).evals))
+    evaluated = behaviour.ensure(cfg, ckpts)
+    evals = dict(zip(evaluated.labels, evaluated.evals))
     sets, set_labels = behaviour.example_sets(cfg, behaviour.ensure(cfg, ckpts.pair(methods[0])),
                                               ds)
 
     def compute() -> CompareResult:
-        caps = common.captures(cfg, ckpts, p.pooling, texts)
+        caps = common.captures(cfg, ckpts, p.pooling, texts, together=("last",))
         keep, labels, dropped = varying_points(caps.values())
         names = {ckpts.reference: "base"}  # the reference is "base" in every table and claim
         acts = {k: a.acts[keep] for k, a in caps.items()}

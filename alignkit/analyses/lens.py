@@ -169,9 +169,10 @@ def ensure(cfg: Config, ckpts: common.Checkpoints) -> LensResult:
                           lens.rank_positions(kls, tokenizer, texts, p.top), labels["flips"],
                           readout)
 
-    # keyed by the layers steered, however they were named (steer_layers or steer_every)
+    # keyed by the layers steered, however they were named (steer_layers or steer_every), and by
+    # the two models' weights alone (the labels are not in the result)
     return common.cached(cfg, pair, "lens", dataclasses.replace(p, steer_layers=tuple(layers)),
-                         compute, eval=dataset_hash(ds),
+                         compute, pair=True, eval=dataset_hash(ds),
                          sets=behaviour.set_key({"flips": sets["flips"]}),
                          batch_size=cfg.patching.batch_size, min_gap=cfg.patching.min_gap,
                          metric=cfg.patching.metric, readout="cross-fitted")
